@@ -1,0 +1,267 @@
+"""The aggregator service: the synchronous round loop over one MQTT connection.
+
+One task reads the connection's message queue and owns all round state, so no locks are needed:
+an update is decoded, checked, persisted, folded and answered before the next one is read. The
+order of effects follows DESIGN.md: an accepted update is spooled to the store before its
+receipt; a new model's checkpoint is committed before the model is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from aggregator.config import AggregatorConfig
+from aggregator.errors import Rejection, StoreMismatch
+from aggregator.fold import WeightedSum
+from aggregator.rounds import DeadlineAction, OpenRound
+from aggregator.store import Store
+from aggregator.strategies import Strategy, make_strategy
+from aggregator.validation import UpdateLimits, decode_delta, parse_update
+from fedge_contract import (
+    GlobalModel,
+    Presence,
+    Receipt,
+    ReceiptStatus,
+    RoundState,
+    RoundStatus,
+    TaskConfig,
+    Topics,
+    Update,
+)
+from fedge_contract.codecs import encode_weights, parse_chain
+from fedge_contract.errors import DecodeError
+from fedge_contract.mqtt import Connection
+from fedge_contract.tensors import ModelSpec
+from fedge_tasks import Task, load_task
+from fedge_tasks.loops import evaluate
+from fedge_tasks.runtime import limit_torch_threads
+from fedge_tasks.weights import get_weights, set_weights
+
+log = logging.getLogger("fedge.aggregator")
+
+
+def training_config(task: Task, overrides: dict[str, Any]) -> TaskConfig:
+    """The round's TaskConfig: contract defaults < the task's suggestion < explicit overrides."""
+    suggested = getattr(task, "suggested_training", lambda: {})()
+    return TaskConfig(**{**suggested, **overrides})
+
+
+class Aggregator:
+    """Runs ``config.rounds`` synchronous rounds (resuming from the store), then publishes the final model."""
+
+    def __init__(self, config: AggregatorConfig, *, task: Task | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.topics = Topics(config.fleet)
+        self.clock = clock
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.online: set[str] = set()
+        self._task = task
+        self._strategy: Strategy = make_strategy(config.strategy)
+        self._global_chain = parse_chain(config.global_codec)
+        self.version = 0
+        self.last_metrics: dict[str, float] = {}
+
+    async def run(self) -> None:
+        task = self._task or load_task(self.config.task, self.config.task_options)
+        limit_torch_threads(1)
+        self._model = task.build_model()
+        self._eval_data = task.eval_data() if self.config.evaluate else None
+        self._loss = getattr(task, "loss", None)
+        initial = get_weights(self._model)
+        self.spec = ModelSpec.of(initial)
+        self.limits = UpdateLimits.for_model(self.spec, self.config.max_update_bytes)
+        self.training = training_config(task, dict(self.config.training))
+        with Store(self.config.store) as store:
+            self.store = store
+            self.weights = self._resume(initial)
+            async with Connection(
+                self.config.broker,
+                self.config.mqtt_client_id,
+                subscriptions=[self.topics.all_updates, self.topics.all_presence],
+                persistent=True,
+                session_expiry=self.config.session_expiry,
+            ) as conn:
+                self.conn = conn
+                await self._serve()
+
+    # ------------------------------------------------------------------ state
+    def _resume(self, initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fingerprint = self.spec.fingerprint
+        for key, value in (("fleet", self.config.fleet), ("fingerprint", fingerprint)):
+            other = self.store.claim(key, value)
+            if other is not None:
+                raise StoreMismatch(
+                    f"store {self.config.store} holds {key} {other!r}, not {value!r}: use another --store for this fleet/task"
+                )
+        checkpoint = self.store.latest_checkpoint()
+        if checkpoint is None:
+            self.store.save_initial(fingerprint, initial)
+            log.info("initialised model v0 (%d parameters, fingerprint %s)", self.spec.num_parameters, fingerprint)
+            return initial
+        self._strategy.load_state(checkpoint.strategy_state)
+        self.version = checkpoint.version
+        log.info("resumed from checkpoint v%d in %s", self.version, self.config.store)
+        return checkpoint.weights
+
+    def _done(self) -> bool:
+        return self.config.rounds > 0 and self.version >= self.config.rounds
+
+    # ------------------------------------------------------------------ rounds
+    async def _serve(self) -> None:
+        while not self._done():
+            rnd = self._open_round()
+            await self._announce(rnd)
+            await self._collect(rnd)
+            await self._close(rnd)
+        await self._publish_final()
+
+    def _open_round(self) -> OpenRound:
+        number = self.version + 1
+        rnd = OpenRound(number=number, base_version=self.version, deadline=self.clock() + self.config.deadline, plan=self.config.plan)
+        self._sum = WeightedSum(self.spec)
+        self.store.open_round(number, self.version, rnd.deadline)
+        for spooled in self.store.spooled(number):  # a restart mid-round: re-fold what was accepted
+            update = parse_update(spooled.payload, topic_client=spooled.client_id, fleet=self.config.fleet, limits=self.limits)
+            self._sum.add(decode_delta(update, self.spec), update.num_samples)
+            rnd.record(update.client_id, update.update_id)
+        if rnd.accepted:
+            log.info("round %d: re-folded %d spooled updates", number, rnd.accepted)
+        return rnd
+
+    async def _collect(self, rnd: OpenRound) -> None:
+        while not rnd.full:
+            remaining = rnd.deadline - self.clock()
+            if remaining <= 0:
+                if rnd.at_deadline(self.clock()) is DeadlineAction.CLOSE:
+                    log.info("round %d: deadline with %d/%d updates, closing", rnd.number, rnd.accepted, rnd.plan.target)
+                    return
+                log.warning("round %d: deadline with %d < min %d updates, extended", rnd.number, rnd.accepted, rnd.plan.min_updates)
+                self.store.extend_round(rnd.number, rnd.deadline)
+                await self._announce(rnd)
+                continue
+            try:
+                message = await asyncio.wait_for(self.conn.messages.get(), remaining)
+            except asyncio.TimeoutError:
+                continue
+            await self._dispatch(message, rnd)
+
+    async def _dispatch(self, message: aiomqtt.Message, rnd: OpenRound) -> None:
+        topic = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload or ""), "utf-8")
+        client = self.topics.client_of(topic)
+        if client is None:
+            log.warning("ignored message on unexpected topic %r", topic)
+        elif topic == self.topics.presence(client):
+            self._on_presence(client, payload)
+        else:
+            await self._on_update(client, payload, rnd)
+
+    def _on_presence(self, client: str, payload: bytes) -> None:
+        try:
+            presence = Presence.from_bytes(payload, fleet=self.config.fleet)
+        except DecodeError as exc:
+            if payload:  # an empty retained message clears presence: not an error
+                log.warning("bad presence from %s: %s", client, exc)
+            self.online.discard(client)
+            return
+        (self.online.add if presence.state == "online" else self.online.discard)(client)
+
+    async def _on_update(self, client: str, payload: bytes, rnd: OpenRound) -> None:
+        self.counters["bytes_in"] += len(payload)
+        update: Update | None = None
+        try:
+            update = parse_update(payload, topic_client=client, fleet=self.config.fleet, limits=self.limits)
+            rnd.admit(update, self.store.is_accepted)
+            delta = decode_delta(update, self.spec)
+        except Rejection as rejection:
+            update_id = update.update_id if update else Update.peek_update_id(payload)
+            await self._receipt(client, update_id, rejection.status, rejection.reason, rnd, len(payload))
+            return
+        self.store.spool(
+            update_id=update.update_id, client_id=client, round_no=rnd.number,
+            base_version=update.base_version, num_samples=update.num_samples, payload=payload,
+        )
+        self._sum.add(delta, update.num_samples)
+        rnd.record(client, update.update_id)
+        await self._receipt(client, update.update_id, ReceiptStatus.ACCEPTED, "", rnd, len(payload))
+        await self._publish_status(rnd, RoundState.OPEN)
+
+    async def _receipt(self, client: str, update_id: str | None, status: ReceiptStatus, reason: str, rnd: OpenRound, nbytes: int) -> None:
+        self.counters[status.value] += 1
+        if status is not ReceiptStatus.ACCEPTED:
+            self.counters[f"{status.value}:{reason.split(':', 1)[0]}"] += 1
+        level = logging.INFO if status is ReceiptStatus.ACCEPTED else logging.WARNING
+        log.log(level, "receipt round=%d client=%s update=%s status=%s reason=%s", rnd.number, client, update_id, status.value, reason)
+        self.store.record_receipt(round_no=rnd.number, client_id=client, update_id=update_id, status=status.value, reason=reason, nbytes=nbytes)
+        receipt = Receipt(self.config.fleet, client, update_id, status, reason, rnd.number, rnd.base_version)
+        await self.conn.publish(self.topics.receipt(client), receipt.to_bytes())
+
+    async def _close(self, rnd: OpenRound) -> None:
+        await self._publish_status(rnd, RoundState.AGGREGATING)
+        started = self.clock()
+        new_weights = self._strategy.apply(self.weights, self._sum.mean())
+        self.store.close_round(rnd.number, self.version + 1, self.spec.fingerprint, new_weights, self._strategy.state(), rnd.accepted)
+        self.weights, self.version = new_weights, self.version + 1
+        metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": self._sum.total_weight}
+        if self._eval_data is not None:
+            metrics.update(await asyncio.to_thread(self._evaluate))
+        metrics["aggregate_seconds"] = self.clock() - started
+        self.store.set_round_metrics(rnd.number, metrics)
+        self.last_metrics = metrics
+        log.info("round %d closed: v%d from %d updates %s", rnd.number, self.version, rnd.accepted,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("accuracy", "loss")))
+
+    def _evaluate(self) -> dict[str, float]:
+        set_weights(self._model, self.weights)
+        kwargs = {"loss_fn": self._loss} if self._loss else {}
+        result = evaluate(self._model, self._eval_data, **kwargs)
+        return {"accuracy": result["accuracy"], "loss": result["loss"]}
+
+    # ------------------------------------------------------------------ publishing
+    def _global(self, rnd: OpenRound | None) -> GlobalModel:
+        return GlobalModel(
+            fleet=self.config.fleet,
+            model_version=self.version,
+            round=rnd.number if rnd else self.version,
+            deadline=rnd.deadline if rnd else None,
+            task=self.training,
+            fingerprint=self.spec.fingerprint,
+            tensors=encode_weights(self.weights, self._global_chain),
+            final=rnd is None,
+        )
+
+    async def _announce(self, rnd: OpenRound) -> None:
+        payload = self._global(rnd).to_bytes()
+        self.counters["bytes_out_global"] += len(payload)
+        await self.conn.publish(self.topics.global_model, payload, retain=True)
+        await self._publish_status(rnd, RoundState.OPEN)
+        log.info("round %d open on v%d: target %d, min %d, deadline in %.0fs (%d bytes)",
+                 rnd.number, self.version, rnd.plan.target, rnd.plan.min_updates, rnd.deadline - self.clock(), len(payload))
+
+    async def _publish_status(self, rnd: OpenRound | None, state: RoundState) -> None:
+        status = RoundStatus(
+            fleet=self.config.fleet,
+            round=rnd.number if rnd else self.version,
+            model_version=self.version,
+            state=state,
+            accepted=rnd.accepted if rnd else 0,
+            target=self.config.target,
+            min_updates=self.config.min_updates,
+            deadline=rnd.deadline if rnd else None,
+            rounds_total=self.config.rounds or None,
+            last_metrics=self.last_metrics,
+        )
+        await self.conn.publish(self.topics.status, status.to_bytes(), retain=True)
+
+    async def _publish_final(self) -> None:
+        await self.conn.publish(self.topics.global_model, self._global(None).to_bytes(), retain=True)
+        await self._publish_status(None, RoundState.FINISHED)
+        log.info("finished: model v%d after %d rounds", self.version, self.version)

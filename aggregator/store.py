@@ -1,0 +1,202 @@
+"""The aggregator's embedded SQLite store: checkpoints, rounds, accepted updates and receipts.
+
+What a restart needs is here, written before it is acted on:
+- a checkpoint per model version (weights + strategy state), written in the same transaction
+  that closes its round, before the new model is published;
+- every accepted update of the open round (its raw payload, the "spool") before its receipt,
+  so a killed aggregator re-folds them on restart and never counts one twice (update_id is the
+  primary key);
+- one row per receipt sent, for the report and for audits.
+WAL mode with ``synchronous=FULL``: a commit survives a power cut; measured ~0.5 ms per commit here.
+Weights are stored as raw float32 msgpack (fedge_contract.pack_weights), never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from fedge_contract.messages import pack_weights, unpack_weights
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    version INTEGER PRIMARY KEY, created REAL NOT NULL, fingerprint TEXT NOT NULL,
+    weights BLOB NOT NULL, strategy_state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, base_version INTEGER NOT NULL, opened REAL NOT NULL,
+    deadline REAL, closed REAL, accepted INTEGER NOT NULL DEFAULT 0, extensions INTEGER NOT NULL DEFAULT 0,
+    metrics TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS accepted (
+    update_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, round INTEGER NOT NULL,
+    base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, received REAL NOT NULL,
+    bytes INTEGER NOT NULL, payload BLOB);
+CREATE INDEX IF NOT EXISTS accepted_round ON accepted(round);
+CREATE TABLE IF NOT EXISTS receipts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, round INTEGER NOT NULL,
+    client_id TEXT NOT NULL, update_id TEXT, status TEXT NOT NULL, reason TEXT NOT NULL, bytes INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    version: int
+    fingerprint: str
+    weights: dict[str, np.ndarray]
+    strategy_state: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class SpooledUpdate:
+    update_id: str
+    client_id: str
+    num_samples: int
+    payload: bytes
+
+
+class Store:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self) -> _Transaction:
+        """``with store._tx() as db:`` runs one transaction (commit on success, rollback on error)."""
+        return _Transaction(self._db)
+
+    # -- identity: one store belongs to one fleet
+    def claim(self, key: str, value: str) -> str | None:
+        """Record meta[key]=value unless already set; return the previous value if it differs."""
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+            return None
+        return None if row[0] == value else str(row[0])
+
+    # -- checkpoints
+    def latest_checkpoint(self) -> Checkpoint | None:
+        row = self._db.execute(
+            "SELECT version, fingerprint, weights, strategy_state FROM checkpoints ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return Checkpoint(row[0], row[1], unpack_weights(row[2]), unpack_weights(row[3]))
+
+    def save_initial(self, fingerprint: str, weights: Mapping[str, np.ndarray]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO checkpoints VALUES (0, ?, ?, ?, ?)",
+                (time.time(), fingerprint, pack_weights(weights), pack_weights({})),
+            )
+
+    def close_round(
+        self,
+        round_no: int,
+        version: int,
+        fingerprint: str,
+        weights: Mapping[str, np.ndarray],
+        strategy_state: Mapping[str, np.ndarray],
+        accepted: int,
+    ) -> None:
+        """Atomically: the new checkpoint, the round marked closed, its spool released."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                (version, time.time(), fingerprint, pack_weights(weights), pack_weights(strategy_state)),
+            )
+            db.execute("UPDATE rounds SET closed=?, accepted=? WHERE round=?", (time.time(), accepted, round_no))
+            db.execute("UPDATE accepted SET payload=NULL WHERE round=?", (round_no,))
+
+    # -- rounds
+    def open_round(self, round_no: int, base_version: int, deadline: float | None) -> None:
+        """Record that ``round_no`` is open (re-opening after a restart keeps its first opening time)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds (round, base_version, opened, deadline) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(round) DO UPDATE SET deadline=excluded.deadline",
+                (round_no, base_version, time.time(), deadline),
+            )
+
+    def extend_round(self, round_no: int, deadline: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET deadline=?, extensions=extensions+1 WHERE round=?", (deadline, round_no))
+
+    def set_round_metrics(self, round_no: int, metrics: Mapping[str, float]) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
+
+    def rounds(self) -> list[dict[str, Any]]:
+        cols = ["round", "base_version", "opened", "deadline", "closed", "accepted", "extensions", "metrics"]
+        rows = self._db.execute(f"SELECT {', '.join(cols)} FROM rounds ORDER BY round").fetchall()
+        out = [dict(zip(cols, row)) for row in rows]
+        for row in out:
+            row["metrics"] = json.loads(row["metrics"])
+        return out
+
+    # -- accepted updates
+    def is_accepted(self, update_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM accepted WHERE update_id=?", (update_id,)).fetchone() is not None
+
+    def spool(self, *, update_id: str, client_id: str, round_no: int, base_version: int, num_samples: int, payload: bytes) -> None:
+        """Persist an accepted update (before its receipt is sent)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (update_id, client_id, round_no, base_version, num_samples, time.time(), len(payload), payload),
+            )
+
+    def spooled(self, round_no: int) -> list[SpooledUpdate]:
+        rows = self._db.execute(
+            "SELECT update_id, client_id, num_samples, payload FROM accepted WHERE round=? AND payload IS NOT NULL ORDER BY received",
+            (round_no,),
+        ).fetchall()
+        return [SpooledUpdate(*row) for row in rows]
+
+    def accepted_ids(self, round_no: int) -> list[str]:
+        """Ids of the updates accepted (and so folded) in ``round_no``."""
+        rows = self._db.execute("SELECT update_id FROM accepted WHERE round=? ORDER BY received", (round_no,)).fetchall()
+        return [r[0] for r in rows]
+
+    # -- receipts
+    def record_receipt(self, *, round_no: int, client_id: str, update_id: str | None, status: str, reason: str, nbytes: int) -> None:
+        self._db.execute(
+            "INSERT INTO receipts (at, round, client_id, update_id, status, reason, bytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), round_no, client_id, update_id, status, reason, nbytes),
+        )
+
+    def receipts(self) -> list[dict[str, Any]]:
+        cols = ["at", "round", "client_id", "update_id", "status", "reason", "bytes"]
+        rows = self._db.execute(f"SELECT {', '.join(cols)} FROM receipts ORDER BY id").fetchall()
+        return [dict(zip(cols, row)) for row in rows]
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,64 @@
+"""The on-disk outbox: an encoded update stays here from the moment it is trained until its receipt.
+
+One file per update, named ``r<round>-v<base_version>-<update_id>.update``, written atomically,
+so a killed or rebooted device republishes exactly what it had trained (the aggregator dedupes by
+update id) and a network outage loses no work.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.files import atomic_write
+
+_NAME = re.compile(r"^r(\d+)-v(\d+)-([A-Za-z0-9_-]+)\.update$")
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    update_id: str
+    round: int
+    base_version: int
+    path: Path
+
+    def payload(self) -> bytes:
+        return self.path.read_bytes()
+
+
+class Outbox:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def put(self, *, update_id: str, round_no: int, base_version: int, payload: bytes) -> PendingUpdate:
+        path = self.directory / f"r{round_no}-v{base_version}-{update_id}.update"
+        atomic_write(path, payload)
+        return PendingUpdate(update_id, round_no, base_version, path)
+
+    def pending(self) -> list[PendingUpdate]:
+        """Everything not yet answered by a receipt, oldest round first."""
+        found = []
+        for path in self.directory.iterdir():
+            match = _NAME.match(path.name)
+            if match:
+                found.append(PendingUpdate(match.group(3), int(match.group(1)), int(match.group(2)), path))
+        return sorted(found, key=lambda p: (p.round, p.path.stat().st_mtime))
+
+    def remove(self, update_id: str) -> bool:
+        removed = False
+        for pending in self.pending():
+            if pending.update_id == update_id:
+                pending.path.unlink(missing_ok=True)
+                removed = True
+        return removed
+
+    def drop_before(self, round_no: int) -> list[str]:
+        """Forget updates of rounds that are over (their round will never accept them)."""
+        dropped = []
+        for pending in self.pending():
+            if pending.round < round_no:
+                pending.path.unlink(missing_ok=True)
+                dropped.append(pending.update_id)
+        return dropped

@@ -1,0 +1,444 @@
+"""The five messages of DESIGN.md, each a dataclass with one encoder and one strict decoder.
+
+GlobalModel and Update carry tensors and travel as msgpack; Receipt, Presence and RoundStatus are
+small UTF-8 JSON documents that any MQTT tool can read. Nothing outside this module touches
+msgpack or json for wire messages. Decoders raise DecodeError and nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from fedge_contract.codecs import EncodedTensor, check_shape
+from fedge_contract.errors import DecodeError, Reason
+from fedge_contract.tensors import WIRE_DTYPES
+
+SCHEMA_VERSION = 1
+MAX_TENSORS = 4096
+MAX_CONTROL_BYTES = 64 * 1024
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Typed, strict access to one decoded map; errors name the path of the bad field."""
+
+    def __init__(self, obj: object, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise DecodeError(Reason.WRONG_TYPE, f"{where} must be a map, got {type(obj).__name__}")
+        self.obj = obj
+        self.where = where
+
+    def take(self, key: str, kind: type[T] | tuple[type, ...], *, default: Any = ..., nullable: bool = False) -> T:
+        if key not in self.obj:
+            if default is ...:
+                raise DecodeError(Reason.MISSING_FIELD, f"{self.where}.{key} is missing")
+            return default  # type: ignore[no-any-return]
+        value = self.obj[key]
+        if value is None and nullable:
+            return value  # type: ignore[no-any-return]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            names = "/".join(k.__name__ for k in kinds)
+            raise DecodeError(Reason.WRONG_TYPE, f"{self.where}.{key} must be {names}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DecodeError(Reason.NON_FINITE, f"{self.where}.{key} is not finite")
+        return value  # type: ignore[no-any-return]
+
+    def nonneg_int(self, key: str, **kw: Any) -> int:
+        value = self.take(key, int, **kw)
+        if value is not None and value < 0:
+            raise DecodeError(Reason.BAD_VALUE, f"{self.where}.{key} must be >= 0, got {value}")
+        return value
+
+
+def _scalars(obj: object, where: str, kinds: tuple[type, ...]) -> dict[str, Any]:
+    """A flat map of str -> scalar (metrics, device conditions): no nesting, nothing non-finite."""
+    reader = _Reader(obj, where)
+    if len(reader.obj) > 64:
+        raise DecodeError(Reason.BAD_VALUE, f"{where} has more than 64 entries")
+    out = {}
+    for key in reader.obj:
+        if not isinstance(key, str):
+            raise DecodeError(Reason.WRONG_TYPE, f"{where} keys must be strings")
+        out[key] = reader.take(key, kinds, nullable=True)
+    return out
+
+
+def _header(obj: object, expected_type: str, fleet: str | None) -> _Reader:
+    reader = _Reader(obj, expected_type)
+    schema = reader.take("schema", int)
+    if schema != SCHEMA_VERSION:
+        raise DecodeError(Reason.SCHEMA, f"schema {schema} is not supported (this build speaks {SCHEMA_VERSION})")
+    kind = reader.take("type", str)
+    if kind != expected_type:
+        raise DecodeError(Reason.WRONG_TYPE, f"message type {kind!r} where {expected_type!r} was expected")
+    msg_fleet = reader.take("fleet", str)
+    if fleet is not None and msg_fleet != fleet:
+        raise DecodeError(Reason.WRONG_FLEET, f"message for fleet {msg_fleet!r} on fleet {fleet!r}")
+    return reader
+
+
+def _unpack(payload: bytes, max_bytes: int, kind: str) -> object:
+    if len(payload) > max_bytes:
+        raise DecodeError(Reason.TOO_LARGE, f"{kind} of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for broken input
+        raise DecodeError(Reason.MALFORMED, f"{kind} is not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+def _tensors(obj: object, kind: str) -> tuple[EncodedTensor, ...]:
+    if not isinstance(obj, list):
+        raise DecodeError(Reason.WRONG_TYPE, f"{kind}.tensors must be a list")
+    if len(obj) > MAX_TENSORS:
+        raise DecodeError(Reason.BAD_VALUE, f"{kind} has {len(obj)} tensors (limit {MAX_TENSORS})")
+    out = []
+    for i, item in enumerate(obj):
+        reader = _Reader(item, f"{kind}.tensors[{i}]")
+        dtype = reader.take("dtype", str)
+        if dtype not in WIRE_DTYPES:
+            raise DecodeError(Reason.BAD_TENSOR, f"{reader.where}.dtype {dtype!r} is unknown")
+        core = {"name", "dtype", "shape", "codec", "data"}
+        extra = {k: v for k, v in reader.obj.items() if k not in core}
+        out.append(
+            EncodedTensor(
+                name=reader.take("name", str),
+                dtype=dtype,
+                shape=check_shape(reader.take("shape", list), reader.where),
+                codec=reader.take("codec", str),
+                data=reader.take("data", bytes),
+                fields=extra,
+            )
+        )
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the aggregator asks agents to do this round; unknown keys survive in ``extra``."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    mu: float = 0.0
+    codec: str = "zstd"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **known}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> TaskConfig:
+        reader = _Reader(obj, "task")
+        defaults = cls()
+        config = cls(
+            local_epochs=reader.take("local_epochs", int, default=defaults.local_epochs),
+            batch_size=reader.take("batch_size", int, default=defaults.batch_size),
+            lr=reader.take("lr", float, default=defaults.lr),
+            momentum=reader.take("momentum", float, default=defaults.momentum),
+            weight_decay=reader.take("weight_decay", float, default=defaults.weight_decay),
+            mu=reader.take("mu", float, default=defaults.mu),
+            codec=reader.take("codec", str, default=defaults.codec),
+            extra={k: v for k, v in reader.obj.items() if k not in {f.name for f in fields(cls)}},
+        )
+        if config.local_epochs < 1 or config.batch_size < 1 or config.lr <= 0:
+            raise DecodeError(Reason.BAD_VALUE, f"task needs local_epochs >= 1, batch_size >= 1, lr > 0: {config}")
+        return config
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """Version ``model_version`` of the global model, announced for ``round`` (retained)."""
+
+    TYPE: ClassVar[str] = "global"
+    fleet: str
+    model_version: int
+    round: int
+    deadline: float | None
+    task: TaskConfig
+    fingerprint: str
+    tensors: tuple[EncodedTensor, ...]
+    final: bool = False  # training is over: this is the result, agents do not train on it
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "schema": SCHEMA_VERSION,
+                "type": self.TYPE,
+                "fleet": self.fleet,
+                "final": self.final,
+                "model_version": self.model_version,
+                "round": self.round,
+                "deadline": self.deadline,
+                "task": self.task.to_wire(),
+                "fingerprint": self.fingerprint,
+                "tensors": [t.to_wire() for t in self.tensors],
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, max_bytes: int, fleet: str | None = None) -> GlobalModel:
+        reader = _header(_unpack(payload, max_bytes, cls.TYPE), cls.TYPE, fleet)
+        return cls(
+            fleet=reader.take("fleet", str),
+            model_version=reader.nonneg_int("model_version"),
+            round=reader.nonneg_int("round"),
+            deadline=reader.take("deadline", float, nullable=True),
+            task=TaskConfig.from_wire(reader.take("task", dict)),
+            fingerprint=reader.take("fingerprint", str),
+            tensors=_tensors(reader.take("tensors", list), cls.TYPE),
+            final=reader.take("final", bool, default=False),
+        )
+
+
+@dataclass(frozen=True)
+class Update:
+    """An agent's delta (local - global) for ``round``, trained from ``base_version``."""
+
+    TYPE: ClassVar[str] = "update"
+    fleet: str
+    client_id: str
+    update_id: str
+    round: int
+    base_version: int
+    num_samples: int
+    tensors: tuple[EncodedTensor, ...]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    device: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "schema": SCHEMA_VERSION,
+                "type": self.TYPE,
+                "fleet": self.fleet,
+                "client_id": self.client_id,
+                "update_id": self.update_id,
+                "round": self.round,
+                "base_version": self.base_version,
+                "num_samples": self.num_samples,
+                "metrics": dict(self.metrics),
+                "device": dict(self.device),
+                "tensors": [t.to_wire() for t in self.tensors],
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, max_bytes: int, fleet: str | None = None) -> Update:
+        reader = _header(_unpack(payload, max_bytes, cls.TYPE), cls.TYPE, fleet)
+        update_id = reader.take("update_id", str)
+        if not 1 <= len(update_id) <= 64:
+            raise DecodeError(Reason.BAD_VALUE, "update.update_id must be 1-64 characters")
+        num_samples = reader.take("num_samples", int)
+        if num_samples < 1:
+            raise DecodeError(Reason.BAD_VALUE, f"update.num_samples must be >= 1, got {num_samples}")
+        return cls(
+            fleet=reader.take("fleet", str),
+            client_id=reader.take("client_id", str),
+            update_id=update_id,
+            round=reader.nonneg_int("round"),
+            base_version=reader.nonneg_int("base_version"),
+            num_samples=num_samples,
+            metrics=_scalars(reader.take("metrics", dict, default={}), "update.metrics", (float,)),
+            device=_scalars(reader.take("device", dict, default={}), "update.device", (bool, float, str)),
+            tensors=_tensors(reader.take("tensors", list), cls.TYPE),
+        )
+
+    @staticmethod
+    def peek_update_id(payload: bytes) -> str | None:
+        """Best-effort update id of a payload that failed to decode, so its receipt can name it."""
+        try:
+            obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+            value = obj.get("update_id") if isinstance(obj, dict) else None
+            return value if isinstance(value, str) and len(value) <= 64 else None
+        except Exception:
+            return None
+
+
+# ---------------------------------------------------------------- JSON control messages
+
+
+class ReceiptStatus(str, enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    REJECTED = "rejected"
+
+
+class RoundState(str, enum.Enum):
+    OPEN = "open"
+    AGGREGATING = "aggregating"
+    FINISHED = "finished"
+
+
+def _json_bytes(kind: str, fleet: str, body: dict[str, Any]) -> bytes:
+    return json.dumps({"schema": SCHEMA_VERSION, "type": kind, "fleet": fleet, **body}, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _json_reader(payload: bytes, kind: str, fleet: str | None) -> _Reader:
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise DecodeError(Reason.TOO_LARGE, f"{kind} of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DecodeError(Reason.MALFORMED, f"{kind} is not UTF-8 JSON ({exc})") from None
+    return _header(obj, kind, fleet)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The aggregator's answer to one update (QoS 1, to ``receipts/<client_id>``)."""
+
+    TYPE: ClassVar[str] = "receipt"
+    fleet: str
+    client_id: str
+    update_id: str | None
+    status: ReceiptStatus
+    reason: str
+    round: int
+    model_version: int
+
+    def to_bytes(self) -> bytes:
+        return _json_bytes(self.TYPE, self.fleet, {
+            "client_id": self.client_id, "update_id": self.update_id, "status": self.status.value,
+            "reason": self.reason, "round": self.round, "model_version": self.model_version,
+        })
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, fleet: str | None = None) -> Receipt:
+        reader = _json_reader(payload, cls.TYPE, fleet)
+        status = reader.take("status", str)
+        try:
+            parsed = ReceiptStatus(status)
+        except ValueError:
+            raise DecodeError(Reason.BAD_VALUE, f"receipt.status {status!r} is unknown") from None
+        return cls(
+            fleet=reader.take("fleet", str),
+            client_id=reader.take("client_id", str),
+            update_id=reader.take("update_id", str, nullable=True),
+            status=parsed,
+            reason=reader.take("reason", str),
+            round=reader.nonneg_int("round"),
+            model_version=reader.nonneg_int("model_version"),
+        )
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Whether an agent is online and able to train (retained; the last will says offline)."""
+
+    TYPE: ClassVar[str] = "presence"
+    fleet: str
+    client_id: str
+    state: str  # online | offline
+    agent_version: str = ""
+    eligible: bool | None = None
+    why_not: str = ""
+    device: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return _json_bytes(self.TYPE, self.fleet, {
+            "client_id": self.client_id, "state": self.state, "agent_version": self.agent_version,
+            "eligible": self.eligible, "why_not": self.why_not, "device": dict(self.device),
+        })
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, fleet: str | None = None) -> Presence:
+        reader = _json_reader(payload, cls.TYPE, fleet)
+        state = reader.take("state", str)
+        if state not in ("online", "offline"):
+            raise DecodeError(Reason.BAD_VALUE, f"presence.state {state!r} is unknown")
+        return cls(
+            fleet=reader.take("fleet", str),
+            client_id=reader.take("client_id", str),
+            state=state,
+            agent_version=reader.take("agent_version", str, default=""),
+            eligible=reader.take("eligible", bool, default=None, nullable=True),
+            why_not=reader.take("why_not", str, default=""),
+            device=_scalars(reader.take("device", dict, default={}), "presence.device", (bool, float, str)),
+        )
+
+
+@dataclass(frozen=True)
+class RoundStatus:
+    """Where the fleet's training stands (retained on ``status``)."""
+
+    TYPE: ClassVar[str] = "status"
+    fleet: str
+    round: int
+    model_version: int
+    state: RoundState
+    accepted: int
+    target: int
+    min_updates: int
+    deadline: float | None
+    rounds_total: int | None = None
+    last_metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return _json_bytes(self.TYPE, self.fleet, {
+            "round": self.round, "model_version": self.model_version, "state": self.state.value,
+            "accepted": self.accepted, "target": self.target, "min": self.min_updates,
+            "deadline": self.deadline, "rounds_total": self.rounds_total, "last_metrics": dict(self.last_metrics),
+        })
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, fleet: str | None = None) -> RoundStatus:
+        reader = _json_reader(payload, cls.TYPE, fleet)
+        state = reader.take("state", str)
+        try:
+            parsed = RoundState(state)
+        except ValueError:
+            raise DecodeError(Reason.BAD_VALUE, f"status.state {state!r} is unknown") from None
+        return cls(
+            fleet=reader.take("fleet", str),
+            round=reader.nonneg_int("round"),
+            model_version=reader.nonneg_int("model_version"),
+            state=parsed,
+            accepted=reader.nonneg_int("accepted"),
+            target=reader.nonneg_int("target"),
+            min_updates=reader.nonneg_int("min"),
+            deadline=reader.take("deadline", float, nullable=True),
+            rounds_total=reader.take("rounds_total", int, default=None, nullable=True),
+            last_metrics=_scalars(reader.take("last_metrics", dict, default={}), "status.last_metrics", (float,)),
+        )
+
+
+# ---------------------------------------------------------------- weights at rest (checkpoints, outboxes)
+
+
+def pack_weights(weights: Mapping[str, Any]) -> bytes:
+    """Raw float32 tensors as a msgpack list: the checkpoint format (never pickle)."""
+    from fedge_contract.codecs import encode_weights, parse_chain
+
+    return msgpack.packb([t.to_wire() for t in encode_weights(weights, parse_chain("none"))], use_bin_type=True)
+
+
+def unpack_weights(blob: bytes) -> dict[str, Any]:
+    """Inverse of pack_weights; the blob describes its own spec."""
+    from fedge_contract.codecs import decode_weights
+    from fedge_contract.tensors import ModelSpec, TensorSpec
+
+    tensors = _tensors(_unpack(blob, len(blob), "weights"), "weights")
+    spec = ModelSpec(tuple(TensorSpec(t.name, t.shape, "f32") for t in tensors))
+    return decode_weights(tensors, spec)

@@ -1,0 +1,96 @@
+"""The task plug-in interface and its loader.
+
+A user names a task as ``package.module:object`` (or a built-in alias such as ``digits``). The
+object is a Task, or a class/callable that returns one; ``--task-opt key=value`` options are
+passed to it as keyword arguments, converted to the types its dataclass fields declare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+BUILTIN_TASKS = {"digits": "fedge_tasks.digits:DigitsTask"}
+
+
+class TaskLoadError(Exception):
+    """The named task cannot be imported or built; the message says what to fix."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What fedge needs from a user's federated task.
+
+    ``train_data`` runs on the device and returns that device's own samples; ``eval_data`` runs on
+    the aggregator and returns a held-out set (or None to skip evaluation). Both return a
+    ``torch.utils.data.Dataset`` of ``(input, target)`` pairs. A task may also define
+    ``loss(outputs, targets)``; the default is cross-entropy.
+    """
+
+    def build_model(self) -> Any: ...
+
+    def train_data(self, client_id: str) -> Any: ...
+
+    def eval_data(self) -> Any: ...
+
+
+def load_task(spec: str, options: Mapping[str, str] | None = None) -> Task:
+    """Import and build the task named by ``spec``."""
+    options = dict(options or {})
+    target = BUILTIN_TASKS.get(spec, spec)
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise TaskLoadError(f"task {spec!r} must look like 'package.module:object' (or one of: {', '.join(BUILTIN_TASKS)})")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TaskLoadError(f"cannot import task module {module_name!r}: {exc}") from exc
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise TaskLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if isinstance(obj, Task) and not isinstance(obj, type):
+        if options:
+            raise TaskLoadError(f"task {spec!r} is an instance: it takes no options, got {sorted(options)}")
+        return obj
+    if not callable(obj):
+        raise TaskLoadError(f"task {spec!r} is neither a Task nor a callable returning one")
+    try:
+        task = obj(**_coerce(obj, options))
+    except TypeError as exc:
+        raise TaskLoadError(f"task {spec!r} refused its options {options}: {exc}") from exc
+    if not isinstance(task, Task):
+        raise TaskLoadError(f"task {spec!r} returned {type(task).__name__}, which lacks build_model/train_data/eval_data")
+    return task
+
+
+def _coerce(factory: Any, options: dict[str, str]) -> dict[str, Any]:
+    """Convert string options to the field types of a dataclass factory (others get strings)."""
+    if not dataclasses.is_dataclass(factory):
+        return dict(options)
+    hints = typing.get_type_hints(factory)
+    known = {f.name for f in dataclasses.fields(factory)}
+    out: dict[str, Any] = {}
+    for key, raw in options.items():
+        if key not in known:
+            raise TaskLoadError(f"task option {key!r} is unknown (known: {', '.join(sorted(known))})")
+        kind = hints.get(key, str)
+        try:
+            out[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+        except (TypeError, ValueError):
+            raise TaskLoadError(f"task option {key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+    return out
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    """``["alpha=0.5", "clients=20"]`` -> dict, with a clear error for a pair without ``=``."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TaskLoadError(f"task option {pair!r} must be KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out

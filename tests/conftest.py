@@ -1,0 +1,33 @@
+"""Shared fixtures: a real Mosquitto per test session, a fresh fleet name per test."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from broker import LocalBroker
+from fedge_contract.mqtt import BrokerAddress
+
+_fleet_counter = itertools.count()
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def broker(tmp_path) -> AsyncIterator[LocalBroker]:
+    """A Mosquitto on a free loopback port, owned by the test (so a test may kill or restart it)."""
+    async with LocalBroker(data_dir=tmp_path / "broker") as running:
+        yield running
+
+
+@pytest.fixture
+def broker_address(broker: LocalBroker) -> BrokerAddress:
+    return BrokerAddress.parse(broker.url)
+
+
+@pytest.fixture
+def fleet(request) -> str:
+    """A fleet name of its own per test: topics never leak between tests."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"t{next(_fleet_counter)}-{request.node.name}")[:64]
