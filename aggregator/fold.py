@@ -8,6 +8,7 @@ folds on one thread (torch's default thread pool spins on 2 cores for ~8 ms per 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,8 +23,8 @@ class WeightedSum:
         self.count = 0
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
-        if weight <= 0:
-            raise ValueError(f"weight must be positive, got {weight}")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"weight must be positive and finite, got {weight}")
         for name, acc in self._sum.items():
             # the float32 product's rounding depends only on this update, not on arrival order
             acc += delta[name] * np.float32(weight)

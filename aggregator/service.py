@@ -148,8 +148,9 @@ class Aggregator:
                 await self._announce(rnd)
                 continue
             try:
-                message = await asyncio.wait_for(self.conn.messages.get(), remaining)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(remaining):
+                    message = await self.conn.messages.get()
+            except TimeoutError:
                 continue
             await self._dispatch(message, rnd)
 

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import random
 import uuid
@@ -23,6 +25,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.state import AgentState
 from edge_agent.trainer import FingerprintMismatch, LocalTrainer, LocalUpdate
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update
+from fedge_contract.aio import cancel_and_wait
 from fedge_contract.codecs import CodecChain, encode_weights, parse_chain
 from fedge_contract.errors import CodecError
 from fedge_contract.mqtt import QOS, Backoff, Connection
@@ -51,12 +54,14 @@ class Agent:
         gate: Gate | None = None,
         rng: random.Random | None = None,
         resend_after: float = 120.0,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.config = config
         self.topics = Topics(config.fleet)
         self.gate: Gate = gate or AlwaysEligible()
         self.stats = AgentStats()
         self.resend_after = resend_after
+        self._executor = executor  # None: asyncio's default; agents sharing a process share one worker
         self._task = task
         self._rng = rng or random.Random()
         self._outbox = Outbox(config.state_dir / "outbox")
@@ -96,10 +101,11 @@ class Agent:
                     group.create_task(self._upload_loop(), name="upload"),
                 ]
                 await self._stop.wait()
-                for t in tasks:
-                    t.cancel()
+                await cancel_and_wait(tasks)
             if conn.connected.is_set():
-                await asyncio.wait_for(conn.publish(self.topics.presence(self.config.client_id), offline.to_bytes(), retain=True), 5)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await conn.publish(self.topics.presence(self.config.client_id), offline.to_bytes(), retain=True)
 
     # ------------------------------------------------------------------ connection
     async def _on_connect(self) -> None:
@@ -169,12 +175,22 @@ class Agent:
             await self.gate.wait_eligible()
             if self._latest is not model:
                 continue  # a newer model arrived while we waited
-            local = await asyncio.to_thread(self._trainer.run, model, lambda: self.gate.eligible() and self._latest is model)
-            if local is None:
+            loop = asyncio.get_running_loop()
+            queued = await loop.run_in_executor(self._executor, self._train_and_queue, model)
+            if not queued:
                 if self._latest is model:
                     self._new_model.set()  # interrupted by the device's conditions: try again when eligible
                 continue
-            self._queue_update(model, local)
+            self.stats.trained_versions.append(model.model_version)
+            self._outbox_changed.set()
+
+    def _train_and_queue(self, model: GlobalModel) -> bool:
+        """Worker thread: train, encode and write the update to the outbox; False if interrupted."""
+        local = self._trainer.run(model, lambda: self.gate.eligible() and self._latest is model)
+        if local is None:
+            return False
+        self._queue_update(model, local)
+        return True
 
     def _queue_update(self, model: GlobalModel, local: LocalUpdate) -> None:
         try:
@@ -197,16 +213,15 @@ class Agent:
         self._state.trained_version = model.model_version
         self._state.fingerprint = model.fingerprint
         self._state.save(self._state_path)
-        self.stats.trained_versions.append(model.model_version)
-        self._outbox_changed.set()
         log.info("%s: trained round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round, model.model_version, result.num_samples, result.loss)
 
     # ------------------------------------------------------------------ upload
     async def _upload_loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._outbox_changed.wait(), self.resend_after)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.resend_after):
+                    await self._outbox_changed.wait()
+            except TimeoutError:
                 self._published.clear()  # no receipt for a while: publish again (idempotent)
             self._outbox_changed.clear()
             for pending in self._outbox.pending():

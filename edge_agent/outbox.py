@@ -14,6 +14,7 @@ from pathlib import Path
 from edge_agent.files import atomic_write
 
 _NAME = re.compile(r"^r(\d+)-v(\d+)-([A-Za-z0-9_-]+)\.update$")
+_UPDATE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class Outbox:
         directory.mkdir(parents=True, exist_ok=True)
 
     def put(self, *, update_id: str, round_no: int, base_version: int, payload: bytes) -> PendingUpdate:
+        if not _UPDATE_ID.match(update_id) or round_no < 0 or base_version < 0:
+            # anything else could not be listed again (or would escape the folder): refuse it now
+            raise ValueError(f"outbox: bad update id {update_id!r} or round/version {round_no}/{base_version}")
         path = self.directory / f"r{round_no}-v{base_version}-{update_id}.update"
         atomic_write(path, payload)
         return PendingUpdate(update_id, round_no, base_version, path)

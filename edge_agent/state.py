@@ -21,7 +21,7 @@ class AgentState:
         try:
             data = json.loads(path.read_text())
             return cls(trained_version=int(data["trained_version"]), fingerprint=str(data.get("fingerprint", "")))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             # A corrupt state file costs at most one retraining: never refuse to start over it.
             return cls()
 

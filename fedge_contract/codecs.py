@@ -25,6 +25,7 @@ from fedge_contract.errors import CodecError, DecodeError, Reason
 from fedge_contract.tensors import MAX_RANK, WIRE_DTYPES, ModelSpec, TensorSpec, nbytes
 
 F16_MAX = float(np.finfo(np.float16).max)
+BF16_MAX = float(np.array([0x7F7F0000], dtype="<u4").view("<f4")[0])  # largest finite bfloat16
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class _BF16:
     wire_dtype = "bf16"
 
     def encode(self, values: np.ndarray) -> np.ndarray:
+        # saturate like f16 rather than round the largest floats up to inf
+        values = np.clip(values, -BF16_MAX, BF16_MAX)
         bits = np.ascontiguousarray(values, dtype="<f4").view("<u4").astype(np.uint64)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
         return rounded.astype("<u2")
@@ -108,7 +111,8 @@ class _Zstd:
         if declared > expected_size:  # -1 (unknown) is bounded by max_output_size below
             raise DecodeError(Reason.BAD_TENSOR, f"zstd frame declares {declared} bytes, expected {expected_size}")
         try:
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected_size)
+            # one frame, nothing appended: trailing bytes are a malformed payload, not padding
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected_size, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             raise DecodeError(Reason.BAD_TENSOR, f"zstd: {exc}") from None
         return out

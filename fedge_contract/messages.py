@@ -47,7 +47,10 @@ class _Reader:
         kinds = kind if isinstance(kind, tuple) else (kind,)
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            ok, value = True, float(value)
+            try:
+                ok, value = True, float(value)
+            except OverflowError:  # an integer beyond float range (JSON allows any size)
+                raise DecodeError(Reason.NON_FINITE, f"{self.where}.{key} is not finite") from None
         if not ok:
             names = "/".join(k.__name__ for k in kinds)
             raise DecodeError(Reason.WRONG_TYPE, f"{self.where}.{key} must be {names}, got {type(value).__name__}")

@@ -9,7 +9,6 @@ addressed to them while they are away (receipts, updates) wait in the broker. ai
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
@@ -22,6 +21,8 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from fedge_contract.aio import cancel_and_wait
 
 QOS = 1
 log = logging.getLogger("fedge.mqtt")
@@ -49,9 +50,11 @@ class BrokerAddress:
         if not parts.hostname:
             raise ValueError(f"broker URL {url!r} has no host")
         try:
-            port = parts.port or (8883 if tls else 1883)
+            port = parts.port if parts.port is not None else (8883 if tls else 1883)
         except ValueError:
             raise ValueError(f"broker URL {url!r} has an invalid port") from None
+        if not 1 <= port <= 65535:
+            raise ValueError(f"broker URL {url!r}: port must be 1-65535")
         return cls(
             host=parts.hostname,
             port=port,
@@ -170,9 +173,7 @@ class Connection:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
 
     async def _run(self) -> None:

@@ -90,7 +90,8 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise TaskLoadError(f"task option {pair!r} must be KEY=VALUE")
-        out[key.strip()] = value.strip()
+        out[key] = value.strip()
     return out

@@ -50,6 +50,38 @@ def _batches(dataset: Dataset, batch_size: int, generator: torch.Generator) -> A
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
 
 
+class _SGD:
+    """SGD with momentum and weight decay, exactly torch.optim.SGD's update rule.
+
+    torch.optim's first use imports torch._dynamo: ~1.2 s and ~73 MiB of resident memory on
+    every device, for a few lines of arithmetic. Tests check equality with torch.optim.SGD.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float) -> None:
+        self.params = params
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            grad = p.grad.add(p, alpha=self.weight_decay) if self.weight_decay else p.grad
+            if self.momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = grad.detach().clone()
+                else:
+                    buf.mul_(self.momentum).add_(grad)
+                grad = buf
+            p.add_(grad, alpha=-self.lr)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
 def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets)
 
@@ -65,7 +97,7 @@ def train(
     """Train ``model`` in place on ``dataset``."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    optimizer = _SGD(list(model.parameters()), settings.lr, settings.momentum, settings.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if settings.mu > 0 else []
     model.train()
     total_loss, correct, seen, batches, completed = 0.0, 0, 0, 0, True
@@ -74,7 +106,7 @@ def train(
             if not should_continue():
                 completed = False
                 break
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             outputs = model(inputs)
             loss = loss_fn(outputs, targets)
             if anchor:

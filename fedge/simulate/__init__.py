@@ -1,0 +1,1 @@
+"""``fedge simulate``: a whole fleet on one machine, real broker, real processes, real MQTT."""

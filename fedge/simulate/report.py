@@ -1,0 +1,91 @@
+"""The simulation report: a table on the terminal, report.json and a PNG plot in the run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    accuracy: float
+    loss: float
+    participants: int  # updates folded into this round's model
+    bytes_up: int  # update payloads published by agents for this round (resends included)
+    bytes_down: int  # global model payloads for this round x agents subscribed
+    updates_published: int
+    seconds: float  # from the round's opening to the next round's (or the end)
+
+
+@dataclass(frozen=True)
+class SimulationReport:
+    options: dict[str, Any]
+    rounds: list[RoundRow]
+    wall_seconds: float
+    peak_rss_mib: dict[str, float]  # per process; their sum bounds the combined peak from above
+    final_global_bytes: int = 0
+    unattributed_bytes: int = 0
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.totals.update(
+            final_accuracy=self.rounds[-1].accuracy if self.rounds else float("nan"),
+            bytes_up=sum(r.bytes_up for r in self.rounds),
+            bytes_down=sum(r.bytes_down for r in self.rounds),
+            peak_rss_mib_sum=sum(self.peak_rss_mib.values()),
+            wall_seconds=self.wall_seconds,
+        )
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_report(report: SimulationReport, out: Path, console: Console) -> None:
+    data = asdict(report)
+    data["rounds"] = [{k: _finite(v) for k, v in row.items()} for row in data["rounds"]]
+    (out / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False, default=str))
+    _plot(report, out / "report.png")
+    table = Table(title=f"fedge simulate: {report.options['agents']} agents, {len(report.rounds)} rounds")
+    for column in ("round", "accuracy", "loss", "participants", "bytes up", "bytes down", "seconds"):
+        table.add_column(column, justify="right")
+    for row in report.rounds:
+        table.add_row(str(row.round), f"{row.accuracy:.4f}", f"{row.loss:.4f}", str(row.participants),
+                      f"{row.bytes_up:,}", f"{row.bytes_down:,}", f"{row.seconds:.2f}")
+    console.print(table)
+    t = report.totals
+    console.print(
+        f"final accuracy [bold]{t['final_accuracy']:.4f}[/]; uploaded {t['bytes_up']:,} B, downloaded {t['bytes_down']:,} B; "
+        f"wall {t['wall_seconds']:.1f} s; peak memory {t['peak_rss_mib_sum']:.0f} MiB over {len(report.peak_rss_mib)} processes"
+    )
+    console.print(f"report: {out / 'report.json'}, {out / 'report.png'}")
+
+
+def _plot(report: SimulationReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round for r in report.rounds]
+    fig, (acc_ax, bytes_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    acc_ax.plot(rounds, [r.accuracy for r in report.rounds], marker="o", markersize=3)
+    acc_ax.set_ylabel("test accuracy")
+    acc_ax.grid(alpha=0.3)
+    acc_ax.set_title(f"{report.options['agents']} agents, alpha {report.options['alpha']}, codec {report.options['training'].get('codec', 'default')}")
+    bytes_ax.bar([r - 0.2 for r in rounds], [r.bytes_up / 1024 for r in report.rounds], width=0.4, label="up (updates)")
+    bytes_ax.bar([r + 0.2 for r in rounds], [r.bytes_down / 1024 for r in report.rounds], width=0.4, label="down (global model)")
+    bytes_ax.set_ylabel("KiB per round")
+    bytes_ax.set_xlabel("round")
+    bytes_ax.legend()
+    bytes_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,218 @@
+"""Orchestrates a simulated fleet: broker, aggregator process, agent process(es), wire tap, report.
+
+The orchestrator itself never imports torch: it only watches the broker, so its numbers are the
+system's, not its own. Children are real ``fedge`` processes (the aggregator exactly as a user
+runs it), which is also what lets fault-injection tests kill them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from aggregator.store import Store
+from broker import LocalBroker
+from fedge.peak_memory import ENV as PEAK_ENV
+from fedge.peak_memory import peak_rss_mib, proc_peak_rss_mib
+from fedge.simulate.report import RoundRow, SimulationReport, write_report
+from fedge.simulate.wiretap import WireTap
+from fedge_contract.mqtt import BrokerAddress
+
+FLEET = "sim"
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    agents: int = 20
+    rounds: int = 30
+    alpha: float = 0.5
+    seed: int = 0
+    target: int | None = None  # default: every agent, every round
+    min_updates: int | None = None  # default: the target
+    deadline: float = 60.0
+    strategy: str = "fedavg"
+    global_codec: str = "none"
+    training: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+    agent_procs: int = 1
+    quiet: bool = False
+    log_level: str = "info"
+    timeout: float = 3600.0  # give up on a run that makes no progress for this long
+
+    def __post_init__(self) -> None:
+        if self.agents < 1 or self.rounds < 1:
+            raise ValueError("--agents and --rounds must be >= 1")
+        if not 1 <= self.agent_procs <= self.agents:
+            raise ValueError("--agent-procs must be between 1 and --agents")
+        if self.target is not None and not 1 <= self.target <= self.agents:
+            raise ValueError(f"--target must be between 1 and --agents ({self.agents})")
+
+    @property
+    def effective_target(self) -> int:
+        return self.target or self.agents
+
+    @property
+    def effective_min(self) -> int:
+        return min(self.min_updates or self.effective_target, self.effective_target)
+
+    def task_options(self) -> list[str]:
+        opts = {"clients": self.agents, "alpha": self.alpha, "seed": self.seed, "init_seed": self.seed}
+        return [f"--task-opt={k}={v}" for k, v in opts.items()]
+
+
+def _flags(training: dict[str, Any]) -> list[str]:
+    return [f"--{key.replace('_', '-')}={value}" for key, value in training.items()]
+
+
+class _Children:
+    """The child processes of a run; leaving the context stops any still running."""
+
+    def __init__(self, out: Path, log_level: str) -> None:
+        self.out = out
+        self.log_level = log_level
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
+
+    async def spawn(self, name: str, *args: str) -> asyncio.subprocess.Process:
+        env = {**os.environ, PEAK_ENV: str(self.out / "peaks" / f"{name}.json"), "PYTHONUNBUFFERED": "1"}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fedge", *args, f"--log-file={self.out / 'logs' / f'{name}.log'}", f"--log-level={self.log_level}",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+        )
+        self.processes[name] = process
+        return process
+
+    async def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.returncode is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+
+    async def failure(self) -> str | None:
+        """The first child that exited with an error, with the end of its stderr."""
+        for name, process in self.processes.items():
+            if process.returncode not in (None, 0):
+                err = (await process.stderr.read()).decode(errors="replace") if process.stderr else ""
+                return f"{name} exited with {process.returncode}: {err.strip()[-2000:]} (see {self.out / 'logs' / (name + '.log')})"
+        return None
+
+
+@contextlib.asynccontextmanager
+async def _children(out: Path, log_level: str) -> AsyncIterator[_Children]:
+    children = _Children(out, log_level)
+    try:
+        yield children
+    finally:
+        await asyncio.shield(children.stop_all())
+
+
+async def simulate(options: SimulationOptions) -> int:
+    console = Console(stderr=False)
+    started = time.monotonic()
+    out = options.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("logs", "peaks", "agents"):
+        (out / sub).mkdir(exist_ok=True)
+    store_path = out / "aggregator.sqlite"
+    if store_path.exists():
+        raise ValueError(f"{out} already holds a run: choose another --out")
+    console.print(f"[bold]fedge simulate[/]: {options.agents} agents, {options.rounds} rounds, target {options.effective_target}, report in {out}")
+
+    async with LocalBroker(data_dir=out / "broker") as broker_proc:
+        address = BrokerAddress.parse(broker_proc.url)
+        async with WireTap(address, FLEET, subscribers=options.agents) as tap, _children(out, options.log_level) as children:
+            await children.spawn(
+                "aggregator", "aggregator", f"--broker={broker_proc.url}", f"--fleet={FLEET}", "--task=digits", *options.task_options(),
+                f"--rounds={options.rounds}", f"--target={options.effective_target}", f"--min={options.effective_min}",
+                f"--deadline={options.deadline}", f"--strategy={options.strategy}", f"--global-codec={options.global_codec}",
+                f"--store={store_path}", *_flags(options.training),
+            )
+            ids = [f"agent-{i}" for i in range(options.agents)]
+            for p in range(options.agent_procs):
+                await children.spawn(
+                    f"agents-{p}", "_agent-host", f"--broker={broker_proc.url}", f"--fleet={FLEET}",
+                    f"--client-ids={','.join(ids[p :: options.agent_procs])}", f"--state-root={out / 'agents'}",
+                    "--task=digits", *options.task_options(), f"--seed={options.seed}",
+                )
+            error = await _watch(tap, children, options, console)
+            if error:
+                console.print(f"[red]simulation failed[/]: {error}")
+                return 1
+            for name, process in children.processes.items():  # agents exit on the final model
+                await asyncio.wait_for(process.wait(), 30)
+        broker_peak = proc_peak_rss_mib(broker_proc.pid) if broker_proc.pid else None
+
+    wall = time.monotonic() - started
+    report = _build_report(options, out, tap, wall, broker_peak)
+    write_report(report, out, console)
+    return 0
+
+
+async def _watch(tap: WireTap, children: _Children, options: SimulationOptions, console: Console) -> str | None:
+    """Print progress until the aggregator finishes; a child's crash or a stall is an error."""
+    done = asyncio.create_task(tap.finished.wait())
+    exits = [asyncio.create_task(p.wait()) for p in children.processes.values()]
+    try:
+        while not done.done():
+            progress = asyncio.create_task(tap.progress.get())
+            finished, _ = await asyncio.wait([done, progress, *exits], timeout=options.timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not finished:
+                progress.cancel()
+                return f"no progress for {options.timeout:.0f}s"
+            if progress in finished and not options.quiet:
+                status = progress.result()
+                console.print(f"round {status.round:>3}/{options.rounds}: {status.accepted} updates in, aggregating")
+            elif not progress.done():
+                progress.cancel()
+            failure = await children.failure()
+            if failure:
+                return failure
+        return None
+    finally:
+        for task in [done, *exits]:
+            task.cancel()
+
+
+def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: float, broker_peak: float | None) -> SimulationReport:
+    with Store(out / "aggregator.sqlite") as store:
+        stored = {row["round"]: row for row in store.rounds()}
+    rows = []
+    for number in sorted(stored):
+        traffic = tap.rounds[number]
+        metrics = stored[number]["metrics"]
+        seconds = (traffic.closed_at - traffic.opened_at) if traffic.closed_at and traffic.opened_at else float("nan")
+        rows.append(
+            RoundRow(
+                round=number, accuracy=metrics.get("accuracy", float("nan")), loss=metrics.get("loss", float("nan")),
+                participants=int(stored[number]["accepted"]), bytes_up=traffic.bytes_up, bytes_down=tap.bytes_down(number),
+                updates_published=traffic.updates, seconds=seconds,
+            )
+        )
+    peaks = {"orchestrator": peak_rss_mib()}
+    for path in (out / "peaks").glob("*.json"):
+        data = json.loads(path.read_text())
+        peaks[path.stem] = data["peak_rss_mib"]
+    if broker_peak is not None:
+        peaks["mosquitto"] = broker_peak
+    return SimulationReport(
+        options={k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
+        rounds=rows,
+        wall_seconds=wall,
+        peak_rss_mib=peaks,
+        final_global_bytes=tap.final_global_bytes,
+        unattributed_bytes=tap.unattributed_bytes,
+    )

@@ -1,0 +1,102 @@
+"""A passive subscriber to ``fl/<fleet>/#`` that measures what really crossed the broker.
+
+The simulation's byte counts come from here, from the payloads the broker delivered, not from
+what programs believe they sent: bytes up are the update payloads published in each round,
+bytes down are each GlobalModel payload times the agents subscribed to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+
+from fedge_contract import DecodeError, GlobalModel, RoundState, RoundStatus, Topics, Update
+from fedge_contract.mqtt import BrokerAddress, Connection
+
+_MAX = 2**31
+
+
+@dataclass
+class RoundTraffic:
+    updates: int = 0
+    bytes_up: int = 0
+    global_payloads: list[int] = field(default_factory=list)
+    opened_at: float | None = None
+    closed_at: float | None = None
+
+
+class WireTap:
+    def __init__(self, address: BrokerAddress, fleet: str, subscribers: int) -> None:
+        self.topics = Topics(fleet)
+        self.subscribers = subscribers  # agents receiving each global model
+        self.rounds: dict[int, RoundTraffic] = collections.defaultdict(RoundTraffic)
+        self.final_global_bytes = 0
+        self.unattributed_bytes = 0
+        self.finished = asyncio.Event()
+        self.progress = asyncio.Queue[RoundStatus]()
+        self._connection = Connection(address, f"fedge-wiretap-{fleet}", subscriptions=[f"{self.topics.prefix}/#"], persistent=False)
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> WireTap:
+        await self._connection.__aenter__()
+        await self._connection.connected.wait()
+        self._task = asyncio.create_task(self._consume(), name="wiretap")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._connection.__aexit__(None, None, None)
+
+    def bytes_down(self, round_no: int) -> int:
+        return sum(self.rounds[round_no].global_payloads) * self.subscribers
+
+    async def _consume(self) -> None:
+        while True:
+            message = await self._connection.messages.get()
+            topic = str(message.topic)
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            now = time.monotonic()
+            if topic == self.topics.global_model and payload:
+                self._on_global(payload)
+            elif topic == self.topics.status and payload:
+                self._on_status(payload, now)
+            elif topic.startswith(f"{self.topics.prefix}/updates/"):
+                self._on_update(payload)
+
+    def _on_global(self, payload: bytes) -> None:
+        model = GlobalModel.from_bytes(payload, max_bytes=_MAX)
+        if model.final:
+            self.final_global_bytes += len(payload) * self.subscribers
+        else:
+            self.rounds[model.round].global_payloads.append(len(payload))
+
+    def _on_update(self, payload: bytes) -> None:
+        try:
+            round_no = Update.from_bytes(payload, max_bytes=_MAX).round
+        except DecodeError:
+            self.unattributed_bytes += len(payload)
+            return
+        self.rounds[round_no].updates += 1
+        self.rounds[round_no].bytes_up += len(payload)
+
+    def _on_status(self, payload: bytes, now: float) -> None:
+        status = RoundStatus.from_bytes(payload)
+        traffic = self.rounds[status.round]
+        if status.state is RoundState.OPEN and traffic.opened_at is None:
+            traffic.opened_at = now
+        elif status.state is RoundState.AGGREGATING:
+            self.progress.put_nowait(status)
+        elif status.state is RoundState.FINISHED:
+            self.finished.set()
+        if status.state is not RoundState.FINISHED:
+            previous = self.rounds.get(status.round - 1)
+            if previous is not None and previous.closed_at is None and status.state is RoundState.OPEN:
+                previous.closed_at = now
+        else:
+            last = self.rounds.get(status.round)
+            if last is not None and last.closed_at is None:
+                last.closed_at = now

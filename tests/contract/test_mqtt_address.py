@@ -1,0 +1,100 @@
+"""Broker URLs and reconnect backoff (the parts of fedge_contract.mqtt that need no broker)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from fedge_contract.mqtt import Backoff, BrokerAddress
+
+
+@pytest.mark.parametrize(
+    "url, host, port, tls",
+    [
+        ("mqtt://h:1", "h", 1, False),
+        ("mqtt://broker.local", "broker.local", 1883, False),
+        ("mqtts://broker.local", "broker.local", 8883, True),
+        ("mqtts://broker.local:9999", "broker.local", 9999, True),
+        ("tcp://10.0.0.1:1884", "10.0.0.1", 1884, False),
+        ("ssl://h", "h", 8883, True),
+        ("localhost:1884", "localhost", 1884, False),  # no scheme: mqtt://
+        ("localhost", "localhost", 1883, False),
+        ("mqtt://[::1]:1883", "::1", 1883, False),
+    ],
+)
+def test_parse(url: str, host: str, port: int, tls: bool) -> None:
+    address = BrokerAddress.parse(url)
+    assert (address.host, address.port, address.tls) == (host, port, tls)
+    assert address.username is None and address.password is None
+
+
+def test_user_and_password_are_unquoted() -> None:
+    address = BrokerAddress.parse("mqtts://dev%40site:p%3Ass%2Fw%40rd@h", ca_file="/etc/ca.pem")
+    assert address.username == "dev@site"
+    assert address.password == "p:ss/w@rd"
+    assert address.ca_file == "/etc/ca.pem"
+    assert (address.host, address.port, address.tls) == ("h", 8883, True)
+
+
+def test_user_without_password() -> None:
+    address = BrokerAddress.parse("mqtt://agent-1@h:1883")
+    assert address.username == "agent-1" and address.password is None
+
+
+def test_str_hides_the_password() -> None:
+    address = BrokerAddress.parse("mqtts://u:secret@h:8884")
+    assert str(address) == "mqtts://u@h:8884"
+    assert "secret" not in str(address)
+    assert str(BrokerAddress.parse("h")) == "mqtt://h:1883"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://h:1883", "ws://h", "mqtt://", "mqtt://:1883", "mqtts://user@", "mqtt://h:notaport", "mqtt://h:70000"]
+)
+def test_parse_rejects(url: str) -> None:
+    with pytest.raises(ValueError):
+        BrokerAddress.parse(url)
+
+
+def test_backoff_delays_are_bounded_and_capped() -> None:
+    backoff = Backoff(base=0.5, cap=30.0, rng=random.Random(0))
+    delays = list(itertools.islice(backoff.delays(), 40))
+    for n, delay in enumerate(delays):
+        assert 0.0 <= delay <= min(30.0, 0.5 * 2**n)
+    assert max(delays) <= 30.0
+    assert len(set(delays)) == len(delays)  # jittered, not constant
+    again = list(itertools.islice(Backoff(0.5, 30.0, random.Random(0)).delays(), 40))
+    assert again == delays  # the injected rng makes it reproducible
+
+
+class _Upper:
+    """An rng that always draws the top of the interval: exposes the exponential envelope."""
+
+    def uniform(self, low: float, high: float) -> float:
+        assert low == 0.0
+        return high
+
+
+def test_backoff_envelope_doubles_then_caps() -> None:
+    backoff = Backoff(base=0.5, cap=30.0, rng=_Upper())  # type: ignore[arg-type]
+    assert list(itertools.islice(backoff.delays(), 9)) == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+def test_backoff_survives_many_attempts() -> None:
+    backoff = Backoff(base=1.0, cap=5.0, rng=_Upper())  # type: ignore[arg-type]
+    delays = list(itertools.islice(backoff.delays(), 2000))  # no overflow once 2**n is huge
+    assert delays[-1] == 5.0
+
+
+def test_each_delays_call_restarts_from_base() -> None:
+    backoff = Backoff(base=0.5, cap=30.0, rng=_Upper())  # type: ignore[arg-type]
+    first = backoff.delays()
+    assert [next(first) for _ in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    assert next(backoff.delays()) == 0.5
+
+
+def test_port_zero_is_refused() -> None:
+    with pytest.raises(ValueError):
+        BrokerAddress.parse("mqtt://h:0")

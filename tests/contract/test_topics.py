@@ -1,0 +1,62 @@
+"""Topic names of a fleet (DESIGN.md, Topics)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedge_contract.topics import Topics, check_name
+
+
+def test_topic_names() -> None:
+    topics = Topics("lab-1")
+    assert topics.prefix == "fl/lab-1"
+    assert topics.global_model == "fl/lab-1/global"
+    assert topics.status == "fl/lab-1/status"
+    assert topics.all_updates == "fl/lab-1/updates/+"
+    assert topics.all_presence == "fl/lab-1/presence/+"
+    assert topics.update("agent-7") == "fl/lab-1/updates/agent-7"
+    assert topics.receipt("agent-7") == "fl/lab-1/receipts/agent-7"
+    assert topics.presence("agent_7.a") == "fl/lab-1/presence/agent_7.a"
+
+
+def test_default_fleet() -> None:
+    assert Topics().global_model == "fl/default/global"
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "+", "#", "a+", "x#", "has space", "é", "x" * 65])
+def test_bad_names_are_refused(name: str) -> None:
+    with pytest.raises(ValueError):
+        check_name("client id", name)
+    with pytest.raises(ValueError):
+        Topics(name)
+    with pytest.raises(ValueError):
+        Topics("ok").update(name)
+
+
+def test_name_of_64_characters_is_fine() -> None:
+    assert check_name("fleet", "x" * 64) == "x" * 64
+
+
+@pytest.mark.parametrize(
+    "topic, client",
+    [
+        ("fl/f/updates/agent-1", "agent-1"),
+        ("fl/f/presence/agent-2", "agent-2"),
+        ("fl/f/receipts/agent-3", "agent-3"),
+        ("fl/g/updates/agent-1", None),  # another fleet
+        ("fl/f/global", None),
+        ("fl/f/status", None),
+        ("fl/f/updates/a/b", None),
+        ("fl/f/updates/", None),
+        ("fl/f/other/agent-1", None),
+        ("xx/f/updates/agent-1", None),
+        ("fl/f/updates/bad+id", None),
+    ],
+)
+def test_client_of(topic: str, client: str | None) -> None:
+    assert Topics("f").client_of(topic) == client
+
+
+def test_client_of_inverts_update() -> None:
+    topics = Topics("f")
+    assert topics.client_of(topics.update("agent-42")) == "agent-42"

@@ -1,0 +1,76 @@
+"""Building blocks for integration tests: configs for a small digits fleet and a raw MQTT peer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from aggregator import Aggregator, AggregatorConfig
+from edge_agent import Agent, AgentConfig
+from fedge_contract import Receipt
+from fedge_contract.mqtt import BrokerAddress, make_client
+
+DIGITS_5 = {"clients": "5", "alpha": "0.5"}
+
+
+def aggregator_config(address: BrokerAddress, fleet: str, store: Path, **overrides: Any) -> AggregatorConfig:
+    settings: dict[str, Any] = dict(
+        broker=address, fleet=fleet, task="digits", task_options=DIGITS_5, rounds=3, target=5, min_updates=5,
+        deadline=60.0, store=store,
+    )
+    settings.update(overrides)
+    return AggregatorConfig(**settings)
+
+
+def agent_config(address: BrokerAddress, fleet: str, state_root: Path, index: int, **overrides: Any) -> AgentConfig:
+    settings: dict[str, Any] = dict(
+        broker=address, client_id=f"agent-{index}", state_dir=state_root / f"agent-{index}", fleet=fleet,
+        task="digits", task_options=DIGITS_5, exit_when_final=True,
+    )
+    settings.update(overrides)
+    return AgentConfig(**settings)
+
+
+async def run_fleet(aggregator: Aggregator, agents: list[Agent]) -> None:
+    """Run the aggregator to completion with its agents (which exit on the final model)."""
+    async with asyncio.TaskGroup() as group:
+        for agent in agents:
+            group.create_task(agent.run())
+        await aggregator.run()
+
+
+class RawPeer:
+    """A plain MQTT client playing a device that does not run fedge's agent (or a hostile one)."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+
+    async def next_payload(self, topic: str) -> bytes:
+        async for message in self.client.messages:
+            if str(message.topic) == topic and isinstance(message.payload, bytes) and message.payload:
+                return message.payload
+        raise AssertionError("connection closed")
+
+    async def receipts(self, count: int) -> dict[str | None, Receipt]:
+        """The next ``count`` receipts, by update id."""
+        found: dict[str | None, Receipt] = {}
+        async for message in self.client.messages:
+            if "/receipts/" in str(message.topic):
+                receipt = Receipt.from_bytes(message.payload)  # type: ignore[arg-type]
+                found[receipt.update_id] = receipt
+                if len(found) == count:
+                    return found
+        raise AssertionError("connection closed")
+
+
+@asynccontextmanager
+async def raw_peer(address: BrokerAddress, name: str, *topics: str) -> AsyncIterator[RawPeer]:
+    async with make_client(address, name, persistent=False) as client:
+        for topic in topics:
+            await client.subscribe(topic, qos=1)
+        yield RawPeer(client)
