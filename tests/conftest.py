@@ -30,4 +30,4 @@ def broker_address(broker: LocalBroker) -> BrokerAddress:
 @pytest.fixture
 def fleet(request) -> str:
     """A fleet name of its own per test: topics never leak between tests."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", f"t{next(_fleet_counter)}-{request.node.name}")[:64]
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"t{next(_fleet_counter)}-{request.node.name}")[:48]

@@ -74,3 +74,37 @@ async def raw_peer(address: BrokerAddress, name: str, *topics: str) -> AsyncIter
         for topic in topics:
             await client.subscribe(topic, qos=1)
         yield RawPeer(client)
+
+
+class ManualGate:
+    """A device-conditions gate the test controls (a stand-in for unplugging a phone).
+
+    ``passes`` lets that many trainings start, then the gate closes at the next one until the
+    test calls ``open()``: no race with the timing of rounds.
+    """
+
+    def __init__(self, passes: int | None = None) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self._passes = passes
+
+    def open(self) -> None:
+        self._passes = None
+        self._open.set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def eligible(self) -> bool:
+        return self._open.is_set()
+
+    async def wait_eligible(self) -> None:
+        if self._passes is not None:
+            if self._passes == 0:
+                self._open.clear()
+            else:
+                self._passes -= 1
+        await self._open.wait()
+
+    def why_not(self) -> str:
+        return "" if self._open.is_set() else "closed by the test"

@@ -1,0 +1,60 @@
+"""An aggregator stopped between rounds resumes from its checkpoint and the run ends where an
+uninterrupted run ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import pytest
+
+from aggregator import Aggregator
+from aggregator.store import Store
+from edge_agent import Agent
+from tests.integration.fleet import agent_config, aggregator_config, run_fleet
+
+pytestmark = pytest.mark.integration
+
+
+async def test_restarted_aggregator_resumes_from_its_checkpoint(broker_address, fleet, tmp_path, caplog):
+    reference = Aggregator(aggregator_config(broker_address, f"{fleet}-ref", tmp_path / "ref.sqlite", rounds=4, target=3, min_updates=3))
+    async with asyncio.timeout(60):
+        await run_fleet(reference, [Agent(agent_config(broker_address, f"{fleet}-ref", tmp_path / "ref", i)) for i in range(3)])
+
+    store = tmp_path / "agg.sqlite"
+    # the agents keep running across the aggregator's restart, as devices would
+    agents = [Agent(agent_config(broker_address, fleet, tmp_path / "fleet", i, exit_when_final=False)) for i in range(3)]
+    async with asyncio.timeout(90), asyncio.TaskGroup() as group:
+        running = [group.create_task(agent.run()) for agent in agents]
+        await Aggregator(aggregator_config(broker_address, fleet, store, rounds=2, target=3, min_updates=3)).run()
+        with Store(store) as db:
+            assert db.latest_checkpoint().version == 2
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="fedge.aggregator")
+        resumed = Aggregator(aggregator_config(broker_address, fleet, store, rounds=4, target=3, min_updates=3))
+        await resumed.run()
+        for agent in agents:
+            agent.stop()
+        await asyncio.gather(*running)
+
+    assert "resumed from checkpoint v2" in caplog.text
+    with Store(store) as db, Store(tmp_path / "ref.sqlite") as ref:
+        rounds = db.rounds()
+        restarted_model, reference_model = db.latest_checkpoint(), ref.latest_checkpoint()
+    assert [(r["round"], r["base_version"], r["accepted"]) for r in rounds] == [(1, 0, 3), (2, 1, 3), (3, 2, 3), (4, 3, 3)]
+    assert all(agent.stats.trained_versions == [0, 1, 2, 3] for agent in agents)
+    assert restarted_model.version == reference_model.version == 4
+    for name, values in reference_model.weights.items():
+        np.testing.assert_allclose(restarted_model.weights[name], values, rtol=1e-6, atol=1e-7)
+
+
+async def test_a_store_of_another_fleet_is_refused(broker_address, fleet, tmp_path):
+    store = tmp_path / "agg.sqlite"
+    first = Aggregator(aggregator_config(broker_address, fleet, store, rounds=1, target=1, min_updates=1))
+    async with asyncio.timeout(60):
+        await run_fleet(first, [Agent(agent_config(broker_address, fleet, tmp_path, 0))])
+    from aggregator.errors import StoreMismatch
+
+    with pytest.raises(StoreMismatch, match="fleet"):
+        await Aggregator(aggregator_config(broker_address, f"{fleet}-other", store, rounds=2)).run()

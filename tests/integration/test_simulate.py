@@ -1,0 +1,60 @@
+"""``fedge simulate`` as a user runs it: real processes, a real broker, a report on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from aggregator.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+def simulate(out: Path, *flags: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedge", "simulate", f"--out={out}", "--quiet", *flags],
+        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "final accuracy" in done.stdout
+    return json.loads((out / "report.json").read_text())
+
+
+def test_report_counts_the_bytes_that_were_published_and_reruns_reproduce(tmp_path):
+    flags = ("--agents=4", "--rounds=3", "--seed=3", "--alpha=1.0")
+    first = simulate(tmp_path / "a", *flags)
+    second = simulate(tmp_path / "b", *flags)
+
+    rows = first["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["participants"] == 4 and r["updates_published"] == 4 for r in rows)
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in second["rounds"]]
+    assert [r["bytes_up"] for r in rows] == [r["bytes_up"] for r in second["rounds"]]
+    assert (tmp_path / "a" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the wire tap's bytes up equal the payload sizes the aggregator received, update by update
+    received: dict[int, int] = defaultdict(int)
+    with Store(tmp_path / "a" / "aggregator.sqlite") as store:
+        for receipt in store.receipts():
+            received[receipt["round"]] += receipt["bytes"]
+    assert [r["bytes_up"] for r in rows] == [received[r["round"]] for r in rows]
+    # bytes down: one global model payload (~38.5 KB of float32 weights) per agent per round
+    for row in rows:
+        assert row["bytes_down"] % 4 == 0 and 38_440 < row["bytes_down"] // 4 < 40_000
+    assert first["totals"]["bytes_up"] == sum(r["bytes_up"] for r in rows)
+
+
+def test_default_simulation_meets_the_acceptance_bar(tmp_path):
+    """20 agents x 30 rounds with the defaults: >= 0.93 accuracy, all processes under 1 GiB.
+    (Its wall time is measured by bench/simulate_acceptance.py, not asserted here.)"""
+    report = simulate(tmp_path / "run", "--agents=20", "--rounds=30")
+    assert len(report["rounds"]) == 30
+    assert all(r["participants"] == 20 for r in report["rounds"])
+    assert report["totals"]["final_accuracy"] >= 0.93
+    assert set(report["peak_rss_mib"]) == {"orchestrator", "aggregator", "agents-0", "mosquitto"}
+    assert report["totals"]["peak_rss_mib_sum"] < 1024
