@@ -17,12 +17,21 @@ ENV = "FEDGE_PEAK_RSS_FILE"
 
 
 def peak_rss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's own peak RSS.
+
+    VmHWM belongs to the address space created at exec. ``ru_maxrss`` would be wrong here: Linux
+    carries it across exec, and a child spawned through vfork even inherits its parent's
+    high-water mark (a simulation started from a test runner would report the runner's peak).
+    """
+    own = proc_peak_rss_mib(os.getpid())
+    if own is not None:
+        return own
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS and others: bytes on darwin
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
 def proc_peak_rss_mib(pid: int) -> float | None:
-    """VmHWM of another live process (Linux), e.g. the broker, before it is stopped."""
+    """VmHWM of a live process (Linux), e.g. the broker before it is stopped."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
