@@ -17,7 +17,10 @@ from typing import Any
 
 from fedge.logs import setup_logging
 from fedge.peak_memory import report_at_exit
+from aggregator.errors import AggregatorError
 from fedge_contract.aio import cancel_and_wait
+from fedge_contract.errors import ContractError
+from fedge_tasks.base import TaskLoadError
 
 log = logging.getLogger("fedge")
 
@@ -29,7 +32,7 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=float, help="local SGD learning rate")
     group.add_argument("--momentum", type=float)
     group.add_argument("--mu", type=float, help="FedProx proximal weight (0 = FedAvg)")
-    group.add_argument("--codec", help="update codec chain agents must use, e.g. zstd, f16+zstd, none (default zstd)")
+    group.add_argument("--codec", help="update codec chain agents must use, e.g. topk:0.01+q8+zstd, q8+zstd, f16+zstd, zstd, none (default topk:0.01+q8+zstd)")
 
 
 def _round_flags(parser: argparse.ArgumentParser, *, target_default: int | None) -> None:
@@ -42,6 +45,27 @@ def _round_flags(parser: argparse.ArgumentParser, *, target_default: int | None)
     group.add_argument("--global-codec", default="none", help="codec of the broadcast model, e.g. f16+zstd")
 
 
+def _strategy_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server optimiser (--strategy fedavg|fedavgm|fedadam|fedyogi|fedadagrad; FedProx = --mu)")
+    group.add_argument("--server-lr", type=float, help="server learning rate (default 1.0 fedavg/fedavgm, 0.01 adaptive)")
+    group.add_argument("--server-momentum", type=float, help="FedAvgM momentum (default 0.9)")
+    group.add_argument("--beta1", type=float, help="FedAdam/FedYogi/FedAdagrad first-moment decay (default 0.9)")
+    group.add_argument("--beta2", type=float, help="FedAdam/FedYogi second-moment decay (default 0.99)")
+    group.add_argument("--tau", type=float, help="adaptivity of the adaptive optimisers (default 1e-3)")
+    group = parser.add_argument_group("asynchronous mode (FedBuff)")
+    group.add_argument("--mode", choices=["sync", "async"], default="sync", help="sync rounds (default) or async FedBuff")
+    group.add_argument("--buffer-size", type=int, default=10, help="async: updates per new model version (default 10)")
+    group.add_argument("--max-staleness", type=int, default=10, help="async: oldest base version accepted, in versions (default 10)")
+    group.add_argument("--staleness", default="sqrt", help="async: staleness weight: sqrt (1/sqrt(1+s), default), constant, poly:<a>")
+
+
+def strategy_config(args: argparse.Namespace) -> Any:
+    from aggregator.strategies import StrategyConfig
+
+    names = {"server_lr": "server_lr", "server_momentum": "momentum", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
+    return StrategyConfig(**{field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None})
+
+
 def _task_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="digits", help="MODULE:OBJECT of a fedge task, or a built-in name (digits)")
     parser.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="option passed to the task (repeatable)")
@@ -50,6 +74,50 @@ def _task_flags(parser: argparse.ArgumentParser) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-file", type=Path, help="log here instead of stderr")
+
+
+def _defence_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("hostile updates (see README: security)")
+    group.add_argument("--aggregation", help="mean (default), median, trimmed_mean or krum (multi-Krum)")
+    group.add_argument("--robust-fraction", type=float, help="share of each round's updates assumed malicious (default 0.2)")
+    group.add_argument("--clip-norm", metavar="BOUND|auto[:FACTOR]",
+                       help="bound each update's L2 norm: a number, or auto = FACTOR (default 3) x median of recent norms")
+    group.add_argument("--clip-action", choices=["clip", "reject"], help="beyond the bound: scale back (default) or reject")
+    group.add_argument("--max-num-samples", type=int, help="reject updates claiming more samples (default 10,000,000)")
+    group.add_argument("--max-weight", type=int, help="cap an update's weight (its num_samples) at this")
+    group.add_argument("--allow-clients", type=Path, metavar="FILE", help="only accept updates from the client ids in FILE (one per line)")
+    group.add_argument("--dp-noise", type=float, metavar="Z", help="client-level DP: Gaussian noise std = Z x --clip-norm per round")
+    group.add_argument("--dp-delta", type=float, help="DP delta (default 1e-5)")
+    group.add_argument("--dp-population", type=int, help="devices in the fleet; sampling rate = target / population (default: rate 1)")
+
+
+_SIM_DEFENCE_FLAGS = ("aggregation", "robust_fraction", "clip_norm", "clip_action", "max_num_samples", "max_weight",
+                      "allow_clients", "dp_noise", "dp_delta", "dp_population")
+
+
+def defence_config(args: argparse.Namespace) -> dict[str, Any]:
+    """AggregatorConfig fields from the hostile-update flags (only those given)."""
+    fields: dict[str, Any] = {}
+    for name in ("aggregation", "robust_fraction", "clip_action", "max_num_samples", "max_weight", "dp_noise", "dp_delta", "dp_population"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
+    clip = getattr(args, "clip_norm", None)
+    if clip is not None:
+        if clip.startswith("auto"):
+            factor = clip.partition(":")[2]
+            try:
+                fields["clip_factor"] = float(factor) if factor else 3.0
+            except ValueError:
+                raise ValueError(f"--clip-norm {clip!r}: use a number, auto or auto:FACTOR") from None
+        else:
+            try:
+                fields["clip_norm"] = float(clip)
+            except ValueError:
+                raise ValueError(f"--clip-norm {clip!r}: use a number, auto or auto:FACTOR") from None
+    if getattr(args, "allow_clients", None) is not None:
+        lines = args.allow_clients.read_text().splitlines()
+        fields["allow_clients"] = frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    return fields
 
 
 def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,10 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedge", description="Federated learning for fleets of edge devices over MQTT.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("broker", help="run a local Mosquitto with fedge's dev config (foreground, Ctrl-C stops)")
-    p.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--data-dir", type=Path, help="persistence folder (default: a temporary one)")
+    p = sub.add_parser(
+        "broker", help="run a local dev Mosquitto, or provision and run a production one (TLS, accounts, ACL)",
+        description="Without an action: a local dev broker (anonymous, loopback). Production: `init --tls DIR`, then "
+                    "`add-device ID --config DIR` per device and `serve --config DIR`.",
+    )
+    p.add_argument("action", nargs="?", choices=["init", "serve", "add-device", "remove-device", "list-devices"],
+                   help="init: create CA, certificates, config, ACL and the aggregator's account in DIR; serve: run DIR's config; "
+                        "add-device/remove-device ID: manage a device's account; list-devices")
+    p.add_argument("device", nargs="?", metavar="ID", help="device (client) id for add-device/remove-device")
+    p.add_argument("--tls", "--config", dest="config_dir", type=Path, metavar="DIR", help="production broker folder (default ./fedge-broker)")
+    p.add_argument("--fleet", default="default", help="init: the fleet whose topics the ACL covers")
+    p.add_argument("--port", type=int, default=None, help="dev: port (default a free one); init: TLS port (default 8883)")
+    p.add_argument("--host", default=None,
+                   help="dev: address to listen on (default 127.0.0.1); init: the name devices use to reach the broker (default localhost)")
+    p.add_argument("--bind", help="init: listen on this address only (default: all)")
+    p.add_argument("--data-dir", type=Path, help="dev: persistence folder (default: a temporary one)")
     _common(p)
 
     p = sub.add_parser("aggregator", help="run the aggregator service for one fleet")
@@ -73,22 +153,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet", default="default")
     _task_flags(p)
     _round_flags(p, target_default=10)
+    _strategy_flags(p)
     _training_flags(p)
     p.add_argument("--store", type=Path, default=Path("fedge-aggregator.sqlite"), help="SQLite store (checkpoints, rounds)")
     p.add_argument("--max-update-bytes", type=int, help="largest update accepted (default: 1.25x the float32 model)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating each model on the task's held-out data")
+    _defence_flags(p)
     _common(p)
 
-    p = sub.add_parser("agent", help="run an edge agent")
-    p.add_argument("--broker", required=True)
+    p = sub.add_parser(
+        "agent", help="run an edge agent (or `fedge agent doctor`: check this device)",
+        description="Settings come from flags, FEDGE_* environment variables and --config FILE (TOML), in that order.",
+    )
+    p.add_argument("action", nargs="?", choices=["run", "doctor"], default="run",
+                   help="run (default) or doctor: print what this device reports and what is wrong")
+    p.add_argument("--config", type=Path, help="TOML settings file (default: $FEDGE_CONFIG)")
+    p.add_argument("--broker", help="mqtt://[user:password@]host:port or mqtts://...")
     p.add_argument("--ca-file")
-    p.add_argument("--fleet", default="default")
-    p.add_argument("--client-id", required=True, help="this device's id (letters, digits, . _ -)")
-    p.add_argument("--state-dir", type=Path, required=True, help="outbox and state (keep it across restarts)")
-    _task_flags(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--torch-threads", type=int, default=1)
-    p.add_argument("--exit-when-final", action="store_true", help="exit once the aggregator publishes its final model")
+    p.add_argument("--fleet", help="default: default")
+    p.add_argument("--client-id", help="this device's id (letters, digits, . _ -)")
+    p.add_argument("--state-dir", type=Path, help="outbox and state (keep it across restarts)")
+    p.add_argument("--task", help="MODULE:OBJECT of a fedge task, or a built-in name (default digits)")
+    p.add_argument("--task-opt", action="append", metavar="KEY=VALUE", help="option passed to the task (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--exit-when-final", action="store_true", default=None, help="exit once the aggregator publishes its final model")
+    group = p.add_argument_group("resources")
+    group.add_argument("--torch-threads", type=int, help="threads the training uses (default 1)")
+    group.add_argument("--nice", dest="train_nice", type=int, help="niceness added to training, 0-19 (default 10)")
+    group.add_argument("--max-train-memory", dest="max_train_memory_mib", type=float, metavar="MIB",
+                       help="refuse a task whose model and training data exceed this")
+    group.add_argument("--in-process-training", dest="isolate_training", action="store_false", default=None,
+                       help="train inside the agent's process (keeps torch loaded, ~260 MiB) instead of a child that exits")
+    group = p.add_argument_group("when to train (policy)")
+    group.add_argument("--policy", dest="policy_preset", help="preset: auto (default), phone, laptop, pi, always")
+    group.add_argument("--require-charging", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--min-battery", type=float, metavar="PERCENT")
+    group.add_argument("--max-cpu-load", type=float, metavar="FRACTION", help="of all cores, used by other programs (e.g. 0.3)")
+    group.add_argument("--max-temperature", dest="max_temperature_c", type=float, metavar="C")
+    group.add_argument("--window", action="append", metavar="HH:MM-HH:MM", help="train only in this local time window (repeatable)")
+    group.add_argument("--require-unmetered", action=argparse.BooleanOptionalAction, default=None)
     _common(p)
 
     p = sub.add_parser("simulate", help="simulate a fleet on a local broker and write a report")
@@ -96,16 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew of the digits partition")
     p.add_argument("--seed", type=int, default=0, help="seeds the partition, the initial model and local shuffling")
     _round_flags(p, target_default=None)
+    _strategy_flags(p)
     _training_flags(p)
+    p.add_argument("--stragglers", type=float, default=0.0, help="fraction of agents made --slowdown times slower (default 0)")
+    p.add_argument("--slowdown", type=float, default=5.0, help="how much slower the stragglers are (default 5)")
+    p.add_argument("--emulated-train-seconds", type=float, default=0.0,
+                   help="make every agent's training last at least this long (emulates devices slower than this host; "
+                        "training is serialised here, so stragglers only matter when this dominates)")
     p.add_argument("--out", type=Path, help="report folder (default runs/sim-<time>)")
     p.add_argument("--agent-procs", type=int, default=1, help="processes hosting the agents (each its own MQTT connections)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines, only the final table")
+    _defence_flags(p)
+    p.add_argument("--attack", action="append", default=[], help=argparse.SUPPRESS)  # TEST ONLY: ID=none|scale10|signflip|nan
     _common(p)
 
     p = sub.add_parser("_agent-host", help=argparse.SUPPRESS)  # internal: many agents in one process, for simulate
     p.add_argument("--broker", required=True)
     p.add_argument("--fleet", required=True)
     p.add_argument("--client-ids", required=True)
+    p.add_argument("--slow-ids", default="", help="client ids made --slowdown times slower")
+    p.add_argument("--slowdown", type=float, default=1.0)
+    p.add_argument("--emulated-train-seconds", type=float, default=0.0)
+    p.add_argument("--attacks", default="", help="TEST ONLY: ID=KIND,... (edge_agent/attack.py)")
     p.add_argument("--state-root", type=Path, required=True)
     _task_flags(p)
     p.add_argument("--seed", type=int, default=0)
@@ -128,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError, RuntimeError) as exc:  # configuration and environment problems: say what, not a traceback
+    except (ValueError, OSError, RuntimeError, ContractError, TaskLoadError, AggregatorError) as exc:
+        # configuration and environment problems: say what, not a traceback
         log.debug("fatal", exc_info=True)
         print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -157,8 +273,13 @@ def _run(coro: Coroutine[Any, Any, int | None]) -> int:
 def _run_broker(args: argparse.Namespace) -> int:
     from broker import LocalBroker
 
+    if args.action is not None:
+        from fedge.broker_admin import run_broker_action
+
+        return run_broker_action(args)
+
     async def serve() -> int:
-        async with LocalBroker(port=args.port, host=args.host, data_dir=args.data_dir) as running:
+        async with LocalBroker(port=args.port or 0, host=args.host or "127.0.0.1", data_dir=args.data_dir) as running:
             print(f"mosquitto listening on {running.url} (Ctrl-C stops)", flush=True)
             await asyncio.Event().wait()
         return 0
@@ -182,37 +303,74 @@ def _run_aggregator(args: argparse.Namespace) -> int:
         deadline=args.deadline,
         training=training_overrides(args),
         strategy=args.strategy,
+        strategy_params=strategy_config(args),
+        mode=args.mode,
+        buffer_size=args.buffer_size,
+        max_staleness=args.max_staleness,
+        staleness=args.staleness,
         global_codec=args.global_codec,
         store=args.store,
         max_update_bytes=args.max_update_bytes,
         evaluate=not args.no_eval,
+        **defence_config(args),
     )
+    if config.mode == "async":
+        from aggregator.async_service import AsyncAggregator
+
+        return _run(AsyncAggregator(config).run())
     return _run(Aggregator(config).run())
 
 
-def _run_agent(args: argparse.Namespace) -> int:
-    from edge_agent import Agent, AgentConfig
-    from fedge_contract.mqtt import BrokerAddress
+def agent_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The agent's flags as settings keys (None = not given, so the file or environment decides)."""
     from fedge_tasks.base import parse_options
 
-    config = AgentConfig(
-        broker=BrokerAddress.parse(args.broker, ca_file=args.ca_file),
-        client_id=args.client_id,
-        state_dir=args.state_dir,
-        fleet=args.fleet,
-        task=args.task,
-        task_options=parse_options(args.task_opt),
-        seed=args.seed,
-        torch_threads=args.torch_threads,
-        exit_when_final=args.exit_when_final,
-    )
-    return _run(Agent(config).run())
+    names = ["broker", "ca_file", "fleet", "client_id", "state_dir", "task", "seed", "exit_when_final",
+             "torch_threads", "train_nice", "max_train_memory_mib", "isolate_training"]
+    flags: dict[str, Any] = {n: getattr(args, n) for n in names}
+    flags["task_options"] = parse_options(args.task_opt) if args.task_opt else None
+    policy = {
+        "preset": args.policy_preset, "require_charging": args.require_charging, "min_battery": args.min_battery,
+        "max_cpu_load": args.max_cpu_load, "max_temperature_c": args.max_temperature_c,
+        "windows": args.window, "require_unmetered": args.require_unmetered,
+    }
+    flags["policy"] = {k: v for k, v in policy.items() if v is not None}
+    return flags
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from edge_agent import settings as agent_settings
+
+    raw = agent_settings.gather(agent_flags(args), config_file=args.config)
+    if args.action == "doctor":
+        from edge_agent.doctor import run_doctor
+
+        return run_doctor(raw, sys.stdout)
+    settings = agent_settings.build(raw)
+    return _run(_serve_agent(settings))
+
+
+async def _serve_agent(settings: Any) -> None:
+    from edge_agent import Agent
+    from edge_agent.conditions import PolicyGate
+
+    log.info("policy %s: %s", settings.preset, settings.policy.describe())
+    async with PolicyGate(settings.policy, settings.probe(), sample_seconds=settings.sample_seconds) as gate:
+        await Agent(settings.agent, gate=gate).run()
 
 
 def _run_agent_host(args: argparse.Namespace) -> int:
     from fedge.simulate.agent_host import host_agents
 
     return _run(host_agents(args))
+
+
+_SIM_STRATEGY_FLAGS = ("server_lr", "server_momentum", "beta1", "beta2", "tau", "mode", "buffer_size", "max_staleness", "staleness")
+
+
+def argv_of(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """``--flag=value`` for each of ``names`` that was given (passed through to the aggregator)."""
+    return [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in names if getattr(args, n, None) is not None]
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -227,8 +385,13 @@ def _run_simulate(args: argparse.Namespace) -> int:
         min_updates=args.min_updates,
         deadline=args.deadline,
         strategy=args.strategy,
+        strategy_flags=argv_of(args, _SIM_STRATEGY_FLAGS) + argv_of(args, _SIM_DEFENCE_FLAGS),
+        attacks=dict(item.split("=", 1) for item in args.attack),
         global_codec=args.global_codec,
         training=training_overrides(args),
+        stragglers=args.stragglers,
+        slowdown=args.slowdown,
+        emulated_train_seconds=args.emulated_train_seconds,
         out=args.out,
         agent_procs=args.agent_procs,
         quiet=args.quiet,

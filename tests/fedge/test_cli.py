@@ -1,0 +1,75 @@
+"""The ``fedge`` command as a user runs it: real processes, exit codes, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from aggregator.store import Store
+from fedge_contract import RoundState, RoundStatus, Topics
+from fedge_contract.mqtt import BrokerAddress
+from tests.integration.fleet import raw_peer
+
+FEDGE = [sys.executable, "-m", "fedge"]
+
+
+async def _spawn(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *FEDGE, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+
+@pytest.mark.integration
+async def test_fedge_broker_serves_and_stops_cleanly_on_ctrl_c():
+    async with asyncio.timeout(30):
+        broker = await _spawn("broker")
+        line = (await broker.stdout.readline()).decode()
+        assert line.startswith("mosquitto listening on mqtt://127.0.0.1:"), line
+        url = line.split()[3]
+        async with raw_peer(BrokerAddress.parse(url), "probe", "fl/x/status") as peer:
+            await peer.client.publish("fl/x/status", b"hello", qos=1, retain=True)
+            assert await peer.next_payload("fl/x/status") == b"hello"
+        broker.send_signal(signal.SIGINT)
+        assert await broker.wait() == 130
+        # mosquitto went down with it: nothing listens any more
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+
+
+@pytest.mark.integration
+async def test_aggregator_and_agent_processes_run_a_round_and_exit(broker, fleet, tmp_path):
+    common = [f"--broker={broker.url}", f"--fleet={fleet}", "--task=digits", "--task-opt=clients=2"]
+    async with asyncio.timeout(90), raw_peer(BrokerAddress.parse(broker.url), "observer", Topics(fleet).status) as peer:
+        aggregator = await _spawn("aggregator", *common, "--rounds=1", "--target=2", "--min=2", f"--store={tmp_path / 'agg.sqlite'}")
+        agents = [
+            await _spawn("agent", *common, f"--client-id=agent-{i}", f"--state-dir={tmp_path / str(i)}", "--exit-when-final")
+            for i in range(2)
+        ]
+        status = RoundStatus.from_bytes(await peer.next_payload(Topics(fleet).status))
+        while status.state is not RoundState.FINISHED:
+            status = RoundStatus.from_bytes(await peer.next_payload(Topics(fleet).status))
+        codes = [await p.wait() for p in (aggregator, *agents)]
+    assert codes == [0, 0, 0], [(await p.stderr.read()).decode()[-500:] for p in (aggregator, *agents)]
+    assert status.model_version == 1 and "accuracy" in status.last_metrics
+    with Store(tmp_path / "agg.sqlite") as store:
+        assert len(store.accepted_ids(1)) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["aggregator", "--broker=ftp://x"], "scheme must be mqtt:// or mqtts://"),
+        (["aggregator", "--broker=mqtt://h", "--target=2", "--min=3"], "min (3) <= target (2)"),
+        (["aggregator", "--broker=mqtt://h", "--codec=zip"], "unknown stage 'zip'"),
+        (["agent", "--broker=mqtt://h", "--client-id=a/b", "--state-dir=/tmp/x"], "client id 'a/b'"),
+        (["simulate", "--agents=0"], "--agents and --rounds must be >= 1"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error_not_a_traceback(args, message):
+    done = subprocess.run([*FEDGE, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
