@@ -68,6 +68,7 @@ class Aggregator:
         self._global_chain = parse_chain(config.global_codec)
         self.version = 0
         self.last_metrics: dict[str, float] = {}
+        self._announced: OpenRound | None = None  # the round whose model is out, until it closes
 
     async def run(self) -> None:
         task = self._task or load_task(self.config.task, self.config.task_options)
@@ -88,6 +89,7 @@ class Aggregator:
                 subscriptions=[self.topics.all_updates, self.topics.all_presence],
                 persistent=True,
                 session_expiry=self.config.session_expiry,
+                on_connect=self._on_reconnect,
             ) as conn:
                 self.conn = conn
                 await self._serve()
@@ -206,6 +208,7 @@ class Aggregator:
         await self.conn.publish(self.topics.receipt(client), receipt.to_bytes())
 
     async def _close(self, rnd: OpenRound) -> None:
+        self._announced = None
         await self._publish_status(rnd, RoundState.AGGREGATING)
         started = self.clock()
         new_weights = self._strategy.apply(self.weights, self._sum.mean())
@@ -240,6 +243,7 @@ class Aggregator:
         )
 
     async def _announce(self, rnd: OpenRound) -> None:
+        self._announced = rnd
         payload = self._global(rnd).to_bytes()
         self.counters["bytes_out_global"] += len(payload)
         await self.conn.publish(self.topics.global_model, payload, retain=True)
@@ -266,3 +270,15 @@ class Aggregator:
         await self.conn.publish(self.topics.global_model, self._global(None).to_bytes(), retain=True)
         await self._publish_status(None, RoundState.FINISHED)
         log.info("finished: model v%d after %d rounds", self.version, self.version)
+
+    async def _on_reconnect(self) -> None:
+        """Re-announce the open round after a reconnect (not on the first connect).
+
+        A broker that crashed before its autosave lost our session, so updates published before
+        we re-subscribed were dropped, and it may have lost the retained model too. The
+        re-announcement restores the retained state, and agents treat it as "resend what has no
+        receipt yet" (the aggregator dedupes by update id).
+        """
+        if self.conn.connections > 1 and self._announced is not None:
+            log.info("reconnected: re-announcing round %d", self._announced.number)
+            await self._announce(self._announced)

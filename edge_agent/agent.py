@@ -152,6 +152,17 @@ class Agent:
         if model.model_version > self._state.trained_version:
             self._latest = model
             self._new_model.set()
+        else:
+            self._resend_round(model.round)
+
+    def _resend_round(self, round_no: int) -> None:
+        """A model we already trained on was announced again (round extended, or the aggregator
+        reconnected after a broker crash that may have dropped our upload): resend the round's
+        updates that have no receipt yet. Duplicates are answered ``duplicate`` and cleared."""
+        unanswered = {p.update_id for p in self._outbox.pending() if p.round == round_no}
+        if unanswered & self._published:
+            self._published -= unanswered
+            self._outbox_changed.set()
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
