@@ -1,31 +1,54 @@
 """Codec chains that shrink a float32 tensor for the wire, and the one strict decoder.
 
-A chain is written like ``f16+zstd``: stages joined by ``+``, each ``name`` or ``name:arg``,
-in the order they are applied when encoding. Stages fall into ordered classes; a chain holds
-at most one stage of each class, in this order:
+A chain is written like ``topk:0.01+q8+zstd``: stages joined by ``+``, each ``name`` or
+``name:arg``, in the order they are applied when encoding. Stages fall into ordered classes; a
+chain holds at most one stage of each class, in this order:
 
-    value   f16, bf16            (lossy: changes what each element holds)
-    bytes   zstd[:level]         (lossless, always last)
+    sparsify  topk:<fraction>        keep the largest-|x| coordinates (codec_stages.topk)
+    value     f16, bf16              casts (codec_stages.casts)
+              q8[:block], q4[:block] per-block scale, stochastic rounding (codec_stages.quant)
+    lossless  zstd[:level], lz4      always last (codec_stages.lossless)
 
-``none`` is the empty chain: raw float32. The decoder always rebuilds a dense float32 array of
-the expected shape, and bounds every size before it allocates (a small payload never expands
-into gigabytes).
+``none`` is the empty chain: raw float32. On the wire a tensor is ``dtype`` (the value stage's:
+f32, f16, bf16, i8 for q8, u8 for packed q4), ``shape``, ``codec`` (the canonical chain) and
+``data`` = lossless(indices ++ values), where ``indices`` is the sparsify stage's section (absent
+without one) and ``values`` the value stage's bytes for the kept coordinates. Every section's size
+follows from the codec text and the shape alone, so there are no size fields to trust: the
+decoder computes the exact decompressed size before it decompresses or allocates anything (a
+small payload never expands into gigabytes), and always rebuilds a dense float32 array of the
+expected shape. A lossy chain's sender learns what the receiver will rebuild by decoding its own
+tensor (edge_agent.residuals does, for error feedback).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import zstandard
 
+from fedge_contract.codec_stages import BF16, F16, F32, LZ4, Q4, Q8, LosslessStage, SparsifyStage, TopK, ValueStage, Zstd
+from fedge_contract.codec_stages.casts import BF16_MAX, F16_MAX
 from fedge_contract.errors import CodecError, DecodeError, Reason
-from fedge_contract.tensors import MAX_RANK, WIRE_DTYPES, ModelSpec, TensorSpec, nbytes
+from fedge_contract.tensors import MAX_RANK, ModelSpec, TensorSpec, element_count
 
-F16_MAX = float(np.finfo(np.float16).max)
-BF16_MAX = float(np.array([0x7F7F0000], dtype="<u4").view("<f4")[0])  # largest finite bfloat16
+__all__ = [
+    "BF16_MAX",
+    "F16_MAX",
+    "CodecChain",
+    "CodecError",
+    "EncodedTensor",
+    "check_shape",
+    "decode_tensor",
+    "decode_weights",
+    "encode_tensor",
+    "encode_weights",
+    "parse_chain",
+]
+
+BytesStage = LosslessStage  # the name this module used before lz4 joined zstd
 
 
 @dataclass(frozen=True)
@@ -50,76 +73,11 @@ class EncodedTensor:
         }
 
 
-class ValueStage(Protocol):
-    """A lossy stage: float32 values in, stored elements of ``wire_dtype`` out."""
-
-    wire_dtype: str
-
-    def encode(self, values: np.ndarray) -> np.ndarray: ...
-
-    def decode(self, stored: np.ndarray) -> np.ndarray: ...
-
-
-class BytesStage(Protocol):
-    """A lossless stage over the stored bytes."""
-
-    def compress(self, data: bytes) -> bytes: ...
-
-    def decompress(self, data: bytes, expected_size: int) -> bytes: ...
-
-
-class _F16:
-    wire_dtype = "f16"
-
-    def encode(self, values: np.ndarray) -> np.ndarray:
-        # Saturate instead of overflowing to inf: the receiver rejects inf, and a delta that
-        # large is already absurd; saturation keeps the update usable and bounded.
-        return np.clip(values, -F16_MAX, F16_MAX).astype("<f2")
-
-    def decode(self, stored: np.ndarray) -> np.ndarray:
-        return stored.astype(np.float32)
-
-
-class _BF16:
-    wire_dtype = "bf16"
-
-    def encode(self, values: np.ndarray) -> np.ndarray:
-        # saturate like f16 rather than round the largest floats up to inf
-        values = np.clip(values, -BF16_MAX, BF16_MAX)
-        bits = np.ascontiguousarray(values, dtype="<f4").view("<u4").astype(np.uint64)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
-        return rounded.astype("<u2")
-
-    def decode(self, stored: np.ndarray) -> np.ndarray:
-        return (stored.astype("<u4") << 16).view("<f4").astype(np.float32)
-
-
-class _Zstd:
-    def __init__(self, level: int = 3) -> None:
-        if not 1 <= level <= 22:
-            raise CodecError(f"zstd level must be 1..22, got {level}")
-        self.level = level
-
-    def compress(self, data: bytes) -> bytes:
-        return zstandard.ZstdCompressor(level=self.level).compress(data)
-
-    def decompress(self, data: bytes, expected_size: int) -> bytes:
-        try:
-            declared = zstandard.frame_content_size(data)
-        except zstandard.ZstdError as exc:
-            raise DecodeError(Reason.BAD_TENSOR, f"not a zstd frame ({exc})") from None
-        if declared > expected_size:  # -1 (unknown) is bounded by max_output_size below
-            raise DecodeError(Reason.BAD_TENSOR, f"zstd frame declares {declared} bytes, expected {expected_size}")
-        try:
-            # one frame, nothing appended: trailing bytes are a malformed payload, not padding
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected_size, allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise DecodeError(Reason.BAD_TENSOR, f"zstd: {exc}") from None
-        return out
-
-
-_VALUE_STAGES: dict[str, type] = {"f16": _F16, "bf16": _BF16}
-_BYTES_STAGES: dict[str, type] = {"zstd": _Zstd}
+_SPARSIFY: dict[str, type] = {"topk": TopK}
+_VALUE: dict[str, type] = {"f16": F16, "bf16": BF16, "q8": Q8, "q4": Q4}
+_LOSSLESS: dict[str, type] = {"zstd": Zstd, "lz4": LZ4}
+_CLASSES = (("sparsify", _SPARSIFY), ("value", _VALUE), ("lossless", _LOSSLESS))
+_F32 = F32()
 
 
 @dataclass(frozen=True)
@@ -128,50 +86,76 @@ class CodecChain:
 
     text: str
     value: ValueStage | None
-    lossless: BytesStage | None
+    lossless: LosslessStage | None
+    sparsify: SparsifyStage | None = None
 
     @property
     def wire_dtype(self) -> str:
         return self.value.wire_dtype if self.value else "f32"
+
+    @property
+    def lossy(self) -> bool:
+        """True when the receiver may rebuild something other than what was encoded."""
+        return self.value is not None or self.sparsify is not None
+
+    @property
+    def stochastic(self) -> bool:
+        """True when encoding draws from the rng (two encodes of one tensor may differ)."""
+        return self.value is not None and self.value.stochastic
+
+    def stored_nbytes(self, n: int) -> int:
+        """Bytes before the lossless stage for a tensor of ``n`` elements: exact, from the chain alone."""
+        m = self.sparsify.count(n) if self.sparsify else n
+        index = self.sparsify.index_nbytes(n) if self.sparsify else 0
+        return index + (self.value or _F32).nbytes(m)
 
     def __str__(self) -> str:
         return self.text
 
 
 def parse_chain(text: str) -> CodecChain:
-    """Parse ``f16+zstd``-style chains; unknown or ill-ordered stages raise CodecError."""
-    text = text.strip()
+    """Parse ``topk:0.01+q8+zstd``-style chains; unknown or ill-ordered stages raise CodecError."""
+    return _parse(text.strip())
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(text: str) -> CodecChain:
     if text in ("", "none"):
         return CodecChain("none", None, None)
-    value: ValueStage | None = None
-    lossless: BytesStage | None = None
+    stages: dict[str, Any] = {}
+    last_class = -1
     for part in text.split("+"):
         name, _, arg = part.partition(":")
-        if lossless is not None:
-            raise CodecError(f"codec {text!r}: {part!r} comes after the lossless stage, which must be last")
-        if name in _VALUE_STAGES:
-            if value is not None:
-                raise CodecError(f"codec {text!r}: at most one cast/quantisation stage, got a second: {part!r}")
-            if arg:
-                raise CodecError(f"codec {text!r}: stage {name!r} takes no argument")
-            value = _VALUE_STAGES[name]()
-        elif name in _BYTES_STAGES:
-            try:
-                lossless = _BYTES_STAGES[name](int(arg)) if arg else _BYTES_STAGES[name]()
-            except ValueError:
-                raise CodecError(f"codec {text!r}: {name} level must be an integer, got {arg!r}") from None
-        else:
-            known = ", ".join(sorted([*_VALUE_STAGES, *_BYTES_STAGES, "none"]))
+        found = [(i, kind, table[name]) for i, (kind, table) in enumerate(_CLASSES) if name in table]
+        if not found:
+            known = ", ".join(sorted([*_SPARSIFY, *_VALUE, *_LOSSLESS, "none"]))
             raise CodecError(f"codec {text!r}: unknown stage {name!r} (known: {known})")
-    return CodecChain(text, value, lossless)
+        index, kind, cls = found[0]
+        if kind in stages:
+            raise CodecError(f"codec {text!r}: at most one {kind} stage, got a second: {part!r}")
+        if index < last_class:
+            order = " < ".join(k for k, _ in _CLASSES)
+            raise CodecError(f"codec {text!r}: {part!r} is out of order (stages go {order}; the lossless stage is last)")
+        last_class = index
+        try:
+            stages[kind] = cls(arg)
+        except CodecError as exc:
+            raise CodecError(f"codec {text!r}: {exc}") from None
+    canonical = "+".join(s.text for s in (stages.get("sparsify"), stages.get("value"), stages.get("lossless")) if s is not None)
+    return CodecChain(canonical, stages.get("value"), stages.get("lossless"), stages.get("sparsify"))
 
 
-def encode_tensor(name: str, values: np.ndarray, chain: CodecChain) -> EncodedTensor:
-    """Encode a float32 array with ``chain``."""
+def encode_tensor(name: str, values: np.ndarray, chain: CodecChain, rng: np.random.Generator | None = None) -> EncodedTensor:
+    """Encode a float32 array with ``chain``; ``rng`` drives stochastic rounding (seed it to reproduce)."""
     values = np.ascontiguousarray(values, dtype=np.float32)
-    stored = chain.value.encode(values) if chain.value else values.astype("<f4", copy=False)
-    data = stored.tobytes()
-    if chain.lossless:
+    flat = values.reshape(-1)
+    value_stage = chain.value or _F32
+    if chain.sparsify is not None:
+        indices = chain.sparsify.select(flat)
+        data = chain.sparsify.encode_indices(indices, flat.size) + value_stage.encode(flat[indices], rng)
+    else:
+        data = value_stage.encode(flat, rng)
+    if chain.lossless is not None:
         data = chain.lossless.compress(data)
     return EncodedTensor(name, chain.wire_dtype, tuple(int(d) for d in values.shape), str(chain), data)
 
@@ -184,17 +168,27 @@ def decode_tensor(tensor: EncodedTensor, spec: TensorSpec) -> np.ndarray:
         chain = parse_chain(tensor.codec)
     except CodecError as exc:
         raise DecodeError(Reason.CODEC, str(exc)) from None
+    where = f"tensor {spec.name!r}"
     if tensor.dtype != chain.wire_dtype:
-        raise DecodeError(Reason.BAD_TENSOR, f"tensor {spec.name!r}: codec {tensor.codec!r} stores {chain.wire_dtype}, payload says {tensor.dtype}")
-    expected = nbytes(tensor.dtype, tensor.shape)
+        raise DecodeError(Reason.BAD_TENSOR, f"{where}: codec {tensor.codec!r} stores {chain.wire_dtype}, payload says {tensor.dtype}")
+    n = element_count(tensor.shape)
+    expected = chain.stored_nbytes(n)  # bounded by the model's own shape: nothing from the payload
     data = chain.lossless.decompress(tensor.data, expected) if chain.lossless else tensor.data
     if len(data) != expected:
-        raise DecodeError(Reason.BAD_TENSOR, f"tensor {spec.name!r}: {len(data)} bytes for shape {list(tensor.shape)} of {tensor.dtype} (expected {expected})")
-    stored = np.frombuffer(data, dtype=WIRE_DTYPES[tensor.dtype]).reshape(tensor.shape)
-    values = chain.value.decode(stored) if chain.value else stored.astype(np.float32)
-    if not np.isfinite(values).all():
-        raise DecodeError(Reason.NON_FINITE, f"tensor {spec.name!r} holds NaN or Inf")
-    return values
+        raise DecodeError(Reason.BAD_TENSOR, f"{where}: {len(data)} bytes for shape {list(tensor.shape)} with codec {tensor.codec!r} (expected {expected})")
+    view = memoryview(data)
+    value_stage = chain.value or _F32
+    if chain.sparsify is not None:
+        split = chain.sparsify.index_nbytes(n)
+        indices = chain.sparsify.decode_indices(view[:split], n, where)
+        kept = value_stage.decode(view[split:], indices.size, where)
+        values = np.zeros(n, np.float32)
+        values[indices] = kept
+    else:
+        values = kept = value_stage.decode(view, n, where)
+    if not np.isfinite(kept).all():
+        raise DecodeError(Reason.NON_FINITE, f"{where} holds NaN or Inf")
+    return values.reshape(tensor.shape)
 
 
 def check_shape(shape: object, where: str) -> tuple[int, ...]:
@@ -209,9 +203,11 @@ def check_shape(shape: object, where: str) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def encode_weights(weights: Mapping[str, np.ndarray], chain: CodecChain) -> tuple[EncodedTensor, ...]:
-    """Encode every tensor of a model (or a delta) in order."""
-    return tuple(encode_tensor(name, values, chain) for name, values in weights.items())
+def encode_weights(
+    weights: Mapping[str, np.ndarray], chain: CodecChain, rng: np.random.Generator | None = None
+) -> tuple[EncodedTensor, ...]:
+    """Encode every tensor of a model (or a delta) in order; ``rng`` as for encode_tensor."""
+    return tuple(encode_tensor(name, values, chain, rng) for name, values in weights.items())
 
 
 def decode_weights(tensors: tuple[EncodedTensor, ...], spec: ModelSpec) -> dict[str, np.ndarray]:

@@ -1,0 +1,201 @@
+"""Issue 4's codec benchmark: bytes, speed, and accuracy against bytes for each update codec chain.
+
+Part 1 (sizes and speed) encodes one delta per model with every chain and reports the size of the
+whole Update message (envelope included, as the broker sees it), its ratio to the same Update in
+raw float32 (chain ``none``), and encode / decode / encode+decode throughput in MB/s of float32
+input (best of a few repetitions after a warm-up, one thread). The models: the digits MLP with a
+real delta (one round of local training with the task's suggested settings on agent-0's shard),
+and 1M / 10M parameter deltas drawn from N(0, 0.01^2) (random normal, not trained: top-k and
+quantisation see no structure, zstd finds little to squeeze).
+
+Part 2 (accuracy against bytes) runs ``fedge simulate --agents 20 --rounds 30`` (digits,
+Dirichlet 0.5, seed 0) once per chain and reports the final accuracy, the total bytes uploaded,
+the bytes uploaded until the test accuracy first reaches 0.90, and that figure's ratio to the
+float32 run's.
+
+Prints JSON, then a markdown table. Run: python -m bench.codecs [--no-sim] [--sizes 1e6,1e7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedge_contract import Update
+from fedge_contract.codecs import decode_weights, encode_weights, parse_chain
+from fedge_contract.tensors import ModelSpec
+
+CHAINS = ["none", "f16+zstd", "q8+zstd", "q4+zstd", "topk:0.1+q8+zstd", "topk:0.01+q8+zstd"]
+TARGET_ACCURACY = 0.90
+TARGET_RATIO = 50.0
+TARGET_MBPS = 200.0
+
+
+def digits_delta() -> dict[str, np.ndarray]:
+    """A real update: one round of local training of the digits MLP on agent-0's shard."""
+    from edge_agent.trainer import training_seed
+    from fedge_tasks import TrainSettings, train
+    from fedge_tasks.digits import DigitsTask
+    from fedge_tasks.weights import get_weights
+
+    task = DigitsTask()
+    model = task.build_model()
+    start = get_weights(model)
+    s = task.suggested_training()
+    settings = TrainSettings(epochs=int(s["local_epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]), seed=training_seed(0, "agent-0", 1))
+    train(model, task.train_data("agent-0"), settings)
+    local = get_weights(model)
+    return {name: (local[name] - start[name]).astype(np.float32) for name in start}
+
+
+def random_delta(parameters: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A delta of ``parameters`` values as a few layer-like tensors, N(0, 0.01^2)."""
+    rng = np.random.default_rng(seed)
+    side = 1024
+    rows = parameters // side
+    rest = parameters - rows * side
+    delta = {"layer.weight": (rng.standard_normal((rows, side), dtype=np.float32) * 0.01)}
+    if rest:
+        delta["layer.bias"] = rng.standard_normal(rest, dtype=np.float32) * 0.01
+    return delta
+
+
+def update_bytes(tensors: Any) -> int:
+    update = Update(
+        fleet="sim", client_id="agent-0", update_id=uuid.uuid4().hex, round=12, base_version=12, num_samples=57, tensors=tensors,
+        metrics={"loss": 0.1234567, "accuracy": 0.93, "train_seconds": 0.0456},
+    )
+    return len(update.to_bytes())
+
+
+def measure(delta: dict[str, np.ndarray], chain_text: str, repeats: int) -> dict[str, float]:
+    chain = parse_chain(chain_text)
+    spec = ModelSpec.of(delta)
+    raw_mb = spec.nbytes / 1e6
+    rng = np.random.default_rng(0)
+    tensors = encode_weights(delta, chain, rng)  # warm-up (page faults, lazy imports)
+    decode_weights(tensors, spec)
+    encode_s = decode_s = both_s = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tensors = encode_weights(delta, chain, rng)
+        t1 = time.perf_counter()
+        decode_weights(tensors, spec)
+        t2 = time.perf_counter()
+        encode_s, decode_s, both_s = min(encode_s, t1 - t0), min(decode_s, t2 - t1), min(both_s, t2 - t0)
+    return {
+        "bytes": update_bytes(tensors),
+        "encode_mbps": round(raw_mb / encode_s, 1),
+        "decode_mbps": round(raw_mb / decode_s, 1),
+        "encode_decode_mbps": round(raw_mb / both_s, 1),
+    }
+
+
+def sizes_and_speed(models: dict[str, dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+    rows = []
+    for model_name, delta in models.items():
+        parameters = sum(v.size for v in delta.values())
+        repeats = 20 if parameters < 100_000 else 5 if parameters < 5_000_000 else 3
+        raw = None
+        for chain in CHAINS:
+            row = measure(delta, chain, repeats)
+            raw = raw or row["bytes"]
+            rows.append({"model": model_name, "parameters": parameters, "chain": chain, **row, "ratio": round(raw / row["bytes"], 2)})
+    return rows
+
+
+def simulate(chain: str, agents: int, rounds: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-codecs-") as tmp:
+        out = Path(tmp) / "run"
+        subprocess.run(
+            [sys.executable, "-m", "fedge", "simulate", f"--agents={agents}", f"--rounds={rounds}", f"--codec={chain}", f"--out={out}", "--quiet"],
+            check=True, capture_output=True, stdin=subprocess.DEVNULL,
+        )
+        report = json.loads((out / "report.json").read_text())
+    cumulative, reached = 0, None
+    for row in report["rounds"]:
+        cumulative += row["bytes_up"]
+        if reached is None and row["accuracy"] is not None and row["accuracy"] >= TARGET_ACCURACY:
+            reached = {"round": row["round"], "bytes_up": cumulative}
+    return {
+        "chain": chain,
+        "final_accuracy": round(report["totals"]["final_accuracy"], 4),
+        "bytes_up": report["totals"]["bytes_up"],
+        "round_to_090": reached["round"] if reached else None,
+        "bytes_to_090": reached["bytes_up"] if reached else None,
+        "accuracy_by_round": [round(r["accuracy"], 4) for r in report["rounds"]],
+    }
+
+
+def accuracy_vs_bytes(chains: list[str], agents: int, rounds: int) -> list[dict[str, Any]]:
+    runs = [simulate(chain, agents, rounds) for chain in chains]
+    base = runs[0]
+    assert base["chain"] == "none"
+    for run in runs:
+        run["ratio_to_090"] = round(base["bytes_to_090"] / run["bytes_to_090"], 2) if run["bytes_to_090"] and base["bytes_to_090"] else None
+        run["ratio_total"] = round(base["bytes_up"] / run["bytes_up"], 2)
+        run["accuracy_gap"] = round(base["final_accuracy"] - run["final_accuracy"], 4)
+        run["meets_target"] = bool(run["ratio_to_090"] and run["ratio_to_090"] >= TARGET_RATIO and run["accuracy_gap"] <= 0.01)
+    return runs
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| model | params | chain | bytes/update | ratio | encode MB/s | decode MB/s | enc+dec MB/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["sizes"]:
+        lines.append(
+            f"| {r['model']} | {r['parameters']:,} | `{r['chain']}` | {r['bytes']:,} | {r['ratio']:.1f}x | "
+            f"{r['encode_mbps']:,.0f} | {r['decode_mbps']:,.0f} | {r['encode_decode_mbps']:,.0f} |"
+        )
+    if result.get("simulate"):
+        lines += [
+            "",
+            "| chain | final accuracy | bytes up (30 rounds) | round reaching 0.90 | bytes up to 0.90 | ratio to float32 at 0.90 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["simulate"]:
+            reach = f"{r['bytes_to_090']:,}" if r["bytes_to_090"] else "never"
+            ratio = f"{r['ratio_to_090']:.1f}x" if r["ratio_to_090"] else "-"
+            lines.append(f"| `{r['chain']}` | {r['final_accuracy']:.4f} | {r['bytes_up']:,} | {r['round_to_090'] or '-'} | {reach} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1e6,1e7", help="parameter counts of the random deltas (comma separated)")
+    parser.add_argument("--no-sim", action="store_true", help="skip the accuracy-against-bytes simulations")
+    parser.add_argument("--sim-chains", default=",".join(CHAINS), help="chains to simulate (the first must be none)")
+    parser.add_argument("--agents", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+
+    models = {"digits-mlp": digits_delta()}
+    for size in (int(float(s)) for s in args.sizes.split(",") if s):
+        models[f"random-{size / 1e6:g}M"] = random_delta(size)
+    result: dict[str, Any] = {"sizes": sizes_and_speed(models)}
+    if not args.no_sim:
+        result["simulate"] = accuracy_vs_bytes(args.sim_chains.split(","), args.agents, args.rounds)
+    big = [r for r in result["sizes"] if r["chain"] == "q8+zstd" and r["parameters"] >= 10_000_000]
+    result["targets"] = {
+        "q8_zstd_10m_encode_decode_mbps": big[0]["encode_decode_mbps"] if big else None,
+        "q8_zstd_10m_meets_200": bool(big and big[0]["encode_decode_mbps"] >= TARGET_MBPS),
+        "chains_meeting_50x_at_090_within_1pt": [r["chain"] for r in result.get("simulate", []) if r["meets_target"]],
+    }
+    print(json.dumps(result, indent=2))
+    print()
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""The stages a codec chain is built from, one module per kind.
+
+Every stage is a small object built from its chain text (``q8:128``, ``topk:0.01``, ``zstd:5``),
+knows its canonical text, and computes the sizes it will read from the shape alone: the decoder
+bounds every buffer before it allocates it, and a payload carries no size field an attacker
+could inflate.
+
+    sparsify  topk:<fraction>          (codec_stages.topk)
+    value     f16, bf16                (codec_stages.casts)
+              q8[:block], q4[:block]   (codec_stages.quant)
+    lossless  zstd[:level], lz4        (codec_stages.lossless)
+"""
+
+from fedge_contract.codec_stages.base import LosslessStage, SparsifyStage, ValueStage
+from fedge_contract.codec_stages.casts import BF16, F16, F32
+from fedge_contract.codec_stages.lossless import LZ4, Zstd
+from fedge_contract.codec_stages.quant import Q4, Q8
+from fedge_contract.codec_stages.topk import TopK
+
+__all__ = ["BF16", "F16", "F32", "LZ4", "Q4", "Q8", "LosslessStage", "SparsifyStage", "TopK", "ValueStage", "Zstd"]

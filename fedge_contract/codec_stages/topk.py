@@ -1,0 +1,72 @@
+"""topk:<fraction>: send only the largest-magnitude coordinates of a tensor.
+
+``k = max(1, ceil(fraction * n))`` (0 for an empty tensor), so both sides know ``k`` from the
+codec text and the shape: nothing on the wire says how many. Positions travel first, as ``k``
+unsigned gaps (the first is the position itself, each next one the distance to the previous),
+each as wide as the largest possible position needs: u8 up to 256 elements, u16 up to 65,536,
+else u32. Small gaps leave the high bytes zero, which the lossless stage then squeezes. The
+decoder refuses a zero gap after the first (a duplicate) and a position past the end; unsigned
+gaps cannot go backwards, so accepted positions are strictly increasing.
+
+What is not sent is the sender's business: the agent keeps it as an error-feedback residual
+(edge_agent.residuals) and adds it to its next delta.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedge_contract.errors import CodecError, DecodeError, Reason
+
+
+def index_dtype(n: int) -> np.dtype:
+    """The narrowest unsigned type holding every position below ``n``."""
+    if n <= 1 << 8:
+        return np.dtype("u1")
+    if n <= 1 << 16:
+        return np.dtype("<u2")
+    return np.dtype("<u4")
+
+
+class TopK:
+    def __init__(self, arg: str) -> None:
+        try:
+            fraction = float(arg)
+        except ValueError:
+            fraction = math.nan
+        if len(arg) > 16 or not 0.0 < fraction <= 1.0:  # NaN fails the comparison too
+            raise CodecError(f"topk needs a fraction in (0, 1], e.g. topk:0.01, got {arg!r}")
+        self.fraction = fraction
+        self.text = f"topk:{arg}"
+
+    def count(self, n: int) -> int:
+        return 0 if n == 0 else min(n, max(1, math.ceil(self.fraction * n)))
+
+    def index_nbytes(self, n: int) -> int:
+        return self.count(n) * index_dtype(n).itemsize
+
+    def select(self, values: np.ndarray) -> np.ndarray:
+        n, k = values.size, self.count(values.size)
+        if k == n:
+            return np.arange(n, dtype=np.int64)
+        magnitude = np.abs(values)
+        # NaN sorts above every number: a non-finite delta is sent (and refused by the
+        # receiver) rather than silently dropped into the residual.
+        part = np.argpartition(magnitude, n - k)[n - k :]
+        return np.sort(part).astype(np.int64)
+
+    def encode_indices(self, indices: np.ndarray, n: int) -> bytes:
+        gaps = np.diff(indices, prepend=0)
+        return gaps.astype(index_dtype(n)).tobytes()
+
+    def decode_indices(self, data: memoryview, n: int, where: str) -> np.ndarray:
+        k = self.count(n)
+        gaps = np.frombuffer(data, dtype=index_dtype(n), count=k)
+        if k > 1 and not gaps[1:].all():
+            raise DecodeError(Reason.BAD_TENSOR, f"{where}: topk positions repeat (a zero gap)")
+        indices = np.cumsum(gaps, dtype=np.int64)
+        if k and indices[-1] >= n:
+            raise DecodeError(Reason.BAD_TENSOR, f"{where}: topk position {int(indices[-1])} is past the end ({n} elements)")
+        return indices
