@@ -2,11 +2,24 @@
 
 The gate is asked before training starts (``wait_eligible``) and between batches
 (``eligible``), so a device that stops being eligible stops cleanly between two steps.
+A gate may also offer ``device()`` (its last readings, for presence) and ``wait_change()``
+(returns when eligibility flips): the agent then re-publishes its presence and stops a
+training child without polling.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from edge_agent.policy import Policy
+from edge_agent.probes import DeviceProbe, DeviceSnapshot
+from fedge_contract.aio import cancel_and_wait
+
+log = logging.getLogger("fedge.conditions")
 
 
 class Gate(Protocol):
@@ -34,3 +47,99 @@ class AlwaysEligible:
 
     def why_not(self) -> str:
         return ""
+
+
+class PolicyGate:
+    """The device's policy applied to its probes, re-read on a timer of seconds.
+
+    An async context manager: entering takes a first reading and starts one sampling task,
+    leaving cancels it. ``eligible()`` only reads the last decision (cheap and thread-safe:
+    one reference read), so the training loop may ask between every batch. Nothing polls
+    faster than ``sample_seconds``; a waiting agent wakes the CPU once per sample.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        probe: DeviceProbe,
+        *,
+        sample_seconds: float = 10.0,
+        clock: Callable[[], datetime] = datetime.now,
+    ) -> None:
+        if sample_seconds <= 0:
+            raise ValueError("sample_seconds must be > 0")
+        self.policy = policy
+        self.probe = probe
+        self.sample_seconds = sample_seconds
+        self._clock = clock
+        self._reasons: tuple[str, ...] = ("not measured yet",)
+        self._snapshot: DeviceSnapshot | None = None
+        self._eligible = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> PolicyGate:
+        await self.refresh()
+        self._task = asyncio.create_task(self._sample_forever(), name="gate-sampler")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+            self._task = None
+
+    async def _sample_forever(self) -> None:
+        # The CPU meter needs two samples to know the load: take the second one soon.
+        first = min(2.0, self.sample_seconds) if self.snapshot_needs_load() else self.sample_seconds
+        await asyncio.sleep(first)
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.sample_seconds)
+
+    def snapshot_needs_load(self) -> bool:
+        return self.policy.max_cpu_load is not None and self.probe.cpu is not None and (
+            self._snapshot is None or self._snapshot.cpu_load is None
+        )
+
+    async def refresh(self) -> bool:
+        """Read the probes now (in a thread: termux's tool can take a second); True if eligible."""
+        snapshot = await asyncio.to_thread(self.probe.read)
+        self._snapshot = snapshot
+        reasons = self.policy.reasons(snapshot, self._clock())
+        if self.snapshot_needs_load():
+            reasons.append("measuring the CPU load")
+        self._set(tuple(reasons))
+        return not reasons
+
+    def _set(self, reasons: tuple[str, ...]) -> None:
+        was = self._reasons
+        self._reasons = reasons
+        if reasons:
+            self._eligible.clear()
+        else:
+            self._eligible.set()
+        if bool(was) != bool(reasons):
+            log.info("device %s", "eligible" if not reasons else "not eligible: " + "; ".join(reasons))
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def eligible(self) -> bool:
+        return not self._reasons
+
+    async def wait_eligible(self) -> None:
+        await self._eligible.wait()
+
+    def why_not(self) -> str:
+        return "; ".join(self._reasons)
+
+    def device(self) -> dict[str, Any]:
+        """The last snapshot as flat scalars (for presence and updates)."""
+        return self._snapshot.as_dict() if self._snapshot is not None else {}
+
+    async def wait_change(self) -> None:
+        """Return after the next flip between eligible and not eligible."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter

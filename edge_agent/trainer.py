@@ -6,32 +6,26 @@ thing shared with it is ``should_continue``, read between batches.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.errors import FingerprintMismatch
+from edge_agent.seeds import training_seed
 from fedge_contract import DecodeError, GlobalModel
 from fedge_contract.codecs import decode_weights
 from fedge_contract.tensors import ModelSpec
 from fedge_tasks import Task, TrainResult, TrainSettings, train
 from fedge_tasks.weights import get_weights, set_weights
 
-
-class FingerprintMismatch(Exception):
-    """The global model has another architecture than this device's task builds."""
+__all__ = ["FingerprintMismatch", "LocalTrainer", "LocalUpdate", "training_seed"]
 
 
 @dataclass(frozen=True)
 class LocalUpdate:
     delta: dict[str, np.ndarray]  # local - global, float32
     result: TrainResult
-
-
-def training_seed(seed: int, client_id: str, round_no: int) -> int:
-    """A stable per-(device, round) seed: reruns reproduce, devices and rounds differ."""
-    return zlib.crc32(f"{seed}:{client_id}:{round_no}".encode())
 
 
 class LocalTrainer:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up what fedge needs on a Debian/Ubuntu machine, idempotently:
 #   - Mosquitto (apt, when missing and we are root or have sudo; otherwise a clear message),
+#   - systemd-analyze (Debian's systemd package) for tests/deploy, when missing and possible,
 #   - a virtualenv in .venv with torch==2.13.0 installed FIRST (CPU wheel; a plain 'torch'
 #     requirement would pull gigabytes of CUDA packages), then fedge with its test extras.
 # Re-running is cheap: the venv step is skipped while pyproject.toml is unchanged.
@@ -38,6 +39,17 @@ if ! find_mosquitto; then
   else
     echo "bootstrap: Mosquitto is missing and this is not a Debian/Ubuntu machine: install mosquitto (2.0+) and retry" >&2
     exit 1
+  fi
+fi
+
+# systemd-analyze: tests/deploy verifies the systemd units with it (Debian's systemd package;
+# installing it in a container does not make systemd the init). Optional: the tests skip without it.
+if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=$(command -v sudo || true)
+  if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
+    echo "bootstrap: installing systemd (for systemd-analyze) with apt-get"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq systemd >/dev/null || echo "bootstrap: systemd not installed; unit tests will skip" >&2
   fi
 fi
 
