@@ -9,6 +9,7 @@ the round's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,15 +23,19 @@ from fedge_contract.tensors import ModelSpec
 class UpdateLimits:
     max_bytes: int
     max_num_samples: int = 10_000_000
+    allowed_clients: frozenset[str] | None = None  # None: no allowlist
 
     @classmethod
-    def for_model(cls, spec: ModelSpec, max_bytes: int | None = None) -> UpdateLimits:
+    def for_model(cls, spec: ModelSpec, max_bytes: int | None = None, **limits: Any) -> UpdateLimits:
         """By default allow an uncompressed float32 delta plus generous framing."""
-        return cls(max_bytes=max_bytes or (spec.nbytes * 5 // 4 + 64 * 1024))
+        return cls(max_bytes=max_bytes or (spec.nbytes * 5 // 4 + 64 * 1024), **limits)
 
 
 def parse_update(payload: bytes, *, topic_client: str, fleet: str, limits: UpdateLimits) -> Update:
     """Strictly decode the envelope (tensors stay encoded until the round wants them)."""
+    if limits.allowed_clients is not None and topic_client not in limits.allowed_clients:
+        # checked before decoding: a device that is not in the fleet costs no decode work
+        raise Rejection(ReceiptStatus.REJECTED, f"unknown_client: {topic_client!r} is not in the aggregator's allowlist")
     try:
         update = Update.from_bytes(payload, max_bytes=limits.max_bytes, fleet=fleet)
     except DecodeError as exc:

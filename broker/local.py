@@ -2,7 +2,8 @@
 
 LocalBroker is an async context manager: entering starts Mosquitto with the dev config on a
 loopback port (a free one unless given) and returns once it accepts connections; leaving stops
-it. ``kill()``, ``stop()`` and ``start()`` exist so fault tests can crash and restart the same
+it. With ``config_file`` it runs that config instead (e.g. a production folder made by
+``broker.provision.init``; ``port`` must then be the one that config listens on). ``kill()``, ``stop()`` and ``start()`` exist so fault tests can crash and restart the same
 broker on the same port with the same persistence folder.
 """
 
@@ -59,6 +60,8 @@ class LocalBroker:
     host: str = "127.0.0.1"
     data_dir: Path | None = None  # None = a temporary folder removed on exit
     startup_timeout: float = 10.0
+    config_file: Path | None = None  # run this config as is instead of the rendered dev config
+    tls: bool = False  # the config's listener speaks TLS (only changes ``url``)
     _process: asyncio.subprocess.Process | None = field(default=None, init=False, repr=False)
     _tempdir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
     _log_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -66,7 +69,7 @@ class LocalBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -99,8 +102,10 @@ class LocalBroker:
     async def start(self) -> None:
         """Start Mosquitto and return once it listens (raises BrokerStartError with its log if not)."""
         assert self.data_dir is not None, "enter the context manager first"
-        config = self.data_dir / "mosquitto.conf"
-        config.write_text(render_dev_config(host=self.host, port=self.port, data_dir=self.data_dir))
+        config = self.config_file
+        if config is None:
+            config = self.data_dir / "mosquitto.conf"
+            config.write_text(render_dev_config(host=self.host, port=self.port, data_dir=self.data_dir))
         self.log_lines = []
         self._process = await asyncio.create_subprocess_exec(
             find_mosquitto(), "-c", str(config),
@@ -130,6 +135,11 @@ class LocalBroker:
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it does not exit in ``timeout`` s (it saves persistence on TERM)."""
         await self._terminate(signal.SIGTERM, timeout)
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its password and ACL files (after add/remove-device)."""
+        if self._process is not None and self._process.returncode is None:
+            self._process.send_signal(signal.SIGHUP)
 
     async def kill(self) -> None:
         """SIGKILL: a crash, losing what was not autosaved."""

@@ -1,0 +1,69 @@
+"""What the round loop does with a validated delta, as the fleet's config chose.
+
+One object so the service needs three calls: ``check`` (norm bound and weight cap, or a
+Rejection), ``collector`` (a fresh WeightedSum, robust Stacked or DP NoisySum for each round) and
+``metrics`` (clipping figures and the privacy budget spent, stored with the round and published
+in RoundStatus.last_metrics).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from aggregator.clipping import NormBound, capped_weight
+from aggregator.fold import WeightedSum
+from aggregator.privacy import NoisySum, PrivacyParams
+from aggregator.robust import Stacked
+from fedge_contract.tensors import ModelSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from aggregator.config import AggregatorConfig
+
+
+class Collector(Protocol):
+    total_weight: float
+
+    @property
+    def count(self) -> int: ...
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None: ...
+
+    def mean(self) -> dict[str, np.ndarray]: ...
+
+
+class Defence:
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.norm_bound = NormBound(clip_norm=config.clip_norm, factor=config.clip_factor, action=config.clip_action)
+        self.privacy = config.privacy
+        self._rng = np.random.default_rng(config.dp_seed)
+        # rows a robust rule may have to hold: a round closes at its target (async: its buffer size)
+        self.capacity = config.buffer_size if config.mode == "async" else config.target
+
+    def check(self, delta: dict[str, np.ndarray], num_samples: int, *, strict: bool = True) -> tuple[dict[str, np.ndarray], float]:
+        """The bounded delta and its weight; a Rejection when over the bound in reject mode."""
+        if self.norm_bound.active:
+            delta = self.norm_bound.apply(delta, strict=strict)
+        return delta, capped_weight(num_samples, self.config.max_weight)
+
+    def collector(self, spec: ModelSpec) -> Collector:
+        if self.privacy is not None:
+            return NoisySum(spec, self.privacy, denominator=self.capacity, rng=self._rng)
+        if self.config.aggregation == "mean":
+            return WeightedSum(spec)
+        return Stacked(spec, self.capacity, self.config.aggregation, self.config.robust_fraction)
+
+    def metrics(self, version: int) -> dict[str, float]:
+        """Figures for the round that produced ``version`` (epsilon: after ``version`` noisy rounds)."""
+        stats = self.norm_bound.round_stats() if self.norm_bound.active else {}
+        if self.privacy is not None:
+            stats["dp_epsilon"] = self.privacy.epsilon(version)
+            stats["dp_delta"] = self.privacy.delta
+        return stats
+
+
+__all__ = ["Collector", "Defence", "PrivacyParams"]

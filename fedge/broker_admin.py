@@ -1,0 +1,63 @@
+"""``fedge broker init|serve|add-device|remove-device|list-devices``: the production broker folder.
+
+The work is in ``broker.provision``; this module only maps the command line onto it and prints
+what an operator must copy to a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from broker import LocalBroker
+from broker.provision import DEFAULT_PORT, BrokerFolder, ProvisionError, init
+
+DEFAULT_DIR = Path("fedge-broker")
+_RELOAD = "then make a running broker re-read its accounts: kill -HUP <mosquitto pid> (or restart it)"
+
+
+def run_broker_action(args: argparse.Namespace) -> int:
+    folder = args.config_dir or DEFAULT_DIR
+    if args.action == "init":
+        broker, aggregator = init(folder, fleet=args.fleet, host=args.host or "localhost", port=args.port or DEFAULT_PORT, bind=args.bind)
+        print(f"production broker for fleet {args.fleet!r} in {broker.path}")
+        print(f"start it: fedge broker serve --config {broker.path}   (or: mosquitto -c {broker.config_file})")
+        print("the aggregator's account:")
+        print(aggregator.instructions())
+        print(f"add each device: fedge broker add-device ID --config {broker.path}")
+        return 0
+    broker = BrokerFolder(folder.resolve())
+    broker.settings  # noqa: B018  (raises a clear error if the folder was never initialised)
+    if args.action == "serve":
+        return _serve(broker)
+    if args.action == "list-devices":
+        for name in broker.accounts():
+            print(name)
+        return 0
+    if not args.device:
+        raise ProvisionError(f"{args.action} needs the device id: fedge broker {args.action} ID --config {folder}")
+    if args.action == "add-device":
+        credentials = broker.add_account(args.device)
+        print(f"device {args.device!r} (a new password if it existed); copy to the device:")
+        print(credentials.instructions())
+    else:
+        broker.remove_account(args.device)
+        print(f"device {args.device!r} removed from {broker.path / 'passwd'}")
+    print(_RELOAD)
+    return 0
+
+
+def _serve(broker: BrokerFolder) -> int:
+    async def serve() -> None:
+        async with LocalBroker(port=broker.port, host=str(broker.settings["host"]), data_dir=broker.path / "data",
+                               config_file=broker.config_file, tls=True) as running:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, running.reload)
+            print(f"mosquitto (pid {running.pid}) serving {broker.url()} with {broker.config_file}; "
+                  "SIGHUP re-reads accounts and ACL, Ctrl-C stops", flush=True)
+            await asyncio.Event().wait()
+
+    from fedge.cli import _run
+
+    return _run(serve())
