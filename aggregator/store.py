@@ -177,6 +177,11 @@ class Store:
         rows = self._db.execute("SELECT update_id FROM accepted WHERE round=? ORDER BY received", (round_no,)).fetchall()
         return [r[0] for r in rows]
 
+    def contributions(self, min_base_version: int) -> list[tuple[str, int]]:
+        """(client, base version) of accepted updates trained on ``min_base_version`` or later (async dedupe)."""
+        rows = self._db.execute("SELECT client_id, base_version FROM accepted WHERE base_version >= ?", (min_base_version,)).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
     # -- receipts
     def record_receipt(self, *, round_no: int, client_id: str, update_id: str | None, status: str, reason: str, nbytes: int) -> None:
         self._db.execute(
