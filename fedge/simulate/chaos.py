@@ -1,0 +1,164 @@
+"""Faults for ``fedge simulate``: a faulty network per agent, dropouts, late joiners, and the real
+faults (the aggregator SIGKILLed mid-round, Mosquitto SIGKILLed and restarted mid-round).
+
+Every choice (which agents drop out, in which round, whether they come back) comes from the
+run's seed, so a chaos run is reproducible in what it does, if not in its timing. What happened
+is written to ``chaos.json`` in the report folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fedge.netem import PROFILES, Fault, FaultProxy, LinkProfile, parse_schedule
+from fedge_contract import RoundState, RoundStatus, Topics
+from fedge_contract.mqtt import BrokerAddress, Connection
+
+log = logging.getLogger("fedge.simulate")
+
+
+@dataclass(frozen=True)
+class ChaosOptions:
+    network: str | None = None  # a profile of fedge.netem.PROFILES; None = no proxy unless a knob below needs one
+    latency_ms: float | None = None
+    jitter_ms: float | None = None
+    bandwidth_kbps: float | None = None
+    reset_prob: float | None = None
+    faults: str = ""  # a fedge.netem schedule, e.g. "agent-7@r3+20"
+    dropout: float = 0.0  # fraction of agents that vanish once, mid-training or mid-upload
+    dropout_return: float = 10.0  # seconds until half of them come back (the other half: not before the run ends)
+    late_joiners: float = 0.0  # fraction of agents started only when round `late_join_round` opens
+    late_join_round: int = 2
+    kill_aggregator_round: int | None = None  # SIGKILL the aggregator once this round has updates, restart it
+    restart_broker_round: int | None = None  # SIGKILL Mosquitto once this round has updates, restart it
+
+    def validate(self, agents: int, rounds: int) -> None:
+        if self.network is not None and self.network not in PROFILES:
+            raise ValueError(f"unknown --network {self.network!r} (known: {', '.join(PROFILES)})")
+        self.profile()  # validates the knobs
+        parse_schedule(self.faults)
+        if not 0 <= self.dropout <= 1 or not 0 <= self.late_joiners < 1 or self.dropout_return <= 0:
+            raise ValueError("need 0 <= --dropout <= 1, 0 <= --late-joiners < 1 and --dropout-return > 0")
+        if not 1 <= self.late_join_round <= rounds:
+            raise ValueError(f"--late-join-round must be between 1 and --rounds ({rounds})")
+        for name, value in (("--kill-aggregator-at", self.kill_aggregator_round), ("--restart-broker-at", self.restart_broker_round)):
+            if value is not None and not 1 <= value <= rounds:
+                raise ValueError(f"{name} must be between 1 and --rounds ({rounds})")
+
+    def profile(self) -> LinkProfile:
+        base = PROFILES[self.network] if self.network else LinkProfile()
+        return base.with_overrides(latency_ms=self.latency_ms, jitter_ms=self.jitter_ms,
+                                   bandwidth_kbps=self.bandwidth_kbps, reset_prob=self.reset_prob)
+
+    @property
+    def needs_proxy(self) -> bool:
+        return bool(self.network or not self.profile().is_clean or self.faults or self.dropout)
+
+    @property
+    def active(self) -> bool:
+        return self.needs_proxy or bool(self.late_joiners or self.kill_aggregator_round or self.restart_broker_round)
+
+
+def plan_dropouts(ids: list[str], options: ChaosOptions, rounds: int, seed: int) -> list[Fault]:
+    """One vanishing per dropout agent: alternately at the start of training and mid-upload;
+    every other pair comes back after ``dropout_return`` s, the rest only after the run."""
+    rng = random.Random(f"dropout:{seed}")
+    chosen = sorted(rng.sample(ids, round(options.dropout * len(ids))), key=lambda c: int(c.rsplit("-", 1)[1]))
+    faults = []
+    for k, client in enumerate(chosen):
+        seconds = options.dropout_return if k % 4 < 2 else math.inf
+        at_round = rng.randint(1, max(1, rounds - 1))
+        faults.append(Fault(link=client, seconds=seconds, at_round=at_round, on_upload=k % 2 == 1))
+    return faults
+
+
+def late_ids(ids: list[str], options: ChaosOptions, seed: int) -> list[str]:
+    return sorted(random.Random(f"late:{seed}").sample(ids, round(options.late_joiners * len(ids))),
+                  key=lambda c: int(c.rsplit("-", 1)[1]))
+
+
+@dataclass
+class ChaosLog:
+    dropouts: list[str] = field(default_factory=list)
+    late_joiners: list[str] = field(default_factory=list)
+    events: list[dict[str, object]] = field(default_factory=list)  # what was done, at which round and accepted count
+    links: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def write(self, out: Path) -> None:
+        (out / "chaos.json").write_text(json.dumps(asdict(self), indent=2))
+
+
+@dataclass
+class ChaosHooks:
+    """What the controller may do to the run (the runner owns the processes and the broker)."""
+
+    restart_aggregator: Callable[[], Awaitable[None]]
+    restart_broker: Callable[[], Awaitable[None]]
+    start_late_joiners: Callable[[], Awaitable[None]]
+
+
+class ChaosController:
+    """Watches the fleet's status and fires the round-triggered faults; an async context manager."""
+
+    def __init__(self, options: ChaosOptions, address: BrokerAddress, fleet: str, proxy: FaultProxy | None,
+                 hooks: ChaosHooks, log_: ChaosLog) -> None:
+        self.options = options
+        self.proxy = proxy
+        self.hooks = hooks
+        self.log = log_
+        self._topics = Topics(fleet)
+        self._connection = Connection(address, f"fedge-chaos-{fleet}", subscriptions=[self._topics.status], persistent=False)
+        self._task: asyncio.Task[None] | None = None
+        self._opened = 0
+        self._done: set[str] = set()
+
+    async def __aenter__(self) -> ChaosController:
+        await self._connection.__aenter__()
+        self._task = asyncio.create_task(self._watch(), name="chaos")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._connection.__aexit__(None, None, None)
+        if self.proxy is not None:
+            self.log.links = {name: dict(vars(link.stats)) for name, link in self.proxy.links.items()}
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._connection.messages.get()
+            if not isinstance(message.payload, bytes) or not message.payload:
+                continue
+            status = RoundStatus.from_bytes(message.payload)
+            if status.state is RoundState.OPEN:
+                await self._on_open(status)
+
+    async def _on_open(self, status: RoundStatus) -> None:
+        if status.round > self._opened:
+            self._opened = status.round
+            if self.proxy is not None:
+                self.proxy.notify_round(status.round)
+            if self.options.late_joiners and status.round >= self.options.late_join_round:
+                await self._once("late_joiners", status, self.hooks.start_late_joiners)
+        # the real faults strike mid-round: once the round has its first accepted updates
+        if status.accepted >= 1:
+            if status.round == self.options.kill_aggregator_round:
+                await self._once("kill_aggregator", status, self.hooks.restart_aggregator)
+            if status.round == self.options.restart_broker_round:
+                await self._once("restart_broker", status, self.hooks.restart_broker)
+
+    async def _once(self, name: str, status: RoundStatus, action: Callable[[], Awaitable[None]]) -> None:
+        if name in self._done:
+            return
+        self._done.add(name)
+        log.warning("chaos: %s in round %d (%d accepted)", name, status.round, status.accepted)
+        self.log.events.append({"event": name, "round": status.round, "accepted_before": status.accepted})
+        await action()
