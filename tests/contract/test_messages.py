@@ -175,10 +175,14 @@ def test_pack_weights_round_trip() -> None:
 
 
 def test_peek_update_id() -> None:
-    assert Update.peek_update_id(pack(update_wire(update_id="abc", num_samples=-1))) == "abc"
-    assert Update.peek_update_id(b"\xc1garbage") is None
-    assert Update.peek_update_id(pack(update_wire(update_id="x" * 65))) is None
-    assert Update.peek_update_id(pack([1, 2])) is None
+    limit = 10**6
+    assert Update.peek_update_id(pack(update_wire(update_id="abc", num_samples=-1)), limit) == "abc"
+    assert Update.peek_update_id(b"\xc1garbage", limit) is None
+    assert Update.peek_update_id(pack(update_wire(update_id="x" * 65)), limit) is None
+    assert Update.peek_update_id(pack([1, 2]), limit) is None
+    # an oversized payload is not even unpacked to find its id
+    big = pack(update_wire(update_id="big"))
+    assert Update.peek_update_id(big, len(big) - 1) is None
 
 
 # ---------------------------------------------------------------- envelope rejections

@@ -56,16 +56,19 @@ class RawPeer:
                 return message.payload
         raise AssertionError("connection closed")
 
-    async def receipts(self, count: int) -> dict[str | None, Receipt]:
-        """The next ``count`` receipts, by update id."""
-        found: dict[str | None, Receipt] = {}
+    async def receipt_list(self, count: int) -> list[Receipt]:
+        """The next ``count`` receipts, in arrival order."""
+        found: list[Receipt] = []
         async for message in self.client.messages:
             if "/receipts/" in str(message.topic):
-                receipt = Receipt.from_bytes(message.payload)  # type: ignore[arg-type]
-                found[receipt.update_id] = receipt
+                found.append(Receipt.from_bytes(message.payload))  # type: ignore[arg-type]
                 if len(found) == count:
                     return found
         raise AssertionError("connection closed")
+
+    async def receipts(self, count: int) -> dict[str | None, Receipt]:
+        """The next ``count`` receipts, by update id."""
+        return {r.update_id: r for r in await self.receipt_list(count)}
 
 
 @asynccontextmanager
