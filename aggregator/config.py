@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.async_rounds import BufferPlan, staleness_function
+from aggregator.clipping import NormBound
+from aggregator.privacy import PrivacyParams
+from aggregator.robust import AGGREGATIONS
 from aggregator.rounds import RoundPlan
+from aggregator.strategies import STRATEGIES, StrategyConfig
 from fedge_contract.codecs import parse_chain
 from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.topics import check_name
@@ -25,25 +30,80 @@ class AggregatorConfig:
     deadline: float = 60.0  # seconds a round stays open (and each extension)
     training: Mapping[str, Any] = field(default_factory=dict)  # TaskConfig fields overriding the task's suggestion
     strategy: str = "fedavg"
+    strategy_params: StrategyConfig = field(default_factory=StrategyConfig)  # server_lr, momentum, betas, tau
+    mode: str = "sync"  # sync: rounds with deadlines; async: FedBuff (aggregator/async_rounds.py)
+    buffer_size: int = 10  # async: accepted updates per new model version
+    max_staleness: int = 10  # async: oldest base version accepted is newest - max_staleness
+    staleness: str = "sqrt"  # async: staleness weight f(s): sqrt = 1/sqrt(1+s), constant, poly:<a>
     global_codec: str = "none"  # codec of the broadcast model
     store: Path = Path("fedge-aggregator.sqlite")
     max_update_bytes: int | None = None  # None: derived from the model size
     evaluate: bool = True  # evaluate each new model on the task's held-out data
     client_id: str | None = None  # MQTT client id; default fedge-aggregator-<fleet>
     session_expiry: int = 24 * 3600  # seconds the broker queues updates while the aggregator is away
+    # Hostile updates (aggregator/defence.py): allowlist, weight cap, norm bound, robust rule, client-level DP.
+    allow_clients: frozenset[str] | None = None  # None: any client id the broker lets publish
+    max_num_samples: int = 10_000_000  # an update claiming more is rejected
+    max_weight: int | None = None  # an update's weight is min(num_samples, max_weight)
+    clip_norm: float | None = None  # fixed L2 bound on each delta (with clip_factor: the warm-up bound)
+    clip_factor: float | None = None  # adaptive bound: factor x median norm of recent accepted deltas
+    clip_action: str = "clip"  # clip | reject
+    aggregation: str = "mean"  # mean | median | trimmed_mean | krum (aggregator/robust.py)
+    robust_fraction: float = 0.2  # share of each round's updates assumed malicious (trimmed mean, Krum)
+    dp_noise: float | None = None  # client-level DP noise multiplier z (noise std = z * clip_norm)
+    dp_delta: float = 1e-5
+    dp_population: int | None = None  # devices in the fleet: sample rate q = target / population (None: q = 1)
+    dp_seed: int | None = None  # tests only: DP noise from a seeded generator instead of OS entropy
 
     def __post_init__(self) -> None:
         check_name("fleet", self.fleet)
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 = run forever)")
         self.plan  # validates target/min/deadline
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be sync or async, got {self.mode!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r} (known: {', '.join(STRATEGIES)}; FedProx = fedavg with --mu)")
+        self.buffer_plan  # validates buffer_size/max_staleness
+        staleness_function(self.staleness)
         parse_chain(self.global_codec)
+        self._check_defences()
         if "codec" in self.training:
             parse_chain(str(self.training["codec"]))
 
     @property
     def plan(self) -> RoundPlan:
         return RoundPlan(target=self.target, min_updates=self.min_updates, timeout=self.deadline)
+
+    @property
+    def buffer_plan(self) -> BufferPlan:
+        return BufferPlan(target=self.buffer_size, min_updates=self.buffer_size, max_staleness=self.max_staleness)
+
+    def _check_defences(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r} (known: {', '.join(AGGREGATIONS)})")
+        if not 0 <= self.robust_fraction < 0.5:
+            raise ValueError(f"robust_fraction must be in [0, 0.5), got {self.robust_fraction}")
+        if self.max_num_samples < 1 or (self.max_weight is not None and self.max_weight < 1):
+            raise ValueError("max_num_samples and max_weight must be >= 1")
+        NormBound(clip_norm=self.clip_norm, factor=self.clip_factor, action=self.clip_action)  # validates
+        if self.allow_clients is not None:
+            for client in self.allow_clients:
+                check_name("client id", client)
+        if self.dp_noise is not None:
+            if self.aggregation != "mean" or self.clip_factor is not None or self.clip_action != "clip":
+                raise ValueError("differential privacy needs --aggregation mean and a fixed --clip-norm (clip, not reject or auto)")
+            if self.dp_population is not None and self.dp_population < self.plan.target:
+                raise ValueError("dp_population must be >= the round target")
+        self.privacy  # validates the DP parameters
+
+    @property
+    def privacy(self) -> PrivacyParams | None:
+        if self.dp_noise is None:
+            return None
+        per_round = self.buffer_size if self.mode == "async" else self.target
+        rate = per_round / self.dp_population if self.dp_population else 1.0
+        return PrivacyParams(noise_multiplier=self.dp_noise, clip_norm=self.clip_norm or 0.0, sample_rate=rate, delta=self.dp_delta)
 
     @property
     def mqtt_client_id(self) -> str:

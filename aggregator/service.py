@@ -18,9 +18,10 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
+from aggregator.async_rounds import AsyncBuffer, scaled
 from aggregator.config import AggregatorConfig
 from aggregator.errors import Rejection, StoreMismatch
-from aggregator.fold import WeightedSum
+from aggregator.defence import Defence
 from aggregator.rounds import DeadlineAction, OpenRound
 from aggregator.store import Store
 from aggregator.strategies import Strategy, make_strategy
@@ -47,6 +48,8 @@ from fedge_tasks.weights import get_weights, set_weights
 
 log = logging.getLogger("fedge.aggregator")
 
+Round = OpenRound | AsyncBuffer  # sync round or async (FedBuff) buffer: the helpers below serve both
+
 
 def training_config(task: Task, overrides: dict[str, Any]) -> TaskConfig:
     """The round's TaskConfig: contract defaults < the task's suggestion < explicit overrides."""
@@ -64,11 +67,13 @@ class Aggregator:
         self.counters: collections.Counter[str] = collections.Counter()
         self.online: set[str] = set()
         self._task = task
-        self._strategy: Strategy = make_strategy(config.strategy)
+        self._strategy: Strategy = make_strategy(config.strategy, config.strategy_params)
         self._global_chain = parse_chain(config.global_codec)
+        self.defence = Defence(config)  # norm bound, weight cap, robust rule, DP
         self.version = 0
         self.last_metrics: dict[str, float] = {}
-        self._announced: OpenRound | None = None  # the round whose model is out, until it closes
+        self._announced: Round | None = None  # the round whose model is out, until it closes
+        self._final: bytes | None = None
 
     async def run(self) -> None:
         task = self._task or load_task(self.config.task, self.config.task_options)
@@ -78,7 +83,9 @@ class Aggregator:
         self._loss = getattr(task, "loss", None)
         initial = get_weights(self._model)
         self.spec = ModelSpec.of(initial)
-        self.limits = UpdateLimits.for_model(self.spec, self.config.max_update_bytes)
+        self.limits = UpdateLimits.for_model(
+            self.spec, self.config.max_update_bytes, max_num_samples=self.config.max_num_samples, allowed_clients=self.config.allow_clients
+        )
         self.training = training_config(task, dict(self.config.training))
         with Store(self.config.store) as store:
             self.store = store
@@ -128,11 +135,11 @@ class Aggregator:
     def _open_round(self) -> OpenRound:
         number = self.version + 1
         rnd = OpenRound(number=number, base_version=self.version, deadline=self.clock() + self.config.deadline, plan=self.config.plan)
-        self._sum = WeightedSum(self.spec)
+        self._sum = self.defence.collector(self.spec)
         self.store.open_round(number, self.version, rnd.deadline)
         for spooled in self.store.spooled(number):  # a restart mid-round: re-fold what was accepted
             update = parse_update(spooled.payload, topic_client=spooled.client_id, fleet=self.config.fleet, limits=self.limits)
-            self._sum.add(decode_delta(update, self.spec), update.num_samples)
+            self._sum.add(*self.defence.check(decode_delta(update, self.spec), update.num_samples, strict=False))
             rnd.record(update.client_id, update.update_id)
         if rnd.accepted:
             log.info("round %d: re-folded %d spooled updates", number, rnd.accepted)
@@ -156,7 +163,7 @@ class Aggregator:
                 continue
             await self._dispatch(message, rnd)
 
-    async def _dispatch(self, message: aiomqtt.Message, rnd: OpenRound) -> None:
+    async def _dispatch(self, message: aiomqtt.Message, rnd: Round) -> None:
         topic = str(message.topic)
         payload = message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload or ""), "utf-8")
         client = self.topics.client_of(topic)
@@ -177,27 +184,41 @@ class Aggregator:
             return
         (self.online.add if presence.state == "online" else self.online.discard)(client)
 
-    async def _on_update(self, client: str, payload: bytes, rnd: OpenRound) -> None:
+    async def _on_update(self, client: str, payload: bytes, rnd: Round) -> None:
         self.counters["bytes_in"] += len(payload)
         update: Update | None = None
         try:
             update = parse_update(payload, topic_client=client, fleet=self.config.fleet, limits=self.limits)
-            rnd.admit(update, self.store.is_accepted)
-            delta = decode_delta(update, self.spec)
+            factor = self._admit(update, rnd)
+            delta, weight = self.defence.check(decode_delta(update, self.spec), update.num_samples)
         except Rejection as rejection:
-            update_id = update.update_id if update else Update.peek_update_id(payload)
+            update_id = update.update_id if update else Update.peek_update_id(payload, self.limits.max_bytes)
             await self._receipt(client, update_id, rejection.status, rejection.reason, rnd, len(payload))
             return
         self.store.spool(
             update_id=update.update_id, client_id=client, round_no=rnd.number,
             base_version=update.base_version, num_samples=update.num_samples, payload=payload,
         )
-        self._sum.add(delta, update.num_samples)
-        rnd.record(client, update.update_id)
+        self._sum.add(delta if factor == 1.0 else scaled(delta, factor), weight)
+        self._record(rnd, update)
         await self._receipt(client, update.update_id, ReceiptStatus.ACCEPTED, "", rnd, len(payload))
         await self._publish_status(rnd, RoundState.OPEN)
 
-    async def _receipt(self, client: str, update_id: str | None, status: ReceiptStatus, reason: str, rnd: OpenRound, nbytes: int) -> None:
+    def _admit(self, update: Update, rnd: Round) -> float:
+        """Raise a Rejection unless ``update`` may join ``rnd``; else its weight factor (1 in sync mode)."""
+        assert isinstance(rnd, OpenRound)
+        rnd.admit(update, self.store.is_accepted)
+        return 1.0
+
+    def _record(self, rnd: Round, update: Update) -> None:
+        assert isinstance(rnd, OpenRound)
+        rnd.record(update.client_id, update.update_id)
+
+    def _round_metrics(self, rnd: Round) -> dict[str, float]:
+        """Mode-specific metrics stored with the round (async: staleness)."""
+        return {}
+
+    async def _receipt(self, client: str, update_id: str | None, status: ReceiptStatus, reason: str, rnd: Round, nbytes: int) -> None:
         self.counters[status.value] += 1
         if status is not ReceiptStatus.ACCEPTED:
             self.counters[f"{status.value}:{reason.split(':', 1)[0]}"] += 1
@@ -207,7 +228,7 @@ class Aggregator:
         receipt = Receipt(self.config.fleet, client, update_id, status, reason, rnd.number, rnd.base_version)
         await self.conn.publish(self.topics.receipt(client), receipt.to_bytes())
 
-    async def _close(self, rnd: OpenRound) -> None:
+    async def _close(self, rnd: Round) -> None:
         self._announced = None
         await self._publish_status(rnd, RoundState.AGGREGATING)
         started = self.clock()
@@ -215,6 +236,8 @@ class Aggregator:
         self.store.close_round(rnd.number, self.version + 1, self.spec.fingerprint, new_weights, self._strategy.state(), rnd.accepted)
         self.weights, self.version = new_weights, self.version + 1
         metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": self._sum.total_weight}
+        metrics.update(self._round_metrics(rnd))
+        metrics.update(self.defence.metrics(self.version))
         if self._eval_data is not None:
             metrics.update(await asyncio.to_thread(self._evaluate))
         metrics["aggregate_seconds"] = self.clock() - started
@@ -230,7 +253,7 @@ class Aggregator:
         return {"accuracy": result["accuracy"], "loss": result["loss"]}
 
     # ------------------------------------------------------------------ publishing
-    def _global(self, rnd: OpenRound | None) -> GlobalModel:
+    def _global(self, rnd: Round | None) -> GlobalModel:
         return GlobalModel(
             fleet=self.config.fleet,
             model_version=self.version,
@@ -242,24 +265,25 @@ class Aggregator:
             final=rnd is None,
         )
 
-    async def _announce(self, rnd: OpenRound) -> None:
+    async def _announce(self, rnd: Round) -> None:
         self._announced = rnd
         payload = self._global(rnd).to_bytes()
         self.counters["bytes_out_global"] += len(payload)
         await self.conn.publish(self.topics.global_model, payload, retain=True)
         await self._publish_status(rnd, RoundState.OPEN)
-        log.info("round %d open on v%d: target %d, min %d, deadline in %.0fs (%d bytes)",
-                 rnd.number, self.version, rnd.plan.target, rnd.plan.min_updates, rnd.deadline - self.clock(), len(payload))
+        deadline = f"deadline in {rnd.deadline - self.clock():.0f}s" if rnd.deadline is not None else "no deadline"
+        log.info("round %d open on v%d: target %d, min %d, %s (%d bytes)",
+                 rnd.number, self.version, rnd.plan.target, rnd.plan.min_updates, deadline, len(payload))
 
-    async def _publish_status(self, rnd: OpenRound | None, state: RoundState) -> None:
+    async def _publish_status(self, rnd: Round | None, state: RoundState) -> None:
         status = RoundStatus(
             fleet=self.config.fleet,
             round=rnd.number if rnd else self.version,
             model_version=self.version,
             state=state,
             accepted=rnd.accepted if rnd else 0,
-            target=self.config.target,
-            min_updates=self.config.min_updates,
+            target=rnd.plan.target if rnd else self.config.target,
+            min_updates=rnd.plan.min_updates if rnd else self.config.min_updates,
             deadline=rnd.deadline if rnd else None,
             rounds_total=self.config.rounds or None,
             last_metrics=self.last_metrics,

@@ -2,9 +2,14 @@
 
 - dispatch: reads the connection's messages (the retained global model, this device's receipts);
 - training: waits for a model version it has not trained on and for the device to be eligible,
-  trains in a worker thread, writes the encoded delta to the outbox;
+  trains (in a child process that exits afterwards, or with ``isolate_training=False`` in a
+  worker thread), writes the encoded delta to the outbox;
 - upload: publishes everything in the outbox, again after every reconnect and periodically until
   a receipt removes it (the aggregator dedupes by update id, so resending is always safe).
+- conditions: when the gate's eligibility flips, re-publishes presence (conditions, why not).
+
+This module does not import torch: an agent that isolates its training stays at ~40 MiB while it
+waits; torch is imported only by the training child (or, in-thread, when ``run()`` starts).
 """
 
 from __future__ import annotations
@@ -16,24 +21,47 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
+import numpy as np
 
 from edge_agent.conditions import AlwaysEligible, Gate
+from edge_agent.attack import attacked
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
+from edge_agent.residuals import Residuals
 from edge_agent.state import AgentState
-from edge_agent.trainer import FingerprintMismatch, LocalTrainer, LocalUpdate
+from edge_agent.errors import FingerprintMismatch, TrainingFailed
+from edge_agent.seeds import training_seed
+from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update
 from fedge_contract.aio import cancel_and_wait
-from fedge_contract.codecs import CodecChain, encode_weights, parse_chain
+from fedge_contract.codecs import CodecChain, parse_chain
 from fedge_contract.errors import CodecError
 from fedge_contract.mqtt import QOS, Backoff, Connection
-from fedge_tasks import Task, load_task
-from fedge_tasks.runtime import limit_torch_threads
+from fedge_contract.tensors import ModelSpec
+
+if TYPE_CHECKING:
+    from edge_agent.trainer import LocalTrainer, LocalUpdate
+    from fedge_tasks import Task
 
 AGENT_VERSION = "0.1.0"
+_CODEC_STREAM = 0xC0DEC  # separates the codec's random stream from the training shuffle's
 log = logging.getLogger("fedge.agent")
+
+
+def staleness_window(model: GlobalModel) -> int | None:
+    """In async (FedBuff) mode, how many versions old an update may be; None in sync mode.
+
+    The aggregator says so in the task's extra fields (``mode``, ``max_staleness``): a sync
+    agent ignores them, so old agents keep working against an async aggregator (they only drop
+    pending updates a little early and restart training when a newer model arrives).
+    """
+    if model.task.extra.get("mode") != "async":
+        return None
+    window = model.task.extra.get("max_staleness", 0)
+    return window if isinstance(window, int) and window >= 0 else 0
 
 
 @dataclass
@@ -65,9 +93,14 @@ class Agent:
         self._task = task
         self._rng = rng or random.Random()
         self._outbox = Outbox(config.state_dir / "outbox")
+        self._residuals = Residuals(config.state_dir)
         self._state_path = config.state_dir / "state.json"
         self._state = AgentState.load(self._state_path)
         self._latest: GlobalModel | None = None
+        self._latest_payload = b""
+        self._spec = ModelSpec(())  # the task's model, learnt when run() starts
+        self._trainer: LocalTrainer | None = None
+        self._abort: StopSignal | None = None  # stops the training child (ineligible, superseded)
         self._new_model = asyncio.Event()
         self._outbox_changed = asyncio.Event()
         self._stop = asyncio.Event()
@@ -78,9 +111,7 @@ class Agent:
 
     async def run(self) -> None:
         """Serve until ``stop()`` (or the final model, with ``exit_when_final``)."""
-        limit_torch_threads(self.config.torch_threads)
-        task = self._task or load_task(self.config.task, self.config.task_options)
-        self._trainer = await asyncio.to_thread(LocalTrainer, task, self.config.client_id, self.config.seed)
+        await self._load_task()
         offline = Presence(self.config.fleet, self.config.client_id, "offline", AGENT_VERSION)
         async with Connection(
             self.config.broker,
@@ -99,6 +130,7 @@ class Agent:
                     group.create_task(self._dispatch(), name="dispatch"),
                     group.create_task(self._train_loop(), name="train"),
                     group.create_task(self._upload_loop(), name="upload"),
+                    group.create_task(self._watch_conditions(), name="conditions"),
                 ]
                 await self._stop.wait()
                 await cancel_and_wait(tasks)
@@ -106,6 +138,32 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
                         await conn.publish(self.topics.presence(self.config.client_id), offline.to_bytes(), retain=True)
+
+    async def _load_task(self) -> None:
+        """Learn the task's model spec; task errors surface here, before connecting."""
+        if self.config.isolate_training:
+            self._spec = await describe_in_child(self._job())
+            return
+        from edge_agent.trainer import LocalTrainer
+        from fedge_tasks import load_task
+        from fedge_tasks.runtime import limit_torch_threads
+
+        limit_torch_threads(self.config.torch_threads)
+        task = self._task or load_task(self.config.task, self.config.task_options)
+        self._trainer = await asyncio.to_thread(LocalTrainer, task, self.config.client_id, self.config.seed)
+        self._spec = self._trainer.spec
+
+    def _job(self) -> TrainJob:
+        return TrainJob(
+            task=self.config.task, task_options=dict(self.config.task_options), client_id=self.config.client_id,
+            seed=self.config.seed, fleet=self.config.fleet, max_model_bytes=self.config.max_model_bytes,
+            torch_threads=self.config.torch_threads, nice=self.config.train_nice,
+            max_data_mib=self.config.max_train_memory_mib, log_level=logging.getLevelName(logging.getLogger().level).lower(),
+        )
+
+    def _device(self) -> dict[str, Any]:
+        device = getattr(self.gate, "device", None)
+        return dict(device()) if callable(device) else {}
 
     # ------------------------------------------------------------------ connection
     async def _on_connect(self) -> None:
@@ -115,7 +173,10 @@ class Agent:
 
     async def _publish_presence(self) -> None:
         why_not = self.stats.last_error or self.gate.why_not()
-        presence = Presence(self.config.fleet, self.config.client_id, "online", AGENT_VERSION, eligible=not why_not, why_not=why_not)
+        presence = Presence(
+            self.config.fleet, self.config.client_id, "online", AGENT_VERSION,
+            eligible=not why_not, why_not=why_not, device=self._device(),
+        )
         await self._conn.publish(self.topics.presence(self.config.client_id), presence.to_bytes(), retain=True)
 
     async def _dispatch(self) -> None:
@@ -133,7 +194,13 @@ class Agent:
         self.stats.bytes_down += len(payload)
         try:
             model = GlobalModel.from_bytes(payload, max_bytes=self.config.max_model_bytes, fleet=self.config.fleet)
-            self._trainer.check(model)
+            if self._trainer is not None:
+                self._trainer.check(model)  # in-thread training: the trainer knows its model
+            elif model.fingerprint != self._spec.fingerprint:  # isolated: the spec the child reported
+                raise FingerprintMismatch(
+                    f"global model v{model.model_version} has architecture {model.fingerprint}, this device's task "
+                    f"builds {self._spec.fingerprint}: the agent and the aggregator must run the same task"
+                )
         except (DecodeError, FingerprintMismatch) as exc:
             self.stats.last_error = str(exc)
             log.error("%s: refusing global model: %s", self.config.client_id, exc)
@@ -142,7 +209,7 @@ class Agent:
         if self.stats.last_error:
             self.stats.last_error = ""
             await self._publish_presence()
-        for update_id in self._outbox.drop_before(model.round):
+        for update_id in self._outbox.drop_before(model.round - (staleness_window(model) or 0)):
             log.info("%s: dropped update %s, its round is over", self.config.client_id, update_id)
         if model.final:
             log.info("%s: training finished at model v%d", self.config.client_id, model.model_version)
@@ -151,7 +218,10 @@ class Agent:
             return
         if model.model_version > self._state.trained_version:
             self._latest = model
+            self._latest_payload = payload
             self._new_model.set()
+            if self._abort is not None and staleness_window(model) is None:
+                self._abort.set()  # sync mode: the model being trained is superseded
         else:
             self._resend_round(model.round)
 
@@ -187,29 +257,87 @@ class Agent:
             if self._latest is not model:
                 continue  # a newer model arrived while we waited
             loop = asyncio.get_running_loop()
-            queued = await loop.run_in_executor(self._executor, self._train_and_queue, model)
-            if not queued:
+            if self.config.isolate_training:
+                local = await self._train_isolated(self._latest_payload)
+            else:
+                local = await loop.run_in_executor(self._executor, self._train, model)
+            if local is None:
                 if self._latest is model:
                     self._new_model.set()  # interrupted by the device's conditions: try again when eligible
                 continue
+            await self._emulate_slow_device(local.result.seconds)
+            await loop.run_in_executor(self._executor, self._queue_update, model, local)
             self.stats.trained_versions.append(model.model_version)
             self._outbox_changed.set()
 
-    def _train_and_queue(self, model: GlobalModel) -> bool:
-        """Worker thread: train, encode and write the update to the outbox; False if interrupted."""
-        local = self._trainer.run(model, lambda: self.gate.eligible() and self._latest is model)
-        if local is None:
-            return False
-        self._queue_update(model, local)
-        return True
+    async def _train_isolated(self, payload: bytes) -> ChildUpdate | None:
+        """Train in a child process that stops between batches when the gate breaks; None if interrupted."""
+        stop = StopSignal()
+        self._abort = stop
+        watcher = asyncio.create_task(self._stop_when_ineligible(stop), name="train-watch")
+        try:
+            return await train_in_child(self._job(), payload, stop)
+        except (FingerprintMismatch, TrainingFailed) as exc:
+            # Retrying at once would fail the same way: say why, and wait for the next model.
+            self.stats.last_error = f"training failed: {exc}"
+            log.error("%s: %s", self.config.client_id, self.stats.last_error)
+            self._latest = None
+            await self._publish_presence()
+            return None
+        finally:
+            self._abort = None
+            await cancel_and_wait([watcher])
 
-    def _queue_update(self, model: GlobalModel, local: LocalUpdate) -> None:
+    async def _stop_when_ineligible(self, stop: StopSignal) -> None:
+        """For gates that cannot notify (no ``wait_change``): ask once a second, only while training."""
+        if callable(getattr(self.gate, "wait_change", None)):
+            return  # _watch_conditions stops the child the moment eligibility flips
+        while self.gate.eligible():
+            await asyncio.sleep(1.0)
+        stop.set()
+
+    async def _watch_conditions(self) -> None:
+        """Re-publish presence whenever the device's eligibility flips (no polling)."""
+        wait_change = getattr(self.gate, "wait_change", None)
+        if not callable(wait_change):
+            return
+        while True:
+            await wait_change()
+            if self._abort is not None and not self.gate.eligible():
+                self._abort.set()  # before anything else: the child stops at its next batch
+            if self._conn.connected.is_set():
+                await self._publish_presence()
+
+    def _train(self, model: GlobalModel) -> LocalUpdate | None:
+        """Worker thread: train; None if interrupted.
+
+        Sync mode abandons a version as soon as a newer one arrives (its round is over). Async
+        mode does not: versions come every few updates, and a slow device that restarted on each
+        one would never finish; its update stays useful up to ``max_staleness`` versions.
+        """
+        assert self._trainer is not None
+        if staleness_window(model) is None:
+            return self._trainer.run(model, lambda: self.gate.eligible() and self._latest is model)
+        return self._trainer.run(model, self.gate.eligible)
+
+    async def _emulate_slow_device(self, train_seconds: float) -> None:
+        """Simulation only: make this device look ``slowdown`` times slower (sleeps on the loop, not the worker)."""
+        emulated = max(train_seconds, self.config.emulated_train_seconds) * self.config.slowdown
+        if emulated > train_seconds:
+            await asyncio.sleep(emulated - train_seconds)
+
+    def _queue_update(self, model: GlobalModel, local: LocalUpdate | ChildUpdate) -> None:
         try:
             chain: CodecChain = parse_chain(model.task.codec)
         except CodecError as exc:
             log.error("%s: the aggregator asked for codec %r: %s; sending uncompressed", self.config.client_id, model.task.codec, exc)
             chain = parse_chain("none")
         result = local.result
+        # Error feedback: encode delta + residual, keep what the aggregator will not rebuild.
+        # The rounding dither is seeded per (seed, device, round) so reruns send the same bytes.
+        rng = np.random.default_rng([training_seed(self.config.seed, self.config.client_id, model.round), _CODEC_STREAM])
+        delta = attacked(local.delta, self.config.attack)  # test-only knob; "none" outside bench/poisoning
+        tensors, residual = self._residuals.encode(delta, chain, self._spec, rng)
         update = Update(
             fleet=self.config.fleet,
             client_id=self.config.client_id,
@@ -217,10 +345,13 @@ class Agent:
             round=model.round,
             base_version=model.model_version,
             num_samples=result.num_samples,
-            tensors=encode_weights(local.delta, chain),
+            tensors=tensors,
             metrics={"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.seconds},
+            device=self._device(),
         )
         self._outbox.put(update_id=update.update_id, round_no=update.round, base_version=update.base_version, payload=update.to_bytes())
+        if residual is not None:  # after the outbox: a crash in between re-adds, never loses, what was left out
+            self._residuals.save(self._spec, residual)
         self._state.trained_version = model.model_version
         self._state.fingerprint = model.fingerprint
         self._state.save(self._state_path)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_agent.attack import ATTACKS
 from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.topics import check_name
 
@@ -26,9 +27,27 @@ class AgentConfig:
     max_model_bytes: int = 256 * 1024 * 1024
     torch_threads: int = 1
     exit_when_final: bool = False  # stop once the aggregator announces the final model
+    # Train in a child process that exits after each round, so the waiting agent never holds torch
+    # (~40 MiB instead of ~260). The simulation hosts many agents in one process: False there.
+    isolate_training: bool = False
+    train_nice: int = 0  # niceness added to the training child (0-19): the device's owner comes first
+    max_train_memory_mib: float | None = None  # refuse a task whose model + training data exceed this
+    # Simulation only (fedge simulate --stragglers): training is made to look like it took
+    # max(real, emulated_train_seconds) * slowdown seconds, by waiting before the update is queued.
+    slowdown: float = 1.0
+    emulated_train_seconds: float = 0.0
+    attack: str = "none"  # TEST ONLY (bench/poisoning): rewrite the delta maliciously, see edge_agent/attack.py
 
     def __post_init__(self) -> None:
         check_name("client id", self.client_id)
         check_name("fleet", self.fleet)
+        if self.attack not in ATTACKS:
+            raise ValueError(f"unknown attack {self.attack!r}")
+        if not self.slowdown >= 1.0 or not self.emulated_train_seconds >= 0:
+            raise ValueError("slowdown must be >= 1 and emulated_train_seconds >= 0")
         if self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
+        if not 0 <= self.train_nice <= 19:
+            raise ValueError(f"train_nice must be 0-19, got {self.train_nice}")
+        if self.max_train_memory_mib is not None and self.max_train_memory_mib <= 0:
+            raise ValueError(f"max_train_memory_mib must be > 0, got {self.max_train_memory_mib}")

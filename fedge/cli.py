@@ -120,6 +120,35 @@ def defence_config(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def _chaos_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("faults (fedge.netem: each agent reaches the broker through its own faulty link)")
+    group.add_argument("--network", choices=["lan", "wifi", "cellular", "flaky"], help="link profile of every agent")
+    group.add_argument("--latency-ms", type=float, help="added one-way latency (overrides the profile)")
+    group.add_argument("--jitter-ms", type=float, help="latency varies by +- this much, never reordering bytes")
+    group.add_argument("--bandwidth-kbps", type=float, help="bandwidth cap per connection and direction, kbit/s")
+    group.add_argument("--reset-prob", type=float, help="probability that a forwarded chunk is lost with its connection (TCP RST)")
+    group.add_argument("--faults", default="", metavar="SCHEDULE",
+                       help="e.g. 'agent-7@r3+20' (cut agent-7 for 20 s when round 3 opens), 'agent-2@t30+5', 'agent-4@r2^inf' "
+                            "(vanish mid-upload); see fedge/netem/schedule.py")
+    group.add_argument("--dropout", type=float, default=0.0, help="fraction of agents that vanish once, mid-training or mid-upload")
+    group.add_argument("--dropout-return", type=float, default=10.0, help="seconds until half the dropouts come back (default 10)")
+    group.add_argument("--late-joiners", type=float, default=0.0, help="fraction of agents that only start at --late-join-round")
+    group.add_argument("--late-join-round", type=int, default=2)
+    group.add_argument("--kill-aggregator-at", type=int, metavar="ROUND", help="SIGKILL the aggregator mid-round ROUND, restart it")
+    group.add_argument("--restart-broker-at", type=int, metavar="ROUND", help="SIGKILL Mosquitto mid-round ROUND, restart it")
+
+
+def chaos_options(args: argparse.Namespace) -> Any:
+    from fedge.simulate.chaos import ChaosOptions
+
+    return ChaosOptions(
+        network=args.network, latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, bandwidth_kbps=args.bandwidth_kbps,
+        reset_prob=args.reset_prob, faults=args.faults, dropout=args.dropout, dropout_return=args.dropout_return,
+        late_joiners=args.late_joiners, late_join_round=args.late_join_round,
+        kill_aggregator_round=args.kill_aggregator_at, restart_broker_round=args.restart_broker_at,
+    )
+
+
 def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ["local_epochs", "batch_size", "lr", "momentum", "mu", "codec"]
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
@@ -206,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulated-train-seconds", type=float, default=0.0,
                    help="make every agent's training last at least this long (emulates devices slower than this host; "
                         "training is serialised here, so stragglers only matter when this dominates)")
+    _chaos_flags(p)
     p.add_argument("--out", type=Path, help="report folder (default runs/sim-<time>)")
     p.add_argument("--agent-procs", type=int, default=1, help="processes hosting the agents (each its own MQTT connections)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines, only the final table")
@@ -218,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet", required=True)
     p.add_argument("--client-ids", required=True)
     p.add_argument("--slow-ids", default="", help="client ids made --slowdown times slower")
+    p.add_argument("--broker-urls", default="", help="one broker URL per client id (each agent's link through fedge.netem)")
     p.add_argument("--slowdown", type=float, default=1.0)
     p.add_argument("--emulated-train-seconds", type=float, default=0.0)
     p.add_argument("--attacks", default="", help="TEST ONLY: ID=KIND,... (edge_agent/attack.py)")
@@ -392,6 +423,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         stragglers=args.stragglers,
         slowdown=args.slowdown,
         emulated_train_seconds=args.emulated_train_seconds,
+        chaos=chaos_options(args),
         out=args.out,
         agent_procs=args.agent_procs,
         quiet=args.quiet,

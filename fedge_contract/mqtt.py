@@ -124,6 +124,22 @@ class Backoff:
             attempt = min(attempt + 1, 32)
 
 
+def _socket_closed(client: aiomqtt.Client) -> asyncio.Event:
+    """An event set when ``client``'s socket closes (paho's on_socket_close, which aiomqtt 2.x also uses)."""
+    closed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    paho = client._client  # aiomqtt 2.x keeps the paho client here (pinned: aiomqtt<3)
+    original = paho.on_socket_close
+
+    def on_socket_close(c: object, userdata: object, sock: object) -> None:
+        if original is not None:
+            original(c, userdata, sock)
+        loop.call_soon_threadsafe(closed.set)  # paho may call this from the connect executor thread
+
+    paho.on_socket_close = on_socket_close
+    return closed
+
+
 class Connection:
     """A self-healing MQTT connection owned by an async context manager.
 
@@ -165,6 +181,8 @@ class Connection:
         self.connections = 0  # successful connects so far
         self.bytes_published = 0
         self._client: aiomqtt.Client | None = None
+        self._dropped = asyncio.Event()  # set when the current connection ends (a new one per connection)
+        self._delays = self.backoff.delays()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Connection:
@@ -177,31 +195,68 @@ class Connection:
             self._task = None
 
     async def _run(self) -> None:
-        delays = self.backoff.delays()
+        self._delays = self.backoff.delays()
         while True:
             try:
-                async with make_client(
-                    self.address, self.identifier, persistent=self.persistent, will=self.will,
-                    keepalive=self.keepalive, session_expiry=self.session_expiry,
-                ) as client:
-                    for topic in self.subscriptions:
-                        await client.subscribe(topic, qos=QOS)
-                    self._client = client
-                    self.connections += 1
-                    delays = self.backoff.delays()
-                    self.connected.set()
-                    log.info("connected to %s as %s", self.address, self.identifier)
-                    if self.on_connect is not None:
-                        await self.on_connect()
-                    async for message in client.messages:
-                        self.messages.put_nowait(message)
+                await self._connect_once()
             except aiomqtt.MqttError as exc:
                 if self.connected.is_set() or self.connections == 0:
                     log.warning("connection to %s lost or refused (%s); reconnecting", self.address, exc)
             finally:
                 self.connected.clear()
+                self._dropped.set()
                 self._client = None
-            await self.sleep(next(delays))
+            await self.sleep(next(self._delays))
+
+    async def _connect_once(self) -> None:
+        """One connection, from handshake to drop, ended early if its socket closes.
+
+        aiomqtt 2.5 ignores a disconnect that comes before the CONNACK and forgets one that comes
+        just after it, so a connection reset during the handshake cost the whole timeout (10 s),
+        or left the message loop waiting on a dead socket for good (found with fedge.netem). The
+        paho socket's close is the ground truth: it ends the session whatever aiomqtt believes.
+        """
+        client = make_client(
+            self.address, self.identifier, persistent=self.persistent, will=self.will,
+            keepalive=self.keepalive, session_expiry=self.session_expiry,
+        )
+        closed = _socket_closed(client)
+        session = asyncio.create_task(self._session(client), name=f"mqtt-session:{self.identifier}")
+        watcher = asyncio.create_task(closed.wait())
+        try:
+            await asyncio.wait({session, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait([t for t in (session, watcher) if not t.done()])
+            disconnected = getattr(client, "_disconnected", None)  # retrieved, so asyncio does not log it as lost
+            if isinstance(disconnected, asyncio.Future) and disconnected.done() and not disconnected.cancelled():
+                disconnected.exception()
+        if not session.cancelled():
+            session.result()  # the MqttError that ended it, if any
+        raise aiomqtt.MqttError("the connection's socket closed")
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        async with client:
+            for topic in self.subscriptions:
+                await client.subscribe(topic, qos=QOS)
+            self._client = client
+            self._dropped = asyncio.Event()
+            self.connections += 1
+            self._delays = self.backoff.delays()
+            self.connected.set()
+            log.info("connected to %s as %s", self.address, self.identifier)
+            # on_connect runs beside the message loop, not before it: it publishes, and a
+            # publish on a connection that dies meanwhile would retry forever on the dead
+            # client, since only the message loop notices the drop (found by the netem tests).
+            hook = asyncio.create_task(self.on_connect(), name=f"on_connect:{self.identifier}") if self.on_connect else None
+            try:
+                async for message in client.messages:
+                    self.messages.put_nowait(message)
+                    if hook is not None and hook.done():
+                        hook, done = None, hook
+                        done.result()  # an error in on_connect is not a network problem: raise it
+            finally:
+                if hook is not None:
+                    await cancel_and_wait([hook])
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK, across reconnects if need be."""
@@ -212,7 +267,7 @@ class Connection:
                 await asyncio.sleep(0)
                 continue
             try:
-                await client.publish(topic, payload, qos=QOS, retain=retain, timeout=self.publish_timeout)
+                await self._publish_unless_dropped(client, topic, payload, retain)
                 self.bytes_published += len(payload)
                 return
             except aiomqtt.MqttError as exc:
@@ -221,3 +276,18 @@ class Connection:
                 # every fedge message is idempotent (update ids, receipts, retained state).
                 log.info("publish to %s interrupted (%s); retrying", topic, exc)
                 await asyncio.sleep(0.01)
+
+    async def _publish_unless_dropped(self, client: aiomqtt.Client, topic: str, payload: bytes, retain: bool) -> None:
+        """``client.publish``, abandoned as soon as the connection drops: aiomqtt would otherwise wait
+        the whole ``publish_timeout`` for a PUBACK that can no longer come (measured with the netem
+        proxy: every connection reset mid-upload stalled the upload for 30 s)."""
+        dropped = self._dropped
+        attempt = asyncio.create_task(client.publish(topic, payload, qos=QOS, retain=retain, timeout=self.publish_timeout))
+        watcher = asyncio.create_task(dropped.wait())
+        try:
+            await asyncio.wait({attempt, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait([t for t in (attempt, watcher) if not t.done()])
+        if not attempt.done() or attempt.cancelled():
+            raise aiomqtt.MqttError("connection dropped before the PUBACK")
+        attempt.result()

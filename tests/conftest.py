@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 
 from broker import LocalBroker
+from fedge.netem import FaultProxy
 from fedge_contract.mqtt import BrokerAddress
 
 _fleet_counter = itertools.count()
@@ -31,3 +32,11 @@ def broker_address(broker: LocalBroker) -> BrokerAddress:
 def fleet(request) -> str:
     """A fleet name of its own per test: topics never leak between tests."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"t{next(_fleet_counter)}-{request.node.name}")[:48]
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def fault_proxy() -> AsyncIterator[FaultProxy]:
+    """A FaultProxy owned by the test (fixed seed): ``await fault_proxy.add_link(name, (host, port), profile)``
+    gives a loopback port to hand an agent instead of the broker's."""
+    async with FaultProxy(seed=1234, lifetime=600) as proxy:
+        yield proxy

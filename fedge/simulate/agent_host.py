@@ -20,14 +20,21 @@ from fedge_tasks.base import parse_options
 async def host_agents(args: argparse.Namespace) -> int:
     options = parse_options(args.task_opt)
     task = load_task(args.task, options)  # one task object shared: data is loaded once
-    address = BrokerAddress.parse(args.broker)
     # One training worker for the whole host: under the GIL, parallel training threads only
     # starve the event loop (uploads, receipts, keepalives) without training any faster.
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+    slow = set(filter(None, args.slow_ids.split(",")))
+    attacks = dict(item.split("=", 1) for item in filter(None, args.attacks.split(",")))  # TEST ONLY (bench/poisoning)
+    client_ids = args.client_ids.split(",")
+    # --broker-urls: one per client id, each agent's own (faulty) link to the broker (fedge.netem)
+    urls = args.broker_urls.split(",") if args.broker_urls else [args.broker] * len(client_ids)
+    if len(urls) != len(client_ids):
+        raise ValueError("--broker-urls needs one URL per --client-ids entry")
+    brokers = {client_id: BrokerAddress.parse(url) for client_id, url in zip(client_ids, urls)}
     agents = [
         Agent(
             AgentConfig(
-                broker=address,
+                broker=brokers[client_id],
                 client_id=client_id,
                 state_dir=args.state_root / client_id,
                 fleet=args.fleet,
@@ -35,11 +42,14 @@ async def host_agents(args: argparse.Namespace) -> int:
                 task_options=options,
                 seed=args.seed,
                 exit_when_final=True,
+                slowdown=args.slowdown if client_id in slow else 1.0,
+                emulated_train_seconds=args.emulated_train_seconds,
+                attack=attacks.get(client_id, "none"),
             ),
             task=task,
             executor=executor,
         )
-        for client_id in args.client_ids.split(",")
+        for client_id in client_ids
     ]
     try:
         async with asyncio.TaskGroup() as group:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,8 @@ from aggregator.store import Store
 from broker import LocalBroker
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import peak_rss_mib, proc_peak_rss_mib
+from fedge.netem import FaultProxy, LinkProfile, parse_schedule
+from fedge.simulate.chaos import ChaosController, ChaosHooks, ChaosLog, ChaosOptions, late_ids, plan_dropouts
 from fedge.simulate.report import RoundRow, SimulationReport, write_report
 from fedge.simulate.wiretap import WireTap
 from fedge_contract.mqtt import BrokerAddress
@@ -41,8 +44,14 @@ class SimulationOptions:
     min_updates: int | None = None  # default: the target
     deadline: float = 60.0
     strategy: str = "fedavg"
+    strategy_flags: list[str] = field(default_factory=list)  # server optimiser and async-mode flags, passed to the aggregator
     global_codec: str = "none"
     training: dict[str, Any] = field(default_factory=dict)
+    stragglers: float = 0.0  # fraction of agents (chosen with the seed) made `slowdown` times slower
+    slowdown: float = 5.0
+    emulated_train_seconds: float = 0.0  # every agent's training lasts at least this long (see AgentConfig)
+    attacks: dict[str, str] = field(default_factory=dict)  # TEST ONLY: client id -> attack (edge_agent/attack.py)
+    chaos: ChaosOptions = field(default_factory=ChaosOptions)  # faulty network, dropouts, late joiners, kills (chaos.py)
     out: Path | None = None
     agent_procs: int = 1
     quiet: bool = False
@@ -54,8 +63,11 @@ class SimulationOptions:
             raise ValueError("--agents and --rounds must be >= 1")
         if not 1 <= self.agent_procs <= self.agents:
             raise ValueError("--agent-procs must be between 1 and --agents")
+        if not 0 <= self.stragglers <= 1 or self.slowdown < 1 or self.emulated_train_seconds < 0:
+            raise ValueError("need 0 <= --stragglers <= 1, --slowdown >= 1 and --emulated-train-seconds >= 0")
         if self.target is not None and not 1 <= self.target <= self.agents:
             raise ValueError(f"--target must be between 1 and --agents ({self.agents})")
+        self.chaos.validate(self.agents, self.rounds)
 
     @property
     def effective_target(self) -> int:
@@ -64,6 +76,9 @@ class SimulationOptions:
     @property
     def effective_min(self) -> int:
         return min(self.min_updates or self.effective_target, self.effective_target)
+
+    def slow_ids(self, ids: list[str]) -> list[str]:
+        return sorted(random.Random(self.seed).sample(ids, round(self.stragglers * len(ids))))
 
     def task_options(self) -> list[str]:
         opts = {"clients": self.agents, "alpha": self.alpha, "seed": self.seed, "init_seed": self.seed}
@@ -81,6 +96,7 @@ class _Children:
         self.out = out
         self.log_level = log_level
         self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.killed: set[str] = set()  # children killed on purpose (chaos): their exit is not a failure
 
     async def spawn(self, name: str, *args: str) -> asyncio.subprocess.Process:
         env = {**os.environ, PEAK_ENV: str(self.out / "peaks" / f"{name}.json"), "PYTHONUNBUFFERED": "1"}
@@ -105,7 +121,7 @@ class _Children:
     async def failure(self) -> str | None:
         """The first child that exited with an error, with the end of its stderr."""
         for name, process in self.processes.items():
-            if process.returncode not in (None, 0):
+            if process.returncode not in (None, 0) and name not in self.killed:
                 err = (await process.stderr.read()).decode(errors="replace") if process.stderr else ""
                 return f"{name} exited with {process.returncode}: {err.strip()[-2000:]} (see {self.out / 'logs' / (name + '.log')})"
         return None
@@ -135,25 +151,24 @@ async def simulate(options: SimulationOptions) -> int:
     async with LocalBroker(data_dir=out / "broker") as broker_proc:
         address = BrokerAddress.parse(broker_proc.url)
         async with WireTap(address, FLEET, subscribers=options.agents) as tap, _children(out, options.log_level) as children:
-            await children.spawn(
-                "aggregator", "aggregator", f"--broker={broker_proc.url}", f"--fleet={FLEET}", "--task=digits", *options.task_options(),
+            aggregator_args = (
+                "aggregator", f"--broker={broker_proc.url}", f"--fleet={FLEET}", "--task=digits", *options.task_options(),
                 f"--rounds={options.rounds}", f"--target={options.effective_target}", f"--min={options.effective_min}",
                 f"--deadline={options.deadline}", f"--strategy={options.strategy}", f"--global-codec={options.global_codec}",
-                f"--store={store_path}", *_flags(options.training),
+                f"--store={store_path}", *options.strategy_flags, *_flags(options.training),
             )
+            await children.spawn("aggregator", *aggregator_args)
             ids = [f"agent-{i}" for i in range(options.agents)]
-            for p in range(options.agent_procs):
-                await children.spawn(
-                    f"agents-{p}", "_agent-host", f"--broker={broker_proc.url}", f"--fleet={FLEET}",
-                    f"--client-ids={','.join(ids[p :: options.agent_procs])}", f"--state-root={out / 'agents'}",
-                    "--task=digits", *options.task_options(), f"--seed={options.seed}",
-                )
-            error = await _watch(tap, children, options, console)
+            async with _chaos(options, broker_proc, children, aggregator_args, ids, out) as spawn_agents:
+                await spawn_agents([i for i in ids if i not in spawn_agents.late], options.agent_procs, "agents")
+                error = await _watch(tap, children, options, console)
+                spawn_agents.heal()  # agents cut off for good come back to see the final model and exit
+                if not error:
+                    for name, process in list(children.processes.items()):  # agents exit on the final model
+                        await asyncio.wait_for(process.wait(), 60)
             if error:
                 console.print(f"[red]simulation failed[/]: {error}")
                 return 1
-            for name, process in children.processes.items():  # agents exit on the final model
-                await asyncio.wait_for(process.wait(), 30)
         broker_peak = proc_peak_rss_mib(broker_proc.pid) if broker_proc.pid else None
 
     wall = time.monotonic() - started
@@ -168,6 +183,7 @@ async def _watch(tap: WireTap, children: _Children, options: SimulationOptions, 
     exits = [asyncio.create_task(p.wait()) for p in children.processes.values()]
     try:
         while not done.done():
+            exits = [e for e in exits if not e.done()]  # an expected exit (a chaos kill) must not wake us forever
             progress = asyncio.create_task(tap.progress.get())
             finished, _ = await asyncio.wait([done, progress, *exits], timeout=options.timeout, return_when=asyncio.FIRST_COMPLETED)
             if not finished:
@@ -185,6 +201,82 @@ async def _watch(tap: WireTap, children: _Children, options: SimulationOptions, 
     finally:
         for task in [done, *exits]:
             task.cancel()
+
+
+class _AgentSpawner:
+    """Starts agent hosts, each agent through its own proxy link when the network is faulty."""
+
+    def __init__(self, options: SimulationOptions, children: _Children, broker_url: str, out: Path,
+                 proxy: FaultProxy | None, late: list[str]) -> None:
+        self.options, self.children, self.broker_url, self.out, self.proxy, self.late = options, children, broker_url, out, proxy, late
+
+    async def __call__(self, ids: list[str], procs: int, prefix: str) -> None:
+        options = self.options
+        slow = options.slow_ids([f"agent-{i}" for i in range(options.agents)])
+        for p in range(min(procs, len(ids))):
+            group = ids[p::procs]
+            urls = [self.proxy.link(i).url for i in group] if self.proxy else []
+            await self.children.spawn(
+                f"{prefix}-{p}", "_agent-host", f"--broker={self.broker_url}", f"--fleet={FLEET}",
+                f"--client-ids={','.join(group)}", f"--state-root={self.out / 'agents'}",
+                *([f"--broker-urls={','.join(urls)}"] if urls else []),
+                "--task=digits", *options.task_options(), f"--seed={options.seed}",
+                f"--slow-ids={','.join(slow)}", f"--slowdown={options.slowdown}",
+                f"--emulated-train-seconds={options.emulated_train_seconds}",
+                f"--attacks={','.join(f'{k}={v}' for k, v in options.attacks.items())}",
+            )
+
+    def heal(self) -> None:
+        """The run is over: every link heals and turns clean, so every agent can fetch the final model."""
+        if self.proxy is not None:
+            for link in self.proxy.links.values():
+                link.profile = LinkProfile()
+            self.proxy.heal_all()
+
+
+@contextlib.asynccontextmanager
+async def _chaos(options: SimulationOptions, broker: LocalBroker, children: _Children, aggregator_args: tuple[str, ...],
+                 ids: list[str], out: Path) -> AsyncIterator[_AgentSpawner]:
+    """The run's faults (chaos.py): a FaultProxy with one link per agent and a controller, when asked for."""
+    chaos = options.chaos
+    record = ChaosLog(late_joiners=late_ids(ids, chaos, options.seed))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            yield await _enter_chaos(stack, options, broker, children, aggregator_args, ids, out, record)
+    finally:
+        if chaos.active:
+            record.write(out)
+
+
+async def _enter_chaos(stack: contextlib.AsyncExitStack, options: SimulationOptions, broker: LocalBroker, children: _Children,
+                       aggregator_args: tuple[str, ...], ids: list[str], out: Path, record: ChaosLog) -> _AgentSpawner:
+    chaos = options.chaos
+    proxy = None
+    if chaos.needs_proxy:
+        proxy = await stack.enter_async_context(FaultProxy(seed=options.seed))
+        for client in ids:
+            await proxy.add_link(client, (broker.host, broker.port), chaos.profile())
+        dropouts = plan_dropouts([i for i in ids if i not in record.late_joiners], chaos, options.rounds, options.seed)
+        record.dropouts = [str(f) for f in dropouts]
+        proxy.schedule([*parse_schedule(chaos.faults), *dropouts])
+    spawner = _AgentSpawner(options, children, broker.url, out, proxy, record.late_joiners)
+    if chaos.active:
+        restarts = iter(range(2, 1000))
+
+        async def restart_aggregator() -> None:
+            name = next((n for n in reversed(children.processes) if n.startswith("aggregator")), "aggregator")
+            children.killed.add(name)
+            children.processes[name].kill()
+            await children.processes[name].wait()
+            await children.spawn(f"aggregator-{next(restarts)}", *aggregator_args)
+
+        async def restart_broker() -> None:
+            await broker.kill()
+            await broker.start()
+
+        hooks = ChaosHooks(restart_aggregator, restart_broker, lambda: spawner(record.late_joiners, 1, "agents-late"))
+        await stack.enter_async_context(ChaosController(chaos, BrokerAddress.parse(broker.url), FLEET, proxy, hooks, record))
+    return spawner
 
 
 def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: float, broker_peak: float | None) -> SimulationReport:

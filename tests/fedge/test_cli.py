@@ -46,7 +46,8 @@ async def test_aggregator_and_agent_processes_run_a_round_and_exit(broker, fleet
     async with asyncio.timeout(90), raw_peer(BrokerAddress.parse(broker.url), "observer", Topics(fleet).status) as peer:
         aggregator = await _spawn("aggregator", *common, "--rounds=1", "--target=2", "--min=2", f"--store={tmp_path / 'agg.sqlite'}")
         agents = [
-            await _spawn("agent", *common, f"--client-id=agent-{i}", f"--state-dir={tmp_path / str(i)}", "--exit-when-final")
+            # --policy=always: the default policy waits for an idle CPU, which a shared test machine is not
+            await _spawn("agent", *common, f"--client-id=agent-{i}", f"--state-dir={tmp_path / str(i)}", "--exit-when-final", "--policy=always")
             for i in range(2)
         ]
         status = RoundStatus.from_bytes(await peer.next_payload(Topics(fleet).status))
