@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -23,10 +25,24 @@ async def _spawn(*args: str) -> asyncio.subprocess.Process:
     )
 
 
+@contextlib.asynccontextmanager
+async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Children spawned in the block are killed when it ends, passed or failed: no orphans."""
+    spawned: list[asyncio.subprocess.Process] = []
+    try:
+        yield spawned
+    finally:
+        for process in spawned:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
 @pytest.mark.integration
 async def test_fedge_broker_serves_and_stops_cleanly_on_ctrl_c():
-    async with asyncio.timeout(30):
+    async with processes() as spawned, asyncio.timeout(30):
         broker = await _spawn("broker")
+        spawned.append(broker)
         line = (await broker.stdout.readline()).decode()
         assert line.startswith("mosquitto listening on mqtt://127.0.0.1:"), line
         url = line.split()[3]
@@ -43,13 +59,14 @@ async def test_fedge_broker_serves_and_stops_cleanly_on_ctrl_c():
 @pytest.mark.integration
 async def test_aggregator_and_agent_processes_run_a_round_and_exit(broker, fleet, tmp_path):
     common = [f"--broker={broker.url}", f"--fleet={fleet}", "--task=digits", "--task-opt=clients=2"]
-    async with asyncio.timeout(90), raw_peer(BrokerAddress.parse(broker.url), "observer", Topics(fleet).status) as peer:
+    async with processes() as spawned, asyncio.timeout(90), raw_peer(BrokerAddress.parse(broker.url), "observer", Topics(fleet).status) as peer:
         aggregator = await _spawn("aggregator", *common, "--rounds=1", "--target=2", "--min=2", f"--store={tmp_path / 'agg.sqlite'}")
-        agents = [
+        spawned.append(aggregator)
+        agents = []
+        for i in range(2):
             # --policy=always: the default policy waits for an idle CPU, which a shared test machine is not
-            await _spawn("agent", *common, f"--client-id=agent-{i}", f"--state-dir={tmp_path / str(i)}", "--exit-when-final", "--policy=always")
-            for i in range(2)
-        ]
+            agents.append(await _spawn("agent", *common, f"--client-id=agent-{i}", f"--state-dir={tmp_path / str(i)}", "--exit-when-final", "--policy=always"))
+            spawned.append(agents[-1])
         status = RoundStatus.from_bytes(await peer.next_payload(Topics(fleet).status))
         while status.state is not RoundState.FINISHED:
             status = RoundStatus.from_bytes(await peer.next_payload(Topics(fleet).status))
