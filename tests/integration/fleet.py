@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -111,3 +116,22 @@ class ManualGate:
 
     def why_not(self) -> str:
         return "" if self._open.is_set() else "closed by the test"
+
+
+def run_fedge(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m fedge ARGS`` in its own process group; on timeout kill the whole group, so a
+    hung simulation's broker, aggregator and agents do not outlive the test."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedge", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"fedge {' '.join(args)} did not finish in {timeout}s:\n{out}\n{err}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from aggregator.store import Store
+from tests.integration.fleet import run_fedge
 
 pytestmark = pytest.mark.integration
 
 
 def simulate(out: Path, *flags: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "fedge", "simulate", f"--out={out}", "--quiet", *flags],
-        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
-    )
+    done = run_fedge("simulate", f"--out={out}", "--quiet", *flags, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "final accuracy" in done.stdout
     return json.loads((out / "report.json").read_text())
