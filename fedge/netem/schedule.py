@@ -1,14 +1,19 @@
-"""Scheduled faults: "cut agent-7 for 20 s at round 3", "cut agents-0 for 5 s 10 s after start".
+"""Scheduled faults: "cut agent-7 for 20 s at round 3", "cut agent-0 for 5 s, 10 s after start".
 
-A spec is a comma-separated list of ``LINK@WHEN+SECONDS[!]`` where WHEN is ``rN`` (when round N
-opens, as told by ``FaultProxy.notify_round``) or ``tN`` (N seconds after the proxy started), and
-SECONDS is the length of the black hole (``inf`` = for the rest of the run). A trailing ``~``
-keeps the connections alive through the cut (a blip TCP rides out) instead of resetting them
-when it heals (both ends gave up, as MQTT keepalives would). A second kind, ``LINK@rN^SECONDS``,
-cuts the link the moment it starts its next upload (an upstream chunk of at least
-``link.UPLOAD_BYTES`` or carrying fedge's update topic) once round N is open: a device that vanishes mid-upload. ``LINK@rN>SECONDS`` lets
-that upload through and cuts at the first bytes coming back: the upload arrived but its
-acknowledgement and receipt are lost, so the device sends it again (a QoS 1 redelivery).
+A spec is a comma-separated list of faults, each ``LINK@WHEN OP SECONDS [~]`` (no spaces):
+
+- WHEN is ``rN`` (when round N opens, as told by ``FaultProxy.notify_round``) or ``tN`` (N s
+  after the schedule was given); SECONDS is the length of the black hole (``inf``: until
+  ``heal()``/``heal_all()``).
+- OP ``+`` cuts the link then. ``^`` waits for the link's next upload (an upstream chunk of at
+  least ``link.UPLOAD_BYTES`` or carrying fedge's update topic) and cuts before it gets through:
+  a device vanishing mid-upload. ``>`` lets that upload through and cuts at the first bytes
+  coming back: the upload arrived but its PUBACK and receipt are lost, so the device sends it
+  again (a QoS 1 redelivery the aggregator must dedupe).
+- A trailing ``~`` keeps the connections through the cut (a blip TCP rides out); by default they
+  are reset when it heals (both ends gave up, as MQTT keepalives would).
+
+Examples: ``agent-7@r3+20``, ``agent-2@t30+5~``, ``agent-4@r2^inf``, ``agent-1@r2>0.3``.
 """
 
 from __future__ import annotations
