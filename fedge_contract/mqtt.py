@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Self
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -291,3 +292,43 @@ class Connection:
         if not attempt.done() or attempt.cancelled():
             raise aiomqtt.MqttError("connection dropped before the PUBACK")
         attempt.result()
+
+
+class Subscriber:
+    """A passive watcher: its own clean-session connection, every non-empty payload handed to
+    ``on_message`` in arrival order.
+
+    For observers of a fleet (the simulation's wire tap and chaos controller, status tools,
+    tests), not for the agent or the aggregator, which own their loops. Entering returns once
+    subscribed, so nothing published afterwards is missed; leaving stops the consumer and closes
+    the connection.
+    """
+
+    def __init__(self, address: BrokerAddress, identifier: str, subscriptions: list[str]) -> None:
+        self._connection = Connection(address, identifier[:64], subscriptions=subscriptions, persistent=False)
+        self._consumer: asyncio.Task[None] | None = None
+
+    async def on_message(self, topic: str, payload: bytes) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self._connection.__aenter__()
+        try:
+            await self._connection.connected.wait()
+        except BaseException:
+            await self._connection.__aexit__(None, None, None)
+            raise
+        self._consumer = asyncio.create_task(self._consume(), name=f"subscriber:{self._connection.identifier}")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._consumer is not None:
+            await cancel_and_wait([self._consumer])
+            self._consumer = None
+        await self._connection.__aexit__(None, None, None)
+
+    async def _consume(self) -> None:
+        while True:
+            message = await self._connection.messages.get()
+            if isinstance(message.payload, bytes) and message.payload:
+                await self.on_message(str(message.topic), message.payload)

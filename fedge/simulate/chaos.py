@@ -8,18 +8,18 @@ is written to ``chaos.json`` in the report folder.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from pathlib import Path
 
 from fedge.netem import PROFILES, Fault, FaultProxy, LinkProfile, parse_schedule
 from fedge_contract import RoundState, RoundStatus, Topics
-from fedge_contract.mqtt import BrokerAddress, Connection
+from fedge_contract.mqtt import BrokerAddress, Subscriber
 
 log = logging.getLogger("fedge.simulate")
 
@@ -104,7 +104,7 @@ class ChaosHooks:
     start_late_joiners: Callable[[], Awaitable[None]]
 
 
-class ChaosController:
+class ChaosController(Subscriber):
     """Watches the fleet's status and fires the round-triggered faults; an async context manager."""
 
     def __init__(self, options: ChaosOptions, address: BrokerAddress, fleet: str, proxy: FaultProxy | None,
@@ -113,33 +113,19 @@ class ChaosController:
         self.proxy = proxy
         self.hooks = hooks
         self.log = log_
-        self._topics = Topics(fleet)
-        self._connection = Connection(address, f"fedge-chaos-{fleet}", subscriptions=[self._topics.status], persistent=False)
-        self._task: asyncio.Task[None] | None = None
         self._opened = 0
         self._done: set[str] = set()
+        super().__init__(address, f"fedge-chaos-{fleet}", [Topics(fleet).status])
 
-    async def __aenter__(self) -> ChaosController:
-        await self._connection.__aenter__()
-        self._task = asyncio.create_task(self._watch(), name="chaos")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._connection.__aexit__(None, None, None)
+    async def __aexit__(self, *exc: Any) -> None:
+        await super().__aexit__(*exc)
         if self.proxy is not None:
             self.log.links = {name: dict(vars(link.stats)) for name, link in self.proxy.links.items()}
 
-    async def _watch(self) -> None:
-        while True:
-            message = await self._connection.messages.get()
-            if not isinstance(message.payload, bytes) or not message.payload:
-                continue
-            status = RoundStatus.from_bytes(message.payload)
-            if status.state is RoundState.OPEN:
-                await self._on_open(status)
+    async def on_message(self, topic: str, payload: bytes) -> None:
+        status = RoundStatus.from_bytes(payload)
+        if status.state is RoundState.OPEN:
+            await self._on_open(status)
 
     async def _on_open(self, status: RoundStatus) -> None:
         if status.round > self._opened:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from fedge_contract import DecodeError, GlobalModel, RoundState, RoundStatus, Topics, Update
-from fedge_contract.mqtt import BrokerAddress, Connection
+from fedge_contract.mqtt import BrokerAddress, Subscriber
 
 _MAX = 2**31
 
@@ -27,7 +27,7 @@ class RoundTraffic:
     closed_at: float | None = None
 
 
-class WireTap:
+class WireTap(Subscriber):
     def __init__(self, address: BrokerAddress, fleet: str, subscribers: int) -> None:
         self.topics = Topics(fleet)
         self.subscribers = subscribers  # agents receiving each global model
@@ -36,36 +36,19 @@ class WireTap:
         self.unattributed_bytes = 0
         self.finished = asyncio.Event()
         self.progress = asyncio.Queue[RoundStatus]()
-        self._connection = Connection(address, f"fedge-wiretap-{fleet}", subscriptions=[f"{self.topics.prefix}/#"], persistent=False)
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> WireTap:
-        await self._connection.__aenter__()
-        await self._connection.connected.wait()
-        self._task = asyncio.create_task(self._consume(), name="wiretap")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._connection.__aexit__(None, None, None)
+        super().__init__(address, f"fedge-wiretap-{fleet}", [f"{self.topics.prefix}/#"])
 
     def bytes_down(self, round_no: int) -> int:
         return sum(self.rounds[round_no].global_payloads) * self.subscribers
 
-    async def _consume(self) -> None:
-        while True:
-            message = await self._connection.messages.get()
-            topic = str(message.topic)
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            now = time.monotonic()
-            if topic == self.topics.global_model and payload:
-                self._on_global(payload)
-            elif topic == self.topics.status and payload:
-                self._on_status(payload, now)
-            elif topic.startswith(f"{self.topics.prefix}/updates/"):
-                self._on_update(payload)
+    async def on_message(self, topic: str, payload: bytes) -> None:
+        now = time.monotonic()
+        if topic == self.topics.global_model:
+            self._on_global(payload)
+        elif topic == self.topics.status:
+            self._on_status(payload, now)
+        elif topic.startswith(f"{self.topics.prefix}/updates/"):
+            self._on_update(payload)
 
     def _on_global(self, payload: bytes) -> None:
         model = GlobalModel.from_bytes(payload, max_bytes=_MAX)

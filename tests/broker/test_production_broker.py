@@ -23,7 +23,7 @@ from edge_agent import Agent
 from fedge_contract import Topics, Update
 from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.mqtt import BrokerAddress, make_client
-from tests.integration.fleet import agent_config, aggregator_config, run_fleet
+from tests.integration.fleet import agent_config, aggregator_config
 
 pytestmark = pytest.mark.integration
 FLEET = "secure"

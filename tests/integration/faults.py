@@ -19,13 +19,13 @@ from pathlib import Path
 
 from aggregator.store import Store
 from fedge_contract import DecodeError, GlobalModel, Receipt, ReceiptStatus, RoundStatus, Topics, Update
-from fedge_contract.mqtt import BrokerAddress, Connection
+from fedge_contract.mqtt import BrokerAddress, Subscriber
 from tests.integration.fleet import DIGITS_5
 
 _MAX = 2**31
 
 
-class Observer:
+class Observer(Subscriber):
     """A plain MQTT subscriber to a fleet's receipts, updates, status and global model.
 
     ``until(predicate)`` returns once the predicate holds after some message: tests wait on
@@ -39,39 +39,21 @@ class Observer:
         self.statuses: list[RoundStatus] = []
         self.globals: list[GlobalModel] = []
         self._changed = asyncio.Event()
-        self._connection = Connection(address, f"observer-{fleet}"[:64], subscriptions=[f"{self.topics.prefix}/#"], persistent=False)
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(address, f"observer-{fleet}", [f"{self.topics.prefix}/#"])
 
-    async def __aenter__(self) -> Observer:
-        await self._connection.__aenter__()
-        await self._connection.connected.wait()
-        self._task = asyncio.create_task(self._consume(), name="observer")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._connection.__aexit__(None, None, None)
-
-    async def _consume(self) -> None:
-        while True:
-            message = await self._connection.messages.get()
-            topic, payload = str(message.topic), message.payload
-            if not isinstance(payload, bytes) or not payload:
-                continue
-            if "/receipts/" in topic:
-                self.receipts.append(Receipt.from_bytes(payload))
-            elif "/updates/" in topic:
-                try:
-                    self.updates.setdefault(Update.from_bytes(payload, max_bytes=_MAX).update_id, payload)
-                except DecodeError:
-                    pass
-            elif topic == self.topics.status:
-                self.statuses.append(RoundStatus.from_bytes(payload))
-            elif topic == self.topics.global_model:
-                self.globals.append(GlobalModel.from_bytes(payload, max_bytes=_MAX))
-            self._changed.set()
+    async def on_message(self, topic: str, payload: bytes) -> None:
+        if "/receipts/" in topic:
+            self.receipts.append(Receipt.from_bytes(payload))
+        elif "/updates/" in topic:
+            try:
+                self.updates.setdefault(Update.from_bytes(payload, max_bytes=_MAX).update_id, payload)
+            except DecodeError:
+                pass
+        elif topic == self.topics.status:
+            self.statuses.append(RoundStatus.from_bytes(payload))
+        elif topic == self.topics.global_model:
+            self.globals.append(GlobalModel.from_bytes(payload, max_bytes=_MAX))
+        self._changed.set()
 
     async def until(self, predicate: Callable[[Observer], bool]) -> None:
         while not predicate(self):
