@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedge_contract import TaskConfig
+
 
 @dataclass(frozen=True)
 class RoundRow:
@@ -79,7 +81,8 @@ def _plot(report: SimulationReport, path: Path) -> None:
     acc_ax.plot(rounds, [r.accuracy for r in report.rounds], marker="o", markersize=3)
     acc_ax.set_ylabel("test accuracy")
     acc_ax.grid(alpha=0.3)
-    acc_ax.set_title(f"{report.options['agents']} agents, alpha {report.options['alpha']}, codec {report.options['training'].get('codec', 'default')}")
+    codec = report.options["training"].get("codec") or TaskConfig().codec  # the contract's default when not set
+    acc_ax.set_title(f"{report.options['agents']} agents, alpha {report.options['alpha']}, codec {codec}")
     bytes_ax.bar([r - 0.2 for r in rounds], [r.bytes_up / 1024 for r in report.rounds], width=0.4, label="up (updates)")
     bytes_ax.bar([r + 0.2 for r in rounds], [r.bytes_down / 1024 for r in report.rounds], width=0.4, label="down (global model)")
     bytes_ax.set_ylabel("KiB per round")
