@@ -57,7 +57,7 @@ def run_doctor(raw: RawSettings, out: TextIO, *, load_seconds: float = 2.0, brok
         report.ok("config", f"client {settings.agent.client_id}, fleet {settings.agent.fleet}, task {settings.agent.task}")
     except SettingsError as exc:
         settings = None
-        report.fail("config", str(exc).replace("\n", " "), "fix the settings above (see deploy/README or `fedge agent --help`)")
+        report.fail("config", str(exc).replace("\n", " "), "fix the settings above (see deploy/README.md or `fedge agent --help`)")
     snapshot = _probe(raw, load_seconds)
     _device_lines(report, snapshot)
     try:
