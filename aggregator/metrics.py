@@ -1,0 +1,153 @@
+"""Prometheus metrics of one aggregator, and the small HTTP server that exposes them.
+
+Each aggregator owns its own ``CollectorRegistry`` (tests run several in one process, and the
+global registry would mix them). The service feeds ``AggregatorMetrics`` where it already
+counts (receipts, round open/close, presence); bytes published are read from the connection at
+scrape time so they cannot drift from what was sent. ``MetricsServer`` serves ``GET /metrics``
+from an ``asyncio`` server owned by an async context manager: no thread outlives the aggregator
+(prometheus_client's ``start_http_server`` starts a daemon thread that nothing stops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from types import TracebackType
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from fedge_contract.aio import cancel_and_wait
+
+log = logging.getLogger("fedge.aggregator.metrics")
+
+ROUND_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
+
+
+class _Published(Collector):
+    """``fedge_bytes_published_total``: what the aggregator's connection has sent, read at scrape time."""
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("fedge_bytes_published", "Payload bytes the aggregator published (models, receipts, status)",
+                                  value=self.read())
+
+
+class AggregatorMetrics:
+    """The aggregator's counters and gauges, in a registry of their own."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.updates = Counter("fedge_updates", "Updates answered, by receipt status and reason code", ["status", "reason"], registry=r)
+        self.bytes_received = Counter("fedge_update_bytes_received", "Update payload bytes received", ["status"], registry=r)
+        self.rounds = Counter("fedge_rounds_closed", "Rounds (async: buffers) closed into a new model version", registry=r)
+        self.model_version = Gauge("fedge_model_version", "Version of the current global model", registry=r)
+        self.round = Gauge("fedge_round", "Number of the open round (async: the buffer's version)", registry=r)
+        self.round_accepted = Gauge("fedge_round_accepted_updates", "Updates accepted into the open round", registry=r)
+        self.round_target = Gauge("fedge_round_target_updates", "Updates that close the open round", registry=r)
+        self.online = Gauge("fedge_online_agents", "Agents whose retained presence says online", registry=r)
+        self.round_seconds = Histogram("fedge_round_duration_seconds", "Seconds from a round's opening to its new model",
+                                       buckets=ROUND_SECONDS_BUCKETS, registry=r)
+        self.accuracy = Gauge("fedge_eval_accuracy", "Held-out accuracy of the latest model (if evaluated)", registry=r)
+        self.loss = Gauge("fedge_eval_loss", "Held-out loss of the latest model (if evaluated)", registry=r)
+        self._published = _Published(lambda: 0)
+        r.register(self._published)
+        self._opened: float | None = None
+
+    def watch_published(self, read: Callable[[], int]) -> None:
+        """Report ``read()`` as the bytes published (the current connection's count)."""
+        self._published.read = read
+
+    def receipt(self, status: str, reason: str, nbytes: int) -> None:
+        self.updates.labels(status=status, reason=reason.split(":", 1)[0]).inc()
+        self.bytes_received.labels(status=status).inc(nbytes)
+
+    def round_opened(self, number: int, version: int, accepted: int, target: int) -> None:
+        if self._opened is None:  # an extension or re-announcement is the same round
+            self._opened = self.clock()
+        self.round.set(number)
+        self.model_version.set(version)
+        self.round_accepted.set(accepted)
+        self.round_target.set(target)
+
+    def accepted(self, count: int) -> None:
+        self.round_accepted.set(count)
+
+    def round_closed(self, version: int, metrics: dict[str, float]) -> None:
+        if self._opened is not None:
+            self.round_seconds.observe(self.clock() - self._opened)
+            self._opened = None
+        self.rounds.inc()
+        self.model_version.set(version)
+        if "accuracy" in metrics:
+            self.accuracy.set(metrics["accuracy"])
+        if "loss" in metrics:
+            self.loss.set(metrics["loss"])
+
+    def online_agents(self, count: int) -> None:
+        self.online.set(count)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """``GET /metrics`` over HTTP/1.0 on ``host:port`` (port 0: a free one, see ``.port``) while the block runs."""
+
+    def __init__(self, render: Callable[[], bytes], host: str = "127.0.0.1", port: int = 0, *, path: str = "/metrics") -> None:
+        self.render = render
+        self.host = host
+        self.port = port
+        self.path = path
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()  # Python 3.11's Server.wait_closed does not wait for them
+
+    async def __aenter__(self) -> MetricsServer:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d%s", self.host, self.port, self.path)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._server is not None:
+            self._server.close()
+            await cancel_and_wait(list(self._handlers))
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            async with asyncio.timeout(10):  # a client that never finishes its request does not hold a socket
+                request = await reader.readuntil(b"\r\n\r\n")
+            method, _, rest = request.partition(b" ")
+            target = rest.split(b" ", 1)[0].decode("latin-1")
+            if method not in (b"GET", b"HEAD"):
+                self._respond(writer, 405, b"method not allowed\n", "text/plain")
+            elif target.split("?", 1)[0] != self.path:
+                self._respond(writer, 404, b"not found: try /metrics\n", "text/plain")
+            else:
+                body = self.render()
+                self._respond(writer, 200, b"" if method == b"HEAD" else body, CONTENT_TYPE_LATEST, length=len(body))
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._handlers.discard(task)
+
+    @staticmethod
+    def _respond(writer: asyncio.StreamWriter, code: int, body: bytes, content_type: str, *, length: int | None = None) -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[code]
+        head = f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n"
+        writer.write(head.encode("latin-1") + b"Connection: close\r\n\r\n" + body)
