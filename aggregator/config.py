@@ -54,6 +54,8 @@ class AggregatorConfig:
     dp_delta: float = 1e-5
     dp_population: int | None = None  # devices in the fleet: sample rate q = target / population (None: q = 1)
     dp_seed: int | None = None  # tests only: DP noise from a seeded generator instead of OS entropy
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: a free one); None: off
+    metrics_host: str = "127.0.0.1"  # address the metrics server listens on
 
     def __post_init__(self) -> None:
         check_name("fleet", self.fleet)

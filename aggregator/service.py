@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import numpy as np
 from aggregator.async_rounds import AsyncBuffer, scaled
 from aggregator.config import AggregatorConfig
 from aggregator.errors import Rejection, StoreMismatch
+from aggregator.metrics import AggregatorMetrics, MetricsServer
 from aggregator.defence import Defence
 from aggregator.rounds import DeadlineAction, OpenRound
 from aggregator.store import Store
@@ -66,6 +68,8 @@ class Aggregator:
         self.clock = clock
         self.counters: collections.Counter[str] = collections.Counter()
         self.online: set[str] = set()
+        self.metrics = AggregatorMetrics()  # Prometheus; served only with config.metrics_port
+        self.metrics_server: MetricsServer | None = None
         self._task = task
         self._strategy: Strategy = make_strategy(config.strategy, config.strategy_params)
         self._global_chain = parse_chain(config.global_codec)
@@ -73,7 +77,6 @@ class Aggregator:
         self.version = 0
         self.last_metrics: dict[str, float] = {}
         self._announced: Round | None = None  # the round whose model is out, until it closes
-        self._final: bytes | None = None
 
     async def run(self) -> None:
         task = self._task or load_task(self.config.task, self.config.task_options)
@@ -90,15 +93,21 @@ class Aggregator:
         with Store(self.config.store) as store:
             self.store = store
             self.weights = self._resume(initial)
-            async with Connection(
-                self.config.broker,
-                self.config.mqtt_client_id,
-                subscriptions=[self.topics.all_updates, self.topics.all_presence],
-                persistent=True,
-                session_expiry=self.config.session_expiry,
-                on_connect=self._on_reconnect,
-            ) as conn:
+            self.metrics.model_version.set(self.version)
+            async with contextlib.AsyncExitStack() as stack:
+                if self.config.metrics_port is not None:
+                    server = MetricsServer(self.metrics.exposition, self.config.metrics_host, self.config.metrics_port)
+                    self.metrics_server = await stack.enter_async_context(server)
+                conn = await stack.enter_async_context(Connection(
+                    self.config.broker,
+                    self.config.mqtt_client_id,
+                    subscriptions=[self.topics.all_updates, self.topics.all_presence],
+                    persistent=True,
+                    session_expiry=self.config.session_expiry,
+                    on_connect=self._on_reconnect,
+                ))
                 self.conn = conn
+                self.metrics.watch_published(lambda: conn.bytes_published)
                 await self._serve()
 
     # ------------------------------------------------------------------ state
@@ -181,8 +190,9 @@ class Aggregator:
             if payload:  # an empty retained message clears presence: not an error
                 log.warning("bad presence from %s: %s", client, exc)
             self.online.discard(client)
-            return
-        (self.online.add if presence.state == "online" else self.online.discard)(client)
+        else:
+            (self.online.add if presence.state == "online" else self.online.discard)(client)
+        self.metrics.online_agents(len(self.online))
 
     async def _on_update(self, client: str, payload: bytes, rnd: Round) -> None:
         self.counters["bytes_in"] += len(payload)
@@ -220,10 +230,12 @@ class Aggregator:
 
     async def _receipt(self, client: str, update_id: str | None, status: ReceiptStatus, reason: str, rnd: Round, nbytes: int) -> None:
         self.counters[status.value] += 1
+        self.metrics.receipt(status.value, reason, nbytes)
         if status is not ReceiptStatus.ACCEPTED:
             self.counters[f"{status.value}:{reason.split(':', 1)[0]}"] += 1
         level = logging.INFO if status is ReceiptStatus.ACCEPTED else logging.WARNING
-        log.log(level, "receipt round=%d client=%s update=%s status=%s reason=%s", rnd.number, client, update_id, status.value, reason)
+        log.log(level, "receipt round=%d client=%s update=%s status=%s reason=%s", rnd.number, client, update_id, status.value, reason,
+                extra={"round": rnd.number, "client": client, "update": update_id, "status": status.value, "reason": reason})
         self.store.record_receipt(round_no=rnd.number, client_id=client, update_id=update_id, status=status.value, reason=reason, nbytes=nbytes)
         receipt = Receipt(self.config.fleet, client, update_id, status, reason, rnd.number, rnd.base_version)
         await self.conn.publish(self.topics.receipt(client), receipt.to_bytes())
@@ -243,8 +255,10 @@ class Aggregator:
         metrics["aggregate_seconds"] = self.clock() - started
         self.store.set_round_metrics(rnd.number, metrics)
         self.last_metrics = metrics
+        self.metrics.round_closed(self.version, metrics)
         log.info("round %d closed: v%d from %d updates %s", rnd.number, self.version, rnd.accepted,
-                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("accuracy", "loss")))
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("accuracy", "loss")),
+                 extra={"round": rnd.number, "version": self.version, "accepted": rnd.accepted})
 
     def _evaluate(self) -> dict[str, float]:
         set_weights(self._model, self.weights)
@@ -267,6 +281,7 @@ class Aggregator:
 
     async def _announce(self, rnd: Round) -> None:
         self._announced = rnd
+        self.metrics.round_opened(rnd.number, self.version, rnd.accepted, rnd.plan.target)
         payload = self._global(rnd).to_bytes()
         self.counters["bytes_out_global"] += len(payload)
         await self.conn.publish(self.topics.global_model, payload, retain=True)
@@ -288,6 +303,7 @@ class Aggregator:
             rounds_total=self.config.rounds or None,
             last_metrics=self.last_metrics,
         )
+        self.metrics.accepted(status.accepted)
         await self.conn.publish(self.topics.status, status.to_bytes(), retain=True)
 
     async def _publish_final(self) -> None:

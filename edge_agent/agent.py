@@ -243,7 +243,9 @@ class Agent:
         self.stats.receipts.append(receipt)
         if receipt.update_id and self._outbox.remove(receipt.update_id):
             level = logging.INFO if receipt.status in (ReceiptStatus.ACCEPTED, ReceiptStatus.DUPLICATE) else logging.WARNING
-            log.log(level, "%s: update %s %s %s", self.config.client_id, receipt.update_id, receipt.status.value, receipt.reason)
+            log.log(level, "%s: update %s %s %s", self.config.client_id, receipt.update_id, receipt.status.value, receipt.reason,
+                    extra={"client": self.config.client_id, "update": receipt.update_id, "round": receipt.round,
+                           "status": receipt.status.value, "reason": receipt.reason})
 
     # ------------------------------------------------------------------ training
     async def _train_loop(self) -> None:
@@ -355,7 +357,8 @@ class Agent:
         self._state.trained_version = model.model_version
         self._state.fingerprint = model.fingerprint
         self._state.save(self._state_path)
-        log.info("%s: trained round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round, model.model_version, result.num_samples, result.loss)
+        log.info("%s: trained round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round, model.model_version,
+                 result.num_samples, result.loss, extra={"client": self.config.client_id, "update": update.update_id, "round": model.round})
 
     # ------------------------------------------------------------------ upload
     async def _upload_loop(self) -> None:

@@ -74,6 +74,7 @@ def _task_flags(parser: argparse.ArgumentParser) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-file", type=Path, help="log here instead of stderr")
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per line (ts, level, logger, message, client, update, round, reason)")
 
 
 def _defence_flags(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +119,15 @@ def defence_config(args: argparse.Namespace) -> dict[str, Any]:
         lines = args.allow_clients.read_text().splitlines()
         fields["allow_clients"] = frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     return fields
+
+
+def _metrics_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("monitoring")
+    group.add_argument("--metrics-port", type=int, metavar="PORT", help="aggregator: serve Prometheus metrics on http://HOST:PORT/metrics (default off)")
+    group.add_argument("--metrics-host", help="address the metrics server listens on (default 127.0.0.1; 0.0.0.0 for all)")
+
+
+_METRICS_FLAGS = ("metrics_port", "metrics_host")
 
 
 def _chaos_flags(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, default=Path("fedge-aggregator.sqlite"), help="SQLite store (checkpoints, rounds)")
     p.add_argument("--max-update-bytes", type=int, help="largest update accepted (default: 1.25x the float32 model)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating each model on the task's held-out data")
+    _metrics_flags(p)
     _defence_flags(p)
     _common(p)
 
@@ -239,8 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="report folder (default runs/sim-<time>)")
     p.add_argument("--agent-procs", type=int, default=1, help="processes hosting the agents (each its own MQTT connections)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines, only the final table")
+    _metrics_flags(p)
     _defence_flags(p)
     p.add_argument("--attack", action="append", default=[], help=argparse.SUPPRESS)  # TEST ONLY: ID=none|scale10|signflip|nan
+    _common(p)
+
+    p = sub.add_parser("status", help="show a fleet live: round, progress, devices and why they are not training")
+    p.add_argument("--broker", required=True, help="mqtt://[user:password@]host:port or mqtts://...")
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--once", action="store_true", help="print one snapshot of the retained state and exit")
+    _common(p)
+
+    p = sub.add_parser("report", help="render a run's store to PNG plots and an HTML page",
+                       description="Reads RUN_DIR/aggregator.sqlite (a simulate run folder), the folder's only *.sqlite, or a store file.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="where to write report.html and the PNGs (default: RUN_DIR)")
     _common(p)
 
     p = sub.add_parser("_agent-host", help=argparse.SUPPRESS)  # internal: many agents in one process, for simulate
@@ -261,13 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, args.log_file)
+    setup_logging(args.log_level, args.log_file, json=args.log_json)
     report_at_exit(args.command)
     handler = {
         "broker": _run_broker,
         "aggregator": _run_aggregator,
         "agent": _run_agent,
         "simulate": _run_simulate,
+        "status": _run_status,
+        "report": _run_report,
         "_agent-host": _run_agent_host,
     }[args.command]
     try:
@@ -343,6 +370,8 @@ def _run_aggregator(args: argparse.Namespace) -> int:
         store=args.store,
         max_update_bytes=args.max_update_bytes,
         evaluate=not args.no_eval,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host or "127.0.0.1",
         **defence_config(args),
     )
     if config.mode == "async":
@@ -390,6 +419,20 @@ async def _serve_agent(settings: Any) -> None:
         await Agent(settings.agent, gate=gate).run()
 
 
+def _run_status(args: argparse.Namespace) -> int:
+    from fedge.status import run_status
+    from fedge_contract.mqtt import BrokerAddress
+
+    return _run(run_status(BrokerAddress.parse(args.broker, ca_file=args.ca_file), args.fleet, once=args.once))
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from fedge.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out)}")
+    return 0
+
+
 def _run_agent_host(args: argparse.Namespace) -> int:
     from fedge.simulate.agent_host import host_agents
 
@@ -416,7 +459,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         min_updates=args.min_updates,
         deadline=args.deadline,
         strategy=args.strategy,
-        strategy_flags=argv_of(args, _SIM_STRATEGY_FLAGS) + argv_of(args, _SIM_DEFENCE_FLAGS),
+        strategy_flags=argv_of(args, _SIM_STRATEGY_FLAGS) + argv_of(args, _SIM_DEFENCE_FLAGS) + argv_of(args, _METRICS_FLAGS),
         attacks=dict(item.split("=", 1) for item in args.attack),
         global_codec=args.global_codec,
         training=training_overrides(args),
@@ -428,5 +471,6 @@ def _run_simulate(args: argparse.Namespace) -> int:
         agent_procs=args.agent_procs,
         quiet=args.quiet,
         log_level=args.log_level,
+        log_json=args.log_json,
     )
     return _run(simulate(options))

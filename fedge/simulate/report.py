@@ -71,11 +71,9 @@ def write_report(report: SimulationReport, out: Path, console: Console) -> None:
 
 
 def _plot(report: SimulationReport, path: Path) -> None:
-    import matplotlib
+    from fedge.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rounds = [r.round for r in report.rounds]
     fig, (acc_ax, bytes_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     acc_ax.plot(rounds, [r.accuracy for r in report.rounds], marker="o", markersize=3)

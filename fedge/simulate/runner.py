@@ -56,6 +56,7 @@ class SimulationOptions:
     agent_procs: int = 1
     quiet: bool = False
     log_level: str = "info"
+    log_json: bool = False  # children log JSON lines (fedge/logs.py)
     timeout: float = 3600.0  # give up on a run that makes no progress for this long
 
     def __post_init__(self) -> None:
@@ -92,16 +93,17 @@ def _flags(training: dict[str, Any]) -> list[str]:
 class _Children:
     """The child processes of a run; leaving the context stops any still running."""
 
-    def __init__(self, out: Path, log_level: str) -> None:
+    def __init__(self, out: Path, log_level: str, log_json: bool = False) -> None:
         self.out = out
         self.log_level = log_level
+        self.log_flags = ["--log-json"] if log_json else []
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.killed: set[str] = set()  # children killed on purpose (chaos): their exit is not a failure
 
     async def spawn(self, name: str, *args: str) -> asyncio.subprocess.Process:
         env = {**os.environ, PEAK_ENV: str(self.out / "peaks" / f"{name}.json"), "PYTHONUNBUFFERED": "1"}
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fedge", *args, f"--log-file={self.out / 'logs' / f'{name}.log'}", f"--log-level={self.log_level}",
+            sys.executable, "-m", "fedge", *args, f"--log-file={self.out / 'logs' / f'{name}.log'}", f"--log-level={self.log_level}", *self.log_flags,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
         )
         self.processes[name] = process
@@ -128,8 +130,8 @@ class _Children:
 
 
 @contextlib.asynccontextmanager
-async def _children(out: Path, log_level: str) -> AsyncIterator[_Children]:
-    children = _Children(out, log_level)
+async def _children(out: Path, log_level: str, log_json: bool = False) -> AsyncIterator[_Children]:
+    children = _Children(out, log_level, log_json)
     try:
         yield children
     finally:
@@ -150,7 +152,7 @@ async def simulate(options: SimulationOptions) -> int:
 
     async with LocalBroker(data_dir=out / "broker") as broker_proc:
         address = BrokerAddress.parse(broker_proc.url)
-        async with WireTap(address, FLEET, subscribers=options.agents) as tap, _children(out, options.log_level) as children:
+        async with WireTap(address, FLEET, subscribers=options.agents) as tap, _children(out, options.log_level, options.log_json) as children:
             aggregator_args = (
                 "aggregator", f"--broker={broker_proc.url}", f"--fleet={FLEET}", "--task=digits", *options.task_options(),
                 f"--rounds={options.rounds}", f"--target={options.effective_target}", f"--min={options.effective_min}",
@@ -280,7 +282,7 @@ async def _enter_chaos(stack: contextlib.AsyncExitStack, options: SimulationOpti
 
 
 def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: float, broker_peak: float | None) -> SimulationReport:
-    with Store(out / "aggregator.sqlite") as store:
+    with Store(out / "aggregator.sqlite", readonly=True) as store:
         stored = {row["round"]: row for row in store.rounds()}
     rows = []
     for number in sorted(stored):
