@@ -175,3 +175,18 @@ def test_receipts(store: Store) -> None:
         {"round": 1, "client_id": "agent-2", "update_id": None, "status": "rejected", "reason": "malformed: x", "bytes": 7},
     ]
     assert receipts[0]["at"] <= receipts[1]["at"]
+
+
+def test_readonly_store_never_writes(tmp_path):
+    """Reports open stores read-only: a file that is not a fedge store is left exactly as it was."""
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    before = other.read_bytes()
+    with Store(other, readonly=True) as store, pytest.raises(sqlite3.OperationalError, match="no such table"):
+        store.rounds()
+    assert other.read_bytes() == before
+    with sqlite3.connect(other) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
+    with pytest.raises(FileNotFoundError):
+        Store(tmp_path / "missing.sqlite", readonly=True)
