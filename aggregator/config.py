@@ -55,7 +55,8 @@ class AggregatorConfig:
     dp_population: int | None = None  # devices in the fleet: sample rate q = target / population (None: q = 1)
     dp_seed: int | None = None  # tests only: DP noise from a seeded generator instead of OS entropy
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0: a free one); None: off
-    metrics_host: str = "127.0.0.1"  # address the metrics server listens on
+    metrics_host: str = "127.0.0.1"  # address the metrics server (and dashboard) listens on
+    dashboard_port: int | None = None  # serve the web dashboard on this port (0: a free one); None: off
 
     def __post_init__(self) -> None:
         check_name("fleet", self.fleet)
@@ -72,6 +73,8 @@ class AggregatorConfig:
         self._check_defences()
         if "codec" in self.training:
             parse_chain(str(self.training["codec"]))
+        if self.dashboard_port and self.dashboard_port == self.metrics_port:
+            raise ValueError("the dashboard and the metrics need different ports")
 
     @property
     def plan(self) -> RoundPlan:

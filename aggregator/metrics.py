@@ -4,24 +4,22 @@ Each aggregator owns its own ``CollectorRegistry`` (tests run several in one pro
 global registry would mix them). The service feeds ``AggregatorMetrics`` where it already
 counts (receipts, round open/close, presence); bytes published are read from the connection at
 scrape time so they cannot drift from what was sent. ``MetricsServer`` serves ``GET /metrics``
-from an ``asyncio`` server owned by an async context manager: no thread outlives the aggregator
+with ``HttpServer`` (aggregator/httpserver.py): no thread outlives the aggregator
 (prometheus_client's ``start_http_server`` starts a daemon thread that nothing stops).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
-from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from fedge_contract.aio import cancel_and_wait
+from aggregator.httpserver import HttpServer, Route
 
 log = logging.getLogger("fedge.aggregator.metrics")
 
@@ -99,55 +97,9 @@ class AggregatorMetrics:
         return generate_latest(self.registry)
 
 
-class MetricsServer:
+class MetricsServer(HttpServer):
     """``GET /metrics`` over HTTP/1.0 on ``host:port`` (port 0: a free one, see ``.port``) while the block runs."""
 
     def __init__(self, render: Callable[[], bytes], host: str = "127.0.0.1", port: int = 0, *, path: str = "/metrics") -> None:
-        self.render = render
-        self.host = host
-        self.port = port
+        super().__init__({path: Route(CONTENT_TYPE_LATEST, render)}, host, port, name="metrics")
         self.path = path
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()  # Python 3.11's Server.wait_closed does not wait for them
-
-    async def __aenter__(self) -> MetricsServer:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("metrics on http://%s:%d%s", self.host, self.port, self.path)
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._server is not None:
-            self._server.close()
-            await cancel_and_wait(list(self._handlers))
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            async with asyncio.timeout(10):  # a client that never finishes its request does not hold a socket
-                request = await reader.readuntil(b"\r\n\r\n")
-            method, _, rest = request.partition(b" ")
-            target = rest.split(b" ", 1)[0].decode("latin-1")
-            if method not in (b"GET", b"HEAD"):
-                self._respond(writer, 405, b"method not allowed\n", "text/plain")
-            elif target.split("?", 1)[0] != self.path:
-                self._respond(writer, 404, b"not found: try /metrics\n", "text/plain")
-            else:
-                body = self.render()
-                self._respond(writer, 200, b"" if method == b"HEAD" else body, CONTENT_TYPE_LATEST, length=len(body))
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            self._handlers.discard(task)
-
-    @staticmethod
-    def _respond(writer: asyncio.StreamWriter, code: int, body: bytes, content_type: str, *, length: int | None = None) -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[code]
-        head = f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n"
-        writer.write(head.encode("latin-1") + b"Connection: close\r\n\r\n" + body)

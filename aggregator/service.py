@@ -22,6 +22,7 @@ import numpy as np
 from aggregator.async_rounds import AsyncBuffer, scaled
 from aggregator.config import AggregatorConfig
 from aggregator.errors import Rejection, StoreMismatch
+from aggregator.dashboard import DashboardServer, fleet_state
 from aggregator.metrics import AggregatorMetrics, MetricsServer
 from aggregator.defence import Defence
 from aggregator.rounds import DeadlineAction, OpenRound
@@ -70,6 +71,9 @@ class Aggregator:
         self.online: set[str] = set()
         self.metrics = AggregatorMetrics()  # Prometheus; served only with config.metrics_port
         self.metrics_server: MetricsServer | None = None
+        self.dashboard_server: DashboardServer | None = None  # served only with config.dashboard_port
+        self.devices: dict[str, Presence] = {}  # last presence of each device (the dashboard's fleet table)
+        self.status: RoundStatus | None = None  # last status published
         self._task = task
         self._strategy: Strategy = make_strategy(config.strategy, config.strategy_params)
         self._global_chain = parse_chain(config.global_codec)
@@ -98,6 +102,9 @@ class Aggregator:
                 if self.config.metrics_port is not None:
                     server = MetricsServer(self.metrics.exposition, self.config.metrics_host, self.config.metrics_port)
                     self.metrics_server = await stack.enter_async_context(server)
+                if self.config.dashboard_port is not None:
+                    dashboard = DashboardServer(self._dashboard_state, self.config.metrics_host, self.config.dashboard_port)
+                    self.dashboard_server = await stack.enter_async_context(dashboard)
                 conn = await stack.enter_async_context(Connection(
                     self.config.broker,
                     self.config.mqtt_client_id,
@@ -190,8 +197,10 @@ class Aggregator:
             if payload:  # an empty retained message clears presence: not an error
                 log.warning("bad presence from %s: %s", client, exc)
             self.online.discard(client)
+            self.devices.pop(client, None)
         else:
             (self.online.add if presence.state == "online" else self.online.discard)(client)
+            self.devices[client] = presence
         self.metrics.online_agents(len(self.online))
 
     async def _on_update(self, client: str, payload: bytes, rnd: Round) -> None:
@@ -304,7 +313,11 @@ class Aggregator:
             last_metrics=self.last_metrics,
         )
         self.metrics.accepted(status.accepted)
+        self.status = status
         await self.conn.publish(self.topics.status, status.to_bytes(), retain=True)
+
+    def _dashboard_state(self) -> dict[str, Any]:
+        return fleet_state(self.config.fleet, self.status, self.devices, self.store.rounds(), self.store.bytes_by_round(), self.clock())
 
     async def _publish_final(self) -> None:
         await self.conn.publish(self.topics.global_model, self._global(None).to_bytes(), retain=True)

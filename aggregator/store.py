@@ -201,6 +201,10 @@ class Store:
         rows = self._db.execute(f"SELECT {', '.join(cols)} FROM receipts ORDER BY id").fetchall()
         return [dict(zip(cols, row)) for row in rows]
 
+    def bytes_by_round(self) -> dict[int, int]:
+        """Update bytes received per round (every receipt, accepted or not): the fleet's upload traffic."""
+        return dict(self._db.execute("SELECT round, SUM(bytes) FROM receipts GROUP BY round").fetchall())
+
 
 class _Transaction:
     def __init__(self, db: sqlite3.Connection) -> None:

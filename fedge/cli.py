@@ -124,10 +124,11 @@ def defence_config(args: argparse.Namespace) -> dict[str, Any]:
 def _metrics_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("monitoring")
     group.add_argument("--metrics-port", type=int, metavar="PORT", help="aggregator: serve Prometheus metrics on http://HOST:PORT/metrics (default off)")
-    group.add_argument("--metrics-host", help="address the metrics server listens on (default 127.0.0.1; 0.0.0.0 for all)")
+    group.add_argument("--metrics-host", help="address the metrics server and dashboard listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    group.add_argument("--dashboard-port", type=int, metavar="PORT", help="aggregator: serve the web dashboard on http://HOST:PORT/ (default off)")
 
 
-_METRICS_FLAGS = ("metrics_port", "metrics_host")
+_METRICS_FLAGS = ("metrics_port", "metrics_host", "dashboard_port")
 
 
 def _chaos_flags(parser: argparse.ArgumentParser) -> None:
@@ -372,6 +373,7 @@ def _run_aggregator(args: argparse.Namespace) -> int:
         evaluate=not args.no_eval,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host or "127.0.0.1",
+        dashboard_port=args.dashboard_port,
         **defence_config(args),
     )
     if config.mode == "async":
@@ -473,4 +475,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_json=args.log_json,
     )
+    if args.dashboard_port is not None:
+        host = args.metrics_host if args.metrics_host not in (None, "", "0.0.0.0") else "127.0.0.1"
+        where = f"http://{host}:{args.dashboard_port}/" if args.dashboard_port else "a free port (see logs/aggregator.log)"
+        print(f"dashboard: {where}", flush=True)
     return _run(simulate(options))

@@ -53,6 +53,19 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null
   fi
 fi
 
+# Chromium: tests/fedge/test_dashboard_browser.py loads the web dashboard in headless Chromium
+# (Debian's chromium package). Optional: never fails the bootstrap; the browser test skips without it.
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=$(command -v sudo || true)
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "bootstrap: installing chromium with apt-get (for the dashboard browser test)"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } ||
+      echo "bootstrap: chromium could not be installed; the dashboard browser test will skip" >&2
+  else
+    echo "bootstrap: chromium is missing (sudo apt-get install chromium); the dashboard browser test will skip" >&2
+  fi
+fi
+
 stamp=.venv/.fedge-setup
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   if [ ! -x .venv/bin/python ]; then
