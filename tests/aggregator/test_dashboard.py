@@ -29,10 +29,7 @@ async def test_api_state_of_a_real_round(broker_address: BrokerAddress, fleet: s
         async with raw_peer(broker_address, f"{fleet}-observer", topics.status) as peer:
             tasks = [asyncio.create_task(aggregator.run())] + [asyncio.create_task(a.run()) for a in agents]
             try:
-                while True:
-                    status = RoundStatus.from_bytes(await peer.next_payload(topics.status))
-                    if status.model_version == 1 and status.state is RoundState.OPEN:
-                        break
+                status = await peer.wait_open(topics, version=1)
                 assert aggregator.dashboard_server is not None
                 port = aggregator.dashboard_server.port
                 code, body = await _get(port, "/api/state")

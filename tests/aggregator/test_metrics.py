@@ -14,7 +14,7 @@ from aggregator import Aggregator
 from aggregator.metrics import AggregatorMetrics, MetricsServer
 from edge_agent import Agent
 from fedge.logs import JsonFormatter
-from fedge_contract import RoundState, RoundStatus, Topics
+from fedge_contract import Topics
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.mqtt import BrokerAddress
 from tests.integration.fleet import ManualGate, agent_config, aggregator_config, raw_peer
@@ -51,10 +51,7 @@ async def test_metrics_of_a_real_round(broker_address: BrokerAddress, fleet: str
         async with raw_peer(broker_address, f"{fleet}-observer", topics.status, topics.receipt("mallory")) as peer:
             tasks = [asyncio.create_task(aggregator.run())] + [asyncio.create_task(a.run()) for a in agents]
             try:
-                while True:
-                    status = RoundStatus.from_bytes(await peer.next_payload(topics.status))
-                    if status.model_version == 1 and status.state is RoundState.OPEN:
-                        break
+                await peer.wait_open(topics, version=1)
                 await peer.client.publish(topics.update("mallory"), b"not an update", qos=1)
                 await peer.next_payload(topics.receipt("mallory"))
                 assert aggregator.metrics_server is not None

@@ -25,7 +25,7 @@ import websockets
 
 from aggregator import Aggregator
 from edge_agent import Agent
-from fedge_contract import RoundState, RoundStatus, Topics
+from fedge_contract import Topics
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.mqtt import BrokerAddress
 from tests.integration.fleet import ManualGate, agent_config, aggregator_config, raw_peer
@@ -123,10 +123,8 @@ async def test_dashboard_in_headless_chromium(broker_address: BrokerAddress, fle
         async with raw_peer(broker_address, f"{fleet}-observer", topics.status) as peer:
             tasks = [asyncio.create_task(aggregator.run())] + [asyncio.create_task(a.run()) for a in agents]
             try:
-                while True:  # round 2 is open and the agents are held: the page has a stable state to show
-                    status = RoundStatus.from_bytes(await peer.next_payload(topics.status))
-                    if status.model_version == 1 and status.state is RoundState.OPEN:
-                        break
+                # round 2 is open and the agents are held: the page has a stable state to show
+                await peer.wait_open(topics, version=1)
                 assert aggregator.dashboard_server is not None
                 url = aggregator.dashboard_server.url + "/"
                 async with chromium(tmp_path / "chromium-profile") as page:

@@ -17,7 +17,7 @@ import aiomqtt
 
 from aggregator import Aggregator, AggregatorConfig
 from edge_agent import Agent, AgentConfig
-from fedge_contract import Receipt
+from fedge_contract import Receipt, RoundState, RoundStatus, Topics
 from fedge_contract.mqtt import BrokerAddress, make_client
 
 DIGITS_5 = {"clients": "5", "alpha": "0.5"}
@@ -60,6 +60,13 @@ class RawPeer:
             if str(message.topic) == topic and isinstance(message.payload, bytes) and message.payload:
                 return message.payload
         raise AssertionError("connection closed")
+
+    async def wait_open(self, topics: Topics, *, version: int) -> RoundStatus:
+        """The status that opens the round trained on ``version`` (needs a subscription to status)."""
+        while True:
+            status = RoundStatus.from_bytes(await self.next_payload(topics.status))
+            if status.model_version == version and status.state is RoundState.OPEN:
+                return status
 
     async def receipt_list(self, count: int) -> list[Receipt]:
         """The next ``count`` receipts, in arrival order."""
