@@ -24,17 +24,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedge_contract import Update
+from fedge_contract import Update, new_update_id
 from fedge_contract.codecs import decode_weights, encode_weights, parse_chain
 from fedge_contract.tensors import ModelSpec
 
-CHAINS = ["none", "f16+zstd", "q8+zstd", "q4+zstd", "topk:0.1+q8+zstd", "topk:0.01+q8+zstd"]
+CHAINS = [
+    "none", "f16+zstd", "q8+zstd", "q4+zstd", "topk:0.1+q8+zstd", "topk:0.01+q8+zstd",
+    "flat+topk:0.01+q8+zstd", "flat+topk:0.01+q4+zstd",  # model-wide top-k: one tensor, one frame
+]
 TARGET_ACCURACY = 0.90
 TARGET_RATIO = 50.0
 TARGET_MBPS = 200.0
@@ -71,7 +73,7 @@ def random_delta(parameters: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def update_bytes(tensors: Any) -> int:
     update = Update(
-        fleet="sim", client_id="agent-0", update_id=uuid.uuid4().hex, round=12, base_version=12, num_samples=57, tensors=tensors,
+        fleet="sim", client_id="agent-0", update_id=new_update_id(), round=12, base_version=12, num_samples=57, tensors=tensors,
         metrics={"loss": 0.1234567, "accuracy": 0.93, "train_seconds": 0.0456},
     )
     return len(update.to_bytes())

@@ -19,7 +19,6 @@ import concurrent.futures
 import contextlib
 import logging
 import random
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +34,7 @@ from edge_agent.state import AgentState
 from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.seeds import training_seed
 from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
-from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update
+from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.codecs import CodecChain, parse_chain
 from fedge_contract.errors import CodecError
@@ -343,7 +342,7 @@ class Agent:
         update = Update(
             fleet=self.config.fleet,
             client_id=self.config.client_id,
-            update_id=uuid.uuid4().hex,
+            update_id=new_update_id(),
             round=model.round,
             base_version=model.model_version,
             num_samples=result.num_samples,

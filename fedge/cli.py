@@ -32,7 +32,7 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=float, help="local SGD learning rate")
     group.add_argument("--momentum", type=float)
     group.add_argument("--mu", type=float, help="FedProx proximal weight (0 = FedAvg)")
-    group.add_argument("--codec", help="update codec chain agents must use, e.g. topk:0.01+q8+zstd, q8+zstd, f16+zstd, zstd, none (default topk:0.01+q8+zstd)")
+    group.add_argument("--codec", help="update codec chain agents must use, e.g. flat+topk:0.01+q4+zstd, topk:0.01+q8+zstd, q8+zstd, f16+zstd, zstd, none (default flat+topk:0.01+q4+zstd)")
 
 
 def _round_flags(parser: argparse.ArgumentParser, *, target_default: int | None) -> None:

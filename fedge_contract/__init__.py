@@ -15,6 +15,7 @@ from fedge_contract.messages import (
     RoundStatus,
     TaskConfig,
     Update,
+    new_update_id,
 )
 from fedge_contract.topics import Topics
 
@@ -32,4 +33,5 @@ __all__ = [
     "TaskConfig",
     "Topics",
     "Update",
+    "new_update_id",
 ]

@@ -4,6 +4,7 @@ A chain is written like ``topk:0.01+q8+zstd``: stages joined by ``+``, each ``na
 ``name:arg``, in the order they are applied when encoding. Stages fall into ordered classes; a
 chain holds at most one stage of each class, in this order:
 
+    layout    flat                   the whole model as one vector (codec_stages.layout)
     sparsify  topk:<fraction>        keep the largest-|x| coordinates (codec_stages.topk)
     value     f16, bf16              casts (codec_stages.casts)
               q8[:block], q4[:block] per-block scale, stochastic rounding (codec_stages.quant)
@@ -16,7 +17,9 @@ without one) and ``values`` the value stage's bytes for the kept coordinates. Ev
 follows from the codec text and the shape alone, so there are no size fields to trust: the
 decoder computes the exact decompressed size before it decompresses or allocates anything (a
 small payload never expands into gigabytes), and always rebuilds a dense float32 array of the
-expected shape. A lossy chain's sender learns what the receiver will rebuild by decoding its own
+expected shape. With ``flat`` the message holds one such tensor, named ``*``, of shape
+``[num_parameters]``: the model's tensors concatenated in its order, split back by the receiver's
+own spec. A lossy chain's sender learns what the receiver will rebuild by decoding its own
 tensor (edge_agent.residuals does, for error feedback).
 """
 
@@ -29,7 +32,21 @@ from typing import Any
 
 import numpy as np
 
-from fedge_contract.codec_stages import BF16, F16, F32, LZ4, Q4, Q8, LosslessStage, SparsifyStage, TopK, ValueStage, Zstd
+from fedge_contract.codec_stages import (
+    BF16,
+    F16,
+    F32,
+    FLAT_NAME,
+    LZ4,
+    Q4,
+    Q8,
+    Flat,
+    LosslessStage,
+    SparsifyStage,
+    TopK,
+    ValueStage,
+    Zstd,
+)
 from fedge_contract.codec_stages.casts import BF16_MAX, F16_MAX
 from fedge_contract.errors import CodecError, DecodeError, Reason
 from fedge_contract.tensors import MAX_RANK, ModelSpec, TensorSpec, element_count
@@ -40,6 +57,7 @@ __all__ = [
     "CodecChain",
     "CodecError",
     "EncodedTensor",
+    "FLAT_NAME",
     "check_shape",
     "decode_tensor",
     "decode_weights",
@@ -76,7 +94,8 @@ class EncodedTensor:
 _SPARSIFY: dict[str, type] = {"topk": TopK}
 _VALUE: dict[str, type] = {"f16": F16, "bf16": BF16, "q8": Q8, "q4": Q4}
 _LOSSLESS: dict[str, type] = {"zstd": Zstd, "lz4": LZ4}
-_CLASSES = (("sparsify", _SPARSIFY), ("value", _VALUE), ("lossless", _LOSSLESS))
+_LAYOUT: dict[str, type] = {"flat": Flat}
+_CLASSES = (("layout", _LAYOUT), ("sparsify", _SPARSIFY), ("value", _VALUE), ("lossless", _LOSSLESS))
 _F32 = F32()
 
 
@@ -88,6 +107,7 @@ class CodecChain:
     value: ValueStage | None
     lossless: LosslessStage | None
     sparsify: SparsifyStage | None = None
+    flat: bool = False  # the whole model travels as one vector (codec_stages.layout)
 
     @property
     def wire_dtype(self) -> str:
@@ -128,7 +148,7 @@ def _parse(text: str) -> CodecChain:
         name, _, arg = part.partition(":")
         found = [(i, kind, table[name]) for i, (kind, table) in enumerate(_CLASSES) if name in table]
         if not found:
-            known = ", ".join(sorted([*_SPARSIFY, *_VALUE, *_LOSSLESS, "none"]))
+            known = ", ".join(sorted([*_LAYOUT, *_SPARSIFY, *_VALUE, *_LOSSLESS, "none"]))
             raise CodecError(f"codec {text!r}: unknown stage {name!r} (known: {known})")
         index, kind, cls = found[0]
         if kind in stages:
@@ -141,8 +161,9 @@ def _parse(text: str) -> CodecChain:
             stages[kind] = cls(arg)
         except CodecError as exc:
             raise CodecError(f"codec {text!r}: {exc}") from None
-    canonical = "+".join(s.text for s in (stages.get("sparsify"), stages.get("value"), stages.get("lossless")) if s is not None)
-    return CodecChain(canonical, stages.get("value"), stages.get("lossless"), stages.get("sparsify"))
+    ordered = (stages.get("layout"), stages.get("sparsify"), stages.get("value"), stages.get("lossless"))
+    canonical = "+".join(s.text for s in ordered if s is not None)
+    return CodecChain(canonical, stages.get("value"), stages.get("lossless"), stages.get("sparsify"), flat="layout" in stages)
 
 
 def encode_tensor(name: str, values: np.ndarray, chain: CodecChain, rng: np.random.Generator | None = None) -> EncodedTensor:
@@ -206,12 +227,23 @@ def check_shape(shape: object, where: str) -> tuple[int, ...]:
 def encode_weights(
     weights: Mapping[str, np.ndarray], chain: CodecChain, rng: np.random.Generator | None = None
 ) -> tuple[EncodedTensor, ...]:
-    """Encode every tensor of a model (or a delta) in order; ``rng`` as for encode_tensor."""
-    return tuple(encode_tensor(name, values, chain, rng) for name, values in weights.items())
+    """Encode every tensor of a model (or a delta) in order; ``rng`` as for encode_tensor.
+
+    A ``flat`` chain encodes them as one concatenated float32 vector named ``*``.
+    """
+    if not chain.flat:
+        return tuple(encode_tensor(name, values, chain, rng) for name, values in weights.items())
+    arrays = [np.asarray(v) for v in weights.values()]
+    if any(a.dtype.kind != "f" for a in arrays):
+        raise CodecError("a flat codec needs floating-point tensors only")
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
+    return (encode_tensor(FLAT_NAME, flat, chain, rng),)
 
 
 def decode_weights(tensors: tuple[EncodedTensor, ...], spec: ModelSpec) -> dict[str, np.ndarray]:
-    """Decode a whole model or delta; the names must be exactly the spec's, each once."""
+    """Decode a whole model or delta; the names must be exactly the spec's, each once (or one ``*``: flat)."""
+    if len(tensors) == 1 and tensors[0].name == FLAT_NAME:
+        return _decode_flat(tensors[0], spec)
     by_name = spec.by_name()
     seen: dict[str, np.ndarray] = {}
     for tensor in tensors:
@@ -219,8 +251,33 @@ def decode_weights(tensors: tuple[EncodedTensor, ...], spec: ModelSpec) -> dict[
             raise DecodeError(Reason.SHAPE_MISMATCH, f"tensor {tensor.name!r} is not part of the model")
         if tensor.name in seen:
             raise DecodeError(Reason.SHAPE_MISMATCH, f"tensor {tensor.name!r} appears twice")
+        if _chain_of(tensor).flat:
+            raise DecodeError(Reason.CODEC, f"tensor {tensor.name!r}: a flat codec carries the whole model as one tensor named {FLAT_NAME!r}")
         seen[tensor.name] = decode_tensor(tensor, by_name[tensor.name])
     missing = [t.name for t in spec.tensors if t.name not in seen]
     if missing:
         raise DecodeError(Reason.SHAPE_MISMATCH, f"tensors missing: {', '.join(missing[:5])}")
     return {t.name: seen[t.name] for t in spec.tensors}
+
+
+def _chain_of(tensor: EncodedTensor) -> CodecChain:
+    try:
+        return parse_chain(tensor.codec)
+    except CodecError as exc:
+        raise DecodeError(Reason.CODEC, str(exc)) from None
+
+
+def _decode_flat(tensor: EncodedTensor, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Split a flat-coded vector back into the spec's tensors (the split comes from the spec alone)."""
+    if not _chain_of(tensor).flat:
+        raise DecodeError(Reason.CODEC, f"tensor {FLAT_NAME!r} needs a flat codec, got {tensor.codec!r}")
+    if any(t.dtype != "f32" for t in spec.tensors):
+        raise DecodeError(Reason.CODEC, "a flat codec needs a model of float32 tensors only")
+    vector = decode_tensor(tensor, TensorSpec(FLAT_NAME, (spec.num_parameters,)))
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for t in spec.tensors:
+        n = element_count(t.shape)
+        out[t.name] = vector[offset : offset + n].reshape(t.shape)
+        offset += n
+    return out

@@ -5,6 +5,7 @@ knows its canonical text, and computes the sizes it will read from the shape alo
 bounds every buffer before it allocates it, and a payload carries no size field an attacker
 could inflate.
 
+    layout    flat                     (codec_stages.layout)
     sparsify  topk:<fraction>          (codec_stages.topk)
     value     f16, bf16                (codec_stages.casts)
               q8[:block], q4[:block]   (codec_stages.quant)
@@ -13,8 +14,9 @@ could inflate.
 
 from fedge_contract.codec_stages.base import LosslessStage, SparsifyStage, ValueStage
 from fedge_contract.codec_stages.casts import BF16, F16, F32
+from fedge_contract.codec_stages.layout import FLAT_NAME, Flat
 from fedge_contract.codec_stages.lossless import LZ4, Zstd
 from fedge_contract.codec_stages.quant import Q4, Q8
 from fedge_contract.codec_stages.topk import TopK
 
-__all__ = ["BF16", "F16", "F32", "LZ4", "Q4", "Q8", "LosslessStage", "SparsifyStage", "TopK", "ValueStage", "Zstd"]
+__all__ = ["BF16", "F16", "F32", "FLAT_NAME", "LZ4", "Flat", "Q4", "Q8", "LosslessStage", "SparsifyStage", "TopK", "ValueStage", "Zstd"]

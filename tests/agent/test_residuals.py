@@ -37,7 +37,7 @@ def residual_or_zero(store: Residuals, spec: ModelSpec = SPEC) -> dict[str, np.n
 
 @settings(max_examples=40, deadline=None)
 @given(
-    st.sampled_from(["topk:0.1", "topk:0.05+q8", "topk:0.2+q4+zstd", "q4", "q8+lz4", "f16", "bf16"]),
+    st.sampled_from(["topk:0.1", "topk:0.05+q8", "topk:0.2+q4+zstd", "q4", "q8+lz4", "f16", "bf16", "flat+topk:0.1+q4+zstd", "flat+topk:0.05"]),
     st.integers(1, 8),
     st.integers(0, 2**32 - 1),
 )
@@ -57,13 +57,17 @@ def test_sent_plus_residual_equals_the_sum_of_inputs(tmp_path_factory: pytest.Te
 
 
 @settings(max_examples=30, deadline=None)
-@given(hnp.arrays(np.float32, (6, 5), elements=st.floats(-100, 100, width=32)), st.sampled_from(["0.1", "0.25", "0.5"]))
-def test_every_coordinate_is_eventually_transmitted(tmp_path_factory: pytest.TempPathFactory, w: np.ndarray, fraction: str) -> None:
+@given(
+    hnp.arrays(np.float32, (6, 5), elements=st.floats(-100, 100, width=32)),
+    st.sampled_from(["0.1", "0.25", "0.5"]),
+    st.sampled_from(["", "flat+"]),
+)
+def test_every_coordinate_is_eventually_transmitted(tmp_path_factory: pytest.TempPathFactory, w: np.ndarray, fraction: str, layout: str) -> None:
     """One delta, then zeros: within ceil(1 / fraction) rounds top-k has sent every coordinate exactly."""
     store = Residuals(tmp_path_factory.mktemp("agent"))
     delta = {"w": w, "b": np.linspace(-1, 1, 5, dtype=np.float32)}
     zeros = {name: np.zeros_like(values) for name, values in delta.items()}
-    codec = f"topk:{fraction}"
+    codec = f"{layout}topk:{fraction}"
     total = {name: np.zeros_like(values) for name, values in delta.items()}
     rounds = int(np.ceil(1 / float(fraction)))
     for r in range(rounds):

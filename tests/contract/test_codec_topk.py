@@ -68,8 +68,15 @@ def test_positions_travel_as_gaps() -> None:
     values = np.zeros(1000, np.float32)
     values[[5, 6, 900]] = [1.0, 2.0, 3.0]
     data = encode_tensor("t", values, parse_chain("topk:0.003")).data  # k = 3, u16 gaps then f32 values
-    assert np.frombuffer(data[:6], "<u2").tolist() == [5, 1, 894]
+    assert list(data[:6]) == [5, 1, 894 & 0xFF, 0, 0, 894 >> 8]  # byte-planar: the low bytes, then the high bytes
+    assert planar_gaps([5, 1, 894], 1000) == data[:6]
     assert np.frombuffer(data[6:], "<f4").tolist() == [1.0, 2.0, 3.0]
+
+
+def planar_gaps(gaps: list[int], n: int) -> bytes:
+    """Gaps as topk stores them: byte-planar, low bytes first (built independently of the codec)."""
+    width = index_dtype(n).itemsize
+    return bytes((g >> (8 * plane)) & 0xFF for plane in range(width) for g in gaps)
 
 
 # ---------------------------------------------------------------- strict decoding
@@ -77,7 +84,7 @@ def test_positions_travel_as_gaps() -> None:
 
 def reason(gaps: list[int], n: int, codec: str = "topk:0.003", values: list[float] | None = None) -> Reason:
     k = parse_chain(codec).sparsify.count(n)  # type: ignore[union-attr]
-    data = np.array(gaps, index_dtype(n)).tobytes() + np.array(values or [1.0] * k, "<f4").tobytes()
+    data = planar_gaps(gaps, n) + np.array(values or [1.0] * k, "<f4").tobytes()
     with pytest.raises(DecodeError) as info:
         decode_tensor(EncodedTensor("t", "f32", (n,), codec, data), TensorSpec("t", (n,)))
     return info.value.reason
@@ -106,7 +113,7 @@ def test_non_finite_kept_value_is_non_finite() -> None:
 
 
 def test_valid_hand_built_payload_decodes() -> None:
-    data = np.array([0, 2, 997], "<u2").tobytes() + np.array([1.0, -1.0, 4.0], "<f4").tobytes()
+    data = planar_gaps([0, 2, 997], 1000) + np.array([1.0, -1.0, 4.0], "<f4").tobytes()
     decoded = decode_tensor(EncodedTensor("t", "f32", (1000,), "topk:0.003", data), TensorSpec("t", (1000,)))
     assert decoded[[0, 2, 999]].tolist() == [1.0, -1.0, 4.0] and np.count_nonzero(decoded) == 3
 
