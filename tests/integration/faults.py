@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aggregator.store import Store
+from edge_agent.outbox import Outbox
 from fedge_contract import DecodeError, GlobalModel, Receipt, ReceiptStatus, RoundStatus, Topics, Update
 from fedge_contract.mqtt import BrokerAddress, Subscriber
 from tests.integration.fleet import DIGITS_5
@@ -164,4 +165,5 @@ async def owned(*processes: asyncio.subprocess.Process) -> AsyncIterator[list[as
 
 
 def outbox_ids(state_dir: Path) -> set[str]:
-    return {p.name.rsplit("-", 1)[1].removesuffix(".update") for p in (state_dir / "outbox").glob("*.update")}
+    """Ids in an agent's outbox, read as the agent reads them (update ids may contain '-')."""
+    return {pending.update_id for pending in Outbox(state_dir / "outbox").pending()}
