@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import struct
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,12 +27,12 @@ import msgpack
 import numpy as np
 
 from edge_agent.errors import FingerprintMismatch, TrainingFailed
+from fedge_contract.frames import HEADER as _HEADER
+from fedge_contract.frames import pack_frame, read_frame
 from fedge_contract.messages import pack_weights, unpack_weights
 from fedge_contract.tensors import ModelSpec, TensorSpec
 
 log = logging.getLogger("fedge.train_worker")
-_HEADER = struct.Struct(">Q")
-_MAX_FRAME = 2**34  # 16 GiB: a bound, not an expectation
 
 
 @dataclass(frozen=True)
@@ -126,12 +125,11 @@ async def _run_child(request: dict[str, Any], stop: StopSignal | None) -> dict[s
     assert proc.stdin is not None and proc.stdout is not None
     stdin = proc.stdin
     try:
-        body = msgpack.packb(request, use_bin_type=True)
-        stdin.write(_HEADER.pack(len(body)) + body)
+        stdin.write(pack_frame(request))
         await stdin.drain()
         if stop is not None:  # the child stops before its next batch once this byte is in the pipe
             stop.on_set(lambda: None if stdin.is_closing() else stdin.write(b"S"))
-        reply = await _read_frame(proc.stdout)
+        reply = await read_frame(proc.stdout)
         stdin.close()
         code = await proc.wait()
     except BaseException:
@@ -147,16 +145,6 @@ async def _run_child(request: dict[str, Any], stop: StopSignal | None) -> dict[s
             raise FingerprintMismatch(reply.get("error", ""))
         raise TrainingFailed(reply.get("error", "training failed"))
     return reply
-
-
-async def _read_frame(stream: asyncio.StreamReader) -> dict[str, Any] | None:
-    try:
-        (length,) = _HEADER.unpack(await stream.readexactly(_HEADER.size))
-        if length > _MAX_FRAME:
-            return None
-        return msgpack.unpackb(await stream.readexactly(length), raw=False)
-    except asyncio.IncompleteReadError:
-        return None
 
 
 # ---------------------------------------------------------------------- child side
@@ -194,8 +182,7 @@ def _child_main(stdin_fd: int, stdout: BinaryIO) -> int:
     except Exception as exc:  # the parent turns this into a clear TrainingFailed
         log.debug("training failed", exc_info=True)
         reply = {"ok": False, "kind": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    body = msgpack.packb(reply, use_bin_type=True)
-    stdout.write(_HEADER.pack(len(body)) + body)
+    stdout.write(pack_frame(reply))
     stdout.flush()
     return 0
 

@@ -29,6 +29,8 @@ class Reason(str, enum.Enum):
     CLIENT_MISMATCH = "client_mismatch"
     CODEC = "codec"
     FINGERPRINT = "fingerprint"
+    BAD_CHUNK = "bad_chunk"  # a chunk whose size or hash is not the one its manifest lists
+    INCOMPLETE = "incomplete"  # a chunked message whose chunks did not all arrive in time
 
 
 class ContractError(Exception):

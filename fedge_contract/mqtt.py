@@ -149,6 +149,11 @@ class Connection:
     connects again. Leaving cancels and awaits that task. ``publish`` waits for a connection and
     retries after a drop, so callers publish idempotent messages (receipts, retained state,
     updates keyed by update_id) without caring about the network.
+
+    ``subscribe``/``unsubscribe`` change the subscriptions at run time (a receiver fetching the
+    chunks of a large message); every connection subscribes the current list. A persistent
+    session keeps its subscriptions in the broker across connections, so an unsubscribe that could
+    not reach the broker is sent again at the next connect: a dropped subscription never lingers.
     """
 
     def __init__(
@@ -168,7 +173,7 @@ class Connection:
     ) -> None:
         self.address = address
         self.identifier = identifier
-        self.subscriptions = subscriptions
+        self.subscriptions = list(subscriptions)  # ours: subscribe()/unsubscribe() change it
         self.persistent = persistent
         self.will = will
         self.on_connect = on_connect
@@ -182,6 +187,7 @@ class Connection:
         self.connections = 0  # successful connects so far
         self.bytes_published = 0
         self._client: aiomqtt.Client | None = None
+        self._unsubscribed: set[str] = set()  # dropped from `subscriptions`, not yet confirmed by the broker
         self._dropped = asyncio.Event()  # set when the current connection ends (a new one per connection)
         self._delays = self.backoff.delays()
         self._task: asyncio.Task[None] | None = None
@@ -237,9 +243,8 @@ class Connection:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         async with client:
-            for topic in self.subscriptions:
-                await client.subscribe(topic, qos=QOS)
-            self._client = client
+            await self._sync_subscriptions(client)
+            self._client = client  # no await since the sync: later changes go to this client directly
             self._dropped = asyncio.Event()
             self.connections += 1
             self._delays = self.backoff.delays()
@@ -259,6 +264,56 @@ class Connection:
                 if hook is not None:
                     await cancel_and_wait([hook])
 
+    async def _sync_subscriptions(self, client: aiomqtt.Client) -> None:
+        """Make a new connection's subscriptions the current list, including changes made meanwhile."""
+        done: set[str] = set()
+        while True:
+            todo = [t for t in self.subscriptions if t not in done]
+            gone = sorted(self._unsubscribed)
+            if not todo and not gone:
+                return
+            for topic in todo:
+                await client.subscribe(topic, qos=QOS)
+                done.add(topic)
+            for topic in gone:
+                if topic in self._unsubscribed:
+                    await client.unsubscribe(topic)
+                    self._unsubscribed.discard(topic)
+                    done.discard(topic)
+
+    async def subscribe(self, topic: str) -> None:
+        """Subscribe (QoS 1) now and on every later connection.
+
+        Returns once the broker acknowledged it, or at once while offline (the next connection
+        subscribes it). Subscribing again to a filter makes the broker send its retained messages again.
+        """
+        self._unsubscribed.discard(topic)
+        if topic not in self.subscriptions:
+            self.subscriptions.append(topic)
+        await self._on_live_client(lambda client: client.subscribe(topic, qos=QOS, timeout=self.publish_timeout))
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Stop receiving ``topic``; retried at the next connect if the broker did not confirm it."""
+        if topic in self.subscriptions:
+            self.subscriptions.remove(topic)
+        self._unsubscribed.add(topic)
+        if await self._on_live_client(lambda client: client.unsubscribe(topic, timeout=self.publish_timeout)):
+            if topic not in self.subscriptions:
+                self._unsubscribed.discard(topic)
+
+    async def _on_live_client(self, operation: Callable[[aiomqtt.Client], Awaitable[object]]) -> bool:
+        """Run ``operation`` on the current connection if there is one; False if offline or cut off
+        (the next connection's ``_sync_subscriptions`` does it then)."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        try:
+            await self._unless_dropped(operation(client))
+        except aiomqtt.MqttError as exc:
+            log.info("subscription change interrupted (%s); the next connection makes it", exc)
+            return False
+        return True
+
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK, across reconnects if need be."""
         while True:
@@ -268,7 +323,7 @@ class Connection:
                 await asyncio.sleep(0)
                 continue
             try:
-                await self._publish_unless_dropped(client, topic, payload, retain)
+                await self._unless_dropped(client.publish(topic, payload, qos=QOS, retain=retain, timeout=self.publish_timeout))
                 self.bytes_published += len(payload)
                 return
             except aiomqtt.MqttError as exc:
@@ -278,19 +333,19 @@ class Connection:
                 log.info("publish to %s interrupted (%s); retrying", topic, exc)
                 await asyncio.sleep(0.01)
 
-    async def _publish_unless_dropped(self, client: aiomqtt.Client, topic: str, payload: bytes, retain: bool) -> None:
-        """``client.publish``, abandoned as soon as the connection drops: aiomqtt would otherwise wait
-        the whole ``publish_timeout`` for a PUBACK that can no longer come (measured with the netem
-        proxy: every connection reset mid-upload stalled the upload for 30 s)."""
+    async def _unless_dropped(self, operation: Awaitable[object]) -> None:
+        """``operation`` (a publish, subscribe or unsubscribe), abandoned as soon as the connection drops:
+        aiomqtt would otherwise wait the whole ``publish_timeout`` for an ack that can no longer come
+        (measured with the netem proxy: every connection reset mid-upload stalled the upload for 30 s)."""
         dropped = self._dropped
-        attempt = asyncio.create_task(client.publish(topic, payload, qos=QOS, retain=retain, timeout=self.publish_timeout))
+        attempt = asyncio.ensure_future(operation)
         watcher = asyncio.create_task(dropped.wait())
         try:
             await asyncio.wait({attempt, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_and_wait([t for t in (attempt, watcher) if not t.done()])
         if not attempt.done() or attempt.cancelled():
-            raise aiomqtt.MqttError("connection dropped before the PUBACK")
+            raise aiomqtt.MqttError("connection dropped before the broker's ack")
         attempt.result()
 
 

@@ -6,6 +6,16 @@ import re
 from dataclasses import dataclass
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NUMBER = re.compile(r"^(0|[1-9][0-9]{0,9})$")  # canonical decimal: '05' would name chunk 5 twice
+
+
+@dataclass(frozen=True)
+class ChunkTopic:
+    """A chunk's topic split into its set (``base``, the topic of every chunk of one message
+    minus the last level) and its ``index``."""
+
+    base: str
+    index: int
 
 
 def check_name(kind: str, value: str) -> str:
@@ -42,6 +52,10 @@ class Topics:
     def all_updates(self) -> str:
         return f"{self.prefix}/updates/+"
 
+    def shared_updates(self, group: str) -> str:
+        """``all_updates`` as an MQTT 5 shared subscription: the broker hands each update to one member of ``group``."""
+        return f"$share/{check_name('share group', group)}/{self.all_updates}"
+
     @property
     def all_presence(self) -> str:
         return f"{self.prefix}/presence/+"
@@ -54,6 +68,30 @@ class Topics:
 
     def presence(self, client_id: str) -> str:
         return f"{self.prefix}/presence/{check_name('client id', client_id)}"
+
+    # Large messages travel in chunks (fedge_contract/chunks.py), retained on sub-topics of the
+    # message's own topic: the version or update id in the topic keeps chunk sets apart.
+    def global_chunks(self, version: int) -> str:
+        """Base topic of the chunks of global model ``version``: ``fl/<fleet>/global/<version>``."""
+        if version < 0:
+            raise ValueError(f"model version must be >= 0, got {version}")
+        return f"{self.global_model}/{version}"
+
+    def update_chunks(self, client_id: str, update_id: str) -> str:
+        """Base topic of the chunks of one update: ``fl/<fleet>/updates/<client>/<update_id>``."""
+        return f"{self.update(client_id)}/{check_name('update id', update_id)}"
+
+    def chunk_of(self, topic: str) -> ChunkTopic | None:
+        """The chunk set and index of a ``global/<version>/<i>`` or ``updates/<client>/<update_id>/<i>``
+        topic of this fleet, else None."""
+        parts = topic.split("/")
+        if len(parts) < 5 or parts[0] != "fl" or parts[1] != self.fleet or not _NUMBER.match(parts[-1]):
+            return None
+        if len(parts) == 5 and parts[2] == "global" and _NUMBER.match(parts[3]):
+            return ChunkTopic(topic.rsplit("/", 1)[0], int(parts[4]))
+        if len(parts) == 6 and parts[2] == "updates" and _NAME.match(parts[3]) and _NAME.match(parts[4]):
+            return ChunkTopic(topic.rsplit("/", 1)[0], int(parts[5]))
+        return None
 
     def client_of(self, topic: str) -> str | None:
         """The client id in an ``updates/<id>`` or ``presence/<id>`` topic of this fleet, else None."""

@@ -60,3 +60,37 @@ def test_client_of(topic: str, client: str | None) -> None:
 def test_client_of_inverts_update() -> None:
     topics = Topics("f")
     assert topics.client_of(topics.update("agent-42")) == "agent-42"
+
+
+def test_chunk_topics() -> None:
+    topics = Topics("f")
+    assert topics.global_chunks(7) == "fl/f/global/7"
+    assert topics.update_chunks("agent-1", "u_1-x") == "fl/f/updates/agent-1/u_1-x"
+    with pytest.raises(ValueError):
+        topics.update_chunks("agent-1", "a/b")
+    with pytest.raises(ValueError):
+        topics.global_chunks(-1)
+
+
+@pytest.mark.parametrize(
+    "topic, base, index",
+    [
+        ("fl/f/global/7/0", "fl/f/global/7", 0),
+        ("fl/f/global/0/31", "fl/f/global/0", 31),
+        ("fl/f/updates/agent-1/u1/2", "fl/f/updates/agent-1/u1", 2),
+        ("fl/f/global/7/05", None, None),  # not canonical: would name chunk 5 twice
+        ("fl/f/global/07/5", None, None),
+        ("fl/f/global/x/5", None, None),
+        ("fl/f/global/7/-1", None, None),
+        ("fl/f/global/7", None, None),
+        ("fl/g/global/7/0", None, None),  # another fleet
+        ("fl/f/updates/agent-1/2", None, None),
+        ("fl/f/updates/agent-1/u1/2/3", None, None),
+        ("fl/f/presence/agent-1/u1/2", None, None),
+        ("fl/f/updates/bad+id/u1/2", None, None),
+        ("$fedge/chunks/expired", None, None),
+    ],
+)
+def test_chunk_of(topic: str, base: str | None, index: int | None) -> None:
+    found = Topics("f").chunk_of(topic)
+    assert (found.base, found.index) == (base, index) if found else base is None
