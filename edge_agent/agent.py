@@ -6,6 +6,9 @@
   worker thread), writes the encoded delta to the outbox;
 - upload: publishes everything in the outbox, again after every reconnect and periodically until
   a receipt removes it (the aggregator dedupes by update id, so resending is always safe).
+  An update above ``max_message_bytes`` goes as retained chunks plus a manifest, and its chunk
+  topics are emptied once it is answered; a global model that arrives as a manifest is fetched
+  chunk by chunk and used only when complete and verified (fedge_contract/chunks.py).
 - conditions: when the gate's eligibility flips, re-publishes presence (conditions, why not).
 
 This module does not import torch: an agent that isolates its training stays at ~40 MiB while it
@@ -36,10 +39,12 @@ from edge_agent.seeds import training_seed
 from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
 from fedge_contract.aio import cancel_and_wait
+from fedge_contract.chunks import ChunkLimits, Manifest, is_manifest
 from fedge_contract.codecs import CodecChain, parse_chain
-from fedge_contract.errors import CodecError
+from fedge_contract.errors import CodecError, Reason
 from fedge_contract.mqtt import QOS, Backoff, Connection
 from fedge_contract.tensors import ModelSpec
+from fedge_contract.transfer import ChunkReceiver, Received, Refused, clear_chunks, send_chunked
 
 if TYPE_CHECKING:
     from edge_agent.trainer import LocalTrainer, LocalUpdate
@@ -104,6 +109,8 @@ class Agent:
         self._outbox_changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._published: set[str] = set()  # update ids published on the current connection
+        self._chunked: dict[str, int] = {}  # update id -> chunks published retained (cleared once answered)
+        self._to_clear: dict[str, int] = {}  # the same, for answered updates whose chunks the upload task clears
 
     def stop(self) -> None:
         self._stop.set()
@@ -124,6 +131,8 @@ class Agent:
             session_expiry=self.config.session_expiry,
         ) as conn:
             self._conn = conn
+            limits = ChunkLimits(max_size=self.config.max_model_bytes, max_concurrent=1, timeout=self.config.chunk_timeout)
+            self._fetch = ChunkReceiver(conn, self.topics, limits, bad_chunk="skip")
             async with asyncio.TaskGroup() as group:
                 tasks = [
                     group.create_task(self._dispatch(), name="dispatch"),
@@ -133,6 +142,7 @@ class Agent:
                 ]
                 await self._stop.wait()
                 await cancel_and_wait(tasks)
+            self._fetch.close()
             if conn.connected.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
@@ -182,17 +192,52 @@ class Agent:
         while True:
             message = await self._conn.messages.get()
             payload = message.payload if isinstance(message.payload, bytes) else b""
-            if str(message.topic) == self.topics.global_model:
+            topic = str(message.topic)
+            if topic == self.topics.global_model and is_manifest(payload):
+                await self._on_global_manifest(payload)
+            elif topic == self.topics.global_model:
+                for key in self._fetch.keys():
+                    await self._fetch.cancel(key)  # a whole model supersedes the one being fetched
                 await self._on_global(payload)
+            elif self._fetch.owns(topic):
+                for outcome in await self._fetch.handle(topic, payload):
+                    await self._on_fetched(outcome)
             else:
                 self._on_receipt(payload)
 
-    async def _on_global(self, payload: bytes) -> None:
+    async def _on_global_manifest(self, payload: bytes) -> None:
+        """The global model is too large for one message: fetch its chunks (then ``_on_fetched``)."""
+        try:
+            manifest = Manifest.from_bytes(payload, max_size=self.config.max_model_bytes, fleet=self.config.fleet)
+            if manifest.kind != "global":
+                raise DecodeError(Reason.BAD_VALUE, f"a {manifest.kind} manifest on the global model's topic")
+            assert manifest.model_version is not None
+            for key in self._fetch.keys():
+                if key != self.topics.global_chunks(manifest.model_version):
+                    await self._fetch.cancel(key)  # a newer version supersedes the one being fetched
+            await self._fetch.offer(manifest)
+        except DecodeError as exc:
+            await self._refuse_global(exc)
+
+    async def _on_fetched(self, outcome: Received | Refused) -> None:
+        if isinstance(outcome, Received):
+            await self._on_global(outcome.payload, manifest_version=outcome.manifest.model_version)
+        else:
+            await self._refuse_global(outcome.error)
+
+    async def _refuse_global(self, exc: Exception) -> None:
+        self.stats.last_error = str(exc)
+        log.error("%s: refusing global model: %s", self.config.client_id, exc)
+        await self._publish_presence()
+
+    async def _on_global(self, payload: bytes, *, manifest_version: int | None = None) -> None:
         if not payload:
             return  # retained message cleared
         self.stats.bytes_down += len(payload)
         try:
             model = GlobalModel.from_bytes(payload, max_bytes=self.config.max_model_bytes, fleet=self.config.fleet)
+            if manifest_version is not None and model.model_version != manifest_version:
+                raise DecodeError(Reason.BAD_VALUE, f"the manifest announced v{manifest_version}, its chunks hold v{model.model_version}")
             if self._trainer is not None:
                 self._trainer.check(model)  # in-thread training: the trainer knows its model
             elif model.fingerprint != self._spec.fingerprint:  # isolated: the spec the child reported
@@ -201,15 +246,14 @@ class Agent:
                     f"builds {self._spec.fingerprint}: the agent and the aggregator must run the same task"
                 )
         except (DecodeError, FingerprintMismatch) as exc:
-            self.stats.last_error = str(exc)
-            log.error("%s: refusing global model: %s", self.config.client_id, exc)
-            await self._publish_presence()
+            await self._refuse_global(exc)
             return
         if self.stats.last_error:
             self.stats.last_error = ""
             await self._publish_presence()
         for update_id in self._outbox.drop_before(model.round - (staleness_window(model) or 0)):
             log.info("%s: dropped update %s, its round is over", self.config.client_id, update_id)
+            self._answered(update_id)
         if model.final:
             log.info("%s: training finished at model v%d", self.config.client_id, model.model_version)
             if self.config.exit_when_final:
@@ -240,11 +284,27 @@ class Agent:
             log.warning("%s: unreadable receipt: %s", self.config.client_id, exc)
             return
         self.stats.receipts.append(receipt)
+        if receipt.update_id and receipt.reason.startswith(f"{Reason.INCOMPLETE.value}:"):
+            # Its chunks did not all reach the aggregator (a broker that lost retained messages):
+            # the update itself is fine, so publish it again rather than drop it.
+            log.warning("%s: update %s: %s; sending it again", self.config.client_id, receipt.update_id, receipt.reason)
+            self._published.discard(receipt.update_id)
+            self._outbox_changed.set()
+            return
+        if receipt.update_id:
+            self._answered(receipt.update_id)
         if receipt.update_id and self._outbox.remove(receipt.update_id):
             level = logging.INFO if receipt.status in (ReceiptStatus.ACCEPTED, ReceiptStatus.DUPLICATE) else logging.WARNING
             log.log(level, "%s: update %s %s %s", self.config.client_id, receipt.update_id, receipt.status.value, receipt.reason,
                     extra={"client": self.config.client_id, "update": receipt.update_id, "round": receipt.round,
                            "status": receipt.status.value, "reason": receipt.reason})
+
+    def _answered(self, update_id: str) -> None:
+        """An update needs no more sending: have the upload task empty its retained chunk topics."""
+        count = self._chunked.pop(update_id, None)
+        if count:
+            self._to_clear[update_id] = count
+            self._outbox_changed.set()
 
     # ------------------------------------------------------------------ training
     async def _train_loop(self) -> None:
@@ -368,6 +428,9 @@ class Agent:
             except TimeoutError:
                 self._published.clear()  # no receipt for a while: publish again (idempotent)
             self._outbox_changed.clear()
+            while self._to_clear:
+                update_id, count = self._to_clear.popitem()
+                await clear_chunks(self._conn, self.topics.update_chunks(self.config.client_id, update_id), count)
             for pending in self._outbox.pending():
                 if pending.update_id in self._published:
                     continue
@@ -375,6 +438,18 @@ class Agent:
                     payload = pending.payload()
                 except FileNotFoundError:
                     continue  # its receipt arrived meanwhile
-                await self._conn.publish(self.topics.update(self.config.client_id), payload)
+                await self._publish_update(pending.update_id, payload)
                 self._published.add(pending.update_id)
                 self.stats.bytes_up += len(payload)
+
+    async def _publish_update(self, update_id: str, payload: bytes) -> None:
+        """One message up to ``max_message_bytes``; above, retained chunks and then a manifest that
+        the aggregator follows to them (resending republishes the same bytes: idempotent)."""
+        topic = self.topics.update(self.config.client_id)
+        if len(payload) <= self.config.max_message_bytes:
+            await self._conn.publish(topic, payload)
+            return
+        manifest = Manifest.of(payload, fleet=self.config.fleet, kind="update", chunk_size=self.config.max_message_bytes,
+                               client_id=self.config.client_id, update_id=update_id)
+        self._chunked[update_id] = manifest.count
+        await send_chunked(self._conn, self.topics, manifest, payload, topic=topic, retain=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.attack import ATTACKS
+from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.topics import check_name
 
@@ -24,7 +25,11 @@ class AgentConfig:
     session_expiry: int = 24 * 3600  # seconds the broker keeps receipts and the newest model for us
     backoff_base: float = 0.5  # reconnect delay ~ U(0, min(cap, base * 2**attempt))
     backoff_cap: float = 30.0
-    max_model_bytes: int = 256 * 1024 * 1024
+    max_model_bytes: int = 256 * 1024 * 1024  # largest global model accepted, whole or in chunks
+    # An update above this goes out in chunks with a manifest (fedge_contract/chunks.py); keep it a
+    # few KiB below the broker's max_packet_size. The aggregator chunks the global model by its own.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    chunk_timeout: float = 120.0  # seconds without a new chunk of the global model before the partial set is dropped
     torch_threads: int = 1
     exit_when_final: bool = False  # stop once the aggregator announces the final model
     # Train in a child process that exits after each round, so the waiting agent never holds torch
@@ -45,6 +50,8 @@ class AgentConfig:
             raise ValueError(f"unknown attack {self.attack!r}")
         if not self.slowdown >= 1.0 or not self.emulated_train_seconds >= 0:
             raise ValueError("slowdown must be >= 1 and emulated_train_seconds >= 0")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES or not self.chunk_timeout > 0:
+            raise ValueError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got {self.max_message_bytes}; chunk_timeout > 0")
         if self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
         if not 0 <= self.train_nice <= 19:

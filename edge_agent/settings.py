@@ -32,6 +32,7 @@ from typing import Any
 from edge_agent.config import AgentConfig
 from edge_agent.policy import Policy, PolicyError, policy_from_mapping
 from edge_agent.probes import DeviceProbe
+from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedge_contract.mqtt import BrokerAddress
 
 
@@ -44,12 +45,13 @@ KEYS: dict[str, type] = {
     "broker": str, "ca_file": str, "client_id": str, "state_dir": Path, "fleet": str, "task": str,
     "task_options": dict, "seed": int, "torch_threads": int, "train_nice": int, "max_train_memory_mib": float,
     "isolate_training": bool, "exit_when_final": bool, "keepalive": int, "sample_seconds": float,
-    "sysfs_root": Path, "procfs_root": Path,
+    "sysfs_root": Path, "procfs_root": Path, "max_message_bytes": int,
 }
 DEFAULTS: dict[str, Any] = {
     "fleet": "default", "task": "digits", "task_options": {}, "seed": 0, "torch_threads": 1, "train_nice": 10,
     "max_train_memory_mib": None, "isolate_training": True, "exit_when_final": False, "keepalive": 30,
     "sample_seconds": 10.0, "sysfs_root": Path("/sys"), "procfs_root": Path("/proc"),
+    "max_message_bytes": DEFAULT_MAX_MESSAGE_BYTES,
 }
 REQUIRED = {
     "broker": "--broker URL, FEDGE_BROKER or `broker = \"mqtt://host:1883\"` in the config file",
@@ -170,7 +172,7 @@ def build(raw: RawSettings) -> AgentSettings:
             task=values["task"], task_options=values["task_options"], seed=values["seed"],
             keepalive=values["keepalive"], torch_threads=values["torch_threads"], exit_when_final=values["exit_when_final"],
             isolate_training=values["isolate_training"], train_nice=values["train_nice"],
-            max_train_memory_mib=values["max_train_memory_mib"],
+            max_train_memory_mib=values["max_train_memory_mib"], max_message_bytes=values["max_message_bytes"],
         )
     except ValueError as exc:
         raise SettingsError(str(exc)) from None

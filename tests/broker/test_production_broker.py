@@ -144,6 +144,35 @@ async def test_fleet_trains_over_tls_and_a_forged_update_never_reaches_the_aggre
     assert all(a.stats.receipts and a.stats.receipts[0].status.value == "accepted" for a in agents)
 
 
+async def test_chunked_models_and_updates_pass_the_acl_and_chunks_stay_each_devices_own(production, tmp_path):
+    topics = Topics(FLEET)
+    options, small = {"clients": "2", "alpha": "0.5"}, 16 * 1024  # digits in float32: three chunks each way
+    config = aggregator_config(production.accounts[AGGREGATOR_USER], FLEET, tmp_path / "agg.sqlite", rounds=1, target=2, min_updates=2,
+                               task_options=options, training={"codec": "none"}, max_message_bytes=small)
+    aggregator = Aggregator(config)
+    agents = [Agent(agent_config(production.accounts[f"agent-{i}"], FLEET, tmp_path / "agents", i, task_options=options,
+                                 max_message_bytes=small)) for i in range(2)]
+    async with asyncio.timeout(90):
+        await run_fleet_with(asyncio.create_task(aggregator.run()), agents)
+    assert all([r.status.value for r in a.stats.receipts] == ["accepted"] for a in agents)
+
+    async with asyncio.timeout(30), make_client(production.accounts[AGGREGATOR_USER], "observer", persistent=False) as observer:
+        await observer.subscribe(f"fl/{FLEET}/#", qos=1)
+        for topic in (f"{topics.update_chunks('agent-1', 'forged')}/0", f"{topics.global_chunks(1)}/0", f"{topics.global_chunks(7)}/0"):
+            with contextlib.suppress(aiomqtt.MqttError):  # denied: the connection ends (see above)
+                async with make_client(production.accounts["agent-0"], "mallory", persistent=False) as mallory:
+                    await mallory.publish(topic, b"forged chunk", qos=1, retain=True)
+        async with make_client(production.accounts["agent-0"], "mallory", persistent=False) as mallory:
+            await mallory.publish(f"{topics.update_chunks('agent-0', 'own')}/0", b"sentinel", qos=1)  # its own: allowed
+        seen = []
+        async for message in observer.messages:
+            if not message.retain:  # skip the retained state sent on subscribing
+                seen.append((str(message.topic), message.payload))
+                if message.payload == b"sentinel":
+                    break
+        assert seen == [(f"{topics.update_chunks('agent-0', 'own')}/0", b"sentinel")]
+
+
 async def run_fleet_with(serving: asyncio.Task, agents: list[Agent]) -> None:
     async with asyncio.TaskGroup() as group:
         for agent in agents:
@@ -161,6 +190,7 @@ def test_provisioned_folder_is_complete_and_keys_are_private(tmp_path):
     assert device.url == "mqtts://broker.example:8883" and aggregator.username == AGGREGATOR_USER
     acl = (folder.path / "acl").read_text()
     assert "pattern write fl/f1/updates/%u" in acl and "pattern read fl/f1/receipts/%u" in acl
+    assert "pattern write fl/f1/updates/%u/#" in acl and "pattern read fl/f1/global/#" in acl  # chunked messages
     folder.remove_account("dev-1")
     assert folder.accounts() == [AGGREGATOR_USER]
     with pytest.raises(RuntimeError):
