@@ -10,7 +10,22 @@ if TYPE_CHECKING:
     from aggregator.config import AggregatorConfig
     from aggregator.service import Aggregator
 
-__all__ = ["Aggregator", "AggregatorConfig"]
+__all__ = ["Aggregator", "AggregatorConfig", "make_aggregator"]
+
+
+def make_aggregator(config: "AggregatorConfig", **kwargs: Any) -> "Aggregator":
+    """The aggregator ``config`` asks for: async (FedBuff), sharded (``workers`` > 0) or the synchronous one."""
+    if config.mode == "async":
+        from aggregator.async_service import AsyncAggregator
+
+        return AsyncAggregator(config, **kwargs)
+    if config.workers:
+        from aggregator.sharded import ShardedAggregator
+
+        return ShardedAggregator(config, **kwargs)
+    from aggregator.service import Aggregator
+
+    return Aggregator(config, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
-from aggregator.async_rounds import AsyncBuffer, open_buffer, scaled, staleness_function
+from aggregator.async_rounds import AsyncBuffer, open_buffer, staleness_function
+from aggregator.ingest import Admission
 from aggregator.service import Aggregator, Round
-from aggregator.validation import decode_delta, parse_update
+from aggregator.store import Store
 from fedge_contract import Update
 
 log = logging.getLogger("fedge.aggregator")
@@ -47,20 +49,16 @@ class AsyncAggregator(Aggregator):
 
     def _open_buffer(self, buffer: AsyncBuffer) -> None:
         """Start folding into ``buffer``, re-folding what a previous run spooled into it."""
-        self._sum = self.defence.collector(self.spec)
+        self.ingest.reset()
         self.store.open_round(buffer.number, buffer.base_version, None)
-        for spooled in self.store.spooled(buffer.number):
-            update = parse_update(spooled.payload, topic_client=spooled.client_id, fleet=self.config.fleet, limits=self.limits)
-            factor = buffer.staleness(buffer.base_version - update.base_version)
-            delta, weight = self.defence.check(decode_delta(update, self.spec), update.num_samples, strict=False)
-            self._sum.add(scaled(delta, factor), weight)
+        for update in self.ingest.refold(self.store.spooled(buffer.number), lambda u: buffer.staleness(buffer.base_version - u.base_version)):
             self._record(buffer, update)
         if buffer.accepted:
             log.info("buffer for v%d: re-folded %d spooled updates", buffer.number, buffer.accepted)
 
-    def _admit(self, update: Update, rnd: Round) -> float:
+    def _admission(self, rnd: Round) -> Admission:
         assert isinstance(rnd, AsyncBuffer)
-        return rnd.admit(update, self.store.is_accepted)
+        return BufferAdmission(self.store, rnd)
 
     def _record(self, rnd: Round, update: Update) -> None:
         assert isinstance(rnd, AsyncBuffer)
@@ -69,3 +67,30 @@ class AsyncAggregator(Aggregator):
     def _round_metrics(self, rnd: Round) -> dict[str, float]:
         assert isinstance(rnd, AsyncBuffer)
         return {"staleness_mean": rnd.staleness_sum / max(rnd.accepted, 1), "staleness_max": float(rnd.staleness_max)}
+
+
+@dataclass(frozen=True)
+class BufferAdmission:
+    """Async mode admits in memory (the buffer's staleness window, one process) and spools to the store."""
+
+    store: Store
+    buffer: AsyncBuffer
+
+    @property
+    def number(self) -> int:
+        return self.buffer.number
+
+    @property
+    def base_version(self) -> int:
+        return self.buffer.base_version
+
+    def precheck(self, update: Update) -> None:
+        self.buffer.admit(update, self.store.is_accepted)
+
+    def commit(self, update: Update, payload: bytes) -> float:
+        factor = self.buffer.admit(update, self.store.is_accepted)
+        self.store.spool(
+            update_id=update.update_id, client_id=update.client_id, round_no=self.buffer.number,
+            base_version=update.base_version, num_samples=update.num_samples, payload=payload,
+        )
+        return factor

@@ -70,17 +70,32 @@ class NormBound:
 
     def apply(self, delta: dict[str, np.ndarray], *, strict: bool = True) -> dict[str, np.ndarray]:
         """The delta within the bound; a Rejection when over it in reject mode (unless not ``strict``)."""
+        delta, norm, clipped = self.assess(delta, strict=strict)
+        self.record(norm, clipped)
+        return delta
+
+    def assess(self, delta: dict[str, np.ndarray], *, strict: bool = True) -> tuple[dict[str, np.ndarray], float, bool]:
+        """``apply`` without remembering the norm: (bounded delta, its norm, clipped?), for an
+        update that may still be refused (``record`` it once accepted)."""
         norm = l2_norm(delta)
         limit = self.bound()
         if limit is not None and norm > limit:
             if self.action == "reject" and strict:
                 raise Rejection(ReceiptStatus.REJECTED, f"norm_bound: update norm {norm:.4g} exceeds the bound {limit:.4g}")
             scale = np.float32(limit / norm)
-            delta = {k: v * scale for k, v in delta.items()}
-            self.clipped += 1
+            return {k: v * scale for k, v in delta.items()}, norm, True
+        return delta, norm, False
+
+    def record(self, norm: float, clipped: bool) -> None:
+        self.clipped += clipped
         self._recent.append(norm)
         self.norms.append(norm)
-        return delta
+
+    def absorb(self, norms: list[float], clipped: int) -> None:
+        """Count another process's accepted norms into this round's figures (ingest workers' partials)."""
+        self._recent.extend(norms)
+        self.norms.extend(norms)
+        self.clipped += clipped
 
     def round_stats(self) -> dict[str, float]:
         """Per-round figures for the round's metrics, then reset for the next round."""

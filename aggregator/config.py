@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from aggregator.privacy import PrivacyParams
 from aggregator.robust import AGGREGATIONS
 from aggregator.rounds import RoundPlan
 from aggregator.strategies import STRATEGIES, StrategyConfig
+from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 from fedge_contract.codecs import parse_chain
 from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.topics import check_name
@@ -38,6 +40,10 @@ class AggregatorConfig:
     global_codec: str = "none"  # codec of the broadcast model
     store: Path = Path("fedge-aggregator.sqlite")
     max_update_bytes: int | None = None  # None: derived from the model size
+    # A global model above this goes out in chunks with a manifest (fedge_contract/chunks.py); agents
+    # chunk their updates by their own setting. Keep it a few KiB below the broker's max_packet_size.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    chunk_timeout: float = 60.0  # seconds without a new chunk before a partial chunked update is refused (incomplete)
     evaluate: bool = True  # evaluate each new model on the task's held-out data
     client_id: str | None = None  # MQTT client id; default fedge-aggregator-<fleet>
     session_expiry: int = 24 * 3600  # seconds the broker queues updates while the aggregator is away
@@ -57,6 +63,7 @@ class AggregatorConfig:
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0: a free one); None: off
     metrics_host: str = "127.0.0.1"  # address the metrics server (and dashboard) listens on
     dashboard_port: int | None = None  # serve the web dashboard on this port (0: a free one); None: off
+    workers: int = 0  # ingest worker processes on a shared subscription (aggregator/sharded.py); 0: this process ingests
 
     def __post_init__(self) -> None:
         check_name("fleet", self.fleet)
@@ -75,6 +82,9 @@ class AggregatorConfig:
             parse_chain(str(self.training["codec"]))
         if self.dashboard_port and self.dashboard_port == self.metrics_port:
             raise ValueError("the dashboard and the metrics need different ports")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES or not self.chunk_timeout > 0:
+            raise ValueError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES} and chunk_timeout > 0")
+        self._check_workers()
 
     @property
     def plan(self) -> RoundPlan:
@@ -102,6 +112,19 @@ class AggregatorConfig:
                 raise ValueError("dp_population must be >= the round target")
         self.privacy  # validates the DP parameters
 
+    def _check_workers(self) -> None:
+        """Workers fold partial sums that the coordinator adds up: only associative rules can be split."""
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not self.workers:
+            return
+        if self.mode != "sync":
+            raise ValueError("--workers needs synchronous rounds: --mode async keeps one process (its buffer admits in memory)")
+        if self.aggregation != "mean":
+            raise ValueError(f"--workers needs --aggregation mean: {self.aggregation} needs every update in one place, not partial sums")
+        if self.clip_factor is not None:
+            raise ValueError("--workers needs a fixed --clip-norm: --clip-norm auto follows the norms seen by one process")
+
     @property
     def privacy(self) -> PrivacyParams | None:
         if self.dp_noise is None:
@@ -113,3 +136,29 @@ class AggregatorConfig:
     @property
     def mqtt_client_id(self) -> str:
         return self.client_id or f"fedge-aggregator-{self.fleet}"
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain values (msgpack-able) for an ingest worker's pipe; ``from_wire`` rebuilds and re-validates."""
+        wire: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)  # type: ignore[arg-type]
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, frozenset):
+                value = sorted(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            wire[f.name] = value
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> AggregatorConfig:
+        values = dict(wire)
+        values["broker"] = BrokerAddress(**values["broker"])
+        values["strategy_params"] = StrategyConfig(**values["strategy_params"])
+        values["store"] = Path(values["store"])
+        if values.get("allow_clients") is not None:
+            values["allow_clients"] = frozenset(values["allow_clients"])
+        return cls(**values)

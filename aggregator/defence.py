@@ -8,7 +8,8 @@ in RoundStatus.last_metrics).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -35,6 +36,24 @@ class Collector(Protocol):
     def mean(self) -> dict[str, np.ndarray]: ...
 
 
+class Mergeable(Collector, Protocol):
+    """A collector whose partial sums add up (WeightedSum, NoisySum): what ingest workers fold."""
+
+    def to_wire(self) -> dict[str, Any]: ...
+
+    def merge_wire(self, wire: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A delta that passed the defences, with what they measured."""
+
+    delta: dict[str, np.ndarray]
+    weight: float
+    norm: float | None = None  # None: no norm bound configured
+    clipped: bool = False
+
+
 class Defence:
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
@@ -46,9 +65,32 @@ class Defence:
 
     def check(self, delta: dict[str, np.ndarray], num_samples: int, *, strict: bool = True) -> tuple[dict[str, np.ndarray], float]:
         """The bounded delta and its weight; a Rejection when over the bound in reject mode."""
-        if self.norm_bound.active:
-            delta = self.norm_bound.apply(delta, strict=strict)
-        return delta, capped_weight(num_samples, self.config.max_weight)
+        checked = self.assess(delta, num_samples, strict=strict)
+        self.record(checked)
+        return checked.delta, checked.weight
+
+    def assess(self, delta: dict[str, np.ndarray], num_samples: int, *, strict: bool = True) -> Checked:
+        """``check`` for an update that may still be refused: ``record`` it once it is accepted, so a
+        refused one does not move the adaptive bound or the round's clipping figures."""
+        weight = capped_weight(num_samples, self.config.max_weight)
+        if not self.norm_bound.active:
+            return Checked(delta, weight)
+        bounded, norm, clipped = self.norm_bound.assess(delta, strict=strict)
+        return Checked(bounded, weight, norm, clipped)
+
+    def record(self, checked: Checked) -> None:
+        if checked.norm is not None:
+            self.norm_bound.record(checked.norm, checked.clipped)
+
+    def take_norms(self) -> tuple[list[float], int]:
+        """This process's norms and clip count since the last call (an ingest worker's share of the round's figures)."""
+        norms, clipped = self.norm_bound.norms, self.norm_bound.clipped
+        self.norm_bound.norms, self.norm_bound.clipped = [], 0
+        return norms, clipped
+
+    def absorb(self, norms: list[float], clipped: int) -> None:
+        """Count a worker's ``take_norms`` into this round's figures."""
+        self.norm_bound.absorb(norms, clipped)
 
     def collector(self, spec: ModelSpec) -> Collector:
         if self.privacy is not None:
@@ -66,4 +108,4 @@ class Defence:
         return stats
 
 
-__all__ = ["Collector", "Defence", "PrivacyParams"]
+__all__ = ["Checked", "Collector", "Defence", "Mergeable", "PrivacyParams"]

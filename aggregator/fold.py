@@ -4,12 +4,16 @@ Updates are folded in as they arrive, so memory is O(model size) however many cl
 The sum is kept in float64: the result then does not depend, at float32 precision, on the order
 in which updates happened to arrive, which keeps runs with the same seed reproducible. numpy
 folds on one thread (torch's default thread pool spins on 2 cores for ~8 ms per call).
+
+The fold is associative: ingest workers (aggregator/worker.py) each fold a partial sum, which
+cross the pipe as raw float64 bytes (``to_wire``) and are ``merge``d by the coordinator.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +34,29 @@ class WeightedSum:
             acc += delta[name] * np.float32(weight)
         self.total_weight += weight
         self.count += 1
+
+    def merge(self, other: WeightedSum) -> None:
+        """Add another partial sum of the same model into this one (as if its updates were folded here)."""
+        if {n: a.shape for n, a in other._sum.items()} != {n: a.shape for n, a in self._sum.items()}:
+            raise ValueError("cannot merge partial sums of different models")
+        for name, acc in self._sum.items():
+            acc += other._sum[name]
+        self.total_weight += other.total_weight
+        self.count += other.count
+
+    def to_wire(self) -> dict[str, Any]:
+        """The partial sum as plain values (float64 bytes per tensor): what an ingest worker sends."""
+        return {"sums": {name: acc.tobytes() for name, acc in self._sum.items()}, "total_weight": self.total_weight, "count": self.count}
+
+    def merge_wire(self, wire: Mapping[str, Any]) -> None:
+        """``merge`` a partial sum received as ``to_wire`` values; refuses one of another model."""
+        sums = wire["sums"]
+        if set(sums) != set(self._sum) or any(len(sums[n]) != acc.nbytes for n, acc in self._sum.items()):
+            raise ValueError("cannot merge partial sums of different models")
+        for name, acc in self._sum.items():
+            acc += np.frombuffer(sums[name], dtype=np.float64).reshape(acc.shape)
+        self.total_weight += float(wire["total_weight"])
+        self.count += int(wire["count"])
 
     def mean(self) -> dict[str, np.ndarray]:
         """The weighted mean delta (float32); requires at least one update."""

@@ -23,6 +23,7 @@ import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -90,6 +91,18 @@ class NoisySum:
             delta = {k: v * np.float32(self.params.clip_norm / norm) for k, v in delta.items()}
         self._sum.add(delta, 1.0)
         self.total_weight += weight
+
+    def merge(self, other: NoisySum) -> None:
+        """Add another worker's clipped sum (noise is drawn once, in ``mean``, by whoever merges)."""
+        self._sum.merge(other._sum)
+        self.total_weight += other.total_weight
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"sum": self._sum.to_wire(), "total_weight": self.total_weight}
+
+    def merge_wire(self, wire: Mapping[str, Any]) -> None:
+        self._sum.merge_wire(wire["sum"])
+        self.total_weight += float(wire["total_weight"])
 
     def mean(self) -> dict[str, np.ndarray]:
         std = self.params.noise_multiplier * self.params.clip_norm

@@ -31,6 +31,42 @@ class RoundPlan:
             raise ValueError(f"need 1 <= min ({self.min_updates}) <= target ({self.target}) and timeout > 0")
 
 
+@dataclass(frozen=True)
+class Standing:
+    """What the ledger knows that decides an update's admission (read in the admitting transaction)."""
+
+    update_seen: bool  # this update id was accepted before (in any round)
+    client_seen: bool  # the client already contributed to this round
+    accepted: int  # updates accepted into this round so far
+    closing: bool = False  # the round stopped admitting: it is being aggregated (or is over)
+
+
+def check_admission(update: Update, *, number: int, base_version: int, target: int, standing: Standing) -> None:
+    """Raise a Rejection (duplicate, stale, rejected) unless ``update`` may join round ``number``.
+
+    The one set of rules and receipt texts, whether the round lives in this process (OpenRound)
+    or in the store shared by ingest workers (Store.admit).
+    """
+    if standing.update_seen:
+        raise Rejection(ReceiptStatus.DUPLICATE, f"update {update.update_id} was already accepted")
+    if update.base_version < base_version or update.round < number:
+        raise Rejection(
+            ReceiptStatus.STALE,
+            f"round {update.round} on v{update.base_version} is over; round {number} trains on v{base_version}",
+        )
+    if update.base_version > base_version or update.round > number:
+        raise Rejection(
+            ReceiptStatus.REJECTED,
+            f"bad_value: round {update.round} on v{update.base_version} is ahead of the open round {number} on v{base_version}",
+        )
+    if standing.client_seen:
+        raise Rejection(ReceiptStatus.DUPLICATE, f"client {update.client_id} already contributed to round {number}")
+    if standing.accepted >= target:
+        raise Rejection(ReceiptStatus.STALE, f"round {number} already has its {target} updates")
+    if standing.closing:
+        raise Rejection(ReceiptStatus.STALE, f"round {number} is closed (aggregating {standing.accepted} updates)")
+
+
 @dataclass
 class OpenRound:
     number: int
@@ -51,22 +87,12 @@ class OpenRound:
 
     def admit(self, update: Update, seen_before: Callable[[str], bool]) -> None:
         """Raise a Rejection (duplicate, stale, rejected) unless the update may join this round."""
-        if update.update_id in self.update_ids or seen_before(update.update_id):
-            raise Rejection(ReceiptStatus.DUPLICATE, f"update {update.update_id} was already accepted")
-        if update.base_version < self.base_version or update.round < self.number:
-            raise Rejection(
-                ReceiptStatus.STALE,
-                f"round {update.round} on v{update.base_version} is over; round {self.number} trains on v{self.base_version}",
-            )
-        if update.base_version > self.base_version or update.round > self.number:
-            raise Rejection(
-                ReceiptStatus.REJECTED,
-                f"bad_value: round {update.round} on v{update.base_version} is ahead of the open round {self.number} on v{self.base_version}",
-            )
-        if update.client_id in self.clients:
-            raise Rejection(ReceiptStatus.DUPLICATE, f"client {update.client_id} already contributed to round {self.number}")
-        if self.full:
-            raise Rejection(ReceiptStatus.STALE, f"round {self.number} already has its {self.plan.target} updates")
+        standing = Standing(
+            update_seen=update.update_id in self.update_ids or seen_before(update.update_id),
+            client_seen=update.client_id in self.clients,
+            accepted=self.accepted,
+        )
+        check_admission(update, number=self.number, base_version=self.base_version, target=self.plan.target, standing=standing)
 
     def record(self, client_id: str, update_id: str) -> None:
         self.clients.add(client_id)

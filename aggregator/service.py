@@ -4,6 +4,11 @@ One task reads the connection's message queue and owns all round state, so no lo
 an update is decoded, checked, persisted, folded and answered before the next one is read. The
 order of effects follows DESIGN.md: an accepted update is spooled to the store before its
 receipt; a new model's checkpoint is committed before the model is published.
+
+``Endpoint`` is what the aggregator shares with its ingest workers (``--workers N``,
+aggregator/worker.py): every message of a connection enters through ``_dispatch``, and an
+update goes through ``aggregator.ingest.Ingest``. This module imports torch only when the
+aggregator runs (for the task's model and evaluation), so a worker importing it stays small.
 """
 
 from __future__ import annotations
@@ -14,25 +19,25 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import numpy as np
 
-from aggregator.async_rounds import AsyncBuffer, scaled
+from aggregator.async_rounds import AsyncBuffer
+from aggregator.chunked import Assembled, ChunkedUpdates, publish_global
 from aggregator.config import AggregatorConfig
-from aggregator.errors import Rejection, StoreMismatch
+from aggregator.errors import StoreMismatch
 from aggregator.dashboard import DashboardServer, fleet_state
 from aggregator.metrics import AggregatorMetrics, MetricsServer
-from aggregator.defence import Defence
+from aggregator.defence import Collector, Defence
+from aggregator.ingest import Admission, Ingest, LedgerAdmission, limits_for
 from aggregator.rounds import DeadlineAction, OpenRound
 from aggregator.store import Store
 from aggregator.strategies import Strategy, make_strategy
-from aggregator.validation import UpdateLimits, decode_delta, parse_update
 from fedge_contract import (
     GlobalModel,
     Presence,
-    Receipt,
     ReceiptStatus,
     RoundState,
     RoundStatus,
@@ -44,10 +49,9 @@ from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.errors import DecodeError
 from fedge_contract.mqtt import Connection
 from fedge_contract.tensors import ModelSpec
-from fedge_tasks import Task, load_task
-from fedge_tasks.loops import evaluate
-from fedge_tasks.runtime import limit_torch_threads
-from fedge_tasks.weights import get_weights, set_weights
+
+if TYPE_CHECKING:
+    from fedge_tasks import Task
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -60,10 +64,68 @@ def training_config(task: Task, overrides: dict[str, Any]) -> TaskConfig:
     return TaskConfig(**{**suggested, **overrides})
 
 
-class Aggregator:
+class Endpoint:
+    """One MQTT connection's way in: the aggregator's, or an ingest worker's (aggregator/worker.py).
+
+    Every message enters through ``_dispatch``; an update is answered by ``self.ingest`` and, if
+    accepted, reported to ``_on_accepted``. Subclasses say which round admits it (``_admission``).
+    """
+
+    config: AggregatorConfig
+    topics: Topics
+    conn: Connection
+    ingest: Ingest
+    chunked: ChunkedUpdates | None = None  # large updates in chunks (aggregator/chunked.py), made on first use
+
+    async def _dispatch(self, message: aiomqtt.Message, rnd: Round) -> None:
+        topic = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload or ""), "utf-8")
+        client = self.topics.client_of(topic)
+        if self._chunks().claims(topic, payload):
+            await self._on_chunked(topic, payload, rnd)
+        elif client is None:
+            log.warning("ignored message on unexpected topic %r", topic)
+        elif topic == self.topics.presence(client):
+            self._on_presence(client, payload)
+        else:
+            await self._on_update(client, payload, rnd)
+
+    def _on_presence(self, client: str, payload: bytes) -> None:
+        log.debug("ignored presence of %s", client)
+
+    def _chunks(self) -> ChunkedUpdates:
+        if self.chunked is None:
+            self.chunked = ChunkedUpdates(self.topics, timeout=self.config.chunk_timeout)
+        return self.chunked
+
+    async def _on_chunked(self, topic: str, payload: bytes, rnd: Round) -> None:
+        """A manifest, chunk or chunk timer: a reassembled update takes the ordinary path, a refused one gets its receipt."""
+        for done in await self._chunks().handle(self.conn, topic, payload, max_bytes=self.ingest.limits.max_bytes):
+            if isinstance(done, Assembled):
+                await self._on_update(done.client, done.payload, rnd)
+            else:
+                await self.ingest.receipt(done.client, done.update_id, ReceiptStatus.REJECTED, done.reason, self._admission(rnd), done.nbytes)
+
+    async def _on_update(self, client: str, payload: bytes, rnd: Round) -> None:
+        update = await self.ingest.handle(client, payload, self._admission(rnd))
+        if update is not None:
+            await self._on_accepted(rnd, update)
+
+    def _admission(self, rnd: Round) -> Admission:
+        raise NotImplementedError
+
+    async def _on_accepted(self, rnd: Round, update: Update) -> None:
+        """An update of ``rnd`` was accepted, spooled, folded and receipted."""
+
+
+class Aggregator(Endpoint):
     """Runs ``config.rounds`` synchronous rounds (resuming from the store), then publishes the final model."""
 
+    sharded = False  # ShardedAggregator (aggregator/sharded.py) runs --workers
+
     def __init__(self, config: AggregatorConfig, *, task: Task | None = None, clock: Callable[[], float] = time.time) -> None:
+        if config.workers and not self.sharded:
+            raise ValueError("--workers needs the sharded aggregator: build it with aggregator.make_aggregator(config)")
         self.config = config
         self.topics = Topics(config.fleet)
         self.clock = clock
@@ -79,10 +141,15 @@ class Aggregator:
         self._global_chain = parse_chain(config.global_codec)
         self.defence = Defence(config)  # norm bound, weight cap, robust rule, DP
         self.version = 0
+        self.epoch: int | None = None  # this aggregator's hold on the store (Store.take_over)
         self.last_metrics: dict[str, float] = {}
         self._announced: Round | None = None  # the round whose model is out, until it closes
 
     async def run(self) -> None:
+        from fedge_tasks import load_task
+        from fedge_tasks.runtime import limit_torch_threads
+        from fedge_tasks.weights import get_weights
+
         task = self._task or load_task(self.config.task, self.config.task_options)
         limit_torch_threads(1)
         self._model = task.build_model()
@@ -90,12 +157,14 @@ class Aggregator:
         self._loss = getattr(task, "loss", None)
         initial = get_weights(self._model)
         self.spec = ModelSpec.of(initial)
-        self.limits = UpdateLimits.for_model(
-            self.spec, self.config.max_update_bytes, max_num_samples=self.config.max_num_samples, allowed_clients=self.config.allow_clients
-        )
+        self.limits = limits_for(self.config, self.spec)
         self.training = training_config(task, dict(self.config.training))
         with Store(self.config.store) as store:
             self.store = store
+            self.ingest = Ingest(
+                fleet=self.config.fleet, spec=self.spec, limits=self.limits, defence=self.defence, store=store,
+                publish=self._publish, answered=self._count_receipt, log=log,
+            )
             self.weights = self._resume(initial)
             self.metrics.model_version.set(self.version)
             async with contextlib.AsyncExitStack() as stack:
@@ -108,14 +177,24 @@ class Aggregator:
                 conn = await stack.enter_async_context(Connection(
                     self.config.broker,
                     self.config.mqtt_client_id,
-                    subscriptions=[self.topics.all_updates, self.topics.all_presence],
+                    subscriptions=self._subscriptions(),
                     persistent=True,
                     session_expiry=self.config.session_expiry,
                     on_connect=self._on_reconnect,
                 ))
                 self.conn = conn
                 self.metrics.watch_published(lambda: conn.bytes_published)
+                await self._start_ingest(stack)
                 await self._serve()
+
+    def _subscriptions(self) -> list[str]:
+        return [self.topics.all_updates, self.topics.all_presence]
+
+    async def _start_ingest(self, stack: contextlib.AsyncExitStack) -> None:
+        """Start what ingests updates besides this connection (the sharded aggregator's workers)."""
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        await self.conn.publish(topic, payload)
 
     # ------------------------------------------------------------------ state
     def _resume(self, initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -126,6 +205,7 @@ class Aggregator:
                 raise StoreMismatch(
                     f"store {self.config.store} holds {key} {other!r}, not {value!r}: use another --store for this fleet/task"
                 )
+        self.epoch = self.store.take_over()
         checkpoint = self.store.latest_checkpoint()
         if checkpoint is None:
             self.store.save_initial(fingerprint, initial)
@@ -151,11 +231,9 @@ class Aggregator:
     def _open_round(self) -> OpenRound:
         number = self.version + 1
         rnd = OpenRound(number=number, base_version=self.version, deadline=self.clock() + self.config.deadline, plan=self.config.plan)
-        self._sum = self.defence.collector(self.spec)
+        self.ingest.reset()
         self.store.open_round(number, self.version, rnd.deadline)
-        for spooled in self.store.spooled(number):  # a restart mid-round: re-fold what was accepted
-            update = parse_update(spooled.payload, topic_client=spooled.client_id, fleet=self.config.fleet, limits=self.limits)
-            self._sum.add(*self.defence.check(decode_delta(update, self.spec), update.num_samples, strict=False))
+        for update in self.ingest.refold(self.store.spooled(number)):  # a restart mid-round: re-fold what was accepted
             rnd.record(update.client_id, update.update_id)
         if rnd.accepted:
             log.info("round %d: re-folded %d spooled updates", number, rnd.accepted)
@@ -174,21 +252,17 @@ class Aggregator:
                 continue
             try:
                 async with asyncio.timeout(remaining):
-                    message = await self.conn.messages.get()
+                    event = await self._next_event()
             except TimeoutError:
                 continue
-            await self._dispatch(message, rnd)
+            await self._handle_event(event, rnd)
 
-    async def _dispatch(self, message: aiomqtt.Message, rnd: Round) -> None:
-        topic = str(message.topic)
-        payload = message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload or ""), "utf-8")
-        client = self.topics.client_of(topic)
-        if client is None:
-            log.warning("ignored message on unexpected topic %r", topic)
-        elif topic == self.topics.presence(client):
-            self._on_presence(client, payload)
-        else:
-            await self._on_update(client, payload, rnd)
+    async def _next_event(self) -> Any:
+        """What the round loop waits for: here a message; the sharded aggregator adds its workers' reports."""
+        return await self.conn.messages.get()
+
+    async def _handle_event(self, event: Any, rnd: OpenRound) -> None:
+        await self._dispatch(event, rnd)
 
     def _on_presence(self, client: str, payload: bytes) -> None:
         try:
@@ -203,31 +277,14 @@ class Aggregator:
             self.devices[client] = presence
         self.metrics.online_agents(len(self.online))
 
-    async def _on_update(self, client: str, payload: bytes, rnd: Round) -> None:
-        self.counters["bytes_in"] += len(payload)
-        update: Update | None = None
-        try:
-            update = parse_update(payload, topic_client=client, fleet=self.config.fleet, limits=self.limits)
-            factor = self._admit(update, rnd)
-            delta, weight = self.defence.check(decode_delta(update, self.spec), update.num_samples)
-        except Rejection as rejection:
-            update_id = update.update_id if update else Update.peek_update_id(payload, self.limits.max_bytes)
-            await self._receipt(client, update_id, rejection.status, rejection.reason, rnd, len(payload))
-            return
-        self.store.spool(
-            update_id=update.update_id, client_id=client, round_no=rnd.number,
-            base_version=update.base_version, num_samples=update.num_samples, payload=payload,
-        )
-        self._sum.add(delta if factor == 1.0 else scaled(delta, factor), weight)
-        self._record(rnd, update)
-        await self._receipt(client, update.update_id, ReceiptStatus.ACCEPTED, "", rnd, len(payload))
-        await self._publish_status(rnd, RoundState.OPEN)
-
-    def _admit(self, update: Update, rnd: Round) -> float:
-        """Raise a Rejection unless ``update`` may join ``rnd``; else its weight factor (1 in sync mode)."""
+    def _admission(self, rnd: Round) -> Admission:
+        """Sync rounds admit through the store's ledger (as ingest workers do)."""
         assert isinstance(rnd, OpenRound)
-        rnd.admit(update, self.store.is_accepted)
-        return 1.0
+        return LedgerAdmission(self.store, rnd.number, rnd.base_version, rnd.plan.target, epoch=self.epoch)
+
+    async def _on_accepted(self, rnd: Round, update: Update) -> None:
+        self._record(rnd, update)
+        await self._publish_status(rnd, RoundState.OPEN)
 
     def _record(self, rnd: Round, update: Update) -> None:
         assert isinstance(rnd, OpenRound)
@@ -237,26 +294,28 @@ class Aggregator:
         """Mode-specific metrics stored with the round (async: staleness)."""
         return {}
 
-    async def _receipt(self, client: str, update_id: str | None, status: ReceiptStatus, reason: str, rnd: Round, nbytes: int) -> None:
+    def _count_receipt(self, status: ReceiptStatus, reason: str, nbytes: int) -> None:
+        """Every update answered, here or by an ingest worker: the counters and Prometheus metrics."""
+        self.counters["bytes_in"] += nbytes
         self.counters[status.value] += 1
         self.metrics.receipt(status.value, reason, nbytes)
         if status is not ReceiptStatus.ACCEPTED:
             self.counters[f"{status.value}:{reason.split(':', 1)[0]}"] += 1
-        level = logging.INFO if status is ReceiptStatus.ACCEPTED else logging.WARNING
-        log.log(level, "receipt round=%d client=%s update=%s status=%s reason=%s", rnd.number, client, update_id, status.value, reason,
-                extra={"round": rnd.number, "client": client, "update": update_id, "status": status.value, "reason": reason})
-        self.store.record_receipt(round_no=rnd.number, client_id=client, update_id=update_id, status=status.value, reason=reason, nbytes=nbytes)
-        receipt = Receipt(self.config.fleet, client, update_id, status, reason, rnd.number, rnd.base_version)
-        await self.conn.publish(self.topics.receipt(client), receipt.to_bytes())
+
+    async def _gather(self, rnd: Round) -> Collector:
+        """The round's complete sum, checked against the store's ledger (sharded: merged from the workers)."""
+        self.ingest.check_ledger(rnd.number)
+        return self.ingest.collector
 
     async def _close(self, rnd: Round) -> None:
         self._announced = None
         await self._publish_status(rnd, RoundState.AGGREGATING)
         started = self.clock()
-        new_weights = self._strategy.apply(self.weights, self._sum.mean())
+        total = await self._gather(rnd)
+        new_weights = self._strategy.apply(self.weights, total.mean())
         self.store.close_round(rnd.number, self.version + 1, self.spec.fingerprint, new_weights, self._strategy.state(), rnd.accepted)
         self.weights, self.version = new_weights, self.version + 1
-        metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": self._sum.total_weight}
+        metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": total.total_weight}
         metrics.update(self._round_metrics(rnd))
         metrics.update(self.defence.metrics(self.version))
         if self._eval_data is not None:
@@ -270,6 +329,9 @@ class Aggregator:
                  extra={"round": rnd.number, "version": self.version, "accepted": rnd.accepted})
 
     def _evaluate(self) -> dict[str, float]:
+        from fedge_tasks.loops import evaluate
+        from fedge_tasks.weights import set_weights
+
         set_weights(self._model, self.weights)
         kwargs = {"loss_fn": self._loss} if self._loss else {}
         result = evaluate(self._model, self._eval_data, **kwargs)
@@ -293,7 +355,7 @@ class Aggregator:
         self.metrics.round_opened(rnd.number, self.version, rnd.accepted, rnd.plan.target)
         payload = self._global(rnd).to_bytes()
         self.counters["bytes_out_global"] += len(payload)
-        await self.conn.publish(self.topics.global_model, payload, retain=True)
+        await publish_global(self.conn, self.topics, self.version, payload, self.config.max_message_bytes)  # chunked if large
         await self._publish_status(rnd, RoundState.OPEN)
         deadline = f"deadline in {rnd.deadline - self.clock():.0f}s" if rnd.deadline is not None else "no deadline"
         log.info("round %d open on v%d: target %d, min %d, %s (%d bytes)",
@@ -320,7 +382,7 @@ class Aggregator:
         return fleet_state(self.config.fleet, self.status, self.devices, self.store.rounds(), self.store.bytes_by_round(), self.clock())
 
     async def _publish_final(self) -> None:
-        await self.conn.publish(self.topics.global_model, self._global(None).to_bytes(), retain=True)
+        await publish_global(self.conn, self.topics, self.version, self._global(None).to_bytes(), self.config.max_message_bytes)
         await self._publish_status(None, RoundState.FINISHED)
         log.info("finished: model v%d after %d rounds", self.version, self.version)
 

@@ -8,6 +8,13 @@ What a restart needs is here, written before it is acted on:
   primary key);
 - one row per receipt sent, for the report and for audits.
 WAL mode with ``synchronous=FULL``: a commit survives a power cut; measured ~0.5 ms per commit here.
+
+With ingest workers (aggregator/worker.py) several processes write here at once, and the store
+is their shared admission ledger: ``admit`` decides and spools an update in one ``BEGIN
+IMMEDIATE`` transaction (SQLite serialises writers; a busy one waits up to ``BUSY_TIMEOUT``), so
+dedupe and the round's target hold across processes. Each spooled row names the worker
+(``shard``) that folded it. ``meta.epoch`` fences out the workers of a coordinator that died:
+each aggregator start takes a new epoch, and an admission under an older one is refused.
 Weights are stored as raw float32 msgpack (fedge_contract.pack_weights), never pickled.
 """
 
@@ -16,7 +23,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.errors import Superseded
+from aggregator.rounds import Standing
 from fedge_contract.messages import pack_weights, unpack_weights
+
+BUSY_TIMEOUT = 60.0  # seconds a writer waits for another process's transaction (they last milliseconds)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -34,16 +45,22 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, base_version INTEGER NOT NULL, opened REAL NOT NULL,
     deadline REAL, closed REAL, accepted INTEGER NOT NULL DEFAULT 0, extensions INTEGER NOT NULL DEFAULT 0,
-    metrics TEXT NOT NULL DEFAULT '{}');
+    metrics TEXT NOT NULL DEFAULT '{}', closing INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS accepted (
     update_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, round INTEGER NOT NULL,
     base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, received REAL NOT NULL,
-    bytes INTEGER NOT NULL, payload BLOB);
+    bytes INTEGER NOT NULL, payload BLOB, shard INTEGER);
 CREATE INDEX IF NOT EXISTS accepted_round ON accepted(round);
 CREATE TABLE IF NOT EXISTS receipts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, round INTEGER NOT NULL,
     client_id TEXT NOT NULL, update_id TEXT, status TEXT NOT NULL, reason TEXT NOT NULL, bytes INTEGER NOT NULL);
 """
+# Columns added after the first release: stores made before get them on opening.
+_ADDED_COLUMNS = {
+    "rounds": ("closing", "INTEGER NOT NULL DEFAULT 0"),  # 1 once the round stopped admitting (aggregating)
+    "accepted": ("shard", "INTEGER"),  # the ingest worker that folded the update (NULL: the aggregator itself)
+}
+_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS accepted_round_client ON accepted(round, client_id);"
 
 
 @dataclass(frozen=True)
@@ -73,10 +90,18 @@ class Store:
             self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            for table, (column, declaration) in _ADDED_COLUMNS.items():
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self._db.executescript(_ADDED_INDEXES)
 
     def __enter__(self) -> Store:
         return self
@@ -99,6 +124,14 @@ class Store:
             self._db.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
             return None
         return None if row[0] == value else str(row[0])
+
+    def take_over(self) -> int:
+        """Start a new epoch and return it: admissions under an earlier one (a dead coordinator's workers) fail from now on."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+            epoch = int(row[0]) + 1 if row else 1
+            db.execute("INSERT INTO meta VALUES ('epoch', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(epoch),))
+        return epoch
 
     # -- checkpoints
     def latest_checkpoint(self) -> Checkpoint | None:
@@ -140,9 +173,14 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO rounds (round, base_version, opened, deadline) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(round) DO UPDATE SET deadline=excluded.deadline",
+                "ON CONFLICT(round) DO UPDATE SET deadline=excluded.deadline, closing=0",
                 (round_no, base_version, time.time(), deadline),
             )
+
+    def mark_closing(self, round_no: int) -> None:
+        """No admission into ``round_no`` after this commits (its partial sums are being merged)."""
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET closing=1 WHERE round=?", (round_no,))
 
     def extend_round(self, round_no: int, deadline: float) -> None:
         with self._tx() as db:
@@ -164,20 +202,68 @@ class Store:
     def is_accepted(self, update_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM accepted WHERE update_id=?", (update_id,)).fetchone() is not None
 
-    def spool(self, *, update_id: str, client_id: str, round_no: int, base_version: int, num_samples: int, payload: bytes) -> None:
+    def spool(
+        self, *, update_id: str, client_id: str, round_no: int, base_version: int, num_samples: int, payload: bytes, shard: int | None = None
+    ) -> None:
         """Persist an accepted update (before its receipt is sent)."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (update_id, client_id, round_no, base_version, num_samples, time.time(), len(payload), payload),
-            )
+            self._insert_accepted(db, update_id, client_id, round_no, base_version, num_samples, payload, shard)
 
-    def spooled(self, round_no: int) -> list[SpooledUpdate]:
+    def admit(
+        self, *, update_id: str, client_id: str, round_no: int, base_version: int, num_samples: int, payload: bytes,
+        check: Callable[[Standing], None], shard: int | None = None, epoch: int | None = None,
+    ) -> None:
+        """Admit and spool an update in one transaction, or raise what ``check`` raises (a Rejection).
+
+        ``check`` sees the round's standing as of this transaction, which no other writer can
+        change before it commits: two workers cannot both take the round's last place, nor both
+        accept one update id. With ``epoch``, raise Superseded if another aggregator took over.
+        """
+        with self._tx() as db:
+            if epoch is not None:
+                row = db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+                if row is None or int(row[0]) != epoch:
+                    raise Superseded(f"store {self.path} was taken over by another aggregator (epoch {row and row[0]}, ours {epoch})")
+            check(self._standing(db, round_no, update_id, client_id))
+            self._insert_accepted(db, update_id, client_id, round_no, base_version, num_samples, payload, shard)
+
+    def standing(self, round_no: int, update_id: str, client_id: str) -> Standing:
+        """The standing outside a transaction: a cheap early answer that ``admit`` confirms."""
+        return self._standing(self._db, round_no, update_id, client_id)
+
+    @staticmethod
+    def _standing(db: sqlite3.Connection, round_no: int, update_id: str, client_id: str) -> Standing:
+        row = db.execute("SELECT closing, closed FROM rounds WHERE round=?", (round_no,)).fetchone()
+        return Standing(
+            update_seen=db.execute("SELECT 1 FROM accepted WHERE update_id=?", (update_id,)).fetchone() is not None,
+            client_seen=db.execute("SELECT 1 FROM accepted WHERE round=? AND client_id=?", (round_no, client_id)).fetchone() is not None,
+            accepted=db.execute("SELECT COUNT(*) FROM accepted WHERE round=?", (round_no,)).fetchone()[0],
+            closing=row is None or bool(row[0]) or row[1] is not None,
+        )
+
+    @staticmethod
+    def _insert_accepted(
+        db: sqlite3.Connection, update_id: str, client_id: str, round_no: int, base_version: int, num_samples: int, payload: bytes,
+        shard: int | None,
+    ) -> None:
+        db.execute(
+            "INSERT INTO accepted (update_id, client_id, round, base_version, num_samples, received, bytes, payload, shard) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (update_id, client_id, round_no, base_version, num_samples, time.time(), len(payload), payload, shard),
+        )
+
+    def spooled(self, round_no: int, *, shard: int | None = None) -> list[SpooledUpdate]:
+        """The spooled updates of an open round (with ``shard``: only those that worker folded)."""
+        where = "round=? AND payload IS NOT NULL" + (" AND shard=?" if shard is not None else "")
+        params = (round_no, shard) if shard is not None else (round_no,)
         rows = self._db.execute(
-            "SELECT update_id, client_id, num_samples, payload FROM accepted WHERE round=? AND payload IS NOT NULL ORDER BY received",
-            (round_no,),
+            f"SELECT update_id, client_id, num_samples, payload FROM accepted WHERE {where} ORDER BY received", params
         ).fetchall()
         return [SpooledUpdate(*row) for row in rows]
+
+    def accepted_by_shard(self, round_no: int) -> dict[int | None, int]:
+        """How many of the round's updates each ingest worker admitted (None: the aggregator itself)."""
+        return dict(self._db.execute("SELECT shard, COUNT(*) FROM accepted WHERE round=? GROUP BY shard", (round_no,)).fetchall())
 
     def accepted_ids(self, round_no: int) -> list[str]:
         """Ids of the updates accepted (and so folded) in ``round_no``."""

@@ -102,3 +102,54 @@ def test_folding_continues_after_mean() -> None:
     acc.add({"w": f32(4, 0), "b": f32(0)}, 1)
     np.testing.assert_array_equal(first["w"], f32(2, 2))  # an earlier result is not mutated
     np.testing.assert_array_equal(acc.mean()["w"], f32(3, 1))
+
+
+def _updates(spec: ModelSpec, n: int, seed: int = 0) -> list[tuple[dict[str, np.ndarray], int]]:
+    rng = np.random.default_rng(seed)
+    return [({t.name: rng.normal(0, 1, t.shape).astype(np.float32) for t in spec.tensors}, int(rng.integers(1, 500))) for _ in range(n)]
+
+
+def test_merged_partial_sums_equal_one_sum() -> None:
+    """The fold is associative: two workers' partial sums, merged, are the single aggregator's sum."""
+    spec = ModelSpec((TensorSpec("w", (16, 8)), TensorSpec("b", (8,))))
+    updates = _updates(spec, 9)
+    single, left, right = WeightedSum(spec), WeightedSum(spec), WeightedSum(spec)
+    for i, (delta, weight) in enumerate(updates):
+        single.add(delta, weight)
+        (left if i % 3 else right).add(delta, weight)
+    left.merge(right)
+    assert (left.count, left.total_weight) == (single.count, single.total_weight) == (9, sum(w for _, w in updates))
+    for name, value in single.mean().items():
+        np.testing.assert_allclose(left.mean()[name], value, rtol=1e-7, atol=0)
+
+
+def test_a_partial_sum_crosses_a_pipe_unchanged() -> None:
+    import msgpack
+
+    spec = ModelSpec((TensorSpec("w", (4, 3)), TensorSpec("b", (3,))))
+    direct, via_wire, part = WeightedSum(spec), WeightedSum(spec), WeightedSum(spec)
+    for delta, weight in _updates(spec, 4, seed=1):
+        part.add(delta, weight)
+    direct.merge(part)
+    via_wire.merge_wire(msgpack.unpackb(msgpack.packb(part.to_wire(), use_bin_type=True), raw=False))
+    assert (via_wire.count, via_wire.total_weight) == (direct.count, direct.total_weight)
+    for name, value in direct.mean().items():
+        assert via_wire.mean()[name].tobytes() == value.tobytes()
+
+
+def test_merging_an_empty_partial_changes_nothing() -> None:
+    acc = WeightedSum(SPEC)
+    acc.add({"w": f32(1, 2), "b": f32(3)}, 2)
+    acc.merge(WeightedSum(SPEC))
+    assert (acc.count, acc.total_weight) == (1, 2.0)
+    np.testing.assert_array_equal(acc.mean()["w"], f32(1, 2))
+
+
+def test_partial_sums_of_another_model_are_refused() -> None:
+    other = ModelSpec((TensorSpec("w", (3,)), TensorSpec("b", (1,))))
+    acc = WeightedSum(SPEC)
+    with pytest.raises(ValueError, match="different models"):
+        acc.merge(WeightedSum(other))
+    with pytest.raises(ValueError, match="different models"):
+        acc.merge_wire(WeightedSum(other).to_wire())
+    assert acc.count == 0

@@ -61,3 +61,20 @@ def test_bad_parameters_are_refused(kwargs):
     settings = {"noise_multiplier": 1.0, "clip_norm": 1.0, **kwargs}
     with pytest.raises(ValueError):
         PrivacyParams(**settings)
+
+
+def test_noisy_partial_sums_merge_before_the_noise() -> None:
+    """Workers' clipped sums merge exactly; the noise is drawn once, by the coordinator."""
+    spec = ModelSpec.of({"w": np.zeros(5, np.float32)})
+    params = PrivacyParams(noise_multiplier=1.0, clip_norm=1.0)
+    rng = np.random.default_rng(3)
+    deltas = [{"w": rng.normal(0, 2, 5).astype(np.float32)} for _ in range(6)]
+    single = NoisySum(spec, params, denominator=6, rng=np.random.default_rng(7))
+    merged = NoisySum(spec, params, denominator=6, rng=np.random.default_rng(7))
+    worker = NoisySum(spec, params, denominator=6, rng=np.random.default_rng(99))  # a worker's rng is never used
+    for i, delta in enumerate(deltas):
+        single.add(delta, 10 + i)
+        (merged if i < 2 else worker).add(delta, 10 + i)
+    merged.merge_wire(worker.to_wire())
+    assert (merged.count, merged.total_weight) == (single.count, single.total_weight) == (6, sum(range(10, 16)))
+    np.testing.assert_allclose(merged.mean()["w"], single.mean()["w"], rtol=1e-6)

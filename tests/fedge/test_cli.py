@@ -83,6 +83,7 @@ async def test_aggregator_and_agent_processes_run_a_round_and_exit(broker, fleet
         (["aggregator", "--broker=ftp://x"], "scheme must be mqtt:// or mqtts://"),
         (["aggregator", "--broker=mqtt://h", "--target=2", "--min=3"], "min (3) <= target (2)"),
         (["aggregator", "--broker=mqtt://h", "--codec=zip"], "unknown stage 'zip'"),
+        (["aggregator", "--broker=mqtt://h", "--workers=2", "--aggregation=median"], "--workers needs --aggregation mean"),
         (["agent", "--broker=mqtt://h", "--client-id=a/b", "--state-dir=/tmp/x"], "client id 'a/b'"),
         (["simulate", "--agents=0"], "--agents and --rounds must be >= 1"),
     ],

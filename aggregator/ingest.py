@@ -1,0 +1,188 @@
+"""One update, from untrusted bytes to its receipt: validate, admit, spool, fold, answer.
+
+The aggregator's own connection (``--workers 0``) and each ingest worker (aggregator/worker.py)
+run this same path, so the rules and the order of effects cannot drift apart:
+
+1. ``parse_update``: size, strict decode, fleet, sender identity (aggregator/validation.py);
+2. ``Admission.precheck``: a cheap early refusal (duplicate, stale, round full) before any
+   tensor is decoded;
+3. ``decode_delta`` and the defences (norm bound, weight cap);
+4. ``Admission.commit``: admit and spool in one store transaction, which is what makes dedupe
+   and the round's target hold across worker processes (the precheck may have raced);
+5. fold into this process's partial sum, then publish the receipt (spool before receipt).
+
+Every update gets exactly one receipt; ``answered`` counts it (the aggregator's counters and
+Prometheus metrics, or a worker's report to its coordinator).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from aggregator.async_rounds import scaled
+from aggregator.defence import Collector, Defence, Mergeable
+from aggregator.errors import LedgerMismatch, Rejection
+from aggregator.rounds import Standing, check_admission
+from aggregator.store import SpooledUpdate, Store
+from aggregator.validation import UpdateLimits, decode_delta, parse_update
+from fedge_contract import Receipt, ReceiptStatus, Topics, Update
+from fedge_contract.tensors import ModelSpec
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+Answered = Callable[[ReceiptStatus, str, int], None]
+
+
+class Admission(Protocol):
+    """The round an update is offered to, and how it decides and persists admission."""
+
+    @property
+    def number(self) -> int: ...
+
+    @property
+    def base_version(self) -> int: ...
+
+    def precheck(self, update: Update) -> None:
+        """Raise a Rejection if the update is already known to be refused (may be out of date)."""
+
+    def commit(self, update: Update, payload: bytes) -> float:
+        """Admit and spool atomically, or raise a Rejection; returns the update's weight factor."""
+
+
+@dataclass(frozen=True)
+class LedgerAdmission:
+    """Synchronous rounds: the store's ``accepted`` table is the ledger every ingest process shares."""
+
+    store: Store
+    number: int
+    base_version: int
+    target: int
+    shard: int | None = None  # the worker admitting (None: the aggregator itself)
+    epoch: int | None = None  # fences out the workers of an aggregator that was replaced
+
+    def _rules(self, update: Update) -> Callable[[Standing], None]:
+        def check(standing: Standing) -> None:
+            check_admission(update, number=self.number, base_version=self.base_version, target=self.target, standing=standing)
+
+        return check
+
+    def precheck(self, update: Update) -> None:
+        self._rules(update)(self.store.standing(self.number, update.update_id, update.client_id))
+
+    def commit(self, update: Update, payload: bytes) -> float:
+        self.store.admit(
+            update_id=update.update_id, client_id=update.client_id, round_no=self.number, base_version=update.base_version,
+            num_samples=update.num_samples, payload=payload, check=self._rules(update), shard=self.shard, epoch=self.epoch,
+        )
+        return 1.0
+
+
+def limits_for(config: Any, spec: ModelSpec) -> UpdateLimits:
+    """The validation limits of an AggregatorConfig (the same in the aggregator and its workers)."""
+    return UpdateLimits.for_model(spec, config.max_update_bytes, max_num_samples=config.max_num_samples, allowed_clients=config.allow_clients)
+
+
+class Ingest:
+    """The per-update path and this process's partial sum of the open round."""
+
+    def __init__(
+        self, *, fleet: str, spec: ModelSpec, limits: UpdateLimits, defence: Defence, store: Store,
+        publish: Publish, answered: Answered, log: logging.Logger,
+    ) -> None:
+        self.fleet = fleet
+        self.topics = Topics(fleet)
+        self.spec = spec
+        self.limits = limits
+        self.defence = defence
+        self.store = store
+        self.publish = publish
+        self.answered = answered
+        self.log = log
+        self.collector: Collector = defence.collector(spec)
+        self.folded: set[str] = set()  # update ids in ``collector``
+
+    def reset(self) -> None:
+        """An empty partial sum for a new round."""
+        self.collector = self.defence.collector(self.spec)
+        self.folded = set()
+
+    async def handle(self, client: str, payload: bytes, admission: Admission) -> Update | None:
+        """Answer one update; the Update if it was accepted (spooled, folded, receipted)."""
+        update: Update | None = None
+        try:
+            update = parse_update(payload, topic_client=client, fleet=self.fleet, limits=self.limits)
+            admission.precheck(update)
+            checked = self.defence.assess(decode_delta(update, self.spec), update.num_samples)
+            factor = admission.commit(update, payload)
+        except Rejection as rejection:
+            update_id = update.update_id if update else Update.peek_update_id(payload, self.limits.max_bytes)
+            await self.receipt(client, update_id, rejection.status, rejection.reason, admission, len(payload))
+            return None
+        self.defence.record(checked)
+        self._fold(update.update_id, checked.delta, checked.weight, factor)
+        await self.receipt(client, update.update_id, ReceiptStatus.ACCEPTED, "", admission, len(payload))
+        return update
+
+    async def receipt(self, client: str, update_id: str | None, status: ReceiptStatus, reason: str, admission: Admission, nbytes: int) -> None:
+        self.answered(status, reason, nbytes)
+        number = admission.number
+        level = logging.INFO if status is ReceiptStatus.ACCEPTED else logging.WARNING
+        self.log.log(level, "receipt round=%d client=%s update=%s status=%s reason=%s", number, client, update_id, status.value, reason,
+                     extra={"round": number, "client": client, "update": update_id, "status": status.value, "reason": reason})
+        self.store.record_receipt(round_no=number, client_id=client, update_id=update_id, status=status.value, reason=reason, nbytes=nbytes)
+        receipt = Receipt(self.fleet, client, update_id, status, reason, number, admission.base_version)
+        await self.publish(self.topics.receipt(client), receipt.to_bytes())
+
+    def refold(self, spooled: Iterable[SpooledUpdate], factor: Callable[[Update], float] = lambda update: 1.0) -> list[Update]:
+        """Fold spooled updates (accepted before a restart, or by a worker that died) not folded here yet.
+
+        They were validated when accepted: a norm bound now clips instead of rejecting them.
+        """
+        refolded = []
+        for row in spooled:
+            if row.update_id in self.folded:
+                continue
+            update = parse_update(row.payload, topic_client=row.client_id, fleet=self.fleet, limits=self.limits)
+            checked = self.defence.assess(decode_delta(update, self.spec), update.num_samples, strict=False)
+            self.defence.record(checked)
+            self._fold(update.update_id, checked.delta, checked.weight, factor(update))
+            refolded.append(update)
+        return refolded
+
+    def _fold(self, update_id: str, delta: dict[str, np.ndarray], weight: float, factor: float) -> None:
+        self.collector.add(delta if factor == 1.0 else scaled(delta, factor), weight)
+        self.folded.add(update_id)
+
+    # ------------------------------------------------------------------ partial sums (ingest workers)
+    def partial(self) -> dict[str, Any]:
+        """This process's share of the round, as plain values for the coordinator's ``merge``."""
+        norms, clipped = self.defence.take_norms()
+        return {"sum": self._mergeable().to_wire(), "update_ids": sorted(self.folded), "norms": norms, "clipped": clipped}
+
+    def merge(self, partial: Mapping[str, Any]) -> None:
+        """Add a worker's ``partial`` into this partial sum; an update folded twice is a LedgerMismatch."""
+        ids = set(partial["update_ids"])
+        if len(ids) != len(partial["update_ids"]) or ids & self.folded:
+            raise LedgerMismatch(f"updates folded twice: {sorted(ids & self.folded)[:5]}")
+        self._mergeable().merge_wire(partial["sum"])
+        self.folded |= ids
+        self.defence.absorb(list(partial["norms"]), int(partial["clipped"]))
+
+    def _mergeable(self) -> Mergeable:
+        if not hasattr(self.collector, "merge_wire"):  # AggregatorConfig refuses --workers with such a rule
+            raise TypeError(f"{type(self.collector).__name__} cannot be split across ingest workers")
+        return self.collector  # type: ignore[return-value]
+
+    def check_ledger(self, round_no: int) -> None:
+        """The updates folded are exactly those the store accepted into ``round_no``: fail loudly otherwise."""
+        accepted = set(self.store.accepted_ids(round_no))
+        if accepted != self.folded:
+            missing, extra = sorted(accepted - self.folded), sorted(self.folded - accepted)
+            raise LedgerMismatch(
+                f"round {round_no}: the merged sums miss {len(missing)} accepted updates {missing[:5]} and hold "
+                f"{len(extra)} the store did not accept {extra[:5]}; restart the aggregator to re-fold the round from its store"
+            )
