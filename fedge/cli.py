@@ -19,6 +19,7 @@ from fedge.logs import setup_logging
 from fedge.peak_memory import report_at_exit
 from aggregator.errors import AggregatorError
 from fedge_contract.aio import cancel_and_wait
+from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedge_contract.errors import ContractError
 from fedge_tasks.base import TaskLoadError
 
@@ -67,7 +68,7 @@ def strategy_config(args: argparse.Namespace) -> Any:
 
 
 def _task_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="digits", help="MODULE:OBJECT of a fedge task, or a built-in name (digits)")
+    parser.add_argument("--task", default="digits", help="MODULE:OBJECT of a fedge task, or a built-in name (digits, synthetic)")
     parser.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="option passed to the task (repeatable)")
 
 
@@ -197,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     _training_flags(p)
     p.add_argument("--store", type=Path, default=Path("fedge-aggregator.sqlite"), help="SQLite store (checkpoints, rounds)")
     p.add_argument("--max-update-bytes", type=int, help="largest update accepted (default: 1.25x the float32 model)")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
+                   help="a global model above this is published in chunks with a manifest (default 8 MiB; keep it below the broker's max_packet_size)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating each model on the task's held-out data")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="ingest updates in N worker processes on a shared subscription (sync mode, mean aggregation); "
+                        "0 (default): this process ingests")
     _metrics_flags(p)
     _defence_flags(p)
     _common(p)
@@ -223,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--nice", dest="train_nice", type=int, help="niceness added to training, 0-19 (default 10)")
     group.add_argument("--max-train-memory", dest="max_train_memory_mib", type=float, metavar="MIB",
                        help="refuse a task whose model and training data exceed this")
+    group.add_argument("--max-message-bytes", type=int, metavar="BYTES",
+                       help="an update above this is published in chunks with a manifest (default 8 MiB)")
     group.add_argument("--in-process-training", dest="isolate_training", action="store_false", default=None,
                        help="train inside the agent's process (keeps torch loaded, ~260 MiB) instead of a child that exits")
     group = p.add_argument_group("when to train (policy)")
@@ -249,8 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "training is serialised here, so stragglers only matter when this dominates)")
     _chaos_flags(p)
     p.add_argument("--out", type=Path, help="report folder (default runs/sim-<time>)")
-    p.add_argument("--agent-procs", type=int, default=1, help="processes hosting the agents (each its own MQTT connections)")
+    p.add_argument("--agent-procs", "--hosts", type=int, default=1, help="processes hosting the agents (each its own MQTT connections)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines, only the final table")
+    group = p.add_argument_group("synthetic load (measure the transport and the aggregator, not learning)")
+    group.add_argument("--synthetic", action="store_true",
+                       help="agents send seeded N(0, 0.01^2) deltas of a --params model with the round's --codec instead of training")
+    group.add_argument("--params", type=int, default=1_000_000, help="synthetic: parameters of the model (default 1,000,000)")
+    group.add_argument("--downloads", choices=["host", "all"], default="host",
+                       help="synthetic: each host process downloads the global model once and tells its agents (default), "
+                            "or every agent downloads it (agents x model bytes through the broker per round)")
+    group.add_argument("--workers", type=int, help="passed to fedge aggregator --workers (sharded ingestion)")
     _metrics_flags(p)
     _defence_flags(p)
     p.add_argument("--attack", action="append", default=[], help=argparse.SUPPRESS)  # TEST ONLY: ID=none|scale10|signflip|nan
@@ -279,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulated-train-seconds", type=float, default=0.0)
     p.add_argument("--attacks", default="", help="TEST ONLY: ID=KIND,... (edge_agent/attack.py)")
     p.add_argument("--state-root", type=Path, required=True)
+    p.add_argument("--synthetic", action="store_true", help="synthetic agents (fedge/simulate/synthetic.py)")
+    p.add_argument("--downloads", choices=["host", "all"], default="host")
+    p.add_argument("--ledger", type=Path, help="synthetic: write what the agents published here (JSON)")
     _task_flags(p)
     p.add_argument("--seed", type=int, default=0)
     _common(p)
@@ -347,7 +366,7 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 
 def _run_aggregator(args: argparse.Namespace) -> int:
-    from aggregator import Aggregator, AggregatorConfig
+    from aggregator import AggregatorConfig, make_aggregator
     from fedge_contract.mqtt import BrokerAddress
     from fedge_tasks.base import parse_options
 
@@ -370,17 +389,15 @@ def _run_aggregator(args: argparse.Namespace) -> int:
         global_codec=args.global_codec,
         store=args.store,
         max_update_bytes=args.max_update_bytes,
+        max_message_bytes=args.max_message_bytes,
         evaluate=not args.no_eval,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host or "127.0.0.1",
         dashboard_port=args.dashboard_port,
+        workers=args.workers,
         **defence_config(args),
     )
-    if config.mode == "async":
-        from aggregator.async_service import AsyncAggregator
-
-        return _run(AsyncAggregator(config).run())
-    return _run(Aggregator(config).run())
+    return _run(make_aggregator(config).run())
 
 
 def agent_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -388,7 +405,7 @@ def agent_flags(args: argparse.Namespace) -> dict[str, Any]:
     from fedge_tasks.base import parse_options
 
     names = ["broker", "ca_file", "fleet", "client_id", "state_dir", "task", "seed", "exit_when_final",
-             "torch_threads", "train_nice", "max_train_memory_mib", "isolate_training"]
+             "torch_threads", "train_nice", "max_train_memory_mib", "isolate_training", "max_message_bytes"]
     flags: dict[str, Any] = {n: getattr(args, n) for n in names}
     flags["task_options"] = parse_options(args.task_opt) if args.task_opt else None
     policy = {
@@ -436,6 +453,13 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_agent_host(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        from fedge.simulate.synthetic import HostOptions, host_synthetic_agents
+        from fedge_contract.mqtt import BrokerAddress
+
+        name = args.ledger.stem if args.ledger else "host"
+        return _run(host_synthetic_agents(args.client_ids.split(","), BrokerAddress.parse(args.broker), args.fleet,
+                                          HostOptions(downloads=args.downloads, seed=args.seed), name=name, ledger_path=args.ledger))
     from fedge.simulate.agent_host import host_agents
 
     return _run(host_agents(args))
@@ -474,6 +498,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         log_level=args.log_level,
         log_json=args.log_json,
+        synthetic=args.synthetic,
+        params=args.params,
+        downloads=args.downloads,
+        workers=args.workers,
     )
     if args.dashboard_port is not None:
         host = args.metrics_host if args.metrics_host not in (None, "", "0.0.0.0") else "127.0.0.1"

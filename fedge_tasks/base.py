@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-BUILTIN_TASKS = {"digits": "fedge_tasks.digits:DigitsTask"}
+BUILTIN_TASKS = {"digits": "fedge_tasks.digits:DigitsTask", "synthetic": "fedge_tasks.synthetic:SyntheticTask"}
 
 
 class TaskLoadError(Exception):

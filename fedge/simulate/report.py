@@ -25,6 +25,11 @@ class RoundRow:
     updates_published: int
     seconds: float  # from the round's opening to the next round's (or the end)
 
+    @property
+    def updates_per_s(self) -> float:
+        """Updates folded per second of the round (the aggregator's throughput under synthetic load)."""
+        return self.participants / self.seconds if self.seconds > 0 else float("nan")
+
 
 @dataclass(frozen=True)
 class SimulationReport:
@@ -34,9 +39,17 @@ class SimulationReport:
     peak_rss_mib: dict[str, float]  # per process; their sum bounds the combined peak from above
     final_global_bytes: int = 0
     unattributed_bytes: int = 0
+    hosts: dict[str, Any] = field(default_factory=dict)  # synthetic load: each host's receipts, connect time and RSS
     totals: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        seconds = [r.seconds for r in self.rounds if math.isfinite(r.seconds)]
+        self.totals.update(
+            seconds_per_round=sum(seconds) / len(seconds) if seconds else float("nan"),
+            # round 1 also waits for the fleet to connect: the steady state is the rounds after it
+            seconds_per_round_after_first=sum(seconds[1:]) / len(seconds[1:]) if len(seconds) > 1 else float("nan"),
+            updates_per_s=sum(r.participants for r in self.rounds if math.isfinite(r.seconds)) / sum(seconds) if sum(seconds) > 0 else float("nan"),
+        )
         self.totals.update(
             final_accuracy=self.rounds[-1].accuracy if self.rounds else float("nan"),
             bytes_up=sum(r.bytes_up for r in self.rounds),
@@ -52,19 +65,23 @@ def _finite(value: Any) -> Any:
 
 def write_report(report: SimulationReport, out: Path, console: Console) -> None:
     data = asdict(report)
-    data["rounds"] = [{k: _finite(v) for k, v in row.items()} for row in data["rounds"]]
+    data["rounds"] = [{**{k: _finite(v) for k, v in row.items()}, "updates_per_s": _finite(r.updates_per_s)}
+                      for row, r in zip(data["rounds"], report.rounds)]
+    data["totals"] = {k: _finite(v) for k, v in data["totals"].items()}
     (out / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False, default=str))
     _plot(report, out / "report.png")
     table = Table(title=f"fedge simulate: {report.options['agents']} agents, {len(report.rounds)} rounds")
-    for column in ("round", "accuracy", "loss", "participants", "bytes up", "bytes down", "seconds"):
+    for column in ("round", "accuracy", "loss", "participants", "bytes up", "bytes down", "seconds", "updates/s"):
         table.add_column(column, justify="right")
     for row in report.rounds:
         table.add_row(str(row.round), f"{row.accuracy:.4f}", f"{row.loss:.4f}", str(row.participants),
-                      f"{row.bytes_up:,}", f"{row.bytes_down:,}", f"{row.seconds:.2f}")
+                      f"{row.bytes_up:,}", f"{row.bytes_down:,}", f"{row.seconds:.2f}", f"{row.updates_per_s:.1f}")
     console.print(table)
     t = report.totals
+    quality = f"final accuracy [bold]{t['final_accuracy']:.4f}[/]" if math.isfinite(t["final_accuracy"]) else "no evaluation"
     console.print(
-        f"final accuracy [bold]{t['final_accuracy']:.4f}[/]; uploaded {t['bytes_up']:,} B, downloaded {t['bytes_down']:,} B; "
+        f"{quality}; {t['seconds_per_round']:.2f} s per round, {t['updates_per_s']:.1f} updates/s; "
+        f"uploaded {t['bytes_up']:,} B, downloaded {t['bytes_down']:,} B; "
         f"wall {t['wall_seconds']:.1f} s; peak memory {t['peak_rss_mib_sum']:.0f} MiB over {len(report.peak_rss_mib)} processes"
     )
     console.print(f"report: {out / 'report.json'}, {out / 'report.png'}")
@@ -76,8 +93,12 @@ def _plot(report: SimulationReport, path: Path) -> None:
     plt = pyplot()
     rounds = [r.round for r in report.rounds]
     fig, (acc_ax, bytes_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    acc_ax.plot(rounds, [r.accuracy for r in report.rounds], marker="o", markersize=3)
-    acc_ax.set_ylabel("test accuracy")
+    if any(math.isfinite(r.accuracy) for r in report.rounds):
+        acc_ax.plot(rounds, [r.accuracy for r in report.rounds], marker="o", markersize=3)
+        acc_ax.set_ylabel("test accuracy")
+    else:  # synthetic load: nothing to evaluate, show the round times instead
+        acc_ax.plot(rounds, [r.seconds for r in report.rounds], marker="o", markersize=3)
+        acc_ax.set_ylabel("seconds per round")
     acc_ax.grid(alpha=0.3)
     codec = report.options["training"].get("codec") or TaskConfig().codec  # the contract's default when not set
     acc_ax.set_title(f"{report.options['agents']} agents, alpha {report.options['alpha']}, codec {codec}")

@@ -26,6 +26,7 @@ from broker import LocalBroker
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import peak_rss_mib, proc_peak_rss_mib
 from fedge.netem import FaultProxy, LinkProfile, parse_schedule
+from fedge.simulate.limits import raise_fd_limit
 from fedge.simulate.chaos import ChaosController, ChaosHooks, ChaosLog, ChaosOptions, late_ids, plan_dropouts
 from fedge.simulate.report import RoundRow, SimulationReport, write_report
 from fedge.simulate.wiretap import WireTap
@@ -58,6 +59,12 @@ class SimulationOptions:
     log_level: str = "info"
     log_json: bool = False  # children log JSON lines (fedge/logs.py)
     timeout: float = 3600.0  # give up on a run that makes no progress for this long
+    # Load mode (fedge/simulate/synthetic.py): agents send seeded noise of a `params`-value model
+    # (task `synthetic`) encoded with the round's codec, instead of training digits.
+    synthetic: bool = False
+    params: int = 1_000_000
+    downloads: str = "host"  # synthetic: who downloads the global model, each host once or every agent
+    workers: int | None = None  # passed to `fedge aggregator --workers` when given
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.rounds < 1:
@@ -69,6 +76,17 @@ class SimulationOptions:
         if self.target is not None and not 1 <= self.target <= self.agents:
             raise ValueError(f"--target must be between 1 and --agents ({self.agents})")
         self.chaos.validate(self.agents, self.rounds)
+        if self.synthetic:
+            from fedge.simulate.synthetic import DOWNLOADS
+
+            if self.chaos.active or self.attacks or self.stragglers or self.emulated_train_seconds:
+                raise ValueError("--synthetic measures the transport and the aggregator: it takes no faults, attacks or stragglers")
+            if self.downloads not in DOWNLOADS:
+                raise ValueError(f"--downloads must be one of {', '.join(DOWNLOADS)}")
+            if self.params < 8:
+                raise ValueError("--params must be >= 8")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError("--workers must be >= 0")
 
     @property
     def effective_target(self) -> int:
@@ -81,13 +99,36 @@ class SimulationOptions:
     def slow_ids(self, ids: list[str]) -> list[str]:
         return sorted(random.Random(self.seed).sample(ids, round(self.stragglers * len(ids))))
 
+    @property
+    def task(self) -> str:
+        return "synthetic" if self.synthetic else "digits"
+
     def task_options(self) -> list[str]:
-        opts = {"clients": self.agents, "alpha": self.alpha, "seed": self.seed, "init_seed": self.seed}
+        if self.synthetic:
+            opts: dict[str, Any] = {"params": self.params, "init_seed": self.seed}
+        else:
+            opts = {"clients": self.agents, "alpha": self.alpha, "seed": self.seed, "init_seed": self.seed}
         return [f"--task-opt={k}={v}" for k, v in opts.items()]
+
+    @property
+    def global_subscribers(self) -> int:
+        """Connections that download each global model: every agent, or one per synthetic host."""
+        return self.agent_procs if self.synthetic and self.downloads == "host" else self.agents
 
 
 def _flags(training: dict[str, Any]) -> list[str]:
     return [f"--{key.replace('_', '-')}={value}" for key, value in training.items()]
+
+
+def aggregator_argv(options: SimulationOptions, broker_url: str, store: Path) -> tuple[str, ...]:
+    """The run's ``fedge aggregator`` command line (after ``python -m fedge``)."""
+    return (
+        "aggregator", f"--broker={broker_url}", f"--fleet={FLEET}", f"--task={options.task}", *options.task_options(),
+        f"--rounds={options.rounds}", f"--target={options.effective_target}", f"--min={options.effective_min}",
+        f"--deadline={options.deadline}", f"--strategy={options.strategy}", f"--global-codec={options.global_codec}",
+        f"--store={store}", *options.strategy_flags, *_flags(options.training),
+        *([f"--workers={options.workers}"] if options.workers is not None else []),
+    )
 
 
 class _Children:
@@ -150,15 +191,14 @@ async def simulate(options: SimulationOptions) -> int:
         raise ValueError(f"{out} already holds a run: choose another --out")
     console.print(f"[bold]fedge simulate[/]: {options.agents} agents, {options.rounds} rounds, target {options.effective_target}, report in {out}")
 
+    raise_fd_limit(options.agents + 256)  # before the broker starts: it inherits the limit, one socket per agent
     async with LocalBroker(data_dir=out / "broker") as broker_proc:
         address = BrokerAddress.parse(broker_proc.url)
-        async with WireTap(address, FLEET, subscribers=options.agents) as tap, _children(out, options.log_level, options.log_json) as children:
-            aggregator_args = (
-                "aggregator", f"--broker={broker_proc.url}", f"--fleet={FLEET}", "--task=digits", *options.task_options(),
-                f"--rounds={options.rounds}", f"--target={options.effective_target}", f"--min={options.effective_min}",
-                f"--deadline={options.deadline}", f"--strategy={options.strategy}", f"--global-codec={options.global_codec}",
-                f"--store={store_path}", *options.strategy_flags, *_flags(options.training),
-            )
+        # Synthetic load: the tap does not take a copy of every update (that would double the
+        # broker's egress and load this process); bytes up come from the hosts' ledgers instead.
+        tap = WireTap(address, FLEET, subscribers=options.global_subscribers, updates=not options.synthetic)
+        async with tap, _children(out, options.log_level, options.log_json) as children:
+            aggregator_args = aggregator_argv(options, broker_proc.url, store_path)
             await children.spawn("aggregator", *aggregator_args)
             ids = [f"agent-{i}" for i in range(options.agents)]
             async with _chaos(options, broker_proc, children, aggregator_args, ids, out) as spawn_agents:
@@ -214,6 +254,15 @@ class _AgentSpawner:
 
     async def __call__(self, ids: list[str], procs: int, prefix: str) -> None:
         options = self.options
+        if options.synthetic:
+            for p in range(min(procs, len(ids))):
+                name = f"{prefix}-{p}"
+                await self.children.spawn(
+                    name, "_agent-host", "--synthetic", f"--broker={self.broker_url}", f"--fleet={FLEET}",
+                    f"--client-ids={','.join(ids[p::procs])}", f"--state-root={self.out / 'agents'}",
+                    f"--seed={options.seed}", f"--downloads={options.downloads}", f"--ledger={self.out / 'agents' / (name + '.json')}",
+                )
+            return
         slow = options.slow_ids([f"agent-{i}" for i in range(options.agents)])
         for p in range(min(procs, len(ids))):
             group = ids[p::procs]
@@ -284,16 +333,22 @@ async def _enter_chaos(stack: contextlib.AsyncExitStack, options: SimulationOpti
 def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: float, broker_peak: float | None) -> SimulationReport:
     with Store(out / "aggregator.sqlite", readonly=True) as store:
         stored = {row["round"]: row for row in store.rounds()}
+    hosts = _host_ledgers(out) if options.synthetic else {}
     rows = []
     for number in sorted(stored):
         traffic = tap.rounds[number]
+        if options.synthetic:  # what the hosts published (the tap does not copy updates in this mode)
+            published = [ledger["rounds"].get(str(number), {}) for ledger in hosts.values()]
+            updates, bytes_up = sum(p.get("updates", 0) for p in published), sum(p.get("bytes", 0) for p in published)
+        else:
+            updates, bytes_up = traffic.updates, traffic.bytes_up
         metrics = stored[number]["metrics"]
         seconds = (traffic.closed_at - traffic.opened_at) if traffic.closed_at and traffic.opened_at else float("nan")
         rows.append(
             RoundRow(
                 round=number, accuracy=metrics.get("accuracy", float("nan")), loss=metrics.get("loss", float("nan")),
-                participants=int(stored[number]["accepted"]), bytes_up=traffic.bytes_up, bytes_down=tap.bytes_down(number),
-                updates_published=traffic.updates, seconds=seconds,
+                participants=int(stored[number]["accepted"]), bytes_up=bytes_up, bytes_down=tap.bytes_down(number),
+                updates_published=updates, seconds=seconds,
             )
         )
     peaks = {"orchestrator": peak_rss_mib()}
@@ -309,4 +364,10 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
         peak_rss_mib=peaks,
         final_global_bytes=tap.final_global_bytes,
         unattributed_bytes=tap.unattributed_bytes,
+        hosts={name: {k: v for k, v in ledger.items() if k != "rounds"} for name, ledger in hosts.items()},
     )
+
+
+def _host_ledgers(out: Path) -> dict[str, Any]:
+    """The synthetic hosts' ledgers (fedge/simulate/synthetic.py), by host name."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted((out / "agents").glob("*.json"))}

@@ -28,7 +28,10 @@ class RoundTraffic:
 
 
 class WireTap(Subscriber):
-    def __init__(self, address: BrokerAddress, fleet: str, subscribers: int) -> None:
+    """``updates=False`` watches only the global model and the status (synthetic load: the tap would
+    otherwise take a copy of every update, doubling the broker's egress)."""
+
+    def __init__(self, address: BrokerAddress, fleet: str, subscribers: int, *, updates: bool = True) -> None:
         self.topics = Topics(fleet)
         self.subscribers = subscribers  # agents receiving each global model
         self.rounds: dict[int, RoundTraffic] = collections.defaultdict(RoundTraffic)
@@ -36,7 +39,8 @@ class WireTap(Subscriber):
         self.unattributed_bytes = 0
         self.finished = asyncio.Event()
         self.progress = asyncio.Queue[RoundStatus]()
-        super().__init__(address, f"fedge-wiretap-{fleet}", [f"{self.topics.prefix}/#"])
+        topics = [f"{self.topics.prefix}/#"] if updates else [self.topics.global_model, self.topics.status]
+        super().__init__(address, f"fedge-wiretap-{fleet}", topics)
 
     def bytes_down(self, round_no: int) -> int:
         return sum(self.rounds[round_no].global_payloads) * self.subscribers
