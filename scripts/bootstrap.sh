@@ -42,29 +42,25 @@ if ! find_mosquitto; then
   fi
 fi
 
-# systemd-analyze: tests/deploy verifies the systemd units with it (Debian's systemd package;
-# installing it in a container does not make systemd the init). Optional: the tests skip without it.
-if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=$(command -v sudo || true)
-  if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
-    echo "bootstrap: installing systemd (for systemd-analyze) with apt-get"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq systemd >/dev/null || echo "bootstrap: systemd not installed; unit tests will skip" >&2
-  fi
-fi
-
-# Chromium: tests/fedge/test_dashboard_browser.py loads the web dashboard in headless Chromium
-# (Debian's chromium package). Optional: never fails the bootstrap; the browser test skips without it.
-if [ ! -x /usr/bin/chromium ]; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=$(command -v sudo || true)
-  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
-    echo "bootstrap: installing chromium with apt-get (for the dashboard browser test)"
-    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } ||
-      echo "bootstrap: chromium could not be installed; the dashboard browser test will skip" >&2
+# Optional tools that some tests use; each test skips without its tool, so these never fail the
+# bootstrap: systemd-analyze (tests/deploy verifies the systemd units; installing Debian's systemd
+# package in a container does not make it the init), chromium (tests/fedge/test_dashboard_browser.py
+# loads the dashboard headless), haproxy (tests/deploy checks deploy/cluster's config with haproxy -c).
+optional_apt() {  # optional_apt PACKAGE PROGRAM
+  local package=$1 program=$2 sudo=""
+  command -v "$program" >/dev/null 2>&1 || [ -x "/usr/sbin/$program" ] || [ -x "/usr/bin/$program" ] && return 0
+  [ "$(id -u)" -eq 0 ] || sudo=$(command -v sudo || true)
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$sudo" ]; }; then
+    echo "bootstrap: installing $package with apt-get (optional, for tests)"
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$package" >/dev/null; } ||
+      echo "bootstrap: $package could not be installed; the tests that need it will skip" >&2
   else
-    echo "bootstrap: chromium is missing (sudo apt-get install chromium); the dashboard browser test will skip" >&2
+    echo "bootstrap: $package is missing (sudo apt-get install $package); the tests that need it will skip" >&2
   fi
-fi
+}
+optional_apt systemd systemd-analyze
+optional_apt chromium chromium
+optional_apt haproxy haproxy
 
 stamp=.venv/.fedge-setup
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
