@@ -9,6 +9,7 @@ addressed to them while they are away (receipts, updates) wait in the broker. ai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -16,7 +17,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -79,11 +80,18 @@ def make_client(
     keepalive: int = 30,
     will: aiomqtt.Will | None = None,
     timeout: float = 10.0,
+    receive_maximum: int | None = None,
 ) -> aiomqtt.Client:
-    """An MQTT 5 client with fedge's conventions; a persistent one keeps its session for ``session_expiry`` s."""
+    """An MQTT 5 client with fedge's conventions; a persistent one keeps its session for ``session_expiry`` s.
+
+    ``receive_maximum``: QoS 1 messages the broker may send before this client acknowledged them
+    (MQTT 5 flow control; see ``Connection``'s ``max_buffered`` for why fedge uses 1).
+    """
     properties = Properties(PacketTypes.CONNECT)
     if persistent:
         properties.SessionExpiryInterval = session_expiry
+    if receive_maximum is not None:
+        properties.ReceiveMaximum = receive_maximum
     tls_context = None
     if address.tls:
         tls_context = ssl.create_default_context(cafile=address.ca_file)
@@ -141,6 +149,93 @@ def _socket_closed(client: aiomqtt.Client) -> asyncio.Event:
     return closed
 
 
+class _PausableReader:
+    """Reads one aiomqtt client's socket through a reader that can be paused: TCP backpressure.
+
+    A consumer that falls behind a flood (a thousand devices uploading at once) would otherwise
+    hold every message the broker pushes, and MQTT 5's Receive Maximum cannot bound it on
+    Mosquitto 2.0.x (measured here: each PUBACK releases a whole quota, its
+    ``db__message_delete_outgoing`` counts only the messages in flight before the acknowledged
+    one). Not reading the socket is a bound that holds against any broker: the kernel buffers
+    fill, the broker keeps the backlog in the client's session, and delivery resumes where it
+    stopped.
+
+    aiomqtt 2.x registers its own reader when paho opens the socket; this replaces it (right
+    after, on the loop) with one that reads the same way (``loop_read`` until TLS has nothing
+    pending; an error ends the connection through the client's ``_disconnected`` future) and
+    can be removed and added back. Pinned to aiomqtt<3, like ``_socket_closed``.
+    """
+
+    def __init__(self, client: aiomqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
+        self._client = client
+        self._loop = loop
+        self._fd: int | None = None
+        self._closed = False
+        self.paused = False
+        self.pauses = 0  # times reading was paused (tests, logs)
+        paho = client._client
+        opened, closed = paho.on_socket_open, paho.on_socket_close
+
+        def on_socket_open(c: object, userdata: object, sock: Any) -> None:
+            opened(c, userdata, sock)  # aiomqtt schedules its reader (call_soon_threadsafe): ours is scheduled after it
+            loop.call_soon_threadsafe(self._take_over, sock.fileno())
+
+        def on_socket_close(c: object, userdata: object, sock: Any) -> None:
+            self._closed = True
+            closed(c, userdata, sock)
+
+        paho.on_socket_open = on_socket_open
+        paho.on_socket_close = on_socket_close
+
+    def _take_over(self, fd: int) -> None:
+        if self._closed:
+            return  # closed before we got here: the fd may already be another socket's
+        self._fd = fd
+        if self.paused:
+            self._loop.remove_reader(fd)
+        else:
+            self._loop.add_reader(fd, self._read)  # replaces aiomqtt's reader for this fd
+
+    def _read(self) -> None:
+        paho = self._client._client
+        try:
+            while True:
+                paho.loop_read()
+                sock = paho._sock
+                if not (hasattr(sock, "pending") and sock.pending() > 0):  # TLS may hold decrypted bytes
+                    break
+        except Exception as exc:  # a broken socket: end this connection, as aiomqtt's own reader does
+            disconnected = self._client._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.pauses += 1
+            if self._fd is not None and not self._closed:
+                self._loop.remove_reader(self._fd)
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self._fd is not None and not self._closed:
+                self._loop.add_reader(self._fd, self._read)
+
+
+class _Inbox(asyncio.Queue[aiomqtt.Message]):
+    """A connection's message queue that tells its connection whenever a message is taken."""
+
+    def __init__(self, on_take: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_take = on_take
+
+    def _get(self) -> aiomqtt.Message:
+        message = super()._get()
+        self._on_take()
+        return message
+
+
 class Connection:
     """A self-healing MQTT connection owned by an async context manager.
 
@@ -170,7 +265,10 @@ class Connection:
         keepalive: int = 30,
         session_expiry: int = 3600,
         publish_timeout: float = 30.0,
+        max_buffered: int | None = None,
     ) -> None:
+        if max_buffered is not None and max_buffered < 2:
+            raise ValueError(f"max_buffered must be >= 2, got {max_buffered}")
         self.address = address
         self.identifier = identifier
         self.subscriptions = list(subscriptions)  # ours: subscribe()/unsubscribe() change it
@@ -182,7 +280,13 @@ class Connection:
         self.keepalive = keepalive
         self.session_expiry = session_expiry
         self.publish_timeout = publish_timeout
-        self.messages: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        # Backpressure (see _PausableReader): reading pauses at max_buffered waiting messages and
+        # resumes at half of it, or at once while a caller waits for an ack from the broker.
+        self.max_buffered = max_buffered
+        self.messages: asyncio.Queue[aiomqtt.Message] = _Inbox(self._update_gate) if max_buffered else asyncio.Queue()
+        self._reader: _PausableReader | None = None
+        self._holds = 0  # callers waiting for an ack (publish, subscribe, flush): reading must go on
+        self._background: set[asyncio.Task[None]] = set()  # publish_soon's publishes, awaited by flush
         self.connected = asyncio.Event()
         self.connections = 0  # successful connects so far
         self.bytes_published = 0
@@ -197,6 +301,7 @@ class Connection:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await cancel_and_wait(list(self._background))  # flush() first to send them: leaving abandons them
         if self._task is not None:
             await cancel_and_wait([self._task])
             self._task = None
@@ -213,6 +318,7 @@ class Connection:
                 self.connected.clear()
                 self._dropped.set()
                 self._client = None
+                self._reader = None  # the next connection reads through a new one, not paused
             await self.sleep(next(self._delays))
 
     async def _connect_once(self) -> None:
@@ -226,8 +332,14 @@ class Connection:
         client = make_client(
             self.address, self.identifier, persistent=self.persistent, will=self.will,
             keepalive=self.keepalive, session_expiry=self.session_expiry,
+            # With backpressure, the broker keeps at most one message ahead of our acks in the TCP
+            # stream, so a PUBACK or SUBACK we wait for never queues behind a flood. One, not more:
+            # Mosquitto 2.0.x releases a whole quota per PUBACK (see _PausableReader), which only
+            # stays exact at a quota of one.
+            receive_maximum=1 if self.max_buffered else None,
         )
         closed = _socket_closed(client)
+        self._reader = _PausableReader(client, asyncio.get_running_loop()) if self.max_buffered else None
         session = asyncio.create_task(self._session(client), name=f"mqtt-session:{self.identifier}")
         watcher = asyncio.create_task(closed.wait())
         try:
@@ -257,6 +369,7 @@ class Connection:
             try:
                 async for message in client.messages:
                     self.messages.put_nowait(message)
+                    self._update_gate()
                     if hook is not None and hook.done():
                         hook, done = None, hook
                         done.result()  # an error in on_connect is not a network problem: raise it
@@ -308,7 +421,8 @@ class Connection:
         if client is None or not self.connected.is_set():
             return False
         try:
-            await self._unless_dropped(operation(client))
+            with self._reading_held():
+                await self._unless_dropped(operation(client))
         except aiomqtt.MqttError as exc:
             log.info("subscription change interrupted (%s); the next connection makes it", exc)
             return False
@@ -316,6 +430,62 @@ class Connection:
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK, across reconnects if need be."""
+        with self._reading_held():
+            await self._publish(topic, payload, retain)
+
+    def publish_soon(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """``publish`` in the background: the caller goes on at once, ``flush`` waits for everything sent so far.
+
+        For answers that many messages produce (receipts): waiting for each PUBACK would make the
+        consumer pay a broker round trip per message. A background publish does not hold the
+        reading gate, so a consumer that is behind keeps its backpressure. Leaving the connection
+        abandons what ``flush`` was not asked to wait for.
+        """
+        task = asyncio.create_task(self._publish(topic, payload, retain), name=f"publish:{topic}")
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background publish failed: %r", task.exception())
+
+    async def flush(self) -> None:
+        """Wait until every ``publish_soon`` so far has its PUBACK (reading goes on meanwhile)."""
+        with self._reading_held():
+            while self._background:
+                await asyncio.wait(set(self._background))
+
+    @contextlib.contextmanager
+    def _reading_held(self) -> Iterator[None]:
+        """The caller waits for an ack from the broker: keep reading the socket meanwhile, however
+        far behind the consumer is, or the ack would wait behind a paused reader (a deadlock)."""
+        self._holds += 1
+        self._update_gate()
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            self._update_gate()
+
+    def _update_gate(self) -> None:
+        """Pause reading at ``max_buffered`` waiting messages, resume at half (hysteresis) or while held."""
+        reader = self._reader
+        if reader is None or self.max_buffered is None:
+            return
+        waiting = self.messages.qsize()
+        if reader.paused:
+            if self._holds or waiting <= self.max_buffered // 2:
+                reader.resume()
+        elif not self._holds and waiting >= self.max_buffered:
+            reader.pause()
+
+    @property
+    def reading_pauses(self) -> int:
+        """How often the current connection paused reading because its consumer was behind."""
+        return self._reader.pauses if self._reader is not None else 0
+
+    async def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         while True:
             await self.connected.wait()
             client = self._client
