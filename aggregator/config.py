@@ -19,6 +19,8 @@ from fedge_contract.codecs import parse_chain
 from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.topics import check_name
 
+DURABILITY = ("disk", "process")
+
 
 @dataclass(frozen=True)
 class AggregatorConfig:
@@ -40,6 +42,12 @@ class AggregatorConfig:
     global_codec: str = "none"  # codec of the broadcast model
     store: Path = Path("fedge-aggregator.sqlite")
     max_update_bytes: int | None = None  # None: derived from the model size
+    # Updates waiting in memory before the connection stops reading (TCP backpressure, see
+    # fedge_contract.mqtt): a flood waits in the broker, so memory is O(model), not O(updates).
+    inbox_limit: int = 8
+    # "disk": a receipt leaves only once its update is fsync'd (survives a power cut); "process":
+    # written in order but never fsync'd (survives a crash of the aggregator, not of the host).
+    durability: str = "disk"
     # A global model above this goes out in chunks with a manifest (fedge_contract/chunks.py); agents
     # chunk their updates by their own setting. Keep it a few KiB below the broker's max_packet_size.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -82,6 +90,10 @@ class AggregatorConfig:
             parse_chain(str(self.training["codec"]))
         if self.dashboard_port and self.dashboard_port == self.metrics_port:
             raise ValueError("the dashboard and the metrics need different ports")
+        if self.durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, got {self.durability!r}")
+        if self.inbox_limit < 2:
+            raise ValueError(f"inbox_limit must be >= 2, got {self.inbox_limit}")
         if self.max_message_bytes < MIN_MESSAGE_BYTES or not self.chunk_timeout > 0:
             raise ValueError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES} and chunk_timeout > 0")
         self._check_workers()

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedge.aggregator")
 
+STATUS_INTERVAL = 0.5  # seconds: RoundStatus at most this stale while updates keep coming
+
 Round = OpenRound | AsyncBuffer  # sync round or async (FedBuff) buffer: the helpers below serve both
 
 
@@ -69,6 +71,7 @@ class Endpoint:
 
     Every message enters through ``_dispatch``; an update is answered by ``self.ingest`` and, if
     accepted, reported to ``_on_accepted``. Subclasses say which round admits it (``_admission``).
+    Receipts are released by Ingest's timer, or after a message that filled a batch.
     """
 
     config: AggregatorConfig
@@ -89,6 +92,15 @@ class Endpoint:
             self._on_presence(client, payload)
         else:
             await self._on_update(client, payload, rnd)
+        if self.ingest.due():
+            self.ingest.release()
+
+    def _idle(self) -> bool:
+        """Nothing more is waiting to be handled right now."""
+        return self.conn.messages.empty()
+
+    def _publish_soon(self, topic: str, payload: bytes) -> None:
+        self.conn.publish_soon(topic, payload)
 
     def _on_presence(self, client: str, payload: bytes) -> None:
         log.debug("ignored presence of %s", client)
@@ -104,10 +116,10 @@ class Endpoint:
             if isinstance(done, Assembled):
                 await self._on_update(done.client, done.payload, rnd)
             else:
-                await self.ingest.receipt(done.client, done.update_id, ReceiptStatus.REJECTED, done.reason, self._admission(rnd), done.nbytes)
+                self.ingest.receipt(done.client, done.update_id, ReceiptStatus.REJECTED, done.reason, self._admission(rnd), done.nbytes)
 
     async def _on_update(self, client: str, payload: bytes, rnd: Round) -> None:
-        update = await self.ingest.handle(client, payload, self._admission(rnd))
+        update = self.ingest.handle(client, payload, self._admission(rnd))
         if update is not None:
             await self._on_accepted(rnd, update)
 
@@ -115,7 +127,7 @@ class Endpoint:
         raise NotImplementedError
 
     async def _on_accepted(self, rnd: Round, update: Update) -> None:
-        """An update of ``rnd`` was accepted, spooled, folded and receipted."""
+        """An update of ``rnd`` was accepted, spooled and folded (its receipt is queued)."""
 
 
 class Aggregator(Endpoint):
@@ -144,6 +156,8 @@ class Aggregator(Endpoint):
         self.epoch: int | None = None  # this aggregator's hold on the store (Store.take_over)
         self.last_metrics: dict[str, float] = {}
         self._announced: Round | None = None  # the round whose model is out, until it closes
+        self._status_dirty = False  # accepted updates not yet in a published RoundStatus
+        self._status_at = 0.0  # time.monotonic() of the last RoundStatus published for accepted updates
 
     async def run(self) -> None:
         from fedge_tasks import load_task
@@ -159,11 +173,11 @@ class Aggregator(Endpoint):
         self.spec = ModelSpec.of(initial)
         self.limits = limits_for(self.config, self.spec)
         self.training = training_config(task, dict(self.config.training))
-        with Store(self.config.store) as store:
+        with Store(self.config.store, fsync=self.config.durability == "disk") as store:
             self.store = store
             self.ingest = Ingest(
                 fleet=self.config.fleet, spec=self.spec, limits=self.limits, defence=self.defence, store=store,
-                publish=self._publish, answered=self._count_receipt, log=log,
+                send=self._publish_soon, answered=self._count_receipt, log=log, loop=asyncio.get_running_loop(),
             )
             self.weights = self._resume(initial)
             self.metrics.model_version.set(self.version)
@@ -181,8 +195,10 @@ class Aggregator(Endpoint):
                     persistent=True,
                     session_expiry=self.config.session_expiry,
                     on_connect=self._on_reconnect,
+                    max_buffered=self._inbox_limit(),
                 ))
                 self.conn = conn
+                stack.callback(self.ingest.close)  # disarms the release timer before the connection closes
                 self.metrics.watch_published(lambda: conn.bytes_published)
                 await self._start_ingest(stack)
                 await self._serve()
@@ -190,11 +206,13 @@ class Aggregator(Endpoint):
     def _subscriptions(self) -> list[str]:
         return [self.topics.all_updates, self.topics.all_presence]
 
+    def _inbox_limit(self) -> int | None:
+        """Messages this connection holds before it stops reading (fedge_contract.mqtt backpressure):
+        a flood of updates waits in the broker, not in our memory."""
+        return self.config.inbox_limit
+
     async def _start_ingest(self, stack: contextlib.AsyncExitStack) -> None:
         """Start what ingests updates besides this connection (the sharded aggregator's workers)."""
-
-    async def _publish(self, topic: str, payload: bytes) -> None:
-        await self.conn.publish(topic, payload)
 
     # ------------------------------------------------------------------ state
     def _resume(self, initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -284,7 +302,20 @@ class Aggregator(Endpoint):
 
     async def _on_accepted(self, rnd: Round, update: Update) -> None:
         self._record(rnd, update)
-        await self._publish_status(rnd, RoundState.OPEN)
+        self._status_dirty = True
+
+    async def _dispatch(self, message: aiomqtt.Message, rnd: Round) -> None:
+        await super()._dispatch(message, rnd)
+        self._status_if_due(rnd)
+
+    def _status_if_due(self, rnd: Round | None) -> None:
+        """RoundStatus once per burst of accepted updates, and at least every STATUS_INTERVAL under
+        sustained load: one status per update would cost a publish per update."""
+        if rnd is None or rnd is not self._announced:
+            return  # closing (or not open yet): the close publishes the round's next state itself
+        if self._status_dirty and (self._idle() or time.monotonic() - self._status_at >= STATUS_INTERVAL):
+            self._status_dirty, self._status_at = False, time.monotonic()
+            self.conn.publish_soon(self.topics.status, self._status(rnd, RoundState.OPEN).to_bytes(), retain=True)
 
     def _record(self, rnd: Round, update: Update) -> None:
         assert isinstance(rnd, OpenRound)
@@ -309,6 +340,9 @@ class Aggregator(Endpoint):
 
     async def _close(self, rnd: Round) -> None:
         self._announced = None
+        self.ingest.release()
+        await self.conn.flush()  # receipts and throttled statuses go out before the round's state changes
+        self._status_dirty = False
         await self._publish_status(rnd, RoundState.AGGREGATING)
         started = self.clock()
         total = await self._gather(rnd)
@@ -362,6 +396,9 @@ class Aggregator(Endpoint):
                  rnd.number, self.version, rnd.plan.target, rnd.plan.min_updates, deadline, len(payload))
 
     async def _publish_status(self, rnd: Round | None, state: RoundState) -> None:
+        await self.conn.publish(self.topics.status, self._status(rnd, state).to_bytes(), retain=True)
+
+    def _status(self, rnd: Round | None, state: RoundState) -> RoundStatus:
         status = RoundStatus(
             fleet=self.config.fleet,
             round=rnd.number if rnd else self.version,
@@ -376,7 +413,7 @@ class Aggregator(Endpoint):
         )
         self.metrics.accepted(status.accepted)
         self.status = status
-        await self.conn.publish(self.topics.status, status.to_bytes(), retain=True)
+        return status
 
     def _dashboard_state(self) -> dict[str, Any]:
         return fleet_state(self.config.fleet, self.status, self.devices, self.store.rounds(), self.store.bytes_by_round(), self.clock())

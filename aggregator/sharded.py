@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,14 +45,13 @@ from aggregator.errors import LedgerMismatch, WorkerFailed
 from aggregator.rounds import OpenRound
 from aggregator.service import Aggregator, Round
 from aggregator.shards import WorkerEvent, WorkerPool
-from fedge_contract import ReceiptStatus, RoundState
+from fedge_contract import ReceiptStatus
 from fedge_contract.aio import cancel_and_wait
 
 log = logging.getLogger("fedge.aggregator")
 
 CLOSE_TIMEOUT = 60.0  # seconds a worker has to answer ``close`` with its partial sum before it is killed
 MAX_RESPAWN_DELAY = 10.0
-STATUS_INTERVAL = 0.5  # seconds: RoundStatus at most this stale while updates keep coming
 
 
 @dataclass
@@ -84,12 +82,16 @@ class ShardedAggregator(Aggregator):
         self._current: OpenRound | None = None  # the round being collected or closed
         self._closing = False
         self._open_frame: dict[str, Any] | None = None  # what a worker that becomes ready is told
-        self._status_dirty = False
-        self._status_at = 0.0  # time.monotonic() of the last RoundStatus published for accepted updates
 
     # ------------------------------------------------------------------ start
     def _subscriptions(self) -> list[str]:
         return [self.topics.all_presence]  # updates go to the workers' shared subscription
+
+    def _inbox_limit(self) -> int | None:
+        return None  # presence only: the workers hold back the updates
+
+    def _idle(self) -> bool:
+        return self.events.empty()
 
     async def _start_ingest(self, stack: contextlib.AsyncExitStack) -> None:
         pump = asyncio.create_task(self._pump(), name="coordinator-messages")
@@ -128,11 +130,7 @@ class ShardedAggregator(Aggregator):
             await self._on_worker(event)
         else:
             await self._dispatch(event, rnd)  # type: ignore[arg-type]
-        if self._status_dirty and self._current is not None and not self._closing:
-            # one status per burst of accepted updates (at least every STATUS_INTERVAL under sustained load)
-            if self.events.empty() or time.monotonic() - self._status_at >= STATUS_INTERVAL:
-                self._status_dirty, self._status_at = False, time.monotonic()
-                await self._publish_status(self._current, RoundState.OPEN)
+        self._status_if_due(self._current)
 
     async def _on_update(self, client: str, payload: bytes, rnd: Round) -> None:
         # Only a session left from a run without workers still has updates/+: the workers got this one too.

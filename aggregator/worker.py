@@ -79,24 +79,27 @@ class Worker(Endpoint):
         self.round: ShardRound | None = None
 
     async def run(self) -> None:
-        with Store(self.config.store) as store:
+        with Store(self.config.store, fsync=self.config.durability == "disk") as store:
             self.store = store
             self.ingest = Ingest(
                 fleet=self.config.fleet, spec=self.spec, limits=limits_for(self.config, self.spec), defence=Defence(self.config),
-                store=store, publish=self._publish, answered=self._answered, log=self.log,
+                store=store, send=self._publish_soon, answered=self._answered, log=self.log, loop=asyncio.get_running_loop(),
             )
             reader = asyncio.create_task(self._read_control(), name=f"worker-{self.index}-control")
             try:
                 async with Connection(
                     self.config.broker, worker_client_id(self.config, self.index),
                     subscriptions=[self.topics.shared_updates(share_group(self.config.fleet))],
-                    persistent=True, session_expiry=self.config.session_expiry,
+                    persistent=True, session_expiry=self.config.session_expiry, max_buffered=self.config.inbox_limit,
                 ) as conn:
                     self.conn = conn
-                    if await self._until_connected():
-                        self._send({"kind": "ready"})
-                        self.log.info("worker %d ready (pid %d)", self.index, os.getpid())
-                        await self._serve()
+                    try:
+                        if await self._until_connected():
+                            self._send({"kind": "ready"})
+                            self.log.info("worker %d ready (pid %d)", self.index, os.getpid())
+                            await self._serve()
+                    finally:
+                        self.ingest.close()  # disarms the release timer before the connection closes
             finally:
                 await cancel_and_wait([reader])
 
@@ -160,6 +163,8 @@ class Worker(Endpoint):
     async def _close(self, number: int) -> None:
         if self.round is None or self.round.number != number:
             self.log.warning("close of round %d, which this worker does not have open", number)
+        self.ingest.release()
+        await self.conn.flush()  # every receipt is out before the coordinator publishes the next model
         partial = {"kind": "partial", "round": number, **self.ingest.partial()}
         self._send(partial)
         await self._out.drain()
@@ -177,8 +182,8 @@ class Worker(Endpoint):
     def _answered(self, status: ReceiptStatus, reason: str, nbytes: int) -> None:
         self._send({"kind": "receipt", "status": status.value, "reason": reason, "nbytes": nbytes})
 
-    async def _publish(self, topic: str, payload: bytes) -> None:
-        await self.conn.publish(topic, payload)
+    def _idle(self) -> bool:
+        return self.conn.messages.empty() and not self._held
 
     def _send(self, frame: dict[str, Any]) -> None:
         if not self._out.is_closing():

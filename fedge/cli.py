@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
                    help="a global model above this is published in chunks with a manifest (default 8 MiB; keep it below the broker's max_packet_size)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating each model on the task's held-out data")
+    p.add_argument("--durability", choices=["disk", "process"], default="disk",
+                   help="disk (default): an update is fsync'd before its receipt, so a power cut loses no receipted update; "
+                        "process: written in order but not fsync'd (survives a crash of the aggregator, not of the host; faster on slow disks)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="ingest updates in N worker processes on a shared subscription (sync mode, mean aggregation); "
                         "0 (default): this process ingests")
@@ -395,6 +398,7 @@ def _run_aggregator(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host or "127.0.0.1",
         dashboard_port=args.dashboard_port,
         workers=args.workers,
+        durability=args.durability,
         **defence_config(args),
     )
     return _run(make_aggregator(config).run())

@@ -45,7 +45,8 @@ fi
 # Optional tools that some tests use; each test skips without its tool, so these never fail the
 # bootstrap: systemd-analyze (tests/deploy verifies the systemd units; installing Debian's systemd
 # package in a container does not make it the init), chromium (tests/fedge/test_dashboard_browser.py
-# loads the dashboard headless), haproxy (tests/deploy checks deploy/cluster's config with haproxy -c).
+# loads the dashboard headless), haproxy (tests/deploy checks deploy/cluster's config with haproxy -c),
+# strace (tests/aggregator/test_spool.py checks which writes the store forces to disk).
 optional_apt() {  # optional_apt PACKAGE PROGRAM
   local package=$1 program=$2 sudo=""
   command -v "$program" >/dev/null 2>&1 || [ -x "/usr/sbin/$program" ] || [ -x "/usr/bin/$program" ] && return 0
@@ -61,6 +62,7 @@ optional_apt() {  # optional_apt PACKAGE PROGRAM
 optional_apt systemd systemd-analyze
 optional_apt chromium chromium
 optional_apt haproxy haproxy
+optional_apt strace strace
 
 stamp=.venv/.fedge-setup
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then

@@ -80,11 +80,11 @@ def test_a_worker_without_a_coordinator_says_so() -> None:
 def _ingest(store: Store) -> Ingest:
     config = AggregatorConfig(broker=BROKER, workers=2)
 
-    async def publish(topic: str, payload: bytes) -> None:
+    def send(topic: str, payload: bytes) -> None:
         raise AssertionError("nothing is published here")
 
     return Ingest(fleet="default", spec=SPEC, limits=limits_for(config, SPEC), defence=Defence(config), store=store,
-                  publish=publish, answered=lambda *a: None, log=logging.getLogger("test"))
+                  send=send, answered=lambda *a: None, log=logging.getLogger("test"))
 
 
 def _spool(store: Store, update_id: str, client: str, value: float, shard: int) -> None:

@@ -100,9 +100,9 @@ async def test_dedupe_and_the_target_hold_across_workers(broker_address, fleet, 
     async with asyncio.timeout(40), serving(aggregator), Observer(broker_address, fleet) as observer, \
             raw_peer(broker_address, f"peer-{fleet}"[:64]) as peer:
 
-        async def answers(count: int) -> list[str]:
-            """The statuses of the next ``count`` receipts."""
-            seen = len(observer.receipts)
+        async def answers(seen: int, count: int) -> list[str]:
+            """The statuses of the ``count`` receipts after the first ``seen`` (counted before
+            publishing: an answer may arrive before the last publish returns)."""
             await observer.until(lambda o: len(o.receipts) >= seen + count)
             return sorted(r.status.value for r in observer.receipts[seen:])
 
@@ -111,20 +111,23 @@ async def test_dedupe_and_the_target_hold_across_workers(broker_address, fleet, 
 
         # the same update twice, back to back: round-robin hands the copies to different workers
         twice = payload(model, "c1", "same-id", seed=1)
+        seen = len(observer.receipts)
         for _ in range(2):
             await peer.client.publish(topics.update("c1"), twice, qos=1)
-        assert await answers(2) == ["accepted", "duplicate"]
+        assert await answers(seen, 2) == ["accepted", "duplicate"]
 
         # one client, two different updates in one round
+        seen = len(observer.receipts)
         for update_id in ("c2-first", "c2-second"):
             await peer.client.publish(topics.update("c2"), payload(model, "c2", update_id, seed=2), qos=1)
-        assert await answers(2) == ["accepted", "duplicate"]
+        assert await answers(seen, 2) == ["accepted", "duplicate"]
         assert "already contributed to round 1" in observer.with_status(ReceiptStatus.DUPLICATE, "c2")[0].reason
 
         # four updates for the round's last place: exactly one gets it
+        seen = len(observer.receipts)
         for i in range(3, 7):
             await peer.client.publish(topics.update(f"c{i}"), payload(model, f"c{i}", f"late-{i}", seed=i), qos=1)
-        assert await answers(4) == ["accepted", "stale", "stale", "stale"]
+        assert await answers(seen, 4) == ["accepted", "stale", "stale", "stale"]
         await observer.until(lambda o: model_of(o, 1) is not None)  # round 1 closed from exactly its target
 
     with Store(store) as opened:
