@@ -438,8 +438,14 @@ class Agent:
                     payload = pending.payload()
                 except FileNotFoundError:
                     continue  # its receipt arrived meanwhile
-                await self._publish_update(pending.update_id, payload)
+                # Marked before publishing, so that a receipt asking for it again ("incomplete") or
+                # a re-announcement that arrives while the publish waits for its PUBACK can unmark it.
                 self._published.add(pending.update_id)
+                try:
+                    await self._publish_update(pending.update_id, payload)
+                except BaseException:
+                    self._published.discard(pending.update_id)
+                    raise
                 self.stats.bytes_up += len(payload)
 
     async def _publish_update(self, update_id: str, payload: bytes) -> None:

@@ -272,8 +272,13 @@ class SyntheticAgent:
                 if pending is not self._pending or pending.published:
                     continue  # superseded or answered while waiting for our turn
                 payload = self._payload(pending)
-                await self._conn.publish(self.topics.update(self.client_id), payload)
+                # Marked before publishing, so that a re-announcement during the publish can unmark it.
                 pending.published, pending.nbytes = True, len(payload)
+                try:
+                    await self._conn.publish(self.topics.update(self.client_id), payload)
+                except BaseException:
+                    pending.published = False
+                    raise
                 self.ledger.published(pending.info.round, len(payload))
 
 
