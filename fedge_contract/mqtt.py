@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -81,11 +81,13 @@ def make_client(
     will: aiomqtt.Will | None = None,
     timeout: float = 10.0,
     receive_maximum: int | None = None,
+    queue: asyncio.Queue[aiomqtt.Message] | None = None,
 ) -> aiomqtt.Client:
     """An MQTT 5 client with fedge's conventions; a persistent one keeps its session for ``session_expiry`` s.
 
     ``receive_maximum``: QoS 1 messages the broker may send before this client acknowledged them
     (MQTT 5 flow control; see ``Connection``'s ``max_buffered`` for why fedge uses 1).
+    ``queue``: where incoming messages go (default: a new queue of the client's own).
     """
     properties = Properties(PacketTypes.CONNECT)
     if persistent:
@@ -108,6 +110,7 @@ def make_client(
         will=will,
         tls_context=tls_context,
         timeout=timeout,
+        queue_type=cast(Any, (lambda maxsize=0: queue)) if queue is not None else None,
         # Nagle plus delayed ACKs adds ~40 ms to each small QoS 1 exchange (receipts, PUBACKs):
         # a round trip per update that a fleet would pay every round.
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
@@ -224,15 +227,24 @@ class _PausableReader:
 
 
 class _Inbox(asyncio.Queue[aiomqtt.Message]):
-    """A connection's message queue that tells its connection whenever a message is taken."""
+    """A connection's message queue, which aiomqtt fills directly (``queue_type``) and which tells
+    its connection whenever a message comes or goes (the reading gate watches its length).
 
-    def __init__(self, on_take: Callable[[], None]) -> None:
+    One queue for every client of the connection: a message needs no hop from the client's queue
+    to ours, which cost a task, an ``asyncio.wait`` and a queue operation per message.
+    """
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
         super().__init__()
-        self._on_take = on_take
+        self._on_change = on_change
+
+    def _put(self, message: aiomqtt.Message) -> None:
+        super()._put(message)
+        self._on_change()
 
     def _get(self) -> aiomqtt.Message:
         message = super()._get()
-        self._on_take()
+        self._on_change()
         return message
 
 
@@ -283,7 +295,7 @@ class Connection:
         # Backpressure (see _PausableReader): reading pauses at max_buffered waiting messages and
         # resumes at half of it, or at once while a caller waits for an ack from the broker.
         self.max_buffered = max_buffered
-        self.messages: asyncio.Queue[aiomqtt.Message] = _Inbox(self._update_gate) if max_buffered else asyncio.Queue()
+        self.messages: asyncio.Queue[aiomqtt.Message] = _Inbox(self._update_gate)
         self._reader: _PausableReader | None = None
         self._holds = 0  # callers waiting for an ack (publish, subscribe, flush): reading must go on
         self._background: set[asyncio.Task[None]] = set()  # publish_soon's publishes, awaited by flush
@@ -337,6 +349,7 @@ class Connection:
             # Mosquitto 2.0.x releases a whole quota per PUBACK (see _PausableReader), which only
             # stays exact at a quota of one.
             receive_maximum=1 if self.max_buffered else None,
+            queue=self.messages,
         )
         closed = _socket_closed(client)
         self._reader = _PausableReader(client, asyncio.get_running_loop()) if self.max_buffered else None
@@ -367,15 +380,25 @@ class Connection:
             # client, since only the message loop notices the drop (found by the netem tests).
             hook = asyncio.create_task(self.on_connect(), name=f"on_connect:{self.identifier}") if self.on_connect else None
             try:
-                async for message in client.messages:
-                    self.messages.put_nowait(message)
-                    self._update_gate()
-                    if hook is not None and hook.done():
-                        hook, done = None, hook
-                        done.result()  # an error in on_connect is not a network problem: raise it
+                await self._until_disconnected(client, hook)
             finally:
-                if hook is not None:
+                if hook is not None and not hook.done():
                     await cancel_and_wait([hook])
+
+    @staticmethod
+    async def _until_disconnected(client: aiomqtt.Client, hook: asyncio.Task[None] | None) -> None:
+        """Wait for the connection to end (aiomqtt 2.x's ``_disconnected`` future) and raise MqttError;
+        an error in ``on_connect`` is raised as itself: it is not a network problem."""
+        disconnected = client._disconnected
+        waiting: set[asyncio.Future[Any]] = {disconnected, hook} if hook is not None else {disconnected}
+        while True:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if hook is not None and hook in done:
+                hook.result()
+                waiting.discard(hook)
+            if disconnected in done:
+                cause = None if disconnected.cancelled() else disconnected.exception()
+                raise aiomqtt.MqttError("disconnected") from cause
 
     async def _sync_subscriptions(self, client: aiomqtt.Client) -> None:
         """Make a new connection's subscriptions the current list, including changes made meanwhile."""
