@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, base_version INTEGER NOT NULL, opened REAL NOT NULL,
     deadline REAL, closed REAL, accepted INTEGER NOT NULL DEFAULT 0, extensions INTEGER NOT NULL DEFAULT 0,
-    metrics TEXT NOT NULL DEFAULT '{}', closing INTEGER NOT NULL DEFAULT 0);
+    metrics TEXT NOT NULL DEFAULT '{}', closing INTEGER NOT NULL DEFAULT 0, admitted INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS accepted (
     update_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, round INTEGER NOT NULL,
     base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, received REAL NOT NULL,
@@ -91,17 +91,26 @@ CREATE TABLE IF NOT EXISTS receipts (
 # Columns added after the first release (table, column, declaration): stores made before get them on opening.
 _ADDED_COLUMNS = (
     ("rounds", "closing", "INTEGER NOT NULL DEFAULT 0"),  # 1 once the round stopped admitting (aggregating)
+    # rows in ``accepted`` for the round, kept by the admitting transaction: a COUNT(*) per
+    # admission made a round of n updates cost O(n^2) (recounted when a round is (re)opened)
+    ("rounds", "admitted", "INTEGER NOT NULL DEFAULT 0"),
     ("accepted", "shard", "INTEGER"),  # the ingest worker that folded the update (NULL: the aggregator itself)
     ("accepted", "segment", "TEXT"),  # the segment file holding the payload (NULL: legacy ``payload`` column, or released)
     ("accepted", "offset", "INTEGER"),  # where the payload starts in its segment (``bytes`` long)
     ("accepted", "digest", "BLOB"),  # CRC-32 of the payload (4 bytes, big-endian)
 )
-_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS accepted_round_client ON accepted(round, client_id);"
+_ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS accepted_round_client ON accepted(round, client_id);
+CREATE TRIGGER IF NOT EXISTS accepted_counted AFTER INSERT ON accepted
+    BEGIN UPDATE rounds SET admitted = admitted + 1 WHERE round = NEW.round; END;
+CREATE TRIGGER IF NOT EXISTS accepted_uncounted AFTER DELETE ON accepted
+    BEGIN UPDATE rounds SET admitted = admitted - 1 WHERE round = OLD.round; END;
+"""
 _STANDING = """SELECT
     (SELECT closing FROM rounds WHERE round=:round), (SELECT closed FROM rounds WHERE round=:round),
     EXISTS(SELECT 1 FROM accepted WHERE update_id=:update),
     EXISTS(SELECT 1 FROM accepted WHERE round=:round AND client_id=:client),
-    (SELECT COUNT(*) FROM accepted WHERE round=:round),
+    COALESCE((SELECT admitted FROM rounds WHERE round=:round), 0),
     (SELECT value FROM meta WHERE key='epoch')"""
 _SEGMENT_NAME = re.compile(r"r(-?\d+)-(-?\d+|a)-([0-9a-f]+)\.seg")
 
@@ -389,13 +398,18 @@ class Store:
 
     # -- rounds
     def open_round(self, round_no: int, base_version: int, deadline: float | None) -> None:
-        """Record that ``round_no`` is open (re-opening after a restart keeps its first opening time)."""
+        """Record that ``round_no`` is open (re-opening after a restart keeps its first opening time).
+
+        ``admitted`` is recounted here: the triggers keep it from then on, and a store written
+        before the column existed, or rows spooled before the round was recorded, count too.
+        """
         with self._durable() as db:
             db.execute(
                 "INSERT INTO rounds (round, base_version, opened, deadline) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(round) DO UPDATE SET deadline=excluded.deadline, closing=0",
                 (round_no, base_version, time.time(), deadline),
             )
+            db.execute("UPDATE rounds SET admitted=(SELECT COUNT(*) FROM accepted WHERE round=?) WHERE round=?", (round_no, round_no))
 
     def mark_closing(self, round_no: int) -> None:
         """No admission into ``round_no`` after this commits (its partial sums are being merged)."""

@@ -441,7 +441,10 @@ def test_a_store_from_before_segments_still_yields_its_spool(legacy: Path) -> No
         assert store.spooled(2) == [SpooledUpdate("old2", "b", 10, payload(2)), SpooledUpdate("old3", "c", 10, payload(3))]
         assert store.spooled(2, shard=1) == [SpooledUpdate("old3", "c", 10, payload(3))]
         assert store.spooled(1) == []
+        store.open_round(2, 1, None)  # re-opening recounts the round's rows, written before the store counted them
+        assert store.standing(2, "x", "x").accepted == 2
         store.spool(update_id="new4", client_id="d", round_no=2, base_version=1, num_samples=10, payload=payload(4), shard=1)
+        assert store.standing(2, "x", "x").accepted == 3  # and counts from then on
         assert [u.update_id for u in store.spooled(2)] == ["old2", "old3", "new4"]
         assert store.spooled(2)[2].payload == payload(4)
         assert store.is_accepted("old1") and store.is_accepted("old2")
