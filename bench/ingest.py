@@ -11,7 +11,8 @@ last PUBACK); the aggregator is the bottleneck when the run's publishing ends we
 receipt. Next to each row, the bound measured in the same run on the same payloads: the
 aggregator's own validation (msgpack decode of the Update), codec decode and numpy fold
 (aggregator.fold.WeightedSum), in a tight loop without network, store or receipts. Target: one
-worker reaches >= 50% of the bound.
+worker reaches >= 50% of the bound. Each model and codec also gets a row with one worker and
+``--durability process`` (no fsync): the difference to its ``disk`` row is what durability costs.
 
 Part ``memory``: the aggregator's peak RSS (VmHWM, fedge/peak_memory.py) for one round of 100 and
 of 1000 updates of a 1M-parameter model (q8+zstd), sent two ways: paced (at most 16 updates
@@ -145,7 +146,8 @@ def workers_supported() -> bool:
 class AggregatorProcess:
     """``fedge aggregator`` for one round of ``target`` updates of the synthetic task, as a user runs it."""
 
-    def __init__(self, url: str, fleet: str, model: Model, codec: str, target: int, folder: Path, workers: int | None) -> None:
+    def __init__(self, url: str, fleet: str, model: Model, codec: str, target: int, folder: Path, workers: int | None,
+                 durability: str = "disk") -> None:
         self.folder = folder
         self.peak_file = folder / f"{fleet}-peak.json"
         self.log_file = folder / f"{fleet}.log"
@@ -153,7 +155,7 @@ class AggregatorProcess:
             sys.executable, "-m", "fedge", "aggregator", f"--broker={url}", f"--fleet={fleet}", "--task=synthetic",
             f"--task-opt=params={model.params}", f"--codec={codec}", f"--target={target}", f"--min={target}", "--rounds=1",
             "--deadline=3600", f"--store={folder / (fleet + '.sqlite')}", "--log-level=warning", f"--log-file={self.log_file}",
-            *([f"--workers={workers}"] if workers is not None else []),
+            *([f"--workers={workers}"] if workers is not None else []), f"--durability={durability}",
         ]
         self.process: asyncio.subprocess.Process | None = None
         self.child_peaks: dict[int, float] = {}  # ingest workers' VmHWM, sampled (they write no peak file)
@@ -276,10 +278,11 @@ async def publish(address: BrokerAddress, topics: Topics, payloads: list[tuple[s
 
 
 async def throughput_row(broker: LocalBroker, folder: Path, model: Model, codec: str, workers: int | None,
-                         payloads: list[tuple[str, bytes]], fleet: str) -> dict[str, Any]:
+                         payloads: list[tuple[str, bytes]], fleet: str, durability: str = "disk") -> dict[str, Any]:
     address = BrokerAddress.parse(broker.url)
     count = len(payloads)
-    async with Watcher(address, fleet) as watcher, AggregatorProcess(broker.url, fleet, model, codec, count, folder, workers) as agg:
+    agg_process = AggregatorProcess(broker.url, fleet, model, codec, count, folder, workers, durability)
+    async with Watcher(address, fleet) as watcher, agg_process as agg:
         async with asyncio.timeout(60):
             await watcher.opened.wait()
         started = time.perf_counter()
@@ -313,17 +316,17 @@ async def throughput(folder: Path, params_list: list[int], codecs: list[str], wo
                 size = len(probe[0][1])
                 # enough updates for ~`seconds` at the bound (the aggregator takes longer), within 1 GB of payloads
                 count = int(min(2000, 1e9 // size, max(100, ceiling["updates_per_s"] * seconds)))
-                for workers in workers_list:
-                    row: dict[str, Any] = {"params": params, "codec": codec, "workers": workers, "update_bytes": size}
+                for workers, durability in [*((w, "disk") for w in workers_list), (1, "process")]:
+                    row: dict[str, Any] = {"params": params, "codec": codec, "workers": workers, "durability": durability, "update_bytes": size}
                     rows.append(row)
                     if workers > 0 and not has_workers:
                         row["skipped"] = "fedge aggregator has no --workers yet"
                         continue
-                    fleet = f"tp-{params}-{codec.replace('+', '')}-w{workers}"
+                    fleet = f"tp-{params}-{codec.replace('+', '')}-w{workers}-{durability}"
                     payloads = [payload(fleet, i, pool) for i in range(count)]
                     alone = await publish(address, Topics(fleet), payloads, to_nobody=True)
                     same_run_bound = bound(payloads, model, fleet)
-                    row.update(await throughput_row(broker, folder, model, codec, workers if has_workers else None, payloads, fleet))
+                    row.update(await throughput_row(broker, folder, model, codec, workers if has_workers else None, payloads, fleet, durability))
                     row["bound_updates_per_s"] = round(same_run_bound["updates_per_s"], 1)
                     row["bound_mb_per_s"] = round(same_run_bound["mb_per_s"], 1)
                     row["fraction_of_bound"] = round(row["updates_per_s"] / same_run_bound["updates_per_s"], 3)
@@ -437,7 +440,7 @@ def main() -> None:
                 params_list = [100_000] if args.quick else [100_000, 1_000_000]
                 codecs = ["q8+zstd"] if args.quick else ["none", "q8+zstd"]
                 rows = asyncio.run(throughput(folder, params_list, codecs, [0, 1, 2], args.seconds / (2 if args.quick else 1), has_workers))
-                single = [r for r in rows if r["workers"] == (1 if has_workers else 0) and "fraction_of_bound" in r]
+                single = [r for r in rows if r["workers"] == (1 if has_workers else 0) and r["durability"] == "disk" and "fraction_of_bound" in r]
                 result["throughput"] = {
                     "rows": rows,
                     "single_worker_fraction_of_bound": {f"{r['params']}/{r['codec']}": r["fraction_of_bound"] for r in single},

@@ -354,6 +354,9 @@ class Connection:
         closed = _socket_closed(client)
         self._reader = _PausableReader(client, asyncio.get_running_loop()) if self.max_buffered else None
         session = asyncio.create_task(self._session(client), name=f"mqtt-session:{self.identifier}")
+        # How it ended is read below, unless we are cancelled meanwhile (leaving the connection):
+        # then nobody would, and asyncio would log "Task exception was never retrieved".
+        session.add_done_callback(lambda task: task.cancelled() or task.exception())
         watcher = asyncio.create_task(closed.wait())
         try:
             await asyncio.wait({session, watcher}, return_when=asyncio.FIRST_COMPLETED)
