@@ -95,10 +95,6 @@ class Endpoint:
         if self.ingest.due():
             self.ingest.release()
 
-    def _idle(self) -> bool:
-        """Nothing more is waiting to be handled right now."""
-        return self.conn.messages.empty()
-
     def _publish_soon(self, topic: str, payload: bytes) -> None:
         self.conn.publish_soon(topic, payload)
 
@@ -307,6 +303,10 @@ class Aggregator(Endpoint):
     async def _dispatch(self, message: aiomqtt.Message, rnd: Round) -> None:
         await super()._dispatch(message, rnd)
         self._status_if_due(rnd)
+
+    def _idle(self) -> bool:
+        """Nothing more is waiting to be handled right now (the end of a burst)."""
+        return self.conn.messages.empty()
 
     def _status_if_due(self, rnd: Round | None) -> None:
         """RoundStatus once per burst of accepted updates, and at least every STATUS_INTERVAL under

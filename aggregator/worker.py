@@ -182,9 +182,6 @@ class Worker(Endpoint):
     def _answered(self, status: ReceiptStatus, reason: str, nbytes: int) -> None:
         self._send({"kind": "receipt", "status": status.value, "reason": reason, "nbytes": nbytes})
 
-    def _idle(self) -> bool:
-        return self.conn.messages.empty() and not self._held
-
     def _send(self, frame: dict[str, Any]) -> None:
         if not self._out.is_closing():
             self._out.write(pack_frame(frame))
