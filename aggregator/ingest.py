@@ -122,8 +122,7 @@ class Ingest:
         self.loop = loop  # runs the release timer; None: the caller releases (tests, tools)
         self.collector: Collector = defence.collector(spec)
         self.folded: set[str] = set()  # update ids in ``collector``
-        self._unsent: list[tuple[str, bytes]] = []  # receipts waiting for the store's next sync
-        self._rows: list[ReceiptRow] = []  # the same receipts, for the store's receipts table
+        self._unsent: list[tuple[ReceiptRow, str, bytes]] = []  # receipts (row, topic, payload) waiting for the store's next sync
         self._timer: asyncio.TimerHandle | None = None
 
     def reset(self) -> None:
@@ -155,9 +154,9 @@ class Ingest:
         level = logging.INFO if status is ReceiptStatus.ACCEPTED else logging.WARNING
         self.log.log(level, "receipt round=%d client=%s update=%s status=%s reason=%s", number, client, update_id, status.value, reason,
                      extra={"round": number, "client": client, "update": update_id, "status": status.value, "reason": reason})
-        self._rows.append(ReceiptRow(time.time(), number, client, update_id, status.value, reason, nbytes))
+        row = ReceiptRow(time.time(), number, client, update_id, status.value, reason, nbytes)
         receipt = Receipt(self.fleet, client, update_id, status, reason, number, admission.base_version)
-        self._unsent.append((self.topics.receipt(client), receipt.to_bytes()))
+        self._unsent.append((row, self.topics.receipt(client), receipt.to_bytes()))
         if self._timer is None and self.loop is not None:
             self._timer = self.loop.call_later(RELEASE_AFTER, self.release)
 
@@ -179,11 +178,10 @@ class Ingest:
         self.close()
         if not self._unsent:
             return 0
-        rows, self._rows = self._rows, []
-        self.store.record_receipts(rows)
-        self.store.sync()
         unsent, self._unsent = self._unsent, []
-        for topic, payload in unsent:
+        self.store.record_receipts([row for row, _, _ in unsent])
+        self.store.sync()
+        for _, topic, payload in unsent:
             self.send(topic, payload)
         return len(unsent)
 
