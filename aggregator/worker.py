@@ -215,6 +215,9 @@ def _setup_logging(settings: dict[str, Any]) -> None:
 
 
 def main() -> int:
+    from fedge.allocator import keep_large_buffers
+
+    keep_large_buffers()
     # Frames own the real stdout; anything else printed goes to stderr.
     out_fd = os.dup(1)
     os.dup2(2, 1)

@@ -370,6 +370,7 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 def _run_aggregator(args: argparse.Namespace) -> int:
     from aggregator import AggregatorConfig, make_aggregator
+    from fedge.allocator import keep_large_buffers
     from fedge_contract.mqtt import BrokerAddress
     from fedge_tasks.base import parse_options
 
@@ -401,6 +402,7 @@ def _run_aggregator(args: argparse.Namespace) -> int:
         durability=args.durability,
         **defence_config(args),
     )
+    keep_large_buffers()
     return _run(make_aggregator(config).run())
 
 
