@@ -12,8 +12,9 @@ run this same path, so the rules and the order of effects cannot drift apart:
 5. fold into this process's partial sum and queue the receipt.
 
 Group commit: the store's hot-path writes are deferred (atomic, not yet fsync'd), and receipts
-wait in order until ``release``, which makes the store durable with one ``Store.sync`` and then
-hands them to the connection's background publisher. A release happens RELEASE_AFTER seconds
+wait in order until ``release``, which makes the store durable with one ``Store.sync_soon`` (its
+fdatasyncs run on the store's sync thread while this loop decodes the next updates) and, once
+that completes, hands them to the connection's background publisher. A release happens RELEASE_AFTER seconds
 after the first receipt was queued (a loop timer), or at once when RELEASE_EVERY are waiting:
 a commit delay, as in PostgreSQL's ``commit_delay``. "Release when the inbox is empty" does not
 work here: the broker sends an aggregator one update at a time (Receive Maximum 1, see
@@ -21,7 +22,10 @@ fedge_contract.mqtt), so its inbox is empty after nearly every update, and that 
 fsync per update (0.4-0.5 ms each here, as much as decoding a 100k-parameter update). A lone
 update waits at most RELEASE_AFTER for its receipt; rounds last seconds to minutes.
 No receipt, not even a rejection's, leaves before the writes in front of it are durable: a
-"duplicate" must never announce an acceptance that a power cut could still undo.
+"duplicate" must never announce an acceptance that a power cut could still undo. A sync that
+fails (an fdatasync error) ends receipting for good: after such an error the kernel may report
+later syncs as successful without the data, so the process stops (the next ``handle`` or
+``drain`` raises) and restarts from what its store holds.
 
 Every update gets exactly one receipt; ``answered`` counts it (the aggregator's counters and
 Prometheus metrics, or a worker's report to its coordinator).
@@ -30,6 +34,7 @@ Prometheus metrics, or a worker's report to its coordinator).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -123,6 +128,8 @@ class Ingest:
         self.collector: Collector = defence.collector(spec)
         self.folded: set[str] = set()  # update ids in ``collector``
         self._unsent: list[tuple[ReceiptRow, str, bytes]] = []  # receipts (row, topic, payload) waiting for the store's next sync
+        self._syncing: collections.deque[tuple[asyncio.Future[None], list[tuple[str, bytes]]]] = collections.deque()  # released, in order
+        self._failure: BaseException | None = None  # a sync that failed: nothing is receipted any more
         self._timer: asyncio.TimerHandle | None = None
 
     def reset(self) -> None:
@@ -132,6 +139,7 @@ class Ingest:
 
     def handle(self, client: str, payload: bytes, admission: Admission) -> Update | None:
         """Answer one update; the Update if it was accepted (spooled, folded, its receipt queued)."""
+        self._raise_if_failed()
         update: Update | None = None
         try:
             update = parse_update(payload, topic_client=client, fleet=self.fleet, limits=self.limits)
@@ -170,23 +178,67 @@ class Ingest:
         return len(self._unsent) >= RELEASE_EVERY
 
     def release(self) -> int:
-        """Make the store durable, then send the queued receipts in order; how many were sent.
+        """Record the queued receipts, make the store durable, then send them in order; how many.
 
+        With a loop, the store syncs on its thread and the receipts go out from the loop when it
+        is done (``drain`` waits for that); without one (tests, tools), before this returns.
         Synchronous, so the timer can call it between two steps of the task that owns this
         Ingest: no store transaction spans an ``await``.
         """
-        self.close()
+        self._disarm()
+        self._raise_if_failed()
         if not self._unsent:
             return 0
         unsent, self._unsent = self._unsent, []
         self.store.record_receipts([row for row, _, _ in unsent])
-        self.store.sync()
-        for _, topic, payload in unsent:
-            self.send(topic, payload)
-        return len(unsent)
+        messages = [(topic, payload) for _, topic, payload in unsent]
+        if self.loop is None:
+            self.store.sync()
+            for topic, payload in messages:
+                self.send(topic, payload)
+            return len(messages)
+        durable = asyncio.wrap_future(self.store.sync_soon(), loop=self.loop)
+        self._syncing.append((durable, messages))
+        durable.add_done_callback(self._send_durable)
+        return len(messages)
+
+    def _send_durable(self, _: object = None) -> None:
+        """Send the receipts of every released batch whose sync completed, oldest first (they complete in order)."""
+        while self._syncing and self._syncing[0][0].done():
+            durable, messages = self._syncing.popleft()
+            failure = durable.exception() if not durable.cancelled() else asyncio.CancelledError("store sync cancelled")
+            if failure is not None:
+                self._failure = failure
+                self._syncing.clear()
+                self.log.critical("the store could not be made durable (%r): no receipt will be sent; stopping", failure)
+                return
+            for topic, payload in messages:
+                self.send(topic, payload)
+
+    async def drain(self) -> None:
+        """``release``, then wait until every receipt released so far has been handed to ``send``."""
+        self.release()
+        while self._syncing:
+            await asyncio.wait([durable for durable, _ in self._syncing])
+            self._send_durable()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def close(self) -> None:
-        """Disarm the release timer (whoever owns this Ingest stops: release first to send what waits)."""
+        """Its owner stops (``drain`` first to send what waits): disarm the timer, abandon receipts still syncing.
+
+        An abandoned receipt is not lost work: its update is spooled, and its sender's resend gets
+        ``duplicate``.
+        """
+        self._disarm()
+        for durable, _ in self._syncing:
+            durable.remove_done_callback(self._send_durable)
+        self._syncing.clear()
+
+    def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -194,7 +194,7 @@ class Aggregator(Endpoint):
                     max_buffered=self._inbox_limit(),
                 ))
                 self.conn = conn
-                stack.callback(self.ingest.close)  # disarms the release timer before the connection closes
+                stack.callback(self.ingest.close)  # no release timer, no receipt after the connection closes
                 self.metrics.watch_published(lambda: conn.bytes_published)
                 await self._start_ingest(stack)
                 await self._serve()
@@ -340,7 +340,7 @@ class Aggregator(Endpoint):
 
     async def _close(self, rnd: Round) -> None:
         self._announced = None
-        self.ingest.release()
+        await self.ingest.drain()
         await self.conn.flush()  # receipts and throttled statuses go out before the round's state changes
         self._status_dirty = False
         await self._publish_status(rnd, RoundState.AGGREGATING)

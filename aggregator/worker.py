@@ -99,7 +99,7 @@ class Worker(Endpoint):
                             self.log.info("worker %d ready (pid %d)", self.index, os.getpid())
                             await self._serve()
                     finally:
-                        self.ingest.close()  # disarms the release timer before the connection closes
+                        self.ingest.close()  # no release timer, no receipt after the connection closes
             finally:
                 await cancel_and_wait([reader])
 
@@ -163,7 +163,7 @@ class Worker(Endpoint):
     async def _close(self, number: int) -> None:
         if self.round is None or self.round.number != number:
             self.log.warning("close of round %d, which this worker does not have open", number)
-        self.ingest.release()
+        await self.ingest.drain()
         await self.conn.flush()  # every receipt is out before the coordinator publishes the next model
         partial = {"kind": "partial", "round": number, **self.ingest.partial()}
         self._send(partial)

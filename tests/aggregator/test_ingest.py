@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def store(tmp_path: Path, events: list[tuple[str, object]]) -> Store:
             sync()
 
         opened.sync = recorded_sync  # type: ignore[method-assign]
+        sync_soon = opened.sync_soon
+
+        def recorded_sync_soon() -> concurrent.futures.Future[None]:
+            events.append(("sync", None))
+            return sync_soon()
+
+        opened.sync_soon = recorded_sync_soon  # type: ignore[method-assign]
         yield opened
 
 
@@ -103,7 +111,81 @@ async def test_the_timer_releases_what_waits_and_a_release_disarms_it(store: Sto
 
     ingest.handle("c", update("c", "u3"), admission(store))
     assert ingest.release() == 1  # explicitly, before the timer
+    async with asyncio.timeout(5):
+        await ingest.drain()
     ingest.handle("d", update("d", "u4"), admission(store))
     ingest.close()  # its owner stops: nothing fires afterwards
     await asyncio.sleep(3 * ingest_module.RELEASE_AFTER)  # a check that nothing happens needs the time to pass
     assert [kind for kind, _ in events].count("send") == 3 and ingest.unsent == 1
+
+
+class GatedSyncs:
+    """Store.sync_soon replaced by Futures the test completes itself, in any order it likes."""
+
+    def __init__(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pending: list[concurrent.futures.Future[None]] = []
+        monkeypatch.setattr(store, "sync_soon", self.sync_soon)
+
+    def sync_soon(self) -> concurrent.futures.Future[None]:
+        self.pending.append(concurrent.futures.Future())
+        return self.pending[-1]
+
+
+async def loop_turns(count: int = 4) -> None:
+    """Let the loop run its ready callbacks (a completed sync reaches Ingest in two turns): checking that nothing
+    happens needs them to have had their chance."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def sent_ids(events: list[tuple[str, object]]) -> list[str]:
+    return [receipt.update_id for kind, receipt in events if kind == "send"]  # type: ignore[attr-defined]
+
+
+async def test_receipts_leave_after_their_background_sync_and_in_release_order(store: Store, events: list,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs = GatedSyncs(store, monkeypatch)
+    ingest = make_ingest(store, events, asyncio.get_running_loop())
+    ingest.handle("a", update("a", "u1"), admission(store))
+    ingest.handle("b", update("b", "u2"), admission(store))
+    assert ingest.release() == 2
+    ingest.handle("c", update("c", "u3"), admission(store))  # the loop goes on while the first batch syncs
+    ingest.handle("a", update("a", "u1"), admission(store))  # a duplicate's receipt waits behind the acceptance it names
+    assert ingest.release() == 2 and len(syncs.pending) == 2
+
+    syncs.pending[1].set_result(None)  # the later batch is durable first (a thread never does this; order holds anyway)
+    await loop_turns()
+    assert sent_ids(events) == []
+    syncs.pending[0].set_result(None)
+    async with asyncio.timeout(5):
+        await ingest.drain()
+    assert sent_ids(events) == ["u1", "u2", "u3", "u1"]
+    assert [r.status for kind, r in events if kind == "send"][-1] is ReceiptStatus.DUPLICATE  # type: ignore[attr-defined]
+
+
+async def test_a_failed_sync_stops_every_receipt_and_the_ingest(store: Store, events: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs = GatedSyncs(store, monkeypatch)
+    ingest = make_ingest(store, events, asyncio.get_running_loop())
+    ingest.handle("a", update("a", "u1"), admission(store))
+    ingest.release()
+    ingest.handle("b", update("b", "u2"), admission(store))
+    ingest.release()
+    syncs.pending[0].set_exception(OSError(5, "Input/output error"))
+    syncs.pending[1].set_result(None)  # after a failed fsync a later one may "succeed": it proves nothing
+    with pytest.raises(OSError, match="Input/output error"):
+        async with asyncio.timeout(5):
+            await ingest.drain()
+    assert sent_ids(events) == []
+    with pytest.raises(OSError):
+        ingest.handle("c", update("c", "u3"), admission(store))
+
+
+async def test_closing_abandons_receipts_still_syncing(store: Store, events: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs = GatedSyncs(store, monkeypatch)
+    ingest = make_ingest(store, events, asyncio.get_running_loop())
+    ingest.handle("a", update("a", "u1"), admission(store))
+    ingest.release()
+    ingest.close()  # the connection is about to close: nothing may be published after it
+    syncs.pending[0].set_result(None)
+    await loop_turns()
+    assert sent_ids(events) == [] and store.is_accepted("u1")  # spooled: its sender's resend gets "duplicate"

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -252,16 +253,17 @@ for i in range(3):
                 check=lambda s: None)
 store.record_receipt(round_no=1, client_id="c0", update_id="u0", status="accepted", reason="", nbytes=1)
 os.write(2, b"== sync\\n")
-store.sync()
+store.sync() if sys.argv[3] == "sync" else store.sync_soon().result(timeout=30)
 os.write(2, b"== end\\n")
 os._exit(0)
 """
 
 
-@pytest.mark.parametrize("durability", ["disk", "process"])
-def test_sqlite_fsyncs_the_wal_only_in_the_durable_commit(path: Path, tmp_path: Path, durability: str) -> None:
+@pytest.mark.parametrize(("durability", "method"), [("disk", "sync"), ("process", "sync"), ("disk", "sync_soon"), ("process", "sync_soon")])
+def test_sqlite_fsyncs_the_wal_only_in_the_durable_commit(path: Path, tmp_path: Path, durability: str, method: str) -> None:
     """The system calls themselves (strace): deferred commits sync nothing; sync() fdatasyncs segments, then the WAL
-    (--durability process: nothing at all, yet a store opened after the process died reads every update)."""
+    (--durability process: nothing at all, yet a store opened after the process died reads every update).
+    sync_soon() makes the very same calls, from its thread, without SQLite's help."""
     if shutil.which("strace") is None:
         pytest.skip("no strace")
     path.parent.mkdir(parents=True)
@@ -271,7 +273,7 @@ def test_sqlite_fsyncs_the_wal_only_in_the_durable_commit(path: Path, tmp_path: 
     log = tmp_path / "strace.log"
     done = subprocess.run(
         ["strace", "-f", "-y", "-o", str(log), "-e", "trace=fsync,fdatasync,sync_file_range,write", "-e", "signal=none",
-         sys.executable, str(script), str(path), durability],
+         sys.executable, str(script), str(path), durability, method],
         capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, timeout=60,
     )
     if done.returncode != 0 or "== end" not in done.stderr or not log.is_file():
@@ -289,6 +291,60 @@ def test_sqlite_fsyncs_the_wal_only_in_the_durable_commit(path: Path, tmp_path: 
         assert during == []
     with Store(path) as reopened:  # the writer died without closing (os._exit)
         assert [u.update_id for u in reopened.spooled(1)] == ["u0", "u1", "u2"]
+
+
+def test_sync_soon_syncs_on_its_thread_without_sqlite(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files sync() would sync, fdatasync'd on the store's sync thread; the WAL through a descriptor of
+    its own instead of a FULL commit, so no SQL statement runs (the thread never takes the writers' lock)."""
+    calls: list[tuple[str, str, str]] = []
+    real = {"fdatasync": os.fdatasync, "fsync": os.fsync}
+
+    def wrap(kind: str) -> Callable[[int], None]:
+        def call(fd: int) -> None:
+            calls.append((kind, os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), threading.current_thread().name))
+            real[kind](fd)
+
+        return call
+
+    monkeypatch.setattr(os, "fdatasync", wrap("fdatasync"))
+    monkeypatch.setattr(os, "fsync", wrap("fsync"))
+    with Store(path) as store:
+        store.open_round(1, 0, None)
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+        admit(store, "u1", "a", payload(1), shard=0)
+        admit(store, "u2", "b", payload(2), shard=1)
+        store.record_receipt(round_no=1, client_id="a", update_id="u1", status="accepted", reason="", nbytes=4096)
+        calls.clear()
+        statements.clear()
+        store.sync_soon().result(timeout=10)
+        assert statements == []
+        assert {thread for _, _, thread in calls} == {"fedge-store-sync_0"}
+        synced = [(kind, name) for kind, name, _ in calls]
+        assert sorted(synced[:2]) == [("fdatasync", name) for name in segments(path)]
+        assert synced[2:] == [("fsync", "state"), ("fsync", "agg.sqlite.spool"), ("fdatasync", "agg.sqlite-wal")]
+
+        calls.clear()
+        assert store.sync_soon().done() and calls == []  # nothing written since: nothing at all
+        store.record_receipt(round_no=1, client_id="b", update_id="u2", status="accepted", reason="", nbytes=4096)
+        store.sync_soon().result(timeout=10)
+        assert [(kind, name) for kind, name, _ in calls] == [("fdatasync", "agg.sqlite-wal")]  # only a row: only the WAL
+        calls.clear()
+        store.sync()
+        assert calls == []  # sync() knows that sync_soon() took care of it
+
+
+def test_sync_soon_hands_over_segments_the_store_then_closes(path: Path) -> None:
+    """A finished round's segment is closed by the store while its sync may still run: the thread syncs a duplicate."""
+    with Store(path) as store:
+        store.open_round(1, 0, None)
+        store.open_round(2, 0, None)
+        admit(store, "u1", "a", payload(1))
+        spool(store, "u2", "b", payload(2), round_no=2)  # round 1's segment is finished now, not yet synced
+        pending = store.sync_soon()
+        assert [segment.round for segment in store._segments.values()] == [2]  # round 1's descriptor closed at once
+        pending.result(timeout=10)
+        assert [u.update_id for u in store.spooled(1)] == ["u1"] and [u.update_id for u in store.spooled(2)] == ["u2"]
 
 
 # ---------------------------------------------------------------- release and cleanup
