@@ -197,7 +197,12 @@ class Ingest:
             for topic, payload in messages:
                 self.send(topic, payload)
             return len(messages)
-        durable = asyncio.wrap_future(self.store.sync_soon(), loop=self.loop)
+        try:
+            syncing = self.store.sync_soon()
+        except OSError as exc:  # from the timer, an exception would only be logged: make it stop the ingest instead
+            self._fail(exc)
+            return 0
+        durable = asyncio.wrap_future(syncing, loop=self.loop)
         self._syncing.append((durable, messages))
         durable.add_done_callback(self._send_durable)
         return len(messages)
@@ -208,12 +213,15 @@ class Ingest:
             durable, messages = self._syncing.popleft()
             failure = durable.exception() if not durable.cancelled() else asyncio.CancelledError("store sync cancelled")
             if failure is not None:
-                self._failure = failure
-                self._syncing.clear()
-                self.log.critical("the store could not be made durable (%r): no receipt will be sent; stopping", failure)
+                self._fail(failure)
                 return
             for topic, payload in messages:
                 self.send(topic, payload)
+
+    def _fail(self, failure: BaseException) -> None:
+        self._failure = failure
+        self._syncing.clear()
+        self.log.critical("the store could not be made durable (%r): no receipt will be sent; stopping", failure)
 
     async def drain(self) -> None:
         """``release``, then wait until every receipt released so far has been handed to ``send``."""

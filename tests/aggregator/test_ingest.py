@@ -189,3 +189,16 @@ async def test_closing_abandons_receipts_still_syncing(store: Store, events: lis
     syncs.pending[0].set_result(None)
     await loop_turns()
     assert sent_ids(events) == [] and store.is_accepted("u1")  # spooled: its sender's resend gets "duplicate"
+
+
+async def test_a_sync_that_cannot_even_start_stops_the_ingest_too(store: Store, events: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_descriptors() -> concurrent.futures.Future[None]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(store, "sync_soon", no_descriptors)
+    ingest = make_ingest(store, events, asyncio.get_running_loop())
+    ingest.handle("a", update("a", "u1"), admission(store))
+    assert ingest.release() == 0  # the timer calls this: it must not raise into the loop's exception handler
+    with pytest.raises(OSError, match="Too many open files"):
+        ingest.handle("b", update("b", "u2"), admission(store))
+    assert sent_ids(events) == []
