@@ -292,34 +292,39 @@ class Store:
         never contends for the writers' lock. Later writes may or may not be covered.
         Syncs run one at a time, in call order.
         """
-        if not self.fsync or not (self._deferred or self._unsynced or self._new_files or self._new_folder):
+        if not self.fsync or not (self._deferred or self._files_pending()):
             self.sync()  # nothing to force (or nothing asked): settle the bookkeeping here
             done: concurrent.futures.Future[None] = concurrent.futures.Future()
             done.set_result(None)
             return done
-        plan = _SyncPlan(
-            files=[os.dup(segment.fd) for segment in self._unsynced.values()],
-            folders=[*([self.spool_dir.parent] if self._new_folder else []), *([self.spool_dir] if self._new_files or self._new_folder else [])],
-            wal=Path(f"{self.path}-wal") if self._deferred else None,
-            database=self.path,
-        )
+        plan = self._take_plan(wal=Path(f"{self.path}-wal") if self._deferred else None)
         self._deferred = False
-        self._settle_files()
         if self._syncer is None:
             self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedge-store-sync")
         return self._syncer.submit(plan.run)
 
     def _sync_files(self) -> None:
-        if not (self._unsynced or self._new_files or self._new_folder):
+        if not self._files_pending():
             return
         if self.fsync:
-            for segment in self._unsynced.values():
-                os.fdatasync(segment.fd)
-            if self._new_folder:
-                _fsync_folder(self.spool_dir.parent)
-            if self._new_files or self._new_folder:
-                _fsync_folder(self.spool_dir)
+            self._take_plan(wal=None).run()
+        else:
+            self._settle_files()
+
+    def _files_pending(self) -> bool:
+        return bool(self._unsynced or self._new_files or self._new_folder)
+
+    def _take_plan(self, wal: Path | None) -> _SyncPlan:
+        """What the next sync of the files must cover (segments through duplicated descriptors, which
+        the plan closes), now forgotten here: the plan is run here or on the sync thread."""
+        plan = _SyncPlan(
+            files=[os.dup(segment.fd) for segment in self._unsynced.values()],
+            folders=[*([self.spool_dir.parent] if self._new_folder else []), *([self.spool_dir] if self._new_files or self._new_folder else [])],
+            wal=wal,
+            database=self.path,
+        )
         self._settle_files()
+        return plan
 
     def _settle_files(self) -> None:
         """Forget what was synced (or handed to a sync) and close the segments of finished rounds."""
@@ -627,7 +632,7 @@ class Store:
 
 @dataclass
 class _SyncPlan:
-    """What one ``sync_soon`` makes durable, owned by the sync thread: it closes ``files``."""
+    """What one sync of the files makes durable (``sync`` runs it at once, ``sync_soon`` on its thread); it closes ``files``."""
 
     files: list[int]  # duplicated descriptors of the segments written since the last sync
     folders: list[Path]  # folders whose new entries must be durable

@@ -135,21 +135,26 @@ def test_two_instances_write_their_own_segments_and_share_the_ledger(path: Path)
 
 
 # ---------------------------------------------------------------- sync() and its order
-@pytest.fixture
-def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """fdatasync/fsync calls (with the file's name) as they happen."""
-    recorded: list[tuple[str, str]] = []
+def record_syncs(monkeypatch: pytest.MonkeyPatch, record: Callable[[str, str], None]) -> None:
+    """Call ``record(kind, file name)`` for every fdatasync/fsync, just before it runs."""
     real = {"fdatasync": os.fdatasync, "fsync": os.fsync}
 
     def wrap(kind: str) -> Callable[[int], None]:
         def call(fd: int) -> None:
-            recorded.append((kind, os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+            record(kind, os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
             real[kind](fd)
 
         return call
 
     monkeypatch.setattr(os, "fdatasync", wrap("fdatasync"))
     monkeypatch.setattr(os, "fsync", wrap("fsync"))
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """fdatasync/fsync calls (with the file's name) as they happen."""
+    recorded: list[tuple[str, str]] = []
+    record_syncs(monkeypatch, lambda kind, name: recorded.append((kind, name)))
     return recorded
 
 
@@ -297,17 +302,7 @@ def test_sync_soon_syncs_on_its_thread_without_sqlite(path: Path, monkeypatch: p
     """The files sync() would sync, fdatasync'd on the store's sync thread; the WAL through a descriptor of
     its own instead of a FULL commit, so no SQL statement runs (the thread never takes the writers' lock)."""
     calls: list[tuple[str, str, str]] = []
-    real = {"fdatasync": os.fdatasync, "fsync": os.fsync}
-
-    def wrap(kind: str) -> Callable[[int], None]:
-        def call(fd: int) -> None:
-            calls.append((kind, os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), threading.current_thread().name))
-            real[kind](fd)
-
-        return call
-
-    monkeypatch.setattr(os, "fdatasync", wrap("fdatasync"))
-    monkeypatch.setattr(os, "fsync", wrap("fsync"))
+    record_syncs(monkeypatch, lambda kind, name: calls.append((kind, name, threading.current_thread().name)))
     with Store(path) as store:
         store.open_round(1, 0, None)
         statements: list[str] = []
