@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from fedge.logs import setup_logging
+from fedge_runtime.logs import setup_logging
 from fedge.peak_memory import report_at_exit
 from aggregator.errors import AggregatorError
 from fedge_contract.aio import cancel_and_wait
@@ -370,7 +370,7 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 def _run_aggregator(args: argparse.Namespace) -> int:
     from aggregator import AggregatorConfig, make_aggregator
-    from fedge.allocator import keep_large_buffers
+    from fedge_runtime.allocator import keep_large_buffers
     from fedge_contract.mqtt import BrokerAddress
     from fedge_tasks.base import parse_options
 

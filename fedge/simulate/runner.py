@@ -57,7 +57,7 @@ class SimulationOptions:
     agent_procs: int = 1
     quiet: bool = False
     log_level: str = "info"
-    log_json: bool = False  # children log JSON lines (fedge/logs.py)
+    log_json: bool = False  # children log JSON lines (fedge_runtime/logs.py)
     timeout: float = 3600.0  # give up on a run that makes no progress for this long
     # Load mode (fedge/simulate/synthetic.py): agents send seeded noise of a `params`-value model
     # (task `synthetic`) encoded with the round's codec, instead of training digits.
