@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 import numpy as np
 
-from edge_agent.conditions import AlwaysEligible, Gate
 from edge_agent.attack import attacked
+from edge_agent.conditions import AlwaysEligible, Gate
 from edge_agent.config import AgentConfig
+from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.outbox import Outbox
 from edge_agent.residuals import Residuals
-from edge_agent.state import AgentState
-from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.seeds import training_seed
+from edge_agent.state import AgentState
 from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
 from fedge_contract.aio import cancel_and_wait
@@ -196,7 +196,7 @@ class Agent:
             if topic == self.topics.global_model and is_manifest(payload):
                 await self._on_global_manifest(payload)
             elif topic == self.topics.global_model:
-                for key in self._fetch.keys():
+                for key in list(self._fetch.keys()):
                     await self._fetch.cancel(key)  # a whole model supersedes the one being fetched
                 await self._on_global(payload)
             elif self._fetch.owns(topic):
@@ -212,7 +212,7 @@ class Agent:
             if manifest.kind != "global":
                 raise DecodeError(Reason.BAD_VALUE, f"a {manifest.kind} manifest on the global model's topic")
             assert manifest.model_version is not None
-            for key in self._fetch.keys():
+            for key in list(self._fetch.keys()):
                 if key != self.topics.global_chunks(manifest.model_version):
                     await self._fetch.cancel(key)  # a newer version supersedes the one being fetched
             await self._fetch.offer(manifest)
@@ -318,6 +318,7 @@ class Agent:
             if self._latest is not model:
                 continue  # a newer model arrived while we waited
             loop = asyncio.get_running_loop()
+            local: LocalUpdate | ChildUpdate | None
             if self.config.isolate_training:
                 local = await self._train_isolated(self._latest_payload)
             else:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from edge_agent.policy import Policy
 from edge_agent.probes import DeviceProbe, DeviceSnapshot
@@ -78,7 +78,7 @@ class PolicyGate:
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> PolicyGate:
+    async def __aenter__(self) -> Self:
         await self.refresh()
         self._task = asyncio.create_task(self._sample_forever(), name="gate-sampler")
         return self
