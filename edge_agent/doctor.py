@@ -84,19 +84,22 @@ def run_doctor(raw: RawSettings, out: TextIO, *, load_seconds: float = 2.0, brok
 def _probe(raw: RawSettings, load_seconds: float) -> DeviceSnapshot:
     meter = CpuLoadMeter(window=max(load_seconds, 1.0))
     probe = DeviceProbe(sysfs=raw.get("sysfs_root"), procfs=raw.get("procfs_root"), cpu=meter)
-    meter.sample()
+    probe.read()
     time.sleep(load_seconds)  # a one-shot command: two samples a moment apart give the load
     return probe.read()
 
 
 def _device_lines(report: Report, snap: DeviceSnapshot) -> None:
     power = snap.power
-    if power.has_battery:
+    if "power" in snap.unknown:
+        report.info("battery", f"unknown: {snap.unknown['power']}")
+    elif power.has_battery:
         report.ok("battery", f"{power.battery_percent:.0f}%, {'on external power' if power.plugged else 'discharging'} ({power.status}, via {power.source})")
     else:
         report.ok("battery", "none found: treated as mains power")
     report.ok("temperature", f"{snap.temperature_c:.1f} C (hottest thermal zone)" if snap.temperature_c is not None else "unknown (no readable thermal zone)")
-    report.ok("cpu load", f"{snap.cpu_load:.0%} of all cores used by other programs" if snap.cpu_load is not None else "unknown")
+    report.ok("cpu load", f"{snap.cpu_load:.0%} of all cores used by other programs" if snap.cpu_load is not None
+              else f"unknown: {snap.unknown.get('cpu_load', 'no second sample')}")
     network = {True: "metered (cellular)", False: "unmetered", None: "unknown"}[snap.metered]
     report.ok("network", network)
 

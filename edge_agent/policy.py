@@ -11,6 +11,18 @@ overrides fields::
     preset = "phone"          # phone | laptop | pi | always | auto (default)
     min_battery = 30
     windows = ["22:00-07:00"]
+
+A reading the device could not take is *unknown* (``DeviceSnapshot.unknown`` says why, and the
+agent's presence carries it). What that means is decided per condition, by what a wrong guess costs:
+
+- power unknown: blocks while the policy cares about power (``require_charging`` or a
+  ``min_battery`` floor): training on a battery it cannot see could drain a phone or a laptop. A
+  policy that does not care (``pi``, ``always``) trains on;
+- CPU load unknown: never blocks. The load only tells whether the owner is busy; a meter that
+  keeps failing must not stop a ``pi`` forever (the training child is niced anyway);
+- temperature unknown: never blocks, as on a device without thermal zones (the SoC throttles
+  itself; blocking would stop every device whose sensors cannot be read);
+- network unknown: never blocks (``require_unmetered`` applies only where the link is known).
 """
 
 from __future__ import annotations
@@ -95,7 +107,10 @@ class Policy:
         """Why the device may not train now; empty when it may."""
         out: list[str] = []
         power = snapshot.power
-        if self.require_charging and not power.plugged:
+        if "power" in snapshot.unknown:
+            if self.require_charging or self.min_battery > 0:
+                out.append(f"power unknown ({snapshot.unknown['power']}): not training on a battery it cannot see")
+        elif self.require_charging and not power.plugged:
             out.append(f"not charging (battery {power.battery_percent:.0f}%, {power.status})")
         if power.has_battery and power.battery_percent is not None and power.battery_percent < self.min_battery:
             out.append(f"battery {power.battery_percent:.0f}% is below the {self.min_battery:.0f}% floor")

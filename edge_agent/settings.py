@@ -111,7 +111,8 @@ def build(raw: RawSettings) -> AgentSettings:
 
 def build_policy(raw: RawSettings) -> Policy:
     """The policy: the preset's values, overridden by the ``[policy]`` fields some source gave."""
-    has_battery = DeviceProbe(sysfs=raw.get("sysfs_root"), termux=False).power().has_battery
+    # ``auto`` picks by the battery; a power reading that fails counts as none (mains), as before
+    has_battery = DeviceProbe(sysfs=raw.get("sysfs_root"), termux=False).read().power.has_battery
     try:
         policy, _ = policy_from_mapping(raw.given("policy"), has_battery=has_battery)
     except PolicyError as exc:
