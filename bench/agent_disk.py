@@ -69,8 +69,8 @@ async def run(mode: str, root: Path, updates: int, params: int) -> dict[str, Any
         update = Update("default", "bench", f"u{i}", round=i + 1, base_version=i, num_samples=1, tensors=tensors)
         payload, residual = update.to_bytes(), {"w": weights["w"] * 0.5}
 
-        async def on_loop(m: GlobalModel = model, u: Update = update, p: bytes = payload) -> None:
-            agent._persist_update(m, u, p, residual)
+        async def on_loop(m: GlobalModel = model, u: Update = update, p: bytes = payload, r: dict[str, Any] = residual) -> None:
+            agent._persist_update(m, u, p, r)
 
         if mode == "idle":  # the floor: the ticker's own gaps on this machine, nothing written
             work: Any = asyncio.sleep(0.01)
