@@ -209,13 +209,13 @@ async def _serve_pipes(stdin_fd: int, stdout_fd: int) -> int:
 
 
 def _setup_logging(settings: dict[str, Any]) -> None:
-    from fedge.logs import setup_logging
+    from fedge_runtime.logs import setup_logging
 
     setup_logging(str(settings.get("level") or "info"), settings.get("file"), json=bool(settings.get("json")))
 
 
 def main() -> int:
-    from fedge.allocator import keep_large_buffers
+    from fedge_runtime.allocator import keep_large_buffers
 
     keep_large_buffers()
     # Frames own the real stdout; anything else printed goes to stderr.

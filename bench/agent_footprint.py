@@ -186,7 +186,7 @@ def installed_size() -> dict[str, object]:
         "sim_extra_mib": dist_mib(sim),
         "counted": sorted(runtime),
         "note": "fedge is installed editable here, so its own files count ~0; its source is "
-        f"{sum(p.stat().st_size for d in ('fedge', 'fedge_contract', 'fedge_tasks', 'edge_agent', 'aggregator', 'broker') for p in Path(d).rglob('*.py')) / 2**20:.2f} MiB of .py",
+        f"{sum(p.stat().st_size for d in ('fedge', 'fedge_runtime', 'fedge_contract', 'fedge_tasks', 'edge_agent', 'aggregator', 'broker') for p in Path(d).rglob('*.py')) / 2**20:.2f} MiB of .py",
     }
 
 

@@ -11,7 +11,7 @@ last PUBACK); the aggregator is the bottleneck when the run's publishing ends we
 receipt. Next to each row, the bound measured in the same run on the same payloads: the
 aggregator's own validation (msgpack decode of the Update), codec decode and numpy fold
 (aggregator.fold.WeightedSum), in a tight loop without network, store or receipts, with the
-aggregator's allocator settings (fedge/allocator.py). Target: one
+aggregator's allocator settings (fedge_runtime/allocator.py). Target: one
 worker reaches >= 50% of the bound. Each model and codec also gets a row with one worker and
 ``--durability process`` (no fsync): the difference to its ``disk`` row is what durability costs.
 
@@ -62,7 +62,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.fold import WeightedSum
 from aggregator.validation import UpdateLimits, decode_delta, parse_update
 from broker.local import LocalBroker, free_port, render_dev_config
-from fedge.allocator import keep_large_buffers
+from fedge_runtime.allocator import keep_large_buffers
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import proc_peak_rss_mib
 from fedge_contract import Receipt, RoundState, RoundStatus, Topics, Update, new_update_id

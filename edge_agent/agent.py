@@ -11,6 +11,13 @@
   chunk by chunk and used only when complete and verified (fedge_contract/chunks.py).
 - conditions: when the gate's eligibility flips, re-publishes presence (conditions, why not).
 
+The agent's own files (the outbox's writes, reads and removes, the residual, the state) are read
+and written on a thread, one operation at a time in the order the loop asked for them
+(``_on_disk``), so an fsync on a slow SD card never stalls the connection's keepalives, PUBACKs
+and receipts. The order is what keeps a crash harmless: the outbox entry is on disk before it is
+published, the residual is saved after the outbox entry, the state after both; each file is
+written atomically (edge_agent/files.py).
+
 This module does not import torch: an agent that isolates its training stays at ~40 MiB while it
 waits; torch is imported only by the training child (or, in-thread, when ``run()`` starts).
 """
@@ -22,20 +29,21 @@ import concurrent.futures
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiomqtt
 import numpy as np
 
-from edge_agent.conditions import AlwaysEligible, Gate
 from edge_agent.attack import attacked
+from edge_agent.conditions import AlwaysEligible, Gate
 from edge_agent.config import AgentConfig
+from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.outbox import Outbox
 from edge_agent.residuals import Residuals
-from edge_agent.state import AgentState
-from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.seeds import training_seed
+from edge_agent.state import AgentState
 from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
 from fedge_contract.aio import cancel_and_wait
@@ -49,6 +57,8 @@ from fedge_contract.transfer import ChunkReceiver, Received, Refused, clear_chun
 if TYPE_CHECKING:
     from edge_agent.trainer import LocalTrainer, LocalUpdate
     from fedge_tasks import Task
+
+R = TypeVar("R")
 
 AGENT_VERSION = "0.1.0"
 _CODEC_STREAM = 0xC0DEC  # separates the codec's random stream from the training shuffle's
@@ -111,9 +121,15 @@ class Agent:
         self._published: set[str] = set()  # update ids published on the current connection
         self._chunked: dict[str, int] = {}  # update id -> chunks published retained (cleared once answered)
         self._to_clear: dict[str, int] = {}  # the same, for answered updates whose chunks the upload task clears
+        self._disk = asyncio.Lock()  # one file operation at a time, in the order asked (see the module docstring)
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _on_disk(self, operation: Callable[..., R], *args: Any) -> R:
+        """Run a file operation on a thread, after those asked before it; the loop serves the connection meanwhile."""
+        async with self._disk:
+            return await asyncio.to_thread(operation, *args)
 
     async def run(self) -> None:
         """Serve until ``stop()`` (or the final model, with ``exit_when_final``)."""
@@ -196,14 +212,14 @@ class Agent:
             if topic == self.topics.global_model and is_manifest(payload):
                 await self._on_global_manifest(payload)
             elif topic == self.topics.global_model:
-                for key in self._fetch.keys():
+                for key in list(self._fetch.keys()):
                     await self._fetch.cancel(key)  # a whole model supersedes the one being fetched
                 await self._on_global(payload)
             elif self._fetch.owns(topic):
                 for outcome in await self._fetch.handle(topic, payload):
                     await self._on_fetched(outcome)
             else:
-                self._on_receipt(payload)
+                await self._on_receipt(payload)
 
     async def _on_global_manifest(self, payload: bytes) -> None:
         """The global model is too large for one message: fetch its chunks (then ``_on_fetched``)."""
@@ -212,7 +228,7 @@ class Agent:
             if manifest.kind != "global":
                 raise DecodeError(Reason.BAD_VALUE, f"a {manifest.kind} manifest on the global model's topic")
             assert manifest.model_version is not None
-            for key in self._fetch.keys():
+            for key in list(self._fetch.keys()):
                 if key != self.topics.global_chunks(manifest.model_version):
                     await self._fetch.cancel(key)  # a newer version supersedes the one being fetched
             await self._fetch.offer(manifest)
@@ -251,7 +267,7 @@ class Agent:
         if self.stats.last_error:
             self.stats.last_error = ""
             await self._publish_presence()
-        for update_id in self._outbox.drop_before(model.round - (staleness_window(model) or 0)):
+        for update_id in await self._on_disk(self._outbox.drop_before, model.round - (staleness_window(model) or 0)):
             log.info("%s: dropped update %s, its round is over", self.config.client_id, update_id)
             self._answered(update_id)
         if model.final:
@@ -266,18 +282,18 @@ class Agent:
             if self._abort is not None and staleness_window(model) is None:
                 self._abort.set()  # sync mode: the model being trained is superseded
         else:
-            self._resend_round(model.round)
+            await self._resend_round(model.round)
 
-    def _resend_round(self, round_no: int) -> None:
+    async def _resend_round(self, round_no: int) -> None:
         """A model we already trained on was announced again (round extended, or the aggregator
         reconnected after a broker crash that may have dropped our upload): resend the round's
         updates that have no receipt yet. Duplicates are answered ``duplicate`` and cleared."""
-        unanswered = {p.update_id for p in self._outbox.pending() if p.round == round_no}
+        unanswered = {p.update_id for p in await self._on_disk(self._outbox.pending) if p.round == round_no}
         if unanswered & self._published:
             self._published -= unanswered
             self._outbox_changed.set()
 
-    def _on_receipt(self, payload: bytes) -> None:
+    async def _on_receipt(self, payload: bytes) -> None:
         try:
             receipt = Receipt.from_bytes(payload, fleet=self.config.fleet)
         except DecodeError as exc:
@@ -291,9 +307,11 @@ class Agent:
             self._published.discard(receipt.update_id)
             self._outbox_changed.set()
             return
-        if receipt.update_id:
-            self._answered(receipt.update_id)
-        if receipt.update_id and self._outbox.remove(receipt.update_id):
+        if not receipt.update_id:
+            return
+        self._answered(receipt.update_id)
+        removed: bool = await self._on_disk(self._outbox.remove, receipt.update_id)
+        if removed:
             level = logging.INFO if receipt.status in (ReceiptStatus.ACCEPTED, ReceiptStatus.DUPLICATE) else logging.WARNING
             log.log(level, "%s: update %s %s %s", self.config.client_id, receipt.update_id, receipt.status.value, receipt.reason,
                     extra={"client": self.config.client_id, "update": receipt.update_id, "round": receipt.round,
@@ -318,6 +336,7 @@ class Agent:
             if self._latest is not model:
                 continue  # a newer model arrived while we waited
             loop = asyncio.get_running_loop()
+            local: LocalUpdate | ChildUpdate | None
             if self.config.isolate_training:
                 local = await self._train_isolated(self._latest_payload)
             else:
@@ -327,7 +346,11 @@ class Agent:
                     self._new_model.set()  # interrupted by the device's conditions: try again when eligible
                 continue
             await self._emulate_slow_device(local.result.seconds)
-            await loop.run_in_executor(self._executor, self._queue_update, model, local)
+            update, payload, residual = await loop.run_in_executor(self._executor, self._encode_update, model, local)
+            await self._on_disk(self._persist_update, model, update, payload, residual)
+            log.info("%s: trained round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round, model.model_version,
+                     update.num_samples, local.result.loss,
+                     extra={"client": self.config.client_id, "update": update.update_id, "round": model.round})
             self.stats.trained_versions.append(model.model_version)
             self._outbox_changed.set()
 
@@ -387,7 +410,10 @@ class Agent:
         if emulated > train_seconds:
             await asyncio.sleep(emulated - train_seconds)
 
-    def _queue_update(self, model: GlobalModel, local: LocalUpdate | ChildUpdate) -> None:
+    def _encode_update(
+        self, model: GlobalModel, local: LocalUpdate | ChildUpdate
+    ) -> tuple[Update, bytes, dict[str, np.ndarray] | None]:
+        """Worker thread: the update, its bytes and the new residual (``_persist_update`` writes them)."""
         try:
             chain: CodecChain = parse_chain(model.task.codec)
         except CodecError as exc:
@@ -410,14 +436,16 @@ class Agent:
             metrics={"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.seconds},
             device=self._device(),
         )
-        self._outbox.put(update_id=update.update_id, round_no=update.round, base_version=update.base_version, payload=update.to_bytes())
+        return update, update.to_bytes(), residual
+
+    def _persist_update(self, model: GlobalModel, update: Update, payload: bytes, residual: dict[str, np.ndarray] | None) -> None:
+        """Disk thread: the outbox entry, then the residual, then the state (the order a crash needs)."""
+        self._outbox.put(update_id=update.update_id, round_no=update.round, base_version=update.base_version, payload=payload)
         if residual is not None:  # after the outbox: a crash in between re-adds, never loses, what was left out
             self._residuals.save(self._spec, residual)
         self._state.trained_version = model.model_version
         self._state.fingerprint = model.fingerprint
         self._state.save(self._state_path)
-        log.info("%s: trained round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round, model.model_version,
-                 result.num_samples, result.loss, extra={"client": self.config.client_id, "update": update.update_id, "round": model.round})
 
     # ------------------------------------------------------------------ upload
     async def _upload_loop(self) -> None:
@@ -431,11 +459,11 @@ class Agent:
             while self._to_clear:
                 update_id, count = self._to_clear.popitem()
                 await clear_chunks(self._conn, self.topics.update_chunks(self.config.client_id, update_id), count)
-            for pending in self._outbox.pending():
+            for pending in await self._on_disk(self._outbox.pending):
                 if pending.update_id in self._published:
                     continue
                 try:
-                    payload = pending.payload()
+                    payload = await self._on_disk(pending.payload)
                 except FileNotFoundError:
                     continue  # its receipt arrived meanwhile
                 # Marked before publishing, so that a receipt asking for it again ("incomplete") or

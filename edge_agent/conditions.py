@@ -3,8 +3,8 @@
 The gate is asked before training starts (``wait_eligible``) and between batches
 (``eligible``), so a device that stops being eligible stops cleanly between two steps.
 A gate may also offer ``device()`` (its last readings, for presence) and ``wait_change()``
-(returns when eligibility flips): the agent then re-publishes its presence and stops a
-training child without polling.
+(returns when eligibility flips, or when a reading starts or stops failing): the agent then
+re-publishes its presence and stops a training child without polling.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from edge_agent.policy import Policy
 from edge_agent.probes import DeviceProbe, DeviceSnapshot
@@ -78,7 +78,7 @@ class PolicyGate:
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> PolicyGate:
+    async def __aenter__(self) -> Self:
         await self.refresh()
         self._task = asyncio.create_task(self._sample_forever(), name="gate-sampler")
         return self
@@ -97,21 +97,25 @@ class PolicyGate:
             await asyncio.sleep(self.sample_seconds)
 
     def snapshot_needs_load(self) -> bool:
+        """Whether to wait for the meter's second sample (not while it fails: unknown never blocks)."""
         return self.policy.max_cpu_load is not None and self.probe.cpu is not None and (
-            self._snapshot is None or self._snapshot.cpu_load is None
+            self._snapshot is None or (self._snapshot.cpu_load is None and "cpu_load" not in self._snapshot.unknown)
         )
 
     async def refresh(self) -> bool:
         """Read the probes now (in a thread: termux's tool can take a second); True if eligible."""
         snapshot = await asyncio.to_thread(self.probe.read)
+        unknown_changed = self._snapshot is not None and set(snapshot.unknown) != set(self._snapshot.unknown)
         self._snapshot = snapshot
         reasons = self.policy.reasons(snapshot, self._clock())
         if self.snapshot_needs_load():
             reasons.append("measuring the CPU load")
-        self._set(tuple(reasons))
+        self._set(tuple(reasons), notify=unknown_changed)
         return not reasons
 
-    def _set(self, reasons: tuple[str, ...]) -> None:
+    def _set(self, reasons: tuple[str, ...], *, notify: bool = False) -> None:
+        """Record the decision; wake ``wait_change`` when eligibility flips (or ``notify``: a reading
+        started or stopped failing, which presence should show)."""
         was = self._reasons
         self._reasons = reasons
         if reasons:
@@ -120,6 +124,7 @@ class PolicyGate:
             self._eligible.set()
         if bool(was) != bool(reasons):
             log.info("device %s", "eligible" if not reasons else "not eligible: " + "; ".join(reasons))
+        if bool(was) != bool(reasons) or notify:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 if not waiter.done():
@@ -139,7 +144,7 @@ class PolicyGate:
         return self._snapshot.as_dict() if self._snapshot is not None else {}
 
     async def wait_change(self) -> None:
-        """Return after the next flip between eligible and not eligible."""
+        """Return after the next flip between eligible and not eligible, or a change in which readings fail."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         await waiter

@@ -9,6 +9,7 @@ not broken), 1 with advice otherwise.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import tempfile
 import time
@@ -61,17 +62,16 @@ def run_doctor(raw: RawSettings, out: TextIO, *, load_seconds: float = 2.0, brok
     snapshot = _probe(raw, load_seconds)
     _device_lines(report, snapshot)
     try:
-        policy, preset = build_policy(raw)
+        policy = build_policy(raw)
         reasons = policy.reasons(snapshot, datetime.now())
-        report.ok("policy", f"{preset}: {policy.describe()}")
+        report.ok("policy", f"{policy.preset}: {policy.describe()}")
         if reasons:
             report.info("eligible", "no: " + "; ".join(reasons))
         else:
             report.ok("eligible", "yes: this device may train now")
     except SettingsError as exc:
         report.fail("policy", str(exc), "fix the [policy] table or the FEDGE_POLICY_* variables")
-    broker = raw.values.get("broker")
-    if broker:
+    if raw.get("broker") is not None:
         _check_broker(report, raw, broker_timeout)
     _check_torch(report, raw)
     if settings is not None:
@@ -83,32 +83,35 @@ def run_doctor(raw: RawSettings, out: TextIO, *, load_seconds: float = 2.0, brok
 
 def _probe(raw: RawSettings, load_seconds: float) -> DeviceSnapshot:
     meter = CpuLoadMeter(window=max(load_seconds, 1.0))
-    probe = DeviceProbe(sysfs=raw.values["sysfs_root"], procfs=raw.values["procfs_root"], cpu=meter)
-    meter.sample()
+    probe = DeviceProbe(sysfs=raw.get("sysfs_root"), procfs=raw.get("procfs_root"), cpu=meter)
+    probe.read()
     time.sleep(load_seconds)  # a one-shot command: two samples a moment apart give the load
     return probe.read()
 
 
 def _device_lines(report: Report, snap: DeviceSnapshot) -> None:
     power = snap.power
-    if power.has_battery:
+    if "power" in snap.unknown:
+        report.info("battery", f"unknown: {snap.unknown['power']}")
+    elif power.has_battery:
         report.ok("battery", f"{power.battery_percent:.0f}%, {'on external power' if power.plugged else 'discharging'} ({power.status}, via {power.source})")
     else:
         report.ok("battery", "none found: treated as mains power")
     report.ok("temperature", f"{snap.temperature_c:.1f} C (hottest thermal zone)" if snap.temperature_c is not None else "unknown (no readable thermal zone)")
-    report.ok("cpu load", f"{snap.cpu_load:.0%} of all cores used by other programs" if snap.cpu_load is not None else "unknown")
+    report.ok("cpu load", f"{snap.cpu_load:.0%} of all cores used by other programs" if snap.cpu_load is not None
+              else f"unknown: {snap.unknown.get('cpu_load', 'no second sample')}")
     network = {True: "metered (cellular)", False: "unmetered", None: "unknown"}[snap.metered]
     report.ok("network", network)
 
 
 def _check_broker(report: Report, raw: RawSettings, timeout: float) -> None:
+    import aiomqtt
+
     from fedge_contract.mqtt import BrokerAddress, make_client
 
-    try:
-        address = BrokerAddress.parse(raw.values["broker"], ca_file=raw.values.get("ca_file"))
-    except ValueError as exc:
-        report.fail("broker", str(exc), "use mqtt://host:1883 or mqtts://user:password@host:8883")
-        return
+    address: BrokerAddress = raw.get("broker")
+    if raw.get("ca_file") is not None:
+        address = dataclasses.replace(address, ca_file=raw.get("ca_file"))
 
     async def connect() -> float:
         start = time.perf_counter()
@@ -119,7 +122,7 @@ def _check_broker(report: Report, raw: RawSettings, timeout: float) -> None:
     try:
         seconds = asyncio.run(connect())
         report.ok("broker", f"{address} reachable (MQTT 5 connect in {seconds * 1000:.0f} ms)")
-    except Exception as exc:  # any failure to connect is the finding itself
+    except (OSError, aiomqtt.MqttError) as exc:  # a failure to connect is the finding itself
         report.fail("broker", f"{address} unreachable: {exc or type(exc).__name__}",
                     "check the URL and port, that the broker runs (systemctl status mosquitto), the firewall, "
                     "and the username/password or --ca-file for mqtts://")
@@ -132,9 +135,9 @@ def _check_torch(report: Report, raw: RawSettings) -> None:
         report.fail("torch", f"cannot import torch: {exc}",
                     "pip install torch --index-url https://download.pytorch.org/whl/cpu (the CPU wheel; plain `torch` pulls CUDA)")
         return
-    threads = raw.values["torch_threads"]
+    threads = raw.get("torch_threads")
     report.ok("torch", f"{torch.__version__}, training uses {threads} thread(s) of {os.cpu_count()} cores "
-                       f"(torch's own default would be {torch.get_num_threads()}), niceness +{raw.values['train_nice']}")
+                       f"(torch's own default would be {torch.get_num_threads()}), niceness +{raw.get('train_nice')}")
 
 
 def _check_state_dir(report: Report, state_dir: Path) -> None:
@@ -152,10 +155,10 @@ def _check_task(report: Report, raw: RawSettings) -> None:
     from fedge_tasks import TaskLoadError, load_task
 
     try:
-        task = load_task(raw.values["task"], raw.values["task_options"])
+        task = load_task(raw.get("task"), raw.get("task_options"))
         model = task.build_model()
-        data = task.train_data(raw.values["client_id"])
+        data = task.train_data(raw.get("client_id"))
         params = sum(p.numel() for p in model.parameters())
-        report.ok("task", f"{raw.values['task']}: {len(data)} training samples on this device, {params} parameters")
+        report.ok("task", f"{raw.get('task')}: {len(data)} training samples on this device, {params} parameters")
     except (TaskLoadError, ImportError, ValueError, OSError) as exc:
-        report.fail("task", f"{raw.values['task']}: {exc}", "install the task's package in the agent's venv and check --task/--task-opt")
+        report.fail("task", f"{raw.get('task')}: {exc}", "install the task's package in the agent's venv and check --task/--task-opt")

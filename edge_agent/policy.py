@@ -11,6 +11,18 @@ overrides fields::
     preset = "phone"          # phone | laptop | pi | always | auto (default)
     min_battery = 30
     windows = ["22:00-07:00"]
+
+A reading the device could not take is *unknown* (``DeviceSnapshot.unknown`` says why, and the
+agent's presence carries it). What that means is decided per condition, by what a wrong guess costs:
+
+- power unknown: blocks while the policy cares about power (``require_charging`` or a
+  ``min_battery`` floor): training on a battery it cannot see could drain a phone or a laptop. A
+  policy that does not care (``pi``, ``always``) trains on;
+- CPU load unknown: never blocks. The load only tells whether the owner is busy; a meter that
+  keeps failing must not stop a ``pi`` forever (the training child is niced anyway);
+- temperature unknown: never blocks, as on a device without thermal zones (the SoC throttles
+  itself; blocking would stop every device whose sensors cannot be read);
+- network unknown: never blocks (``require_unmetered`` applies only where the link is known).
 """
 
 from __future__ import annotations
@@ -19,14 +31,16 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, time
 from typing import Any
 
+from edge_agent.errors import AgentError
 from edge_agent.probes import DeviceSnapshot
+from fedge_runtime.settings import Loader, SettingsError
 
 
-class PolicyError(ValueError):
+class PolicyError(AgentError, ValueError):
     """A policy setting is invalid; the message names the setting and the accepted values."""
 
 
@@ -54,15 +68,30 @@ class TimeWindow:
         return f"{self.start:%H:%M}-{self.end:%H:%M}"
 
 
+_NOT_SHOWN = {"show_default": False}  # the preset decides the default, not the dataclass
+
+
+def _meta(help: str, **more: Any) -> dict[str, Any]:
+    return {"help": help, **_NOT_SHOWN, **more}
+
+
 @dataclass(frozen=True)
 class Policy:
-    require_charging: bool = True  # a device without a battery counts as charging (mains)
-    min_battery: float = 0.0  # percent; only checked on devices with a battery
-    max_cpu_load: float | None = 0.5  # fraction of all cores other programs may use (None: ignore)
-    load_window: float = 60.0  # seconds the CPU load is averaged over ("idle for a while")
-    max_temperature_c: float | None = 75.0  # hottest thermal zone (None: ignore)
-    windows: tuple[TimeWindow, ...] = ()  # empty: any time of day
-    require_unmetered: bool = False  # only where detectable: an unknown network never blocks
+    """When this device may train; the metadata are its ``[policy]`` settings' flags (fedge_runtime/settings.py)."""
+
+    require_charging: bool = field(default=True, metadata=_meta("train only on external power (a device without a battery counts as mains)"))
+    min_battery: float = field(default=0.0, metadata=_meta("battery floor in percent; only checked on devices with a battery", metavar="PERCENT"))
+    max_cpu_load: float | None = field(default=0.5, metadata=_meta(
+        "of all cores, used by other programs (e.g. 0.3; none: ignore)", metavar="FRACTION"))
+    load_window: float = field(default=60.0, metadata=_meta("seconds the CPU load is averaged over (idle for a while)", metavar="SECONDS"))
+    max_temperature_c: float | None = field(default=75.0, metadata=_meta(
+        "hottest thermal zone (none: ignore)", flag="--max-temperature", metavar="C"))
+    windows: tuple[TimeWindow, ...] = field(default=(), metadata=_meta(
+        "train only in this local time window (repeatable; none given: any time)", flag="--window", metavar="HH:MM-HH:MM",
+        parse=TimeWindow.parse))
+    require_unmetered: bool = field(default=False, metadata=_meta("train only off metered (cellular) networks, where detectable"))
+    preset: str = field(default="auto", metadata={
+        "flag": "--policy", "env": "FEDGE_POLICY", "help": "preset the other fields start from: auto, phone, laptop, pi, always"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_battery <= 100.0:
@@ -78,7 +107,10 @@ class Policy:
         """Why the device may not train now; empty when it may."""
         out: list[str] = []
         power = snapshot.power
-        if self.require_charging and not power.plugged:
+        if "power" in snapshot.unknown:
+            if self.require_charging or self.min_battery > 0:
+                out.append(f"power unknown ({snapshot.unknown['power']}): not training on a battery it cannot see")
+        elif self.require_charging and not power.plugged:
             out.append(f"not charging (battery {power.battery_percent:.0f}%, {power.status})")
         if power.has_battery and power.battery_percent is not None and power.battery_percent < self.min_battery:
             out.append(f"battery {power.battery_percent:.0f}% is below the {self.min_battery:.0f}% floor")
@@ -110,13 +142,14 @@ class Policy:
 
 PRESETS: dict[str, Policy] = {
     # charging and idle, battery kept cool, no cellular data
-    "phone": Policy(require_charging=True, min_battery=20.0, max_cpu_load=0.25, max_temperature_c=45.0, require_unmetered=True),
+    "phone": Policy(require_charging=True, min_battery=20.0, max_cpu_load=0.25, max_temperature_c=45.0, require_unmetered=True,
+                    preset="phone"),
     # plugged in and idle; laptop SoCs run warm, so only the throttling zone counts
-    "laptop": Policy(require_charging=True, min_battery=50.0, max_cpu_load=0.3, max_temperature_c=90.0),
+    "laptop": Policy(require_charging=True, min_battery=50.0, max_cpu_load=0.3, max_temperature_c=90.0, preset="laptop"),
     # mains powered: idle and cool (a Pi throttles near 80-85 C)
-    "pi": Policy(require_charging=False, max_cpu_load=0.5, max_temperature_c=70.0),
+    "pi": Policy(require_charging=False, max_cpu_load=0.5, max_temperature_c=70.0, preset="pi"),
     # servers and simulations: whenever there is work
-    "always": Policy(require_charging=False, max_cpu_load=None, max_temperature_c=None),
+    "always": Policy(require_charging=False, max_cpu_load=None, max_temperature_c=None, preset="always"),
 }
 
 
@@ -131,45 +164,24 @@ def auto_preset(has_battery: bool) -> str:
     return "laptop" if has_battery else "pi"
 
 
-_FIELDS = {f.name for f in dataclasses.fields(Policy)}
+_SETTINGS = Loader(Policy)  # the [policy] table's keys, types and conversions
 
 
 def policy_from_mapping(data: Mapping[str, Any], *, has_battery: bool) -> tuple[Policy, str]:
-    """A Policy from a TOML table (or env/flags merged into one); returns it and the preset used."""
+    """A Policy from a TOML table (or env/flags merged into one): its preset with the given fields
+    overriding it; returns it and the preset used (``auto`` resolved)."""
     values = dict(data)
     preset = str(values.pop("preset", "auto"))
     if preset == "auto":
         preset = auto_preset(has_battery)
     if preset not in PRESETS:
         raise PolicyError(f"policy preset {preset!r} is unknown (known: auto, {', '.join(PRESETS)})")
-    unknown = sorted(set(values) - _FIELDS)
+    known = {s.key for s in _SETTINGS.settings} - {"preset"}
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise PolicyError(f"policy setting(s) {', '.join(unknown)} unknown (known: preset, {', '.join(sorted(_FIELDS))})")
-    changes: dict[str, Any] = {}
-    for key, raw in values.items():
-        changes[key] = _coerce(key, raw)
-    return dataclasses.replace(PRESETS[preset], **changes), preset
-
-
-def _coerce(key: str, raw: Any) -> Any:
-    """TOML gives typed values; environment variables and flags give strings."""
-    if key == "windows":
-        items = raw.split(",") if isinstance(raw, str) else raw
-        if not isinstance(items, (list, tuple)):
-            raise PolicyError("policy windows must be a list like ['22:00-07:00']")
-        return tuple(TimeWindow.parse(str(item)) for item in items if str(item).strip())
-    if key in ("require_charging", "require_unmetered"):
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise PolicyError(f"policy {key} must be true or false, got {raw!r}")
-    if key in ("max_cpu_load", "max_temperature_c") and (raw is None or str(raw).strip().lower() in ("none", "off", "")):
-        return None
+        raise PolicyError(f"policy setting(s) {', '.join(unknown)} unknown (known: preset, {', '.join(sorted(known))})")
     try:
-        return float(raw)
-    except (TypeError, ValueError):
-        raise PolicyError(f"policy {key} must be a number, got {raw!r}") from None
+        changes = {key: _SETTINGS.convert(key, raw, "[policy]") for key, raw in values.items()}
+    except SettingsError as exc:
+        raise PolicyError(f"policy {exc}") from None
+    return dataclasses.replace(PRESETS[preset], **changes), preset  # Policy checks itself (PolicyError)

@@ -9,6 +9,12 @@ Sources, in order of trust:
 - ``termux-battery-status`` (Termux:API) where Android hides sysfs from apps;
 - ``psutil.sensors_battery()`` on macOS/Windows laptops;
 - none of them: no battery, i.e. mains power (a Pi, a desktop, a server).
+
+A reading that fails (a psutil error, an unreadable sysfs or procfs file, a termux call that
+fails) never stops the agent: ``DeviceProbe.read`` records that condition as unknown, with the
+reason, in ``DeviceSnapshot.unknown``; it warns once when a condition starts failing and once when
+it recovers, not on every sample. What an unknown condition means is the policy's decision
+(edge_agent/policy.py).
 """
 
 from __future__ import annotations
@@ -20,12 +26,18 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 log = logging.getLogger("fedge.probes")
+
+# What reading the device may raise: the OS's interfaces (sysfs, procfs, a termux tool, psutil)
+# fail in ways of their own on some devices; any of these makes that one reading unknown.
+PROBE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError, subprocess.SubprocessError, psutil.Error)
 
 # Batteries that are not the device's own (mice, keyboards, phones' styluses) say scope=Device.
 _PLUGGED_STATUSES = {"charging", "full", "not charging"}
@@ -57,10 +69,12 @@ class DeviceSnapshot:
     cpu_load: float | None  # fraction of all cores used by other programs over the load window
     metered: bool | None
     taken_at: float  # unix seconds
+    # condition ("power", "temperature", "cpu_load", "metered") -> why its reading failed
+    unknown: Mapping[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Flat scalars for Presence/Update ``device`` (JSON-friendly, None where unknown)."""
-        return {
+        device: dict[str, Any] = {
             "charging": self.power.plugged,
             "battery": self.power.battery_percent,
             "power_source": self.power.source,
@@ -68,6 +82,13 @@ class DeviceSnapshot:
             "cpu_load": None if self.cpu_load is None else round(self.cpu_load, 3),
             "metered": self.metered,
         }
+        if self.unknown:  # why a reading is missing, for `fedge status` and the dashboard
+            device["unknown"] = "; ".join(f"{name}: {reason}" for name, reason in sorted(self.unknown.items()))
+        return device
+
+
+# A power reading that failed: neither plugged nor a battery level is known.
+UNKNOWN_POWER = PowerReading(plugged=False, status="unknown", source="unknown")
 
 
 def _read(path: Path) -> str | None:
@@ -118,6 +139,15 @@ def read_sysfs_power(sysfs: Path) -> PowerReading | None:
 
 def read_termux_power(command: str = "termux-battery-status", timeout: float = 15.0) -> PowerReading | None:
     """Android through Termux:API; None when the tool is missing or fails (it prints JSON)."""
+    try:
+        return termux_power(command, timeout)
+    except RuntimeError as exc:
+        log.warning("%s", exc)
+        return None
+
+
+def termux_power(command: str = "termux-battery-status", timeout: float = 15.0) -> PowerReading | None:
+    """Android through Termux:API; None when the tool is missing, RuntimeError when it fails."""
     exe = shutil.which(command)
     if exe is None:
         return None
@@ -127,9 +157,8 @@ def read_termux_power(command: str = "termux-battery-status", timeout: float = 1
         plugged_raw = str(data.get("plugged", "UNPLUGGED")).upper()
         status = str(data.get("status", "UNKNOWN"))
         percent = float(data["percentage"])
-    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError) as exc:
-        log.warning("termux-battery-status failed (%s): is the Termux:API app installed?", exc)
-        return None
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RuntimeError(f"termux-battery-status failed ({exc or type(exc).__name__}): is the Termux:API app installed?") from exc
     plugged = plugged_raw != "UNPLUGGED" or status.upper() in ("CHARGING", "FULL")
     temperature = _number(str(data.get("temperature"))) if data.get("temperature") is not None else None
     return PowerReading(plugged=plugged, battery_percent=percent, status=status, source="termux", temperature_c=temperature)
@@ -184,27 +213,36 @@ class CpuLoadMeter:
 
     Load = (busy CPU time of the machine - CPU time of this agent and its training child) over
     wall time x cores: the agent's own training must not make the device look busy and stop it.
-    ``sample()`` is called on the gate's timer; nothing here spins.
+    ``sample()`` is called on the gate's timer; nothing here spins. A sample that cannot be taken
+    raises (psutil.Error, OSError) and leaves the window as it was; the probe reports it unknown.
     """
 
-    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        import psutil
-
+    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 process: psutil.Process | None = None) -> None:
         self._psutil = psutil
-        self._me = psutil.Process()
+        self._process = process  # None: this process, looked up on first use
+        self._me: psutil.Process | None = None
         self.window = window
         self._clock = clock
         self._samples: deque[tuple[float, float, float]] = deque()
         self.cores = psutil.cpu_count() or 1
 
     def _own_seconds(self) -> float:
-        times = self._me.cpu_times()
+        me = self._me = self._me or self._process or psutil.Process()
+        try:
+            times = me.cpu_times()
+            children = me.children(recursive=True)
+        except psutil.Error:
+            # psutil may decide "PID has been reused" (seen on arm64 Debian when its boot-time
+            # reading moved): forget this handle, so the next sample looks the process up afresh.
+            self._me = None
+            raise
         total = times.user + times.system + times.children_user + times.children_system
-        for child in self._me.children(recursive=True):
+        for child in children:
             try:
                 ct = child.cpu_times()
                 total += ct.user + ct.system
-            except self._psutil.Error:
+            except psutil.Error:
                 pass  # exited between listing and reading; its time moves to children_*
         return total
 
@@ -213,8 +251,9 @@ class CpuLoadMeter:
         cpu = self._psutil.cpu_times()
         idle = cpu.idle + getattr(cpu, "iowait", 0.0)
         busy = sum(cpu) - idle - getattr(cpu, "guest", 0.0) - getattr(cpu, "guest_nice", 0.0)
+        own = self._own_seconds()
         now = self._clock()
-        self._samples.append((now, busy, self._own_seconds()))
+        self._samples.append((now, busy, own))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
             self._samples.popleft()
         return self.load()
@@ -241,9 +280,11 @@ class DeviceProbe:
     cpu: CpuLoadMeter | None = None
 
     def __post_init__(self) -> None:
-        self._termux_cache: tuple[float, PowerReading | None] | None = None
+        self._termux_cache: tuple[float, PowerReading | None | RuntimeError] | None = None
+        self._failing: dict[str, str] = {}  # condition -> reason, while its readings fail
 
     def power(self) -> PowerReading:
+        """Raises (PROBE_ERRORS) when a source that exists fails; ``read`` turns that into unknown."""
         reading = read_sysfs_power(self.sysfs)
         if reading is None and self.termux:
             reading = self._termux()
@@ -254,16 +295,43 @@ class DeviceProbe:
     def _termux(self) -> PowerReading | None:
         now = time.monotonic()
         if self._termux_cache is None or now - self._termux_cache[0] >= self.termux_ttl:
-            self._termux_cache = (now, read_termux_power())
-        return self._termux_cache[1]
+            try:
+                self._termux_cache = (now, termux_power())
+            except RuntimeError as exc:  # a failure is cached too: the tool is not asked again within the ttl
+                self._termux_cache = (now, exc)
+        cached = self._termux_cache[1]
+        if isinstance(cached, RuntimeError):
+            raise cached
+        return cached
 
     def read(self) -> DeviceSnapshot:
-        power = self.power()
-        temperature = read_temperature(self.sysfs)
+        """Every probe once; a reading that fails is None (UNKNOWN_POWER) with its reason in ``unknown``."""
+        unknown: dict[str, str] = {}
+        power = self._guard("power", self.power, unknown) or UNKNOWN_POWER
+        temperature = self._guard("temperature", lambda: read_temperature(self.sysfs), unknown)
         if temperature is None:
             temperature = power.temperature_c
-        cpu_load = self.cpu.sample() if self.cpu is not None else None
-        return DeviceSnapshot(power, temperature, cpu_load, read_metered(self.procfs), time.time())
+        cpu_load = self._guard("cpu_load", self.cpu.sample, unknown) if self.cpu is not None else None
+        metered = self._guard("metered", lambda: read_metered(self.procfs), unknown)
+        self._tell(unknown)
+        return DeviceSnapshot(power, temperature, cpu_load, metered, time.time(), unknown)
+
+    @staticmethod
+    def _guard(name: str, reading: Callable[[], Any], unknown: dict[str, str]) -> Any:
+        try:
+            return reading()
+        except PROBE_ERRORS as exc:
+            unknown[name] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return None
+
+    def _tell(self, unknown: Mapping[str, str]) -> None:
+        """One warning when a condition starts failing, one line when it recovers; nothing per sample."""
+        for name, reason in unknown.items():
+            if name not in self._failing:
+                log.warning("cannot read the device's %s (%s): treating it as unknown until it reads again", name, reason)
+        for name in set(self._failing) - set(unknown):
+            log.info("the device's %s reads again", name)
+        self._failing = dict(unknown)
 
 
 def default_probe(load_window: float = 60.0, sysfs: Path = Path("/sys"), procfs: Path = Path("/proc")) -> DeviceProbe:

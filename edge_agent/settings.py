@@ -1,6 +1,9 @@
 """The agent's one configuration: a TOML file, FEDGE_* environment variables and flags, validated once.
 
-Precedence, highest first: command-line flags, environment, the TOML file, defaults. The file::
+The schema is ``AgentSettings``: ``AgentConfig`` and ``ProbeSettings`` at the top level, ``Policy``
+in the ``[policy]`` table. Their fields' defaults are the only defaults and their metadata are the
+flags (fedge_runtime/settings.py reads both). Precedence, highest first: command-line flags,
+environment, the TOML file, defaults. The file::
 
     broker = "mqtts://kitchen-pi:secret@hub.local:8883"
     client_id = "kitchen-pi"
@@ -18,176 +21,103 @@ Precedence, highest first: command-line flags, environment, the TOML file, defau
 Environment: ``FEDGE_<KEY>`` for a top-level key (``FEDGE_BROKER``, ``FEDGE_TRAIN_NICE``),
 ``FEDGE_POLICY`` for the preset and ``FEDGE_POLICY_<KEY>`` for a policy field, ``FEDGE_CONFIG``
 for the file. Every error names the setting, where it came from and what is accepted.
+
+The policy is the one section built by hand: its values start from a preset (``auto`` needs
+the device's battery, read from the configured sysfs), and only the fields some source gave
+override the preset's.
 """
 
 from __future__ import annotations
 
-import os
-import tomllib
+import argparse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig
 from edge_agent.policy import Policy, PolicyError, policy_from_mapping
 from edge_agent.probes import DeviceProbe
-from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
-from fedge_contract.mqtt import BrokerAddress
+from fedge_runtime.settings import Loader, Merged, SettingsError
+
+__all__ = ["LOADER", "AgentSettings", "ProbeSettings", "RawSettings", "SettingsError", "build", "build_policy", "gather", "load"]
 
 
-class SettingsError(ValueError):
-    """The configuration is invalid; the message says which setting, from where, and what to do."""
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Where and how often the gate reads the device (roots move for containers and tests)."""
 
+    sample_seconds: float = field(default=10.0, metadata={"cli": False})  # how often the gate reads the probes
+    sysfs_root: Path = field(default=Path("/sys"), metadata={"cli": False})
+    procfs_root: Path = field(default=Path("/proc"), metadata={"cli": False})
 
-# top-level key -> type; the file, the environment and the flags share these names
-KEYS: dict[str, type] = {
-    "broker": str, "ca_file": str, "client_id": str, "state_dir": Path, "fleet": str, "task": str,
-    "task_options": dict, "seed": int, "torch_threads": int, "train_nice": int, "max_train_memory_mib": float,
-    "isolate_training": bool, "exit_when_final": bool, "keepalive": int, "sample_seconds": float,
-    "sysfs_root": Path, "procfs_root": Path, "max_message_bytes": int,
-}
-DEFAULTS: dict[str, Any] = {
-    "fleet": "default", "task": "digits", "task_options": {}, "seed": 0, "torch_threads": 1, "train_nice": 10,
-    "max_train_memory_mib": None, "isolate_training": True, "exit_when_final": False, "keepalive": 30,
-    "sample_seconds": 10.0, "sysfs_root": Path("/sys"), "procfs_root": Path("/proc"),
-    "max_message_bytes": DEFAULT_MAX_MESSAGE_BYTES,
-}
-REQUIRED = {
-    "broker": "--broker URL, FEDGE_BROKER or `broker = \"mqtt://host:1883\"` in the config file",
-    "client_id": "--client-id, FEDGE_CLIENT_ID or `client_id = \"...\"`",
-    "state_dir": "--state-dir, FEDGE_STATE_DIR or `state_dir = \"...\"`",
-}
+    def __post_init__(self) -> None:
+        if self.sample_seconds < 1:
+            raise ValueError(f"sample_seconds must be >= 1, got {self.sample_seconds}")
 
 
 @dataclass(frozen=True)
 class AgentSettings:
-    agent: AgentConfig
-    policy: Policy
-    preset: str  # the preset the policy started from (``auto`` resolved)
-    sample_seconds: float  # how often the gate reads the probes
-    sysfs_root: Path
-    procfs_root: Path
+    agent: AgentConfig = field(metadata={"flatten": True})
+    probes: ProbeSettings = field(default_factory=ProbeSettings, metadata={"flatten": True})
+    policy: Policy = field(default_factory=Policy, metadata={"help": "when to train (policy)"})
+
+    @property
+    def preset(self) -> str:
+        """The preset the policy started from (``auto`` resolved)."""
+        return self.policy.preset
+
+    @property
+    def sample_seconds(self) -> float:
+        return self.probes.sample_seconds
 
     def probe(self) -> DeviceProbe:
         from edge_agent.probes import default_probe
 
-        return default_probe(self.policy.load_window, self.sysfs_root, self.procfs_root)
+        return default_probe(self.policy.load_window, self.probes.sysfs_root, self.probes.procfs_root)
 
 
-@dataclass(frozen=True)
-class RawSettings:
-    """Merged, typed values before validation (``doctor`` inspects these even when incomplete)."""
+LOADER = Loader(AgentSettings)
 
-    values: dict[str, Any]
-    policy: dict[str, Any]
-    sources: dict[str, str]  # key -> where it came from, for error messages
+RawSettings = Merged[AgentSettings]  # merged, typed values before validation (``doctor`` inspects these)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The agent's flags, generated from the settings' metadata."""
+    LOADER.add_flags(parser)
 
 
 def gather(flags: Mapping[str, Any], *, config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> RawSettings:
-    """Merge defaults < file < environment < flags (flags: None means not given)."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = dict(DEFAULTS)
-    sources = {key: "default" for key in DEFAULTS}
-    policy: dict[str, Any] = {}
-    config_file = config_file or (Path(environ["FEDGE_CONFIG"]) if environ.get("FEDGE_CONFIG") else None)
-    if config_file is not None:
-        _merge_file(config_file, values, policy, sources)
-    for key in KEYS:
-        raw = environ.get(f"FEDGE_{key.upper()}")
-        if raw is not None and key != "task_options":
-            values[key] = _convert(key, raw, f"FEDGE_{key.upper()}")
-            sources[key] = f"FEDGE_{key.upper()}"
-    for name, raw in environ.items():
-        if name == "FEDGE_POLICY":
-            policy["preset"] = raw
-        elif name.startswith("FEDGE_POLICY_"):
-            policy[name.removeprefix("FEDGE_POLICY_").lower()] = raw
-    for key, value in flags.items():
-        if value is None:
-            continue
-        if key == "policy":
-            policy.update({k: v for k, v in value.items() if v is not None})
-        elif key in KEYS:
-            values[key] = _convert(key, value, "--" + key.replace("_", "-"))
-            sources[key] = "flag"
-        else:
-            raise SettingsError(f"unknown flag setting {key!r}")
-    return RawSettings(values, policy, sources)
-
-
-def _merge_file(path: Path, values: dict[str, Any], policy: dict[str, Any], sources: dict[str, str]) -> None:
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise SettingsError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"{path} is not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - set(KEYS) - {"policy"})
-    if unknown:
-        raise SettingsError(f"{path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(KEYS))}, [policy])")
-    table = data.pop("policy", {})
-    if not isinstance(table, dict):
-        raise SettingsError(f"{path}: `policy` must be a table ([policy])")
-    policy.update(table)
-    for key, value in data.items():
-        values[key] = _convert(key, value, str(path))
-        sources[key] = str(path)
-
-
-def _convert(key: str, value: Any, origin: str) -> Any:
-    kind = KEYS[key]
-    try:
-        if kind is dict:
-            if not isinstance(value, dict):
-                raise TypeError
-            return {str(k): str(v) for k, v in value.items()}
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError
-            return text in ("1", "true", "yes", "on")
-        if kind is int and isinstance(value, float):
-            raise TypeError
-        if key == "max_train_memory_mib" and str(value).strip().lower() in ("", "none", "off"):
-            return None
-        return kind(value)
-    except (TypeError, ValueError):
-        name = {int: "an integer", float: "a number", bool: "true or false", dict: "a table", Path: "a path", str: "a string"}[kind]
-        raise SettingsError(f"{key} (from {origin}) must be {name}, got {value!r}") from None
+    """Merge defaults < file < environment < flags (flags: None means not given; a section is a nested mapping)."""
+    return LOADER.gather(flags, config_file=config_file, environ=environ)
 
 
 def build(raw: RawSettings) -> AgentSettings:
-    """Validate everything at once; the first problem raises SettingsError."""
-    values = raw.values
-    missing = [f"{key}: {how}" for key, how in REQUIRED.items() if not values.get(key)]
-    if missing:
-        raise SettingsError("missing setting(s):\n  " + "\n  ".join(missing))
+    """Validate everything at once; every problem found is in the one SettingsError raised."""
+    problems: list[str] = []
     try:
-        address = BrokerAddress.parse(values["broker"], ca_file=values.get("ca_file"))
-        agent = AgentConfig(
-            broker=address, client_id=values["client_id"], state_dir=values["state_dir"], fleet=values["fleet"],
-            task=values["task"], task_options=values["task_options"], seed=values["seed"],
-            keepalive=values["keepalive"], torch_threads=values["torch_threads"], exit_when_final=values["exit_when_final"],
-            isolate_training=values["isolate_training"], train_nice=values["train_nice"],
-            max_train_memory_mib=values["max_train_memory_mib"], max_message_bytes=values["max_message_bytes"],
-        )
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from None
-    if values["sample_seconds"] < 1:
-        raise SettingsError(f"sample_seconds must be >= 1, got {values['sample_seconds']}")
-    policy, preset = build_policy(raw)
-    return AgentSettings(agent, policy, preset, values["sample_seconds"], values["sysfs_root"], values["procfs_root"])
+        policy = build_policy(raw)
+    except SettingsError as exc:
+        problems.extend(exc.problems)
+        policy = Policy()
+    try:
+        settings = LOADER.build(raw, replace={"policy": policy})
+    except SettingsError as exc:
+        problems[:0] = exc.problems
+    if problems:
+        raise SettingsError(problems)
+    return settings
 
 
-def build_policy(raw: RawSettings) -> tuple[Policy, str]:
-    has_battery = DeviceProbe(sysfs=raw.values["sysfs_root"], termux=False).power().has_battery
+def build_policy(raw: RawSettings) -> Policy:
+    """The policy: the preset's values, overridden by the ``[policy]`` fields some source gave."""
+    # ``auto`` picks by the battery; a power reading that fails counts as none (mains), as before
+    has_battery = DeviceProbe(sysfs=raw.get("sysfs_root"), termux=False).read().power.has_battery
     try:
-        return policy_from_mapping(raw.policy, has_battery=has_battery)
+        policy, _ = policy_from_mapping(raw.given("policy"), has_battery=has_battery)
     except PolicyError as exc:
-        raise SettingsError(str(exc)) from None
+        raise SettingsError(f"{exc}{raw.blame(str(exc), 'policy')}") from None
+    return policy
 
 
 def load(flags: Mapping[str, Any], *, config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> AgentSettings:

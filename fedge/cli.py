@@ -1,7 +1,9 @@
 """The ``fedge`` command: broker, aggregator, agent and simulate.
 
 Flags map one-to-one onto the config dataclasses (AggregatorConfig, AgentConfig,
-SimulationOptions), which validate themselves; this module only parses and dispatches.
+SimulationOptions), which validate themselves; this module only parses and dispatches. The
+agent's flags are generated from its settings' dataclasses (edge_agent/settings.py, through
+fedge_runtime/settings.py), so a flag, a FEDGE_* variable and a TOML key are one setting.
 """
 
 from __future__ import annotations
@@ -11,19 +13,43 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from fedge.logs import setup_logging
-from fedge.peak_memory import report_at_exit
 from aggregator.errors import AggregatorError
+from broker.local import BrokerNotFound, BrokerStartError
+from broker.provision import ProvisionError
+from edge_agent.errors import AgentError
+from fedge.errors import CommandError
+from fedge.peak_memory import report_at_exit
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedge_contract.errors import ContractError
+from fedge_runtime.logs import setup_logging
+from fedge_runtime.settings import SettingsError
 from fedge_tasks.base import TaskLoadError
 
 log = logging.getLogger("fedge")
+T = TypeVar("T")
+
+# What a user can cause and fix: each package's root, the broker package's errors (it has no
+# root), and the environment's OSError. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    SettingsError, CommandError, AgentError, AggregatorError, ContractError, TaskLoadError,
+    BrokerNotFound, BrokerStartError, ProvisionError, OSError,
+)
+
+
+def configured(build: Callable[[], T]) -> T:
+    """Build a command's config; the configs not yet on the settings loader (the aggregator's, the
+    simulation's) validate themselves with ValueError, which only here means a bad flag."""
+    try:
+        return build()
+    except SettingsError:
+        raise
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
 
 
 def _training_flags(parser: argparse.ArgumentParser) -> None:
@@ -218,32 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["run", "doctor"], default="run",
                    help="run (default) or doctor: print what this device reports and what is wrong")
     p.add_argument("--config", type=Path, help="TOML settings file (default: $FEDGE_CONFIG)")
-    p.add_argument("--broker", help="mqtt://[user:password@]host:port or mqtts://...")
-    p.add_argument("--ca-file")
-    p.add_argument("--fleet", help="default: default")
-    p.add_argument("--client-id", help="this device's id (letters, digits, . _ -)")
-    p.add_argument("--state-dir", type=Path, help="outbox and state (keep it across restarts)")
-    p.add_argument("--task", help="MODULE:OBJECT of a fedge task, or a built-in name (default digits)")
-    p.add_argument("--task-opt", action="append", metavar="KEY=VALUE", help="option passed to the task (repeatable)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--exit-when-final", action="store_true", default=None, help="exit once the aggregator publishes its final model")
-    group = p.add_argument_group("resources")
-    group.add_argument("--torch-threads", type=int, help="threads the training uses (default 1)")
-    group.add_argument("--nice", dest="train_nice", type=int, help="niceness added to training, 0-19 (default 10)")
-    group.add_argument("--max-train-memory", dest="max_train_memory_mib", type=float, metavar="MIB",
-                       help="refuse a task whose model and training data exceed this")
-    group.add_argument("--max-message-bytes", type=int, metavar="BYTES",
-                       help="an update above this is published in chunks with a manifest (default 8 MiB)")
-    group.add_argument("--in-process-training", dest="isolate_training", action="store_false", default=None,
-                       help="train inside the agent's process (keeps torch loaded, ~260 MiB) instead of a child that exits")
-    group = p.add_argument_group("when to train (policy)")
-    group.add_argument("--policy", dest="policy_preset", help="preset: auto (default), phone, laptop, pi, always")
-    group.add_argument("--require-charging", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--min-battery", type=float, metavar="PERCENT")
-    group.add_argument("--max-cpu-load", type=float, metavar="FRACTION", help="of all cores, used by other programs (e.g. 0.3)")
-    group.add_argument("--max-temperature", dest="max_temperature_c", type=float, metavar="C")
-    group.add_argument("--window", action="append", metavar="HH:MM-HH:MM", help="train only in this local time window (repeatable)")
-    group.add_argument("--require-unmetered", action=argparse.BooleanOptionalAction, default=None)
+    from edge_agent.settings import add_flags as add_agent_flags
+
+    add_agent_flags(p)  # generated from AgentConfig and Policy (edge_agent/settings.py)
     _common(p)
 
     p = sub.add_parser("simulate", help="simulate a fleet on a local broker and write a report")
@@ -324,10 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError, RuntimeError, ContractError, TaskLoadError, AggregatorError) as exc:
-        # configuration and environment problems: say what, not a traceback
+    except USER_ERRORS as exc:
         log.debug("fatal", exc_info=True)
-        print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fedge {args.command}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         return 2
 
 
@@ -370,11 +372,11 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 def _run_aggregator(args: argparse.Namespace) -> int:
     from aggregator import AggregatorConfig, make_aggregator
-    from fedge.allocator import keep_large_buffers
     from fedge_contract.mqtt import BrokerAddress
+    from fedge_runtime.allocator import keep_large_buffers
     from fedge_tasks.base import parse_options
 
-    config = AggregatorConfig(
+    config = configured(lambda: AggregatorConfig(
         broker=BrokerAddress.parse(args.broker, ca_file=args.ca_file),
         fleet=args.fleet,
         task=args.task,
@@ -401,32 +403,15 @@ def _run_aggregator(args: argparse.Namespace) -> int:
         workers=args.workers,
         durability=args.durability,
         **defence_config(args),
-    )
+    ))
     keep_large_buffers()
     return _run(make_aggregator(config).run())
-
-
-def agent_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The agent's flags as settings keys (None = not given, so the file or environment decides)."""
-    from fedge_tasks.base import parse_options
-
-    names = ["broker", "ca_file", "fleet", "client_id", "state_dir", "task", "seed", "exit_when_final",
-             "torch_threads", "train_nice", "max_train_memory_mib", "isolate_training", "max_message_bytes"]
-    flags: dict[str, Any] = {n: getattr(args, n) for n in names}
-    flags["task_options"] = parse_options(args.task_opt) if args.task_opt else None
-    policy = {
-        "preset": args.policy_preset, "require_charging": args.require_charging, "min_battery": args.min_battery,
-        "max_cpu_load": args.max_cpu_load, "max_temperature_c": args.max_temperature_c,
-        "windows": args.window, "require_unmetered": args.require_unmetered,
-    }
-    flags["policy"] = {k: v for k, v in policy.items() if v is not None}
-    return flags
 
 
 def _run_agent(args: argparse.Namespace) -> int:
     from edge_agent import settings as agent_settings
 
-    raw = agent_settings.gather(agent_flags(args), config_file=args.config)
+    raw = agent_settings.gather(agent_settings.LOADER.flag_values(args), config_file=args.config)
     if args.action == "doctor":
         from edge_agent.doctor import run_doctor
 
@@ -448,7 +433,8 @@ def _run_status(args: argparse.Namespace) -> int:
     from fedge.status import run_status
     from fedge_contract.mqtt import BrokerAddress
 
-    return _run(run_status(BrokerAddress.parse(args.broker, ca_file=args.ca_file), args.fleet, once=args.once))
+    address = configured(lambda: BrokerAddress.parse(args.broker, ca_file=args.ca_file))
+    return _run(run_status(address, args.fleet, once=args.once))
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -482,7 +468,7 @@ def argv_of(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
 def _run_simulate(args: argparse.Namespace) -> int:
     from fedge.simulate.runner import SimulationOptions, simulate
 
-    options = SimulationOptions(
+    options = configured(lambda: SimulationOptions(
         agents=args.agents,
         rounds=args.rounds,
         alpha=args.alpha,
@@ -508,7 +494,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         params=args.params,
         downloads=args.downloads,
         workers=args.workers,
-    )
+    ))
     if args.dashboard_port is not None:
         host = args.metrics_host if args.metrics_host not in (None, "", "0.0.0.0") else "127.0.0.1"
         where = f"http://{host}:{args.dashboard_port}/" if args.dashboard_port else "a free port (see logs/aggregator.log)"

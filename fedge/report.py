@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.store import Store
+from fedge.errors import CommandError
 
 STATUSES = ("accepted", "duplicate", "stale", "rejected")
 STORE_NAME = "aggregator.sqlite"
 
 
-class ReportError(ValueError):
-    """The folder holds no aggregator store (a ValueError: the CLI prints it without a traceback)."""
+class ReportError(CommandError):
+    """The folder holds no aggregator store (the CLI prints it without a traceback)."""
 
 
 @dataclass

@@ -42,6 +42,10 @@ async def host_agents(args: argparse.Namespace) -> int:
                 task_options=options,
                 seed=args.seed,
                 exit_when_final=True,
+                # many agents in one process share its torch import and one training thread; the
+                # host is this machine, not a device whose owner comes first
+                isolate_training=False,
+                train_nice=0,
                 slowdown=args.slowdown if client_id in slow else 1.0,
                 emulated_train_seconds=args.emulated_train_seconds,
                 attack=attacks.get(client_id, "none"),

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from aggregator.store import Store
 from broker import LocalBroker
+from fedge.errors import CommandError
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import peak_rss_mib, proc_peak_rss_mib
 from fedge.netem import FaultProxy, LinkProfile, parse_schedule
@@ -57,7 +58,7 @@ class SimulationOptions:
     agent_procs: int = 1
     quiet: bool = False
     log_level: str = "info"
-    log_json: bool = False  # children log JSON lines (fedge/logs.py)
+    log_json: bool = False  # children log JSON lines (fedge_runtime/logs.py)
     timeout: float = 3600.0  # give up on a run that makes no progress for this long
     # Load mode (fedge/simulate/synthetic.py): agents send seeded noise of a `params`-value model
     # (task `synthetic`) encoded with the round's codec, instead of training digits.
@@ -188,7 +189,7 @@ async def simulate(options: SimulationOptions) -> int:
         (out / sub).mkdir(exist_ok=True)
     store_path = out / "aggregator.sqlite"
     if store_path.exists():
-        raise ValueError(f"{out} already holds a run: choose another --out")
+        raise CommandError(f"{out} already holds a run: choose another --out")
     console.print(f"[bold]fedge simulate[/]: {options.agents} agents, {options.rounds} rounds, target {options.effective_target}, report in {out}")
 
     raise_fd_limit(options.agents + 256)  # before the broker starts: it inherits the limit, one socket per agent

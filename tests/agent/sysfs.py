@@ -1,8 +1,12 @@
-"""Fake /sys trees made of real files, shaped like a laptop, a phone, a Pi."""
+"""Fake /sys trees made of real files, shaped like a laptop, a phone, a Pi; and a process that is gone."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+
+import psutil
 
 
 def supply(root: Path, name: str, **files: str) -> Path:
@@ -25,3 +29,11 @@ def battery_device(root: Path, status: str, capacity: int, *, mains_online: bool
         supply(root, "AC", type="Mains", online="1" if mains_online else "0")
     thermal(root, 0, temp_mc)
     return root
+
+
+def gone_process() -> psutil.Process:
+    """A psutil handle on a process that has exited and been reaped: a real NoSuchProcess on every call."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    handle = psutil.Process(child.pid)
+    child.communicate(timeout=30)
+    return handle

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from edge_agent import settings
+from edge_agent.conditions import PolicyGate
 from edge_agent.policy import PRESETS, Policy, PolicyError, TimeWindow, policy_from_mapping
-from edge_agent.probes import DeviceProbe, DeviceSnapshot
+from edge_agent.probes import UNKNOWN_POWER, CpuLoadMeter, DeviceProbe, DeviceSnapshot
 from tests.agent.sysfs import battery_device, supply, thermal
 
 NOON = datetime(2024, 5, 1, 12, 0)
@@ -176,3 +179,44 @@ def test_settings_errors_are_clear(tmp_path, text, env, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(settings.SettingsError, match="cannot read the config file"):
         settings.load({}, config_file=tmp_path / "nope.toml", environ={})
+
+
+# ---------------------------------------------------------------------- unknown readings
+def unknown(root: Path, **reasons: str) -> DeviceSnapshot:
+    snap = snapshot(root)
+    power = UNKNOWN_POWER if "power" in reasons else snap.power
+    return DeviceSnapshot(power, None, None, None, snap.taken_at, reasons)
+
+
+@pytest.mark.parametrize(("preset", "blocked"), [("phone", True), ("laptop", True), ("pi", False), ("always", False)])
+def test_unknown_power_blocks_only_a_policy_that_cares_about_power(tmp_path, preset, blocked):
+    reasons = PRESETS[preset].reasons(unknown(tmp_path, power="RuntimeError: termux-battery-status failed"), NOON)
+    expected = ["power unknown (RuntimeError: termux-battery-status failed): not training on a battery it cannot see"]
+    assert reasons == (expected if blocked else [])
+
+
+def test_a_battery_floor_alone_also_refuses_unknown_power(tmp_path):
+    policy = dataclasses.replace(PRESETS["pi"], min_battery=30.0)
+    assert policy.reasons(unknown(tmp_path, power="OSError: EIO"), NOON) == [
+        "power unknown (OSError: EIO): not training on a battery it cannot see"]
+
+
+def test_unknown_load_temperature_and_network_never_block(tmp_path):
+    snap = unknown(tmp_path, cpu_load="NoSuchProcess: PID has been reused", temperature="OSError: EIO", metered="OSError: EIO")
+    for name in ("phone", "laptop", "pi"):
+        policy = dataclasses.replace(PRESETS[name], require_charging=False, min_battery=0.0, require_unmetered=True)
+        assert policy.reasons(snap, NOON) == [], name
+
+
+class BrokenMeter(CpuLoadMeter):
+    def sample(self) -> float | None:
+        import psutil
+
+        raise psutil.NoSuchProcess(1, msg="PID has been reused")
+
+
+async def test_a_gate_whose_cpu_meter_fails_lets_a_pi_train(tmp_path):
+    probe = DeviceProbe(sysfs=tmp_path, procfs=tmp_path, termux=False, psutil_battery=False, cpu=BrokenMeter())
+    async with asyncio.timeout(30), PolicyGate(PRESETS["pi"], probe, sample_seconds=3600) as gate:
+        assert gate.eligible(), gate.why_not()  # not "measuring the CPU load" forever
+        assert gate.device()["unknown"] == "cpu_load: NoSuchProcess: PID has been reused (pid=1)"

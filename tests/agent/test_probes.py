@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
 from edge_agent.probes import CpuLoadMeter, DeviceProbe, read_metered, read_sysfs_power, read_temperature, read_termux_power
-from tests.agent.sysfs import battery_device, supply, thermal
+from tests.agent.sysfs import battery_device, gone_process, supply, thermal
 
 
 def test_charging_battery(tmp_path):
@@ -139,3 +141,77 @@ def test_snapshot_as_dict_is_flat_scalars(tmp_path):
     assert snap.as_dict() == {
         "charging": False, "battery": 42.0, "power_source": "sysfs", "temperature_c": 51.0, "cpu_load": None, "metered": None,
     }
+
+
+# ---------------------------------------------------------------------- readings that fail
+@pytest.fixture
+def gone():
+    return gone_process()
+
+
+def test_a_cpu_meter_that_raises_makes_the_load_unknown_with_one_warning(tmp_path, gone, caplog):
+    probe = DeviceProbe(sysfs=tmp_path, procfs=tmp_path, termux=False, psutil_battery=False, cpu=CpuLoadMeter(process=gone))
+    with caplog.at_level(logging.WARNING, logger="fedge.probes"):
+        snaps = [probe.read() for _ in range(3)]
+    assert all(s.cpu_load is None and s.unknown["cpu_load"].startswith("NoSuchProcess") for s in snaps)
+    assert snaps[0].power.source == "none" and "power" not in snaps[0].unknown  # the other readings still work
+    assert [r.getMessage() for r in caplog.records if "cpu_load" in r.getMessage()] == [
+        f"cannot read the device's cpu_load ({snaps[0].unknown['cpu_load']}): treating it as unknown until it reads again"
+    ]
+    assert snaps[0].as_dict()["unknown"].startswith("cpu_load: NoSuchProcess")
+
+
+class ReusedPid(CpuLoadMeter):
+    """The arm64 failure: psutil decides this agent's PID was reused, then recovers."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(window=60)
+        self.failures = failures
+
+    def _own_seconds(self) -> float:
+        import psutil
+
+        if self.failures:
+            self.failures -= 1
+            raise psutil.NoSuchProcess(os.getpid(), msg="PID has been reused")
+        return super()._own_seconds()
+
+
+def test_a_reading_that_recovers_is_measured_again_and_said_once(tmp_path, caplog):
+    probe = DeviceProbe(sysfs=tmp_path, procfs=tmp_path, termux=False, psutil_battery=False, cpu=ReusedPid(failures=2))
+    with caplog.at_level(logging.INFO, logger="fedge.probes"):
+        first, second, third, fourth = (probe.read() for _ in range(4))
+    assert "PID has been reused" in first.unknown["cpu_load"] and "cpu_load" in second.unknown
+    assert third.unknown == {} and third.cpu_load is None  # one good sample: the load needs two
+    assert fourth.unknown == {} and fourth.cpu_load is not None
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot read the device's cpu_load" in m for m in messages) == 1
+    assert messages.count("the device's cpu_load reads again") == 1
+
+
+def test_unreadable_sysfs_and_procfs_are_unknown(tmp_path, monkeypatch):
+    from edge_agent import probes
+
+    def unreadable(root: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(root))
+
+    monkeypatch.setattr(probes, "read_temperature", unreadable)
+    monkeypatch.setattr(probes, "read_metered", unreadable)
+    monkeypatch.setattr(probes, "read_sysfs_power", unreadable)
+    snap = DeviceProbe(sysfs=tmp_path, procfs=tmp_path, termux=False, psutil_battery=False).read()
+    assert set(snap.unknown) == {"power", "temperature", "metered"}
+    assert snap.power.source == "unknown" and snap.temperature_c is None and snap.metered is None
+    assert "Permission denied" in snap.unknown["temperature"]
+
+
+def test_a_failing_termux_call_is_unknown_power_asked_once_per_ttl(tmp_path, monkeypatch):
+    script = tmp_path / "bin" / "termux-battery-status"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\necho called >> {tmp_path / 'calls'}\necho 'Termux:API not installed' >&2\nexit 1\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+    probe = DeviceProbe(sysfs=tmp_path / "hidden", procfs=tmp_path, termux=True, psutil_battery=False)
+    first, second = probe.read(), probe.read()
+    assert first.power.source == "unknown" and "termux-battery-status failed" in first.unknown["power"]
+    assert second.unknown == first.unknown
+    assert (tmp_path / "calls").read_text().count("called") == 1  # the failure is cached for termux_ttl too

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aggregator import Aggregator
 from aggregator.metrics import AggregatorMetrics, MetricsServer
 from edge_agent import Agent
-from fedge.logs import JsonFormatter
+from fedge_runtime.logs import JsonFormatter
 from fedge_contract import Topics
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.mqtt import BrokerAddress

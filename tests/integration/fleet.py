@@ -35,7 +35,7 @@ def aggregator_config(address: BrokerAddress, fleet: str, store: Path, **overrid
 def agent_config(address: BrokerAddress, fleet: str, state_root: Path, index: int, **overrides: Any) -> AgentConfig:
     settings: dict[str, Any] = dict(
         broker=address, client_id=f"agent-{index}", state_dir=state_root / f"agent-{index}", fleet=fleet,
-        task="digits", task_options=DIGITS_5, exit_when_final=True,
+        task="digits", task_options=DIGITS_5, exit_when_final=True, isolate_training=False, train_nice=0,
     )
     settings.update(overrides)
     return AgentConfig(**settings)

@@ -1,4 +1,4 @@
-"""fedge.allocator: the aggregator's processes keep large freed buffers; a user's own tuning wins."""
+"""fedge_runtime.allocator: the aggregator's processes keep large freed buffers; a user's own tuning wins."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fedge.allocator import user_tuned
+from fedge_runtime.allocator import user_tuned
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
 
@@ -17,7 +17,7 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 # grows by it) rather than from the heap, and whether keep_large_buffers applied its settings.
 PROBE = """
 import ctypes, sys
-from fedge.allocator import keep_large_buffers
+from fedge_runtime.allocator import keep_large_buffers
 applied = keep_large_buffers() if sys.argv[1] == "keep" else None
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fedge.logs import JsonFormatter, setup_logging
+from fedge_runtime.logs import JsonFormatter, setup_logging
 
 
 def _record(msg: str, *args: object, extra: dict | None = None, level: int = logging.WARNING, exc_info=None) -> logging.LogRecord:
