@@ -51,6 +51,9 @@ def _levels(values: np.ndarray, block: int, top: int, rng: np.random.Generator |
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         absmax = np.maximum(blocks.max(axis=1, initial=0.0), -blocks.min(axis=1, initial=0.0))
         scales = (absmax / np.float32(top)).astype(np.float32)
+        # A subnormal scale has too few bits: 1/scale overflows and the rebuilt block can exceed its
+        # largest input. Such a block (|x| < 1.5e-36) is sent as zeros; NaN and Inf stay as they are.
+        scales[scales < np.finfo(np.float32).tiny] = 0
         # A non-finite scale (NaN/Inf in the input) travels as is: the receiver rejects the
         # tensor as NON_FINITE, exactly as it would reject the raw float32 values.
         inv = np.where(scales > 0, np.float32(1.0) / np.where(scales > 0, scales, 1), 0).astype(np.float32)
