@@ -22,6 +22,7 @@ from typing import Any, Self, TypeVar
 from fedge_contract.aio import cancel_and_wait
 
 T = TypeVar("T")
+REINTERRUPT = 0.5  # seconds between interruptions of a body that swallowed one
 
 
 class Supervisor:
@@ -32,7 +33,8 @@ class Supervisor:
         self._failure: BaseException | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._owner: asyncio.Task[Any] | None = None
-        self._interrupted = False  # we cancelled the owner: leaving must uncancel it
+        self._interrupts = 0  # times we cancelled the owner: leaving uncancels as many
+        self._reinterrupt: asyncio.TimerHandle | None = None
         self._exiting = False
         self._closed = False
 
@@ -72,23 +74,34 @@ class Supervisor:
             self._on_failure(error)
         for task in self._tasks:
             task.cancel()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        """Cancel the owner's body, and again every ``REINTERRUPT`` s until it leaves: Python 3.11's
+        ``asyncio.wait_for`` (aiomqtt's publish) can swallow a cancellation (CPython gh-86296)."""
         owner = self._owner
-        if owner is not None and not self._exiting and not self._interrupted and not owner.done():
-            self._interrupted = True
-            owner.cancel()
+        if owner is None or self._exiting or owner.done():
+            return
+        self._interrupts += 1
+        owner.cancel()
+        self._reinterrupt = asyncio.get_running_loop().call_later(REINTERRUPT, self._interrupt)
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._exiting = True
+        if self._reinterrupt is not None:
+            self._reinterrupt.cancel()
         cancelled_meanwhile = False
         try:
             await cancel_and_wait(list(self._tasks))
         except asyncio.CancelledError:
             cancelled_meanwhile = True  # cancelled again while cleaning up: the cleanup finished all the same
         self._closed = True
-        if self._interrupted:
-            self._interrupted = False
-            assert self._owner is not None
+        if self._reinterrupt is not None:
+            self._reinterrupt.cancel()
+        assert self._owner is not None
+        for _ in range(self._interrupts):
             self._owner.uncancel()
+        self._interrupts = 0
         if self._failure is not None and not (exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit))):
             raise self._failure  # the body's own exception, if any, is its __context__
         if cancelled_meanwhile:
