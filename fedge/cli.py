@@ -23,7 +23,7 @@ from broker.provision import ProvisionError
 from edge_agent.errors import AgentError
 from fedge.errors import CommandError
 from fedge.peak_memory import report_at_exit
-from fedge_contract.aio import cancel_and_wait
+from fedge_contract.aio import Second, race
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedge_contract.errors import ContractError
 from fedge_runtime.logs import setup_logging
@@ -341,14 +341,10 @@ def _run(coro: Coroutine[Any, Any, int | None]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        main_task = asyncio.create_task(coro, name="main")
-        stopper = asyncio.create_task(stop.wait(), name="signals")
-        await asyncio.wait({main_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if not main_task.done():
-            await cancel_and_wait([main_task])
+        won = await race(asyncio.create_task(coro, name="main"), stop.wait())
+        if isinstance(won, Second):  # a signal: main was cancelled and has unwound
             return 130
-        await cancel_and_wait([stopper])
-        return main_task.result() or 0
+        return won.value or 0
 
     return asyncio.run(runner())
 

@@ -140,7 +140,7 @@ class Manifest:
             raise DecodeError(Reason.BAD_CHUNK, f"chunk {index} of {self.describe()} does not match its {self.hash} hash")
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb(
+        packed: bytes = msgpack.packb(
             {
                 "schema": SCHEMA_VERSION, "type": self.TYPE, "fleet": self.fleet, "kind": self.kind,
                 "model_version": self.model_version, "client_id": self.client_id, "update_id": self.update_id,
@@ -148,6 +148,7 @@ class Manifest:
             },
             use_bin_type=True,
         )
+        return packed
 
     @classmethod
     def from_bytes(cls, payload: bytes, *, max_size: int, fleet: str | None = None, max_chunks: int = MAX_CHUNKS) -> Manifest:
@@ -187,7 +188,7 @@ class Manifest:
             return None
         try:
             obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - msgpack raises several unrelated types for broken input
             return None
         value = obj.get("update_id") if isinstance(obj, dict) else None
         return value if isinstance(value, str) and len(value) <= 64 else None
@@ -208,7 +209,7 @@ def is_manifest(payload: bytes) -> bool:
         return False
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - msgpack raises several unrelated types for broken input
         return False
     return isinstance(obj, dict) and obj.get("type") == Manifest.TYPE
 

@@ -54,10 +54,10 @@ from fedge_contract.tensors import MAX_RANK, ModelSpec, TensorSpec, element_coun
 __all__ = [
     "BF16_MAX",
     "F16_MAX",
+    "FLAT_NAME",
     "CodecChain",
     "CodecError",
     "EncodedTensor",
-    "FLAT_NAME",
     "check_shape",
     "decode_tensor",
     "decode_weights",

@@ -1,11 +1,19 @@
-"""Errors of the wire contract.
+"""Errors of the wire contract and of the MQTT connection.
 
-    ContractError            anything the contract refuses
+    ContractError            anything fedge_contract raises
      +-- DecodeError         bytes from the wire that are not a valid message (carries a Reason)
      +-- CodecError          a codec chain that cannot be parsed or is ill-ordered
+     +-- ConnectionLost      an MQTT operation cut off: the broker was unreachable, refused us, or
+     |                       the connection dropped before its ack (retry: fedge messages are idempotent)
+     +-- ConnectionFailed    a Connection that stopped for good; ``cause`` is the error that stopped it
+                             (an on_connect that raised, a bug), not a network problem
 
 A DecodeError is never a crash: the receiver turns it into a rejection receipt whose reason is
 ``f"{reason.value}: {detail}"``, so the sender learns what to fix.
+
+aiomqtt's ``MqttError`` never leaves fedge_contract: it is translated into ConnectionLost where
+fedge calls aiomqtt. A ``Connection`` heals ConnectionLost itself (it reconnects and retries), so
+its callers only ever see ConnectionFailed; a raw client from ``make_client`` raises ConnectionLost.
 """
 
 from __future__ import annotations
@@ -48,3 +56,20 @@ class DecodeError(ContractError):
 
 class CodecError(ContractError):
     """A codec chain string that names an unknown stage or puts stages in an impossible order."""
+
+
+class ConnectionLost(ContractError):
+    """An MQTT operation that the network cut off (connect refused or unreachable, a drop before the ack)."""
+
+
+class ConnectionFailed(ContractError):
+    """A Connection that has failed for good: every pending and later operation on it raises this.
+
+    ``cause`` (also ``__cause__``) is what stopped it; the owner's ``async with`` raises the cause itself.
+    """
+
+    def __init__(self, identifier: str, cause: BaseException) -> None:
+        super().__init__(f"MQTT connection {identifier!r} stopped for good: {cause!r}")
+        self.identifier = identifier
+        self.cause = cause
+        self.__cause__ = cause

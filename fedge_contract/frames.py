@@ -19,7 +19,7 @@ MAX_FRAME = 2**34  # 16 GiB: a bound, not an expectation
 
 
 def pack_frame(message: dict[str, Any]) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
 

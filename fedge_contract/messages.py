@@ -13,7 +13,7 @@ import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import msgpack
 
@@ -41,10 +41,10 @@ class _Reader:
         if key not in self.obj:
             if default is ...:
                 raise DecodeError(Reason.MISSING_FIELD, f"{self.where}.{key} is missing")
-            return default  # type: ignore[no-any-return]
+            return cast(T, default)
         value = self.obj[key]
         if value is None and nullable:
-            return value  # type: ignore[no-any-return]
+            return cast(T, value)
         kinds = kind if isinstance(kind, tuple) else (kind,)
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
@@ -71,7 +71,7 @@ def _scalars(obj: object, where: str, kinds: tuple[type, ...]) -> dict[str, Any]
     reader = _Reader(obj, where)
     if len(reader.obj) > 64:
         raise DecodeError(Reason.BAD_VALUE, f"{where} has more than 64 entries")
-    out = {}
+    out: dict[str, Any] = {}
     for key in reader.obj:
         if not isinstance(key, str):
             raise DecodeError(Reason.WRONG_TYPE, f"{where} keys must be strings")
@@ -98,7 +98,7 @@ def _unpack(payload: bytes, max_bytes: int, kind: str) -> object:
         raise DecodeError(Reason.TOO_LARGE, f"{kind} of {len(payload)} bytes exceeds the limit of {max_bytes}")
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises several unrelated types for broken input
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for broken input
         raise DecodeError(Reason.MALFORMED, f"{kind} is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
 
@@ -179,7 +179,7 @@ class GlobalModel:
     final: bool = False  # training is over: this is the result, agents do not train on it
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb(
+        packed: bytes = msgpack.packb(
             {
                 "schema": SCHEMA_VERSION,
                 "type": self.TYPE,
@@ -194,6 +194,7 @@ class GlobalModel:
             },
             use_bin_type=True,
         )
+        return packed
 
     @classmethod
     def from_bytes(cls, payload: bytes, *, max_bytes: int, fleet: str | None = None) -> GlobalModel:
@@ -235,7 +236,7 @@ class Update:
     device: Mapping[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb(
+        packed: bytes = msgpack.packb(
             {
                 "schema": SCHEMA_VERSION,
                 "type": self.TYPE,
@@ -252,6 +253,7 @@ class Update:
             use_bin_type=True,
             use_single_float=True,  # metrics and device readings: float32 is plenty, 4 bytes less each
         )
+        return packed
 
     @classmethod
     def from_bytes(cls, payload: bytes, *, max_bytes: int, fleet: str | None = None) -> Update:
@@ -286,7 +288,7 @@ class Update:
             obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
             value = obj.get("update_id") if isinstance(obj, dict) else None
             return value if isinstance(value, str) and len(value) <= 64 else None
-        except Exception:
+        except Exception:  # noqa: BLE001 - msgpack raises several unrelated types for broken input
             return None
 
 
@@ -450,7 +452,8 @@ def pack_weights(weights: Mapping[str, Any]) -> bytes:
     """Raw float32 tensors as a msgpack list: the checkpoint format (never pickle)."""
     from fedge_contract.codecs import encode_weights, parse_chain
 
-    return msgpack.packb([t.to_wire() for t in encode_weights(weights, parse_chain("none"))], use_bin_type=True)
+    packed: bytes = msgpack.packb([t.to_wire() for t in encode_weights(weights, parse_chain("none"))], use_bin_type=True)
+    return packed
 
 
 def unpack_weights(blob: bytes) -> dict[str, Any]:

@@ -96,7 +96,7 @@ class Topics:
     def client_of(self, topic: str) -> str | None:
         """The client id in an ``updates/<id>`` or ``presence/<id>`` topic of this fleet, else None."""
         parts = topic.split("/")
-        if len(parts) == 4 and parts[0] == "fl" and parts[1] == self.fleet:
-            if parts[2] in ("updates", "presence", "receipts") and _NAME.match(parts[3]):
-                return parts[3]
+        fleet_topic = len(parts) == 4 and parts[0] == "fl" and parts[1] == self.fleet
+        if fleet_topic and parts[2] in ("updates", "presence", "receipts") and _NAME.match(parts[3]):
+            return parts[3]
         return None

@@ -31,6 +31,7 @@ from fedge.simulate.limits import raise_fd_limit
 from fedge.simulate.chaos import ChaosController, ChaosHooks, ChaosLog, ChaosOptions, late_ids, plan_dropouts
 from fedge.simulate.report import RoundRow, SimulationReport, write_report
 from fedge.simulate.wiretap import WireTap
+from fedge_contract.aio import First, cancel_and_wait, race
 from fedge_contract.mqtt import BrokerAddress
 
 FLEET = "sim"
@@ -141,6 +142,8 @@ class _Children:
         self.log_flags = ["--log-json"] if log_json else []
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.killed: set[str] = set()  # children killed on purpose (chaos): their exit is not a failure
+        self.exited = asyncio.Event()  # set whenever a child exits: the run's watcher then looks for a failure
+        self._exit_watchers: list[asyncio.Task[int]] = []
 
     async def spawn(self, name: str, *args: str) -> asyncio.subprocess.Process:
         env = {**os.environ, PEAK_ENV: str(self.out / "peaks" / f"{name}.json"), "PYTHONUNBUFFERED": "1"}
@@ -149,6 +152,9 @@ class _Children:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
         )
         self.processes[name] = process
+        watcher = asyncio.create_task(process.wait(), name=f"exit:{name}")
+        watcher.add_done_callback(lambda _: self.exited.set())
+        self._exit_watchers.append(watcher)
         return process
 
     async def stop_all(self) -> None:
@@ -161,6 +167,7 @@ class _Children:
             except asyncio.TimeoutError:
                 process.kill()
                 await process.wait()
+        await cancel_and_wait(self._exit_watchers)
 
     async def failure(self) -> str | None:
         """The first child that exited with an error, with the end of its stderr."""
@@ -222,28 +229,20 @@ async def simulate(options: SimulationOptions) -> int:
 
 async def _watch(tap: WireTap, children: _Children, options: SimulationOptions, console: Console) -> str | None:
     """Print progress until the aggregator finishes; a child's crash or a stall is an error."""
-    done = asyncio.create_task(tap.finished.wait())
-    exits = [asyncio.create_task(p.wait()) for p in children.processes.values()]
-    try:
-        while not done.done():
-            exits = [e for e in exits if not e.done()]  # an expected exit (a chaos kill) must not wake us forever
-            progress = asyncio.create_task(tap.progress.get())
-            finished, _ = await asyncio.wait([done, progress, *exits], timeout=options.timeout, return_when=asyncio.FIRST_COMPLETED)
-            if not finished:
-                progress.cancel()
-                return f"no progress for {options.timeout:.0f}s"
-            if progress in finished and not options.quiet:
-                status = progress.result()
-                console.print(f"round {status.round:>3}/{options.rounds}: {status.accepted} updates in, aggregating")
-            elif not progress.done():
-                progress.cancel()
-            failure = await children.failure()
-            if failure:
-                return failure
-        return None
-    finally:
-        for task in [done, *exits]:
-            task.cancel()
+    while True:
+        children.exited.clear()  # before looking: an exit from now on wakes the wait below
+        failure = await children.failure()
+        if failure:
+            return failure
+        if tap.finished.is_set():
+            return None
+        try:
+            async with asyncio.timeout(options.timeout):
+                won = await race(tap.progress.get(), race(tap.finished.wait(), children.exited.wait()))
+        except TimeoutError:
+            return f"no progress for {options.timeout:.0f}s"
+        if isinstance(won, First) and not options.quiet:
+            console.print(f"round {won.value.round:>3}/{options.rounds}: {won.value.accepted} updates in, aggregating")
 
 
 class _AgentSpawner:

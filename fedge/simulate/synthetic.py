@@ -45,7 +45,7 @@ import aiomqtt
 import numpy as np
 
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
-from fedge_contract.aio import cancel_and_wait
+from fedge_contract.aio import race
 from fedge_contract.codecs import EncodedTensor, encode_weights, parse_chain
 from fedge_contract.errors import CodecError
 from fedge_contract.mqtt import QOS, Backoff, BrokerAddress, Connection, Subscriber
@@ -230,8 +230,7 @@ class SyntheticAgent:
         ) as conn:
             self._conn = conn
             # the upload loop ends on the final model; the reader only ends by raising
-            await _first([asyncio.create_task(self._read(), name=f"read:{self.client_id}"),
-                          asyncio.create_task(self._upload(), name=f"upload:{self.client_id}")])
+            await race(self._read(), self._upload())
             await conn.publish(self.topics.presence(self.client_id), offline, retain=True)
 
     async def _on_connect(self) -> None:
@@ -299,16 +298,6 @@ class ModelFeed(Subscriber):
         self.deliver(info)
         if info.final:
             self.final.set()
-
-
-async def _first(tasks: list[asyncio.Task[None]]) -> None:
-    """Wait for the first of ``tasks`` to end and re-raise its error; cancel the others."""
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await cancel_and_wait([t for t in tasks if not t.done()])
-    for task in done:
-        task.result()
 
 
 def _rss_mib() -> float:

@@ -19,4 +19,4 @@ from fedge_contract.codec_stages.lossless import LZ4, Zstd
 from fedge_contract.codec_stages.quant import Q4, Q8
 from fedge_contract.codec_stages.topk import TopK
 
-__all__ = ["BF16", "F16", "F32", "FLAT_NAME", "LZ4", "Flat", "Q4", "Q8", "LosslessStage", "SparsifyStage", "TopK", "ValueStage", "Zstd"]
+__all__ = ["BF16", "F16", "F32", "FLAT_NAME", "LZ4", "Q4", "Q8", "Flat", "LosslessStage", "SparsifyStage", "TopK", "ValueStage", "Zstd"]

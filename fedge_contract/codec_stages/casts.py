@@ -46,7 +46,8 @@ class F16:
     def encode(self, values: np.ndarray, rng: np.random.Generator | None) -> bytes:
         # Saturate instead of overflowing to inf: the receiver rejects inf, and a delta that
         # large is already absurd; saturation keeps the update usable and bounded.
-        return np.clip(values, -F16_MAX, F16_MAX).astype("<f2").tobytes()
+        saturated: np.ndarray = np.clip(values, -F16_MAX, F16_MAX)
+        return saturated.astype("<f2").tobytes()
 
     def decode(self, data: memoryview, m: int, where: str) -> np.ndarray:
         return np.frombuffer(data, dtype="<f2", count=m).astype(np.float32)

@@ -54,12 +54,13 @@ class LZ4:
             raise CodecError("stage 'lz4' takes no argument")
 
     def compress(self, data: bytes) -> bytes:
-        return lz4.block.compress(data, store_size=False)
+        compressed: bytes = lz4.block.compress(data, store_size=False)
+        return compressed
 
     def decompress(self, data: bytes, expected_size: int) -> bytes:
         try:
             # the output buffer is exactly expected_size: a block that would write more fails
-            out = lz4.block.decompress(data, uncompressed_size=expected_size)
+            out: bytes = lz4.block.decompress(data, uncompressed_size=expected_size)
         except (lz4.block.LZ4BlockError, ValueError) as exc:
             raise DecodeError(Reason.BAD_TENSOR, f"lz4: {exc}") from None
         return out

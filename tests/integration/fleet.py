@@ -13,12 +13,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from aggregator import Aggregator, AggregatorConfig
 from edge_agent import Agent, AgentConfig
 from fedge_contract import Receipt, RoundState, RoundStatus, Topics
-from fedge_contract.mqtt import BrokerAddress, make_client
+from fedge_contract.mqtt import BrokerAddress, Client, make_client
 
 DIGITS_5 = {"clients": "5", "alpha": "0.5"}
 
@@ -52,7 +50,7 @@ async def run_fleet(aggregator: Aggregator, agents: list[Agent]) -> None:
 class RawPeer:
     """A plain MQTT client playing a device that does not run fedge's agent (or a hostile one)."""
 
-    def __init__(self, client: aiomqtt.Client) -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
 
     async def next_payload(self, topic: str) -> bytes:
