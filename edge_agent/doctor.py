@@ -105,8 +105,7 @@ def _device_lines(report: Report, snap: DeviceSnapshot) -> None:
 
 
 def _check_broker(report: Report, raw: RawSettings, timeout: float) -> None:
-    import aiomqtt
-
+    from fedge_contract.errors import ConnectionLost
     from fedge_contract.mqtt import BrokerAddress, make_client
 
     address: BrokerAddress = raw.get("broker")
@@ -122,7 +121,7 @@ def _check_broker(report: Report, raw: RawSettings, timeout: float) -> None:
     try:
         seconds = asyncio.run(connect())
         report.ok("broker", f"{address} reachable (MQTT 5 connect in {seconds * 1000:.0f} ms)")
-    except (OSError, aiomqtt.MqttError) as exc:  # a failure to connect is the finding itself
+    except (OSError, ConnectionLost) as exc:  # a failure to connect is the finding itself
         report.fail("broker", f"{address} unreachable: {exc or type(exc).__name__}",
                     "check the URL and port, that the broker runs (systemctl status mosquitto), the firewall, "
                     "and the username/password or --ca-file for mqtts://")
