@@ -7,10 +7,10 @@ a repeat of a message it already answered gets the same answer again (so resends
 different message for the same phase is refused (``conflict``): a device answers each phase once.
 
 What a device checks before it answers, because answering wrongly could expose its input:
-- the setup: it is invited, the threshold is a majority of its neighbours (``DevicePolicy``), the
-  sum will hold at least ``min_survivors`` inputs;
+- the setup: it is invited, the sum will hold at least ``min_survivors`` inputs;
 - the key list: addressed to it, its neighbours exactly as the published graph seed and members
-  give them, enough of them to meet the threshold, no public key repeated;
+  give them, enough of them to meet the threshold, a threshold its policy accepts for that many
+  neighbours (``DevicePolicy``), no public key repeated;
 - the bundle: boxes only from its neighbours, each authentic, at least ``threshold`` of them;
 - the unmask request: no peer both survived and dropped, itself among the survivors, every peer it
   masked with classified, enough survivors, and only one request answered per session.
@@ -55,10 +55,13 @@ class DevicePhase(str, enum.Enum):
 
 @dataclass(frozen=True)
 class DevicePolicy:
-    """What a device insists on whatever the server announces."""
+    """What a device insists on whatever the server announces (DESIGN.md, threat model)."""
 
-    require_majority: bool = True  # threshold > half its neighbours: a server that tells some neighbours
-    # "u survived" and others "u dropped" cannot collect both of u's secrets from honest neighbours
+    min_threshold_fraction: float = 0.4  # threshold >= this share of its neighbours: a server cannot lower how
+    # many of them must collude with it to rebuild both of this device's secrets
+    require_majority: bool = False  # threshold > half its neighbours: a server that tells some neighbours "u survived"
+    # and others "u dropped" cannot collect both of u's secrets from honest ones. For the hardened deployment
+    # (aggregator cannot write device topics); it needs a larger degree for the same dropout tolerance
     min_survivors: int = 2  # never help reveal a sum of fewer inputs than this
 
 
@@ -139,7 +142,7 @@ class DeviceSession:
                 raise ParameterError("this session already has an input: a device cannot change it")
             return self._masked
         self._input = vector.copy()
-        return self._mask_input() if self._bundle is not None else None
+        return self._mask_input(self._input) if self._bundle is not None else None
 
     # ---------------------------------------------------------------- phases
 
@@ -210,6 +213,11 @@ class DeviceSession:
             raise _refuse(
                 Reason.UNSAFE_REQUEST, f"threshold {setup.threshold} is not a majority of {len(expected)} neighbours",
             )
+        if setup.threshold < self.policy.min_threshold_fraction * len(expected):
+            raise _refuse(
+                Reason.UNSAFE_REQUEST,
+                f"threshold {setup.threshold} is below {self.policy.min_threshold_fraction:.0%} of {len(expected)} neighbours",
+            )
         keys = [self._cipher.public, self._mask.public] + [k for p in message.peers for k in (p.cipher_key, p.mask_key)]
         if len(set(keys)) != len(keys):
             raise _refuse(Reason.CONFLICT, "the key list repeats a public key")
@@ -239,13 +247,12 @@ class DeviceSession:
             held[sealed.peer] = _Held(seed_share, key_share)
         self._bundle, self._held = message, held
         self.phase = DevicePhase.READY
-        return self._mask_input() if self._input is not None else None
+        return self._mask_input(self._input) if self._input is not None else None
 
-    def _mask_input(self) -> MaskedInput:
-        assert self._input is not None
+    def _mask_input(self, vector: np.ndarray) -> MaskedInput:
         setup, me, context = self.setup, self.client_id, self._context
         ring, length = setup.ring, setup.length
-        total = self._input.copy()
+        total = vector.copy()
         total += masks.self_mask(context, self._seed, me, ring, length)
         for peer in sorted(self._held):
             shared = crypto.agree(self._mask.private, self._peers[peer].mask_key, peer=peer)
@@ -268,7 +275,7 @@ class DeviceSession:
             return self._reveal[1]
         if self._masked is None or self._keys is None:
             raise _refuse(Reason.WRONG_PHASE, "an unmask request before this device sent its masked input")
-        self._check_unmask(message)
+        self._check_unmask(message, self._keys[0].members)
         survivors = set(message.survivors)
         seeds = tuple(RevealedShare(p, shamir.share_to_bytes(h.seed_share)) for p, h in sorted(self._held.items()) if p in survivors)
         keys = tuple(RevealedShare(p, shamir.share_to_bytes(h.key_share)) for p, h in sorted(self._held.items()) if p not in survivors)
@@ -278,8 +285,7 @@ class DeviceSession:
         self.phase = DevicePhase.REVEALED
         return reveal
 
-    def _check_unmask(self, message: UnmaskRequest) -> None:
-        assert self._keys is not None
+    def _check_unmask(self, message: UnmaskRequest, members: tuple[str, ...]) -> None:
         survivors, dropped = set(message.survivors), set(message.dropped)
         both = survivors & dropped
         if both:
@@ -290,7 +296,7 @@ class DeviceSession:
             raise _refuse(
                 Reason.BELOW_THRESHOLD, f"a sum of {len(survivors)} inputs, fewer than min_survivors {self.setup.min_survivors}",
             )
-        strangers = (survivors | dropped) - set(self._keys[0].members)
+        strangers = (survivors | dropped) - set(members)
         if strangers:
             raise _refuse(Reason.NOT_IN_ROUND, f"lists devices that are not members of the session: {_names(strangers)}")
         unclassified = set(self._held) - survivors - dropped

@@ -24,6 +24,7 @@ spooled masked inputs (DESIGN.md, restarts).
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 import os
@@ -106,8 +107,6 @@ class Step:
 
 def new_session_id(random: Randomness = os.urandom) -> str:
     """A fresh session name: 96 random bits, 16 URL-safe characters (a valid topic level)."""
-    import base64
-
     return base64.urlsafe_b64encode(random(12)).decode()
 
 
@@ -258,9 +257,8 @@ class ServerSession:
         return True
 
     def _fold(self, message: MaskedInput, digest: bytes) -> None:
-        assert self._total is not None
         ring = self.setup.ring
-        self._total = ring.add(self._total, ring.from_bytes(message.data, message.length))
+        self._total = ring.add(self._require_total(), ring.from_bytes(message.data, message.length))
         self._masked[message.sender] = digest
 
     def _on_reveal(self, message: Reveal) -> bool:
@@ -368,8 +366,7 @@ class ServerSession:
     def _close_unmask(self) -> None:
         graph = self._require_graph()
         setup, context, ring = self.setup, self._context, self.setup.ring
-        assert self._total is not None
-        total = self._total.copy()
+        total = self._require_total().copy()
         seeds, keys = self._revealed()
         for device in self._survivors:
             seed = shamir.reconstruct(seeds.get(device, {}), setup.threshold, what=f"{device}'s mask seed")
@@ -408,6 +405,11 @@ class ServerSession:
         return seeds, keys
 
     # ---------------------------------------------------------------- outgoing
+
+    def _require_total(self) -> np.ndarray:
+        if self._total is None:
+            raise ProtocolError(Reason.WRONG_PHASE, f"the session is {self.phase.value}: it holds no running sum")
+        return self._total
 
     def _require_graph(self) -> Graph:
         if self._graph is None:

@@ -136,11 +136,16 @@ def test_a_device_refuses_a_hostile_key_list(attack: str) -> None:
     _finish(relay)
 
 
-def test_a_device_refuses_a_threshold_that_is_no_majority_unless_its_policy_allows_it() -> None:
-    setup = make_setup(12, degree=6, threshold=3, min_survivors=4)  # 3 of 6 neighbours: no majority
-    lenient = Relay(setup, random_inputs(setup), policy=DevicePolicy(require_majority=False), held=frozenset({TARGET}))
+@pytest.mark.parametrize(
+    ("threshold", "policy"),
+    [(3, DevicePolicy(require_majority=True)), (2, DevicePolicy()), (4, DevicePolicy(min_threshold_fraction=0.7))],
+)
+def test_a_device_refuses_a_threshold_its_policy_does_not_accept(threshold: int, policy: DevicePolicy) -> None:
+    """3 of 6 neighbours is no majority; 2 of 6 is below the default 40%; 4 of 6 below a stricter 70%."""
+    setup = make_setup(12, degree=6, threshold=threshold, min_survivors=4)
+    lenient = Relay(setup, random_inputs(setup), policy=DevicePolicy(min_threshold_fraction=0.0), held=frozenset({TARGET}))
     lenient.run_until(Phase.SHARE)
-    strict = DeviceSession(setup, TARGET)  # the same device with the default policy
+    strict = DeviceSession(setup, TARGET, policy=policy)  # the same device with a stricter policy
     _refused(lambda: strict.handle(lenient.last_to(TARGET, KeyList)), Reason.UNSAFE_REQUEST)
     _finish(lenient)
 

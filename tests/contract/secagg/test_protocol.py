@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedge_contract.errors import Reason
-from fedge_contract.secagg import Abandoned, Aggregate, DevicePolicy, Phase, Setup, Weighting
+from fedge_contract.secagg import Abandoned, Aggregate, DevicePolicy, ParameterError, Phase, Setup, Weighting
+from fedge_contract.secagg.params import recommended
 from tests.contract.secagg.relay import Dropouts, Relay, make_setup, random_inputs, ring_sum
 
 
@@ -114,7 +115,7 @@ def test_random_dropouts_give_the_exact_sum_or_a_clean_abandon(data: st.DataObje
     phases = ["before_keys", "after_keys", "after_shares", "after_masked", "during_unmask"]
     assignment = data.draw(st.lists(st.sampled_from([None, *phases]), min_size=n, max_size=n), label="dropouts")
     dropouts = Dropouts(**{p: frozenset(c for c, a in zip(setup.cohort, assignment) if a == p) for p in phases})
-    relay = Relay(setup, random_inputs(setup), dropouts, policy=DevicePolicy(require_majority=False))
+    relay = Relay(setup, random_inputs(setup), dropouts, policy=DevicePolicy(min_threshold_fraction=0.0))
     outcome = relay.run()
     if isinstance(outcome, Abandoned):
         assert outcome.reason is Reason.BELOW_THRESHOLD
@@ -140,3 +141,25 @@ def test_fixed_point_deltas_come_back_as_their_weighted_mean() -> None:
     expected = sum(samples[c] * np.clip(deltas[c], -2, 2) for c in survivors) / sum(samples[c] for c in survivors)
     assert weight == pytest.approx(sum(samples[c] for c in survivors), rel=1e-6)
     assert np.max(np.abs(mean - expected)) < 1e-5
+
+
+@pytest.mark.parametrize("n", [20, 100])
+def test_the_recommended_parameters_survive_30_percent_lost_mid_protocol(n: int) -> None:
+    """The issue's worst case: 30% of the cohort gone after the shares went out, half before masking, half after."""
+    rec = recommended(n)
+    setup = make_setup(n, degree=rec.degree, threshold=rec.threshold, min_survivors=rec.min_survivors, length=4)
+    lost = list(np.random.default_rng(n).permutation(setup.cohort)[: round(0.3 * n)])
+    half = len(lost) // 2
+    dropouts = Dropouts(after_shares=frozenset(lost[:half]), after_masked=frozenset(lost[half:]))
+    relay, outcome = _run(setup, dropouts)
+    _assert_exact_sum(relay, outcome)
+
+
+def test_recommended_parameters_make_valid_setups() -> None:
+    for n in [3, 4, 5, 7, 10, 20, 33, 64, 100, 257, 1000]:
+        rec = recommended(n)
+        setup = make_setup(n, degree=rec.degree, threshold=rec.threshold, min_survivors=rec.min_survivors)
+        neighbours = min(setup.degree, n - 1)
+        assert DevicePolicy().min_threshold_fraction * neighbours <= setup.threshold <= neighbours  # a default device accepts it
+    with pytest.raises(ParameterError):
+        recommended(2)
