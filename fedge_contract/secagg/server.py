@@ -118,6 +118,7 @@ class ServerSession:
         self.timeouts = timeouts
         self._random = random
         self._context = setup.context
+        self._cohort = frozenset(setup.cohort)
         self.phase = Phase.ADVERTISE
         self.deadline = now + timeouts.advertise
         self.outcome: Aggregate | Abandoned | None = None
@@ -191,7 +192,7 @@ class ServerSession:
                 f"{message.TYPE} for round {message.round} session {message.session}, not round {setup.round} session {setup.session}",
                 sender=message.sender,
             )
-        if message.sender not in setup.cohort:
+        if message.sender not in self._cohort:
             raise ProtocolError(Reason.NOT_IN_ROUND, f"{message.sender} is not in the cohort", sender=message.sender)
 
     def _in_phase(self, phase: Phase, message: DeviceMessage, taken: bool) -> bool:
