@@ -39,6 +39,17 @@ class Reason(str, enum.Enum):
     FINGERPRINT = "fingerprint"
     BAD_CHUNK = "bad_chunk"  # a chunk whose size or hash is not the one its manifest lists
     INCOMPLETE = "incomplete"  # a chunked message whose chunks did not all arrive in time
+    # secure aggregation (fedge_contract/secagg): messages that decode but break the protocol
+    WRONG_SESSION = "wrong_session"  # for another round or protocol session
+    WRONG_PHASE = "wrong_phase"  # not expected in the phase the protocol is in
+    NOT_IN_ROUND = "not_in_round"  # from or about a device that is not (or no longer) taking part
+    CONFLICT = "conflict"  # a second, different message where one was already taken
+    GRAPH_MISMATCH = "graph_mismatch"  # peers that are not the ones the neighbourhood graph names
+    WRONG_RECIPIENT = "wrong_recipient"  # addressed to another device
+    UNAUTHENTIC = "unauthentic"  # a ciphertext or key that fails authentication
+    UNSAFE_REQUEST = "unsafe_request"  # answering it could reveal a device's own input
+    BAD_SHARE = "bad_share"  # secret shares that do not reconstruct what was committed
+    BELOW_THRESHOLD = "below_threshold"  # fewer devices or shares than the threshold needs
 
 
 class ContractError(Exception):
