@@ -31,6 +31,8 @@ class Reason(str, enum.Enum):
     FINGERPRINT = "fingerprint"
     BAD_CHUNK = "bad_chunk"  # a chunk whose size or hash is not the one its manifest lists
     INCOMPLETE = "incomplete"  # a chunked message whose chunks did not all arrive in time
+    BASE_MISMATCH = "base_mismatch"  # a delta broadcast for a model this device does not hold (a gap): catch up
+    HASH_MISMATCH = "hash_mismatch"  # a rebuilt model whose hash is not the one its broadcast carries: catch up
 
 
 class ContractError(Exception):
