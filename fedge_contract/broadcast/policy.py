@@ -60,19 +60,24 @@ class BroadcastPolicy:
         return self.key_chain.lossy
 
 
-def worst_case_catch_up_bytes(keyframe_bytes: int, max_delta_bytes: int, policy: BroadcastPolicy) -> int:
+def worst_case_catch_up_bytes(keyframe_bytes: int, max_delta_bytes: int, policy: BroadcastPolicy, envelope_bytes: int = 0) -> int:
     """The most a device downloads to catch up from nothing: the keyframe and every retained delta.
 
-    After keyframe ``k``, version ``v`` is not a keyframe only while ``v - k < every`` and the
-    deltas ``k+1 .. v-1`` weigh less than ``ratio x keyframe``; the catch-up is the keyframe plus
-    the deltas ``k+1 .. v`` (the last one being the announcement itself), so it is at most
+    ``keyframe_bytes`` and ``max_delta_bytes`` are tensor data (``Keyframe.nbytes``,
+    ``Broadcast.nbytes``: what the ratio rule weighs); ``envelope_bytes`` is the most a message
+    adds to its tensor data (~300 bytes for the digits model). After keyframe ``k``, version ``v``
+    is not a keyframe only while ``v - k < every`` and the deltas ``k+1 .. v-1`` weigh less than
+    ``ratio x keyframe``; the catch-up is the keyframe plus the deltas ``k+1 .. v`` (the last one
+    is the announcement itself), at most ``every - 1`` messages, so with E = envelope_bytes:
 
-        keyframe + min((every - 1) x max_delta, ratio x keyframe + max_delta)
+        keyframe + E + min((every - 1) x (max_delta + E), ratio x keyframe + max_delta + (every - 1) x E)
 
     A device that still holds a version at or after ``k`` needs the deltas only (at most the min).
     """
-    by_count = (policy.every - 1) * max_delta_bytes
+    count = policy.every - 1
+    by_count = count * (max_delta_bytes + envelope_bytes)
+    catch_up = keyframe_bytes + envelope_bytes
     if policy.ratio is None:
-        return keyframe_bytes + by_count
-    by_weight = math.ceil(policy.ratio * keyframe_bytes) + max_delta_bytes
-    return keyframe_bytes + min(by_count, by_weight)
+        return catch_up + by_count
+    by_weight = math.ceil(policy.ratio * keyframe_bytes) + max_delta_bytes + count * envelope_bytes
+    return catch_up + min(by_count, by_weight)
