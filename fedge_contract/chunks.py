@@ -7,6 +7,8 @@ splits the payload into chunks of at most ``max_message_bytes``, publishes each 
 sub-topic of the message's topic, then publishes a Manifest on the message's own topic::
 
     fl/<fleet>/global/<version>/<i>               chunks of a global model   (manifest retained on .../global)
+    fl/<fleet>/global/key/<version>/<i>           chunks of a keyframe       (manifest retained on .../global/key)
+    fl/<fleet>/global/delta/<version>/<i>         chunks of a retained delta (manifest retained on .../global/delta/<version>)
     fl/<fleet>/updates/<client>/<update_id>/<i>   chunks of an update        (manifest on .../updates/<client>)
 
 The manifest lists each chunk's hash and the whole payload's hash. A receiver keeps a chunk only if
@@ -42,7 +44,11 @@ MIN_MESSAGE_BYTES = 1024  # smaller chunks only multiply per-message overhead
 MAX_CHUNKS = 4096  # 32 GiB in 8 MiB chunks; bounds the manifest to ~140 KiB
 MAX_MANIFEST_BYTES = 256 * 1024
 DIGEST_BYTES = 32
-KINDS = ("global", "update")
+KINDS = ("global", "update", "keyframe", "delta")
+# kinds named by a model version: the announcement, and the retained keyframe and deltas that a
+# device catches up from (fedge_contract.broadcast), each with chunk topics of its own
+VERSIONED_KINDS = ("global", "keyframe", "delta")
+_WHAT = {"global": "global model", "keyframe": "keyframe", "delta": "delta broadcast"}
 _MANIFEST_TAG = b"\xa8manifest"  # the msgpack fixstr "manifest"
 
 
@@ -111,8 +117,8 @@ class Manifest:
         """The manifest of ``payload`` cut into ``chunk_size`` pieces (see ``split``)."""
         if kind not in KINDS or not payload:
             raise ValueError(f"a manifest needs a kind in {KINDS} and a non-empty payload")
-        if (kind == "global") != (model_version is not None) or (kind == "update") != (client_id is not None and update_id is not None):
-            raise ValueError("a global manifest names its model_version, an update manifest its client_id and update_id")
+        if (kind in VERSIONED_KINDS) != (model_version is not None) or (kind == "update") != (client_id is not None and update_id is not None):
+            raise ValueError("a global, keyframe or delta manifest names its model_version, an update manifest its client_id and update_id")
         return cls(
             fleet=fleet, kind=kind, size=len(payload), chunk_size=chunk_size, hash=hash,
             chunks=tuple(digest_of(hash, piece) for piece in split(payload, chunk_size)), digest=digest_of(hash, payload),
@@ -127,7 +133,7 @@ class Manifest:
         return self.chunk_size if index < self.count - 1 else self.size - self.chunk_size * (self.count - 1)
 
     def describe(self) -> str:
-        what = f"global model v{self.model_version}" if self.kind == "global" else f"update {self.update_id} of {self.client_id}"
+        what = f"{_WHAT[self.kind]} v{self.model_version}" if self.kind in VERSIONED_KINDS else f"update {self.update_id} of {self.client_id}"
         return f"{what} ({self.size} bytes in {self.count} chunks)"
 
     def check_chunk(self, index: int, data: bytes) -> None:
@@ -157,7 +163,9 @@ class Manifest:
         kind = reader.take("kind", str)
         if kind not in KINDS:
             raise DecodeError(Reason.BAD_VALUE, f"manifest.kind {kind!r} is not one of {', '.join(KINDS)}")
-        version = reader.nonneg_int("model_version") if kind == "global" else None
+        version = reader.nonneg_int("model_version") if kind in VERSIONED_KINDS else None
+        if kind == "delta" and version == 0:
+            raise DecodeError(Reason.BAD_VALUE, "manifest of a delta broadcast for version 0: a delta makes a version >= 1")
         client_id = _topic_level(reader, "client_id") if kind == "update" else None
         update_id = _topic_level(reader, "update_id") if kind == "update" else None
         size, chunk_size = reader.take("size", int), reader.take("chunk_size", int)

@@ -50,6 +50,8 @@ class Reason(str, enum.Enum):
     UNSAFE_REQUEST = "unsafe_request"  # answering it could reveal a device's own input
     BAD_SHARE = "bad_share"  # secret shares that do not reconstruct what was committed
     BELOW_THRESHOLD = "below_threshold"  # fewer devices or shares than the threshold needs
+    BASE_MISMATCH = "base_mismatch"  # a delta broadcast for a model this device does not hold (a gap): catch up
+    HASH_MISMATCH = "hash_mismatch"  # a rebuilt model whose hash is not the one its broadcast carries: catch up
 
 
 class ContractError(Exception):

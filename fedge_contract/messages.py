@@ -24,6 +24,7 @@ from fedge_contract.tensors import WIRE_DTYPES
 SCHEMA_VERSION = 1
 MAX_TENSORS = 4096
 MAX_CONTROL_BYTES = 64 * 1024
+HELD_HASH_BYTES = 16  # the digest of a rebuilt model (fedge_contract.broadcast.held): SHA-256, truncated
 
 T = TypeVar("T")
 
@@ -177,8 +178,12 @@ class GlobalModel:
     fingerprint: str
     tensors: tuple[EncodedTensor, ...]
     final: bool = False  # training is over: this is the result, agents do not train on it
+    # With delta broadcasts (fedge_contract.broadcast): the hash of the model these tensors decode
+    # to. Absent (None) from a plain full broadcast, whose bytes are then exactly as before.
+    held_hash: bytes | None = None
 
     def to_bytes(self) -> bytes:
+        held = {} if self.held_hash is None else {"held_hash": self.held_hash}
         packed: bytes = msgpack.packb(
             {
                 "schema": SCHEMA_VERSION,
@@ -190,6 +195,7 @@ class GlobalModel:
                 "deadline": self.deadline,
                 "task": self.task.to_wire(),
                 "fingerprint": self.fingerprint,
+                **held,
                 "tensors": [t.to_wire() for t in self.tensors],
             },
             use_bin_type=True,
@@ -208,7 +214,16 @@ class GlobalModel:
             fingerprint=reader.take("fingerprint", str),
             tensors=_tensors(reader.take("tensors", list), cls.TYPE),
             final=reader.take("final", bool, default=False),
+            held_hash=take_held_hash(reader, "held_hash") if "held_hash" in reader.obj else None,
         )
+
+
+def take_held_hash(reader: _Reader, key: str) -> bytes:
+    """A rebuilt model's digest: exactly HELD_HASH_BYTES of bin."""
+    value: bytes = reader.take(key, bytes)
+    if len(value) != HELD_HASH_BYTES:
+        raise DecodeError(Reason.BAD_VALUE, f"{reader.where}.{key} must be {HELD_HASH_BYTES} bytes, got {len(value)}")
+    return value
 
 
 def new_update_id() -> str:

@@ -77,18 +77,42 @@ class Topics:
             raise ValueError(f"model version must be >= 0, got {version}")
         return f"{self.global_model}/{version}"
 
+    # Delta broadcasts (fedge_contract.broadcast): what a device that missed versions catches up
+    # from, beside the announcement on ``global``. The third level is a word, never a number, so
+    # these never look like the chunk topics ``global/<version>/<i>``.
+    @property
+    def global_keyframe(self) -> str:
+        """The retained keyframe (a full model) that catch-up starts from: ``fl/<fleet>/global/key``."""
+        return f"{self.global_model}/key"
+
+    def global_delta(self, version: int) -> str:
+        """The retained delta that makes ``version`` from ``version - 1``: ``fl/<fleet>/global/delta/<version>``.
+
+        It is also the base of that delta's chunks, when it is chunked."""
+        if version < 1:
+            raise ValueError(f"a delta makes a version >= 1, got {version}")
+        return f"{self.global_model}/delta/{version}"
+
+    def keyframe_chunks(self, version: int) -> str:
+        """Base topic of the chunks of keyframe ``version``: ``fl/<fleet>/global/key/<version>``."""
+        if version < 0:
+            raise ValueError(f"model version must be >= 0, got {version}")
+        return f"{self.global_keyframe}/{version}"
+
     def update_chunks(self, client_id: str, update_id: str) -> str:
         """Base topic of the chunks of one update: ``fl/<fleet>/updates/<client>/<update_id>``."""
         return f"{self.update(client_id)}/{check_name('update id', update_id)}"
 
     def chunk_of(self, topic: str) -> ChunkTopic | None:
-        """The chunk set and index of a ``global/<version>/<i>`` or ``updates/<client>/<update_id>/<i>``
-        topic of this fleet, else None."""
+        """The chunk set and index of a ``global/<version>/<i>``, ``global/key/<version>/<i>``,
+        ``global/delta/<version>/<i>`` or ``updates/<client>/<update_id>/<i>`` topic of this fleet, else None."""
         parts = topic.split("/")
         if len(parts) < 5 or parts[0] != "fl" or parts[1] != self.fleet or not _NUMBER.match(parts[-1]):
             return None
         if len(parts) == 5 and parts[2] == "global" and _NUMBER.match(parts[3]):
             return ChunkTopic(topic.rsplit("/", 1)[0], int(parts[4]))
+        if len(parts) == 6 and parts[2] == "global" and parts[3] in ("key", "delta") and _NUMBER.match(parts[4]):
+            return ChunkTopic(topic.rsplit("/", 1)[0], int(parts[5]))
         if len(parts) == 6 and parts[2] == "updates" and _NAME.match(parts[3]) and _NAME.match(parts[4]):
             return ChunkTopic(topic.rsplit("/", 1)[0], int(parts[5]))
         return None

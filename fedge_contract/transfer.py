@@ -43,6 +43,12 @@ def chunk_base(topics: Topics, manifest: Manifest) -> str:
     if manifest.kind == "global":
         assert manifest.model_version is not None
         return topics.global_chunks(manifest.model_version)
+    if manifest.kind == "keyframe":
+        assert manifest.model_version is not None
+        return topics.keyframe_chunks(manifest.model_version)
+    if manifest.kind == "delta":
+        assert manifest.model_version is not None
+        return topics.global_delta(manifest.model_version)
     assert manifest.client_id is not None and manifest.update_id is not None
     return topics.update_chunks(manifest.client_id, manifest.update_id)
 

@@ -279,3 +279,15 @@ def test_the_same_manifest_again_keeps_its_chunks_and_another_one_replaces_them(
     assert reassembler.start("k", renewed) is True and reassembler.received("k") == 0
     assert reassembler.add("k", 0, payload[::-1][:50]) is None
     assert reassembler.add("k", 1, payload[::-1][50:]) == payload[::-1]
+
+
+def test_keyframe_and_delta_manifests_name_their_version() -> None:
+    for kind, what in (("keyframe", "keyframe v4"), ("delta", "delta broadcast v4")):
+        manifest = Manifest.of(b"m" * 10, fleet=FLEET, kind=kind, chunk_size=4, model_version=4)
+        decoded = Manifest.from_bytes(manifest.to_bytes(), max_size=10)
+        assert decoded == manifest and decoded.describe().startswith(what)
+        refused(wire(manifest, model_version=None), Reason.WRONG_TYPE)
+        with pytest.raises(ValueError):
+            Manifest.of(b"m", fleet=FLEET, kind=kind, chunk_size=4)
+    delta = Manifest.of(b"m" * 10, fleet=FLEET, kind="delta", chunk_size=4, model_version=4)
+    refused(wire(delta, model_version=0), Reason.BAD_VALUE)  # no delta makes version 0

@@ -89,8 +89,28 @@ def test_chunk_topics() -> None:
         ("fl/f/presence/agent-1/u1/2", None, None),
         ("fl/f/updates/bad+id/u1/2", None, None),
         ("$fedge/chunks/expired", None, None),
+        # the catch-up sets of delta broadcasts (fedge_contract.broadcast)
+        ("fl/f/global/key/4/0", "fl/f/global/key/4", 0),
+        ("fl/f/global/delta/5/12", "fl/f/global/delta/5", 12),
+        ("fl/f/global/key", None, None),  # the keyframe itself
+        ("fl/f/global/delta/5", None, None),  # a retained delta itself, not a chunk of anything
+        ("fl/f/global/key/4", None, None),
+        ("fl/f/global/delta/05/1", None, None),
+        ("fl/f/global/other/5/1", None, None),
+        ("fl/f/global/key/4/1/2", None, None),
     ],
 )
 def test_chunk_of(topic: str, base: str | None, index: int | None) -> None:
     found = Topics("f").chunk_of(topic)
     assert (found.base, found.index) == (base, index) if found else base is None
+
+
+def test_catch_up_topics_of_delta_broadcasts() -> None:
+    topics = Topics("f")
+    assert topics.global_keyframe == "fl/f/global/key"
+    assert topics.global_delta(5) == "fl/f/global/delta/5"
+    assert topics.keyframe_chunks(4) == "fl/f/global/key/4"
+    with pytest.raises(ValueError):
+        topics.global_delta(0)  # a delta makes version 1 at the earliest
+    with pytest.raises(ValueError):
+        topics.keyframe_chunks(-1)

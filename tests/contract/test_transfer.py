@@ -167,3 +167,29 @@ async def test_the_wake_topic_never_comes_from_the_broker(broker, fleet):
             assert str(message.topic) != WAKE_TOPIC
             if str(message.topic) == sentinel:
                 break
+
+
+async def test_catch_up_sets_of_one_version_have_chunk_topics_of_their_own(broker, fleet):
+    """Version 6 announced on ``global`` while the same version is the keyframe (``global/key``) and
+    a retained delta (``global/delta/6``), all chunked with other bytes: a late device fetches each."""
+    address, topics = BrokerAddress.parse(broker.url), Topics(fleet)
+    payloads = {"global": bytes(range(256)) * 9, "keyframe": bytes(range(255, -1, -1)) * 11, "delta": b"\x07" * 3000}
+    homes = {"global": topics.global_model, "keyframe": topics.global_keyframe, "delta": topics.global_delta(6)}
+    manifests = {kind: Manifest.of(data, fleet=fleet, kind=kind, chunk_size=1024, model_version=6) for kind, data in payloads.items()}
+    async with asyncio.timeout(30), connection(address, f"{fleet}-aggregator", [], persistent=False) as (aggregator, ready):
+        await ready.get()
+        for kind, manifest in manifests.items():
+            await send_chunked(aggregator, topics, manifest, payloads[kind], topic=homes[kind], retain=True)
+        async with connection(address, f"{fleet}-late", list(homes.values()), persistent=False) as (device, connects):
+            await connects.get()
+            receiver = ChunkReceiver(device, topics, ChunkLimits(max_size=10**6))
+            received: dict[str, bytes] = {}
+            while len(received) < 3:
+                topic, payload = await next_message(device)
+                if topic in homes.values():
+                    await receiver.offer(Manifest.from_bytes(payload, max_size=10**6, fleet=fleet))
+                    continue
+                for outcome in await receiver.handle(topic, payload):
+                    assert isinstance(outcome, Received), outcome
+                    received[outcome.manifest.kind] = outcome.payload
+            assert received == payloads
