@@ -13,6 +13,7 @@ from pathlib import Path
 
 from broker import LocalBroker
 from broker.provision import DEFAULT_PORT, BrokerFolder, ProvisionError, init
+from fedge.running import run_until_stopped
 
 DEFAULT_DIR = Path("fedge-broker")
 _RELOAD = "then make a running broker re-read its accounts: kill -HUP <mosquitto pid> (or restart it)"
@@ -58,6 +59,4 @@ def _serve(broker: BrokerFolder) -> int:
                   "SIGHUP re-reads accounts and ACL, Ctrl-C stops", flush=True)
             await asyncio.Event().wait()
 
-    from fedge.cli import _run
-
-    return _run(serve())
+    return run_until_stopped(serve())

@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from fedge.logs import setup_logging
 from fedge.peak_memory import report_at_exit
+from fedge.running import run_until_stopped as _run
 from aggregator.errors import AggregatorError
-from fedge_contract.aio import cancel_and_wait
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedge_contract.errors import ContractError
 from fedge_tasks.base import TaskLoadError
@@ -329,26 +327,6 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("fatal", exc_info=True)
         print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _run(coro: Coroutine[Any, Any, int | None]) -> int:
-    """Run until done or SIGTERM/SIGINT, which cancel the main task so every context manager unwinds."""
-
-    async def runner() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        main_task = asyncio.create_task(coro, name="main")
-        stopper = asyncio.create_task(stop.wait(), name="signals")
-        await asyncio.wait({main_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if not main_task.done():
-            await cancel_and_wait([main_task])
-            return 130
-        await cancel_and_wait([stopper])
-        return main_task.result() or 0
-
-    return asyncio.run(runner())
 
 
 def _run_broker(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,15 @@ def test_bad_configuration_is_a_clear_error_not_a_traceback(args, message):
     done = subprocess.run([*FEDGE, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_broker_admin_does_not_import_the_cli():
+    """fedge.broker_admin once imported _run from fedge.cli (inside a function), which imports it back: a cycle."""
+    import ast
+
+    import fedge.broker_admin
+
+    tree = ast.parse(Path(fedge.broker_admin.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "fedge.cli" not in imported and "fedge" not in imported
