@@ -105,7 +105,8 @@ def _check_broker(report: Report, raw: RawSettings, timeout: float) -> None:
     from fedge_contract.mqtt import BrokerAddress, make_client
 
     try:
-        address = BrokerAddress.parse(raw.values["broker"], ca_file=raw.values.get("ca_file"))
+        address = BrokerAddress.parse(raw.values["broker"], ca_file=raw.values.get("ca_file"), cert_file=raw.values.get("cert_file"),
+                                      key_file=raw.values.get("key_file"))
     except ValueError as exc:
         report.fail("broker", str(exc), "use mqtt://host:1883 or mqtts://user:password@host:8883")
         return

@@ -3,6 +3,7 @@
 Precedence, highest first: command-line flags, environment, the TOML file, defaults. The file::
 
     broker = "mqtts://kitchen-pi:secret@hub.local:8883"
+    # or a client certificate instead of the password: cert_file = "/etc/fedge/kitchen-pi.crt", key_file = "..."
     client_id = "kitchen-pi"
     state_dir = "/var/lib/fedge-agent"
     task = "digits"
@@ -42,7 +43,7 @@ class SettingsError(ValueError):
 
 # top-level key -> type; the file, the environment and the flags share these names
 KEYS: dict[str, type] = {
-    "broker": str, "ca_file": str, "client_id": str, "state_dir": Path, "fleet": str, "task": str,
+    "broker": str, "ca_file": str, "cert_file": str, "key_file": str, "client_id": str, "state_dir": Path, "fleet": str, "task": str,
     "task_options": dict, "seed": int, "torch_threads": int, "train_nice": int, "max_train_memory_mib": float,
     "isolate_training": bool, "exit_when_final": bool, "keepalive": int, "sample_seconds": float,
     "sysfs_root": Path, "procfs_root": Path, "max_message_bytes": int,
@@ -166,7 +167,10 @@ def build(raw: RawSettings) -> AgentSettings:
     if missing:
         raise SettingsError("missing setting(s):\n  " + "\n  ".join(missing))
     try:
-        address = BrokerAddress.parse(values["broker"], ca_file=values.get("ca_file"))
+        if values.get("key_file") and not values.get("cert_file"):
+            raise SettingsError(f"key_file (from {raw.sources['key_file']}) needs cert_file: the client certificate it belongs to")
+        address = BrokerAddress.parse(values["broker"], ca_file=values.get("ca_file"), cert_file=values.get("cert_file"),
+                                      key_file=values.get("key_file"))
         agent = AgentConfig(
             broker=address, client_id=values["client_id"], state_dir=values["state_dir"], fleet=values["fleet"],
             task=values["task"], task_options=values["task_options"], seed=values["seed"],

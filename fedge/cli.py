@@ -34,6 +34,11 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--codec", help="update codec chain agents must use, e.g. flat+topk:0.01+q4+zstd, topk:0.01+q8+zstd, q8+zstd, f16+zstd, zstd, none (default flat+topk:0.01+q4+zstd)")
 
 
+def _client_certificate_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cert-file", help="client certificate for a broker that requires one (fedge broker add-device ID --cert)")
+    parser.add_argument("--key-file", help="the client certificate's private key (default: inside --cert-file)")
+
+
 def _round_flags(parser: argparse.ArgumentParser, *, target_default: int | None) -> None:
     group = parser.add_argument_group("rounds")
     group.add_argument("--rounds", type=int, default=30, help="model versions to produce (0 = forever); default 30")
@@ -183,12 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None,
                    help="dev: address to listen on (default 127.0.0.1); init: the name devices use to reach the broker (default localhost)")
     p.add_argument("--bind", help="init: listen on this address only (default: all)")
+    p.add_argument("--auth", choices=["password", "certificate", "both"], default="password",
+                   help="init: how devices authenticate: password (default), certificate (client certificates required), "
+                        "or both (passwords on --port, certificates on --cert-port)")
+    p.add_argument("--cert-port", type=int, help="init --auth both: the certificate listener's port (default --port + 1, 8884)")
+    p.add_argument("--cert", action="store_true", help="add-device: issue a client certificate from the fleet CA instead of a password")
     p.add_argument("--data-dir", type=Path, help="dev: persistence folder (default: a temporary one)")
     _common(p)
 
     p = sub.add_parser("aggregator", help="run the aggregator service for one fleet")
     p.add_argument("--broker", required=True, help="mqtt://[user:password@]host:port or mqtts://...")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    _client_certificate_flags(p)
     p.add_argument("--fleet", default="default")
     _task_flags(p)
     _round_flags(p, target_default=10)
@@ -218,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML settings file (default: $FEDGE_CONFIG)")
     p.add_argument("--broker", help="mqtt://[user:password@]host:port or mqtts://...")
     p.add_argument("--ca-file")
+    _client_certificate_flags(p)
     p.add_argument("--fleet", help="default: default")
     p.add_argument("--client-id", help="this device's id (letters, digits, . _ -)")
     p.add_argument("--state-dir", type=Path, help="outbox and state (keep it across restarts)")
@@ -276,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show a fleet live: round, progress, devices and why they are not training")
     p.add_argument("--broker", required=True, help="mqtt://[user:password@]host:port or mqtts://...")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    _client_certificate_flags(p)
     p.add_argument("--fleet", default="default")
     p.add_argument("--once", action="store_true", help="print one snapshot of the retained state and exit")
     _common(p)
@@ -353,7 +366,7 @@ def _run_aggregator(args: argparse.Namespace) -> int:
     from fedge_tasks.base import parse_options
 
     config = AggregatorConfig(
-        broker=BrokerAddress.parse(args.broker, ca_file=args.ca_file),
+        broker=BrokerAddress.parse(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file),
         fleet=args.fleet,
         task=args.task,
         task_options=parse_options(args.task_opt),
@@ -388,7 +401,7 @@ def agent_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The agent's flags as settings keys (None = not given, so the file or environment decides)."""
     from fedge_tasks.base import parse_options
 
-    names = ["broker", "ca_file", "fleet", "client_id", "state_dir", "task", "seed", "exit_when_final",
+    names = ["broker", "ca_file", "cert_file", "key_file", "fleet", "client_id", "state_dir", "task", "seed", "exit_when_final",
              "torch_threads", "train_nice", "max_train_memory_mib", "isolate_training", "max_message_bytes"]
     flags: dict[str, Any] = {n: getattr(args, n) for n in names}
     flags["task_options"] = parse_options(args.task_opt) if args.task_opt else None
@@ -426,7 +439,7 @@ def _run_status(args: argparse.Namespace) -> int:
     from fedge.status import run_status
     from fedge_contract.mqtt import BrokerAddress
 
-    return _run(run_status(BrokerAddress.parse(args.broker, ca_file=args.ca_file), args.fleet, once=args.once))
+    return _run(run_status(BrokerAddress.parse(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file), args.fleet, once=args.once))
 
 
 def _run_report(args: argparse.Namespace) -> int:

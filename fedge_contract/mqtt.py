@@ -40,9 +40,11 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    cert_file: str | None = None  # a client certificate (and its key) for brokers that ask for one
+    key_file: str | None = None
 
     @classmethod
-    def parse(cls, url: str, *, ca_file: str | None = None) -> BrokerAddress:
+    def parse(cls, url: str, *, ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> BrokerAddress:
         if "://" not in url:
             url = "mqtt://" + url
         parts = urlsplit(url)
@@ -64,6 +66,8 @@ class BrokerAddress:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
         )
 
     def __str__(self) -> str:
@@ -97,6 +101,8 @@ def make_client(
     tls_context = None
     if address.tls:
         tls_context = ssl.create_default_context(cafile=address.ca_file)
+        if address.cert_file:
+            tls_context.load_cert_chain(address.cert_file, address.key_file)
     return aiomqtt.Client(
         address.host,
         address.port,

@@ -166,6 +166,7 @@ def test_settings_config_from_env_var(tmp_path):
         ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n', {"FEDGE_ISOLATE_TRAINING": "perhaps"}, "FEDGE_ISOLATE_TRAINING.*true or false"),
         ("broker = \n", {}, "not valid TOML"),
         ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n[policy]\npreset = "toaster"\n', {}, "preset 'toaster'"),
+        ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n', {"FEDGE_KEY_FILE": "/k"}, "key_file .from FEDGE_KEY_FILE. needs cert_file"),
     ],
 )
 def test_settings_errors_are_clear(tmp_path, text, env, message):
@@ -176,3 +177,12 @@ def test_settings_errors_are_clear(tmp_path, text, env, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(settings.SettingsError, match="cannot read the config file"):
         settings.load({}, config_file=tmp_path / "nope.toml", environ={})
+
+
+def test_client_certificate_from_the_file_the_environment_or_flags(tmp_path):
+    config = write_config(tmp_path, 'broker = "mqtts://hub:8884"\nclient_id = "pi-7"\nstate_dir = "/x"\n'
+                                    'ca_file = "/etc/fedge/ca.crt"\ncert_file = "/etc/fedge/pi-7.crt"\nkey_file = "/etc/fedge/pi-7.key"\n')
+    broker = settings.load({}, config_file=config, environ={}).agent.broker
+    assert (broker.ca_file, broker.cert_file, broker.key_file) == ("/etc/fedge/ca.crt", "/etc/fedge/pi-7.crt", "/etc/fedge/pi-7.key")
+    broker = settings.load({"key_file": "/flag.key"}, config_file=config, environ={"FEDGE_CERT_FILE": "/env.crt"}).agent.broker
+    assert (broker.cert_file, broker.key_file) == ("/env.crt", "/flag.key")

@@ -105,3 +105,19 @@ def test_broker_admin_does_not_import_the_cli():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert "fedge.cli" not in imported and "fedge" not in imported
+
+
+def test_broker_add_device_with_a_certificate_prints_what_to_copy(tmp_path, capsys):
+    from fedge.cli import agent_flags, build_parser, main
+
+    folder = tmp_path / "broker"
+    assert main(["broker", "init", "--tls", str(folder), "--auth", "both", "--host", "hub.local"]) == 0
+    assert "add-device ID [--cert]" in capsys.readouterr().out
+    assert main(["broker", "add-device", "pi-1", "--cert", "--config", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "mqtts://hub.local:8884" in out and "--cert-file pi-1.crt --key-file pi-1.key" in out and "kill -HUP" in out
+    assert (folder / "devices" / "pi-1" / "pi-1.key").exists()
+    assert main(["broker", "remove-device", "pi-1", "--config", str(folder)]) == 0
+    assert "certificates revoked" in capsys.readouterr().out and not (folder / "devices" / "pi-1").exists()
+    args = build_parser().parse_args(["agent", "--cert-file", "/c.crt", "--key-file", "/c.key"])
+    assert agent_flags(args)["cert_file"] == "/c.crt" and agent_flags(args)["key_file"] == "/c.key"
