@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,6 +99,18 @@ def mounts(run_dir: Path, cache: Path) -> list[Mount]:
     ]
 
 
+HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# pip 23 (bookworm's, inside the new venv) trusts certifi's bundle unless told otherwise
+TRUST_ENV = {"PIP_CERT": str(HOST_BUNDLE)}
+
+
+def trust_host_certificates(root: Path) -> None:
+    """The tree trusts what this host trusts: a host whose HTTPS goes through an inspecting proxy
+    has that proxy's CA only in its own bundle, and pip inside the tree would fail every download."""
+    if HOST_BUNDLE.exists():
+        shutil.copyfile(HOST_BUNDLE, Path(str(root) + str(HOST_BUNDLE)))
+
+
 async def run_logged(argv: list[str], log: Path, timeout: float) -> tuple[int, float]:
     """Run to completion with its output in ``log``; (exit code, seconds). A timeout kills it and counts as 124."""
     started = time.perf_counter()
@@ -139,7 +152,7 @@ async def start_agent(root: Path, mounts_: list[Mount], index: int, agents: int,
             "--policy", "always", "--log-level", "info"]
     log = run_dir / f"agent-{client_id}.log"
     out = log.open("ab")
-    process = await asyncio.create_subprocess_exec(*enter_command(root, argv, mounts=mounts_), stdin=asyncio.subprocess.DEVNULL,
+    process = await asyncio.create_subprocess_exec(*enter_command(root, argv, mounts=mounts_, env=TRUST_ENV), stdin=asyncio.subprocess.DEVNULL,
                                                    stdout=out, stderr=out)
     out.close()
     return AgentRun(client_id, process, log)
@@ -273,13 +286,14 @@ async def run(options: Options) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     userland.copy_checkout(REPO, Path(str(root) + CHECKOUT))
     mounts_ = mounts(run_dir, cache)
+    trust_host_certificates(root)
     result["emulator_baseline"] = await emulator_baseline(root, run_dir)
     async with LocalBroker(data_dir=run_dir / "broker") as broker:
         install = ["bash", f"{CHECKOUT}/deploy/pi/install.sh", "--no-systemd", "--torch-index", "",
                    "--broker", broker.url, "--client-id", "pi-0"]
         result["install_command"] = " ".join(install)
         result["install_log"] = str(logs / "install.log")
-        code, seconds = await run_logged(enter_command(root, install, mounts=mounts_, cwd=CHECKOUT), logs / "install.log",
+        code, seconds = await run_logged(enter_command(root, install, mounts=mounts_, env=TRUST_ENV, cwd=CHECKOUT), logs / "install.log",
                                          options.install_timeout)
         result["install_exit_code"], result["install_seconds"] = code, seconds
         venv = Path(str(root) + PREFIX) / "venv"
@@ -289,6 +303,7 @@ async def run(options: Options) -> dict[str, Any]:
     result["errors"] = errors_in(result)
     result["workarounds"] = [
         "emulation: /sys/devices/system/cpu inside the tree is a Pi 4's (midr_el1): torch's cpuinfo crashes without it (bench/pi_arm64/emulation.py)",
+        "host: the tree trusts this host's CA bundle (PIP_CERT): its HTTPS may go through an inspecting proxy",
         "host: --policy always, because this 2-core host's other programs (the other emulated agent) would fail the pi preset's CPU condition",
     ]
     return result
