@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from bench.pi_arm64 import prereqs, sizes, userland
-from bench.pi_arm64.emulation import fake_cpu_tree
+from bench.pi_arm64.emulation import fake_cpu_tree, write_psutil_shim
 from bench.pi_arm64.userland import Mount, enter_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +30,7 @@ FLEET = "pi-check"
 CHECKOUT = "/home/pi/fedge"  # where a Pi user's clone of the repository would be
 PREFIX = "/opt/fedge"  # install.sh's default, as `sudo ./install.sh` uses it
 MIB = 2**20
+SHIM = "/opt/fedge-pi-check/shim"  # emulation-only sitecustomize (emulation.PSUTIL_SHIM), outside the install
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ async def start_agent(root: Path, mounts_: list[Mount], index: int, agents: int,
             "--policy", "always", "--log-level", "info"]
     log = run_dir / f"agent-{client_id}.log"
     out = log.open("ab")
-    process = await asyncio.create_subprocess_exec(*enter_command(root, argv, mounts=mounts_, env=TRUST_ENV), stdin=asyncio.subprocess.DEVNULL,
+    process = await asyncio.create_subprocess_exec(*enter_command(root, argv, mounts=mounts_, env={**TRUST_ENV, "PYTHONPATH": SHIM}), stdin=asyncio.subprocess.DEVNULL,
                                                    stdout=out, stderr=out)
     out.close()
     return AgentRun(client_id, process, log)
@@ -283,10 +284,12 @@ async def run(options: Options) -> dict[str, Any]:
     base, built = userland.ensure_base(cache, cache / "debootstrap.log")
     result["userland"] = {"suite": userland.SUITE, "built_now": built, "seconds": round(time.perf_counter() - started, 1)}
     root = userland.fresh_copy(base, run_dir / "rootfs")
-    logs.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
     userland.copy_checkout(REPO, Path(str(root) + CHECKOUT))
     mounts_ = mounts(run_dir, cache)
     trust_host_certificates(root)
+    write_psutil_shim(Path(str(root) + SHIM))
     result["emulator_baseline"] = await emulator_baseline(root, run_dir)
     async with LocalBroker(data_dir=run_dir / "broker") as broker:
         install = ["bash", f"{CHECKOUT}/deploy/pi/install.sh", "--no-systemd", "--torch-index", "",
@@ -303,6 +306,8 @@ async def run(options: Options) -> dict[str, Any]:
     result["errors"] = errors_in(result)
     result["workarounds"] = [
         "emulation: /sys/devices/system/cpu inside the tree is a Pi 4's (midr_el1): torch's cpuinfo crashes without it (bench/pi_arm64/emulation.py)",
+        ("emulation: a sitecustomize on the agents' PYTHONPATH turns off psutil's PID-reuse check, which qemu-user's per-thread "
+         "start times in /proc/self/stat trip (the agent's CPU probe raised NoSuchProcess)"),
         "host: the tree trusts this host's CA bundle (PIP_CERT): its HTTPS may go through an inspecting proxy",
         "host: --policy always, because this 2-core host's other programs (the other emulated agent) would fail the pi preset's CPU condition",
     ]

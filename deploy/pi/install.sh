@@ -85,8 +85,8 @@ elif [ -n "$TORCH_INDEX" ]; then
 else
   "${PIP[@]}" "$TORCH_SPEC"
 fi
-# [sim] carries scikit-learn, whose bundled data the built-in digits task reads
-if [ -d "$SOURCE" ]; then "${PIP[@]}" "$SOURCE[sim]"; else "${PIP[@]}" "$SOURCE"; fi
+# fedge's base install is the agent (no extras: those are for aggregator hosts and simulations)
+"${PIP[@]}" "$SOURCE"
 "$VENV/bin/fedge" agent --help >/dev/null || die "fedge did not install correctly into $VENV"
 
 # 3. the config (kept when present)
