@@ -38,6 +38,7 @@ class Options:
     cache: Path
     agents: int = 2
     rounds: int = 3
+    source: str | None = None  # a git revision to install instead of the working tree
     install_timeout: float = 3600.0
     train_timeout: float = 3600.0
 
@@ -286,7 +287,8 @@ async def run(options: Options) -> dict[str, Any]:
     root = userland.fresh_copy(base, run_dir / "rootfs")
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
-    userland.copy_checkout(REPO, Path(str(root) + CHECKOUT))
+    userland.copy_checkout(REPO, Path(str(root) + CHECKOUT), options.source)
+    result["source"] = options.source or "working tree"
     mounts_ = mounts(run_dir, cache)
     trust_host_certificates(root)
     write_psutil_shim(Path(str(root) + SHIM))
@@ -327,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds to train (default 3)")
     parser.add_argument("--cache", type=Path, default=default_cache(),
                         help="the cached arm64 tree, downloads and the last run (default $FEDGE_PI_CHECK_CACHE or ~/.cache/fedge-pi-check)")
+    parser.add_argument("--source", metavar="REV", help="install this git revision of fedge instead of the working tree "
+                                                        "(the check itself stays this one): to measure an earlier version")
     args = parser.parse_args(argv)
     if sys.platform == "linux" and os.geteuid() == 0:
         prereqs.enable_binfmt()
@@ -334,6 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     if reasons:
         print(json.dumps({"skipped": "; ".join(reasons), "needs": prereqs.NEEDS}, indent=2))
         return 0
-    result = asyncio.run(run(Options(cache=args.cache.resolve(), agents=args.agents, rounds=args.rounds)))
+    result = asyncio.run(run(Options(cache=args.cache.resolve(), agents=args.agents, rounds=args.rounds, source=args.source)))
     print(json.dumps(result, indent=2))
     return 1 if result["errors"] else 0

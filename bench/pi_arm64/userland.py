@@ -77,11 +77,16 @@ def fresh_copy(base: Path, dest: Path) -> Path:
     return dest
 
 
-def copy_checkout(repo: Path, dest: Path) -> Path:
-    """The files git tracks in ``repo`` (working-tree versions, uncommitted edits included), as a user's clone would hold."""
+def copy_checkout(repo: Path, dest: Path, revision: str | None = None) -> Path:
+    """What a user's clone would hold: the files git tracks in ``repo`` as the working tree has them
+    (uncommitted edits included), or as commit ``revision`` had them (to measure an earlier version)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if revision is not None:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", revision], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return dest
     listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             capture_output=True, check=True).stdout
-    dest.mkdir(parents=True, exist_ok=True)
     for name in filter(None, listed.decode().split("\0")):
         source = repo / name
         if source.is_file():
