@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def everything(**overrides):
-    settings = dict(is_root=True, platform="linux", which=lambda name: f"/usr/bin/{name}", has_mosquitto=lambda: True,
-                    is_reachable=lambda host, port: True, binfmt=lambda: None)
+    settings = {"is_root": True, "platform": "linux", "which": lambda name: f"/usr/bin/{name}", "has_mosquitto": lambda: True,
+                "is_reachable": lambda host, port: True, "binfmt": lambda: None}
     settings.update(overrides)
     return prereqs.missing(**settings)
 
