@@ -59,3 +59,17 @@ def test_the_base_dependencies_leave_the_extras_out():
     extras = project["optional-dependencies"]
     assert any(spec.startswith("prometheus-client") for spec in extras["aggregator"])
     assert "fedge[aggregator]" in extras["sim"]
+
+
+def test_an_aggregator_host_needs_only_the_aggregator_extra():
+    blocked = ["matplotlib", "sklearn", "opacus"]  # [sim] and [dp]: not installed by `pip install 'fedge[aggregator]'`
+    code = f"BLOCKED = {blocked!r}\n" + AGENT_RUN.split("from fedge.cli")[0] + """
+import aggregator.service, aggregator.sharded, aggregator.async_service, aggregator.worker, aggregator.metrics
+import fedge.status, fedge.broker_admin, broker.provision
+from fedge_tasks.base import load_task
+task = load_task("digits", {"clients": "2"})
+print(len(task.eval_data()))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == 360
