@@ -239,7 +239,7 @@ async def train(options: Options, root: Path, mounts_: list[Mount], run_dir: Pat
     result["agents"] = [
         {"client_id": a.client_id, "exit_code": a.process.returncode, "idle_rss_mib": a.idle_rss_mib,
          "training_peak_rss_mib": round(a.peak_rss_mib, 1), "training_child_peak_rss_mib": round(a.peak_child_rss_mib, 1),
-         "trainings_seen": a.trainings_seen, "log": str(a.log)}
+         "child_processes_seen": a.trainings_seen, "log": str(a.log)}
         for a in agents
     ]
     result["updates_accepted"] = sum(1 for r in receipts if r["status"] == "accepted")
@@ -301,6 +301,8 @@ async def run(options: Options) -> dict[str, Any]:
         code, seconds = await run_logged(enter_command(root, install, mounts=mounts_, env=TRUST_ENV, cwd=CHECKOUT), logs / "install.log",
                                          options.install_timeout)
         result["install_exit_code"], result["install_seconds"] = code, seconds
+        result["install_warnings"] = [line for line in (logs / "install.log").read_text(errors="replace").splitlines()
+                                      if line.startswith("install.sh: warning")]
         venv = Path(str(root) + PREFIX) / "venv"
         if code == 0:
             result["installed"] = sizes.summary(venv)

@@ -94,6 +94,17 @@ elif [ -n "$TORCH_INDEX" ]; then
 else
   "${PIP[@]}" "$TORCH_SPEC"
 fi
+# PyPI's Linux torch wheels (aarch64 too, since torch 2.13 at least) are CUDA builds that pull
+# several GB of CUDA libraries: measured by bench/pi_arm64, a 5 GB venv. Say so, and how to avoid it.
+if "$VENV/bin/python" - <<'PY'
+import importlib.metadata as metadata, re, sys
+needs = [r for r in metadata.requires("torch") or [] if "extra ==" not in r]
+sys.exit(0 if any(re.match(r"(nvidia-|cuda-toolkit|triton)", r) for r in needs) else 1)
+PY
+then
+  echo "install.sh: warning: $TORCH_SPEC from ${TORCH_INDEX:-PyPI} is a CUDA build with GBs of CUDA libraries this device" \
+       "cannot use; the CPU build comes from the default --torch-index https://download.pytorch.org/whl/cpu ($(du -sh "$VENV" | cut -f1) now)" >&2
+fi
 # fedge's base install is the agent (no extras: those are for aggregator hosts and simulations)
 "${PIP[@]}" "$SOURCE"
 "$VENV/bin/fedge" agent --help >/dev/null || die "fedge did not install correctly into $VENV"
