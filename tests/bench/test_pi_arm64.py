@@ -130,3 +130,21 @@ def test_errors_come_from_exit_codes_receipts_and_logs(tmp_path):
     assert "pi-0: Traceback (most recent call last):" in errors and "pi-0: 2026 ERROR fedge.agent boom" in errors
     assert "5 of 6 updates accepted" in errors and any("non_finite" in e for e in errors)
     assert check.errors_in({"install_exit_code": 1, "install_log": "/x"}) == ["install.sh exited 1: see /x"]
+
+
+def test_torchs_stack_follows_the_extras_it_asks_for(tmp_path):
+    site = tmp_path / "site-packages"
+
+    def dist(name: str, *requires: str) -> None:
+        info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        (info / "RECORD").write_text("")
+
+    dist("torch", "filelock", "cuda-toolkit[cublas]==13.0; platform_system == \"Linux\"", "pyyaml; extra == \"pyyaml\"")
+    dist("cuda-toolkit", "nvidia-cublas; extra == \"cublas\"", "nvidia-cufft; extra == 'cufft'")
+    for name in ("filelock", "nvidia-cublas", "nvidia-cufft", "pyyaml", "fedge"):
+        dist(name)
+    needs = sizes.requirements(site)
+    assert sizes.closure(needs, "torch") == {"torch", "filelock", "cuda-toolkit", "nvidia-cublas"}
+    assert sizes.closure(needs, "cuda-toolkit", frozenset({"cufft"})) == {"cuda-toolkit", "nvidia-cufft"}
