@@ -307,6 +307,8 @@ async def run(options: Options) -> dict[str, Any]:
         if code == 0:
             result["installed"] = sizes.summary(venv)
             result["training"] = await train(options, root, mounts_, logs, broker.url)
+    # what the next run will not download again (pip caches only what the index lets it cache)
+    result["download_cache_mib"] = {name: round(sizes.tree_bytes(cache / name) / MIB, 1) for name in ("pip", "apt-archives")}
     result["errors"] = errors_in(result)
     result["workarounds"] = [
         "emulation: /sys/devices/system/cpu inside the tree is a Pi 4's (midr_el1): torch's cpuinfo crashes without it (bench/pi_arm64/emulation.py)",
