@@ -1,7 +1,8 @@
 # Two commands for a fresh Debian/Ubuntu machine with Python 3.11:
 #   make demo   set up, then simulate 20 agents x 30 rounds on a local Mosquitto
 #   make test   set up, then run the test suite
-.PHONY: setup demo test bench clean
+#   make pi-check  (root, slow) deploy/pi/install.sh and two agents on an emulated arm64 Raspberry Pi OS userland
+.PHONY: setup demo test bench pi-check clean
 
 setup:
 	@scripts/bootstrap.sh
@@ -14,6 +15,10 @@ test: setup
 
 bench: setup
 	.venv/bin/python -m bench.simulate_acceptance
+
+# needs root, debootstrap, qemu-user-static, mosquitto and the network; prints {"skipped": ...} without them
+pi-check: setup
+	.venv/bin/python -m bench.pi_arm64
 
 clean:
 	rm -rf .venv runs .pytest_cache .hypothesis *.egg-info

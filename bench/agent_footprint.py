@@ -174,15 +174,17 @@ def dist_mib(names: set[str]) -> float:
 
 
 def installed_size() -> dict[str, object]:
-    """fedge's runtime dependency closure (no extras) from RECORD; torch's part; the [sim] extra."""
+    """fedge's runtime dependency closure (no extras: the agent) from RECORD; torch's part; the [aggregator] and [sim] extras."""
     runtime = closure("fedge")
     torch_part = closure("torch")
     waiting = closure("aiomqtt") | closure("msgpack") | closure("numpy") | closure("psutil") | closure("zstandard")
-    sim = (closure("scikit-learn") | closure("matplotlib")) - runtime
+    aggregator = (closure("rich") | closure("cryptography") | closure("prometheus-client")) - runtime
+    sim = (aggregator | closure("matplotlib")) - runtime
     return {
         "runtime_closure_mib": dist_mib(runtime),
         "torch_and_its_deps_mib": dist_mib(torch_part),
         "waiting_agent_deps_mib": dist_mib(waiting),
+        "aggregator_extra_mib": dist_mib(aggregator),
         "sim_extra_mib": dist_mib(sim),
         "counted": sorted(runtime),
         "note": "fedge is installed editable here, so its own files count ~0; its source is "

@@ -27,6 +27,8 @@ class AgentConfig:
     client_id: str = field(metadata={"help": "this device's id (letters, digits, . _ -)"})
     state_dir: Path = field(metadata={"help": "outbox and state (keep it across restarts)"})
     ca_file: str | None = field(default=None, metadata={"help": "CA certificate for mqtts://"})
+    cert_file: str | None = field(default=None, metadata={"help": "this device's client certificate for mqtts:// (with --key-file)"})
+    key_file: str | None = field(default=None, metadata={"help": "the private key of --cert-file"})
     fleet: str = field(default="default", metadata={"help": "the fleet this device belongs to"})
     task: str = field(default="digits", metadata={"help": "MODULE:OBJECT of a fedge task, or a built-in name"})
     task_options: Mapping[str, str] = field(default_factory=dict, metadata={"flag": "--task-opt", "help": "option passed to the task (repeatable)"})
@@ -60,9 +62,11 @@ class AgentConfig:
     attack: str = field(default="none", metadata=_CODE_ONLY)  # TEST ONLY (bench/poisoning): rewrite the delta maliciously, see edge_agent/attack.py
 
     def __post_init__(self) -> None:
-        if self.ca_file is not None and self.broker.ca_file is None:
-            # the settings give the CA apart from the URL; the connection reads it from the address
-            object.__setattr__(self, "broker", dataclasses.replace(self.broker, ca_file=self.ca_file))
+        # the settings give the TLS files apart from the URL; the connection reads them from the address
+        files = {name: value for name in ("ca_file", "cert_file", "key_file")
+                 if (value := getattr(self, name)) is not None and getattr(self.broker, name) is None}
+        if files:
+            object.__setattr__(self, "broker", dataclasses.replace(self.broker, **files))
         check_name("client id", self.client_id)
         check_name("fleet", self.fleet)
         if self.attack not in ATTACKS:

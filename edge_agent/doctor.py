@@ -109,8 +109,12 @@ def _check_broker(report: Report, raw: RawSettings, timeout: float) -> None:
     from fedge_contract.mqtt import BrokerAddress, make_client
 
     address: BrokerAddress = raw.get("broker")
-    if raw.get("ca_file") is not None:
-        address = dataclasses.replace(address, ca_file=raw.get("ca_file"))
+    files = {name: raw.get(name) for name in ("ca_file", "cert_file", "key_file") if raw.get(name) is not None}
+    try:
+        address = dataclasses.replace(address, **files)
+    except ValueError as exc:  # a certificate without its key, or without mqtts://
+        report.fail("broker", str(exc), "give --cert-file and --key-file together, with an mqtts:// broker URL")
+        return
 
     async def connect() -> float:
         start = time.perf_counter()

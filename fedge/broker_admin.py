@@ -13,20 +13,23 @@ from pathlib import Path
 
 from broker import LocalBroker
 from broker.provision import DEFAULT_PORT, BrokerFolder, ProvisionError, init
+from fedge.running import run_until_stopped
 
 DEFAULT_DIR = Path("fedge-broker")
-_RELOAD = "then make a running broker re-read its accounts: kill -HUP <mosquitto pid> (or restart it)"
+_RELOAD = "then make a running broker re-read its accounts and CRL: kill -HUP <mosquitto pid> (or restart it)"
 
 
 def run_broker_action(args: argparse.Namespace) -> int:
     folder = args.config_dir or DEFAULT_DIR
     if args.action == "init":
-        broker, aggregator = init(folder, fleet=args.fleet, host=args.host or "localhost", port=args.port or DEFAULT_PORT, bind=args.bind)
+        broker, aggregator = init(folder, fleet=args.fleet, host=args.host or "localhost", port=args.port or DEFAULT_PORT, bind=args.bind,
+                                  auth=args.auth, cert_port=args.cert_port)
         print(f"production broker for fleet {args.fleet!r} in {broker.path}")
         print(f"start it: fedge broker serve --config {broker.path}   (or: mosquitto -c {broker.config_file})")
         print("the aggregator's account:")
         print(aggregator.instructions())
-        print(f"add each device: fedge broker add-device ID --config {broker.path}")
+        how = {"password": "", "certificate": " --cert", "both": " [--cert]"}[broker.auth]
+        print(f"add each device: fedge broker add-device ID{how} --config {broker.path}")
         return 0
     broker = BrokerFolder(folder.resolve())
     broker.settings  # noqa: B018  (raises a clear error if the folder was never initialised)
@@ -38,13 +41,17 @@ def run_broker_action(args: argparse.Namespace) -> int:
         return 0
     if not args.device:
         raise ProvisionError(f"{args.action} needs the device id: fedge broker {args.action} ID --config {folder}")
-    if args.action == "add-device":
+    if args.action == "add-device" and args.cert:
+        credentials = broker.add_certificate(args.device)
+        print(f"device {args.device!r}: a client certificate (its earlier ones are revoked); copy to the device:")
+        print(credentials.instructions())
+    elif args.action == "add-device":
         credentials = broker.add_account(args.device)
         print(f"device {args.device!r} (a new password if it existed); copy to the device:")
         print(credentials.instructions())
     else:
         broker.remove_account(args.device)
-        print(f"device {args.device!r} removed from {broker.path / 'passwd'}")
+        print(f"device {args.device!r} removed: its password deleted, its certificates revoked in {broker.ca.crl_file}")
     print(_RELOAD)
     return 0
 
@@ -58,6 +65,4 @@ def _serve(broker: BrokerFolder) -> int:
                   "SIGHUP re-reads accounts and ACL, Ctrl-C stops", flush=True)
             await asyncio.Event().wait()
 
-    from fedge.cli import _run
-
-    return _run(serve())
+    return run_until_stopped(serve())

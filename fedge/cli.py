@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +22,7 @@ from broker.provision import ProvisionError
 from edge_agent.errors import AgentError
 from fedge.errors import CommandError
 from fedge.peak_memory import report_at_exit
-from fedge_contract.aio import Second, race
+from fedge.running import run_until_stopped as _run
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedge_contract.errors import ContractError
 from fedge_runtime.logs import setup_logging
@@ -60,6 +59,11 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--momentum", type=float)
     group.add_argument("--mu", type=float, help="FedProx proximal weight (0 = FedAvg)")
     group.add_argument("--codec", help="update codec chain agents must use, e.g. flat+topk:0.01+q4+zstd, topk:0.01+q8+zstd, q8+zstd, f16+zstd, zstd, none (default flat+topk:0.01+q4+zstd)")
+
+
+def _client_certificate_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cert-file", help="client certificate for a broker that requires one (fedge broker add-device ID --cert)")
+    parser.add_argument("--key-file", help="the client certificate's private key (with --cert-file)")
 
 
 def _round_flags(parser: argparse.ArgumentParser, *, target_default: int | None) -> None:
@@ -211,12 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None,
                    help="dev: address to listen on (default 127.0.0.1); init: the name devices use to reach the broker (default localhost)")
     p.add_argument("--bind", help="init: listen on this address only (default: all)")
+    p.add_argument("--auth", choices=["password", "certificate", "both"], default="password",
+                   help="init: how devices authenticate: password (default), certificate (client certificates required), "
+                        "or both (passwords on --port, certificates on --cert-port)")
+    p.add_argument("--cert-port", type=int, help="init --auth both: the certificate listener's port (default --port + 1, 8884)")
+    p.add_argument("--cert", action="store_true", help="add-device: issue a client certificate from the fleet CA instead of a password")
     p.add_argument("--data-dir", type=Path, help="dev: persistence folder (default: a temporary one)")
     _common(p)
 
     p = sub.add_parser("aggregator", help="run the aggregator service for one fleet")
     p.add_argument("--broker", required=True, help="mqtt://[user:password@]host:port or mqtts://...")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    _client_certificate_flags(p)
     p.add_argument("--fleet", default="default")
     _task_flags(p)
     _round_flags(p, target_default=10)
@@ -281,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show a fleet live: round, progress, devices and why they are not training")
     p.add_argument("--broker", required=True, help="mqtt://[user:password@]host:port or mqtts://...")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    _client_certificate_flags(p)
     p.add_argument("--fleet", default="default")
     p.add_argument("--once", action="store_true", help="print one snapshot of the retained state and exit")
     _common(p)
@@ -333,22 +344,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(coro: Coroutine[Any, Any, int | None]) -> int:
-    """Run until done or SIGTERM/SIGINT, which cancel the main task so every context manager unwinds."""
-
-    async def runner() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        won = await race(asyncio.create_task(coro, name="main"), stop.wait())
-        if isinstance(won, Second):  # a signal: main was cancelled and has unwound
-            return 130
-        return won.value or 0
-
-    return asyncio.run(runner())
-
-
 def _run_broker(args: argparse.Namespace) -> int:
     from broker import LocalBroker
 
@@ -373,7 +368,7 @@ def _run_aggregator(args: argparse.Namespace) -> int:
     from fedge_tasks.base import parse_options
 
     config = configured(lambda: AggregatorConfig(
-        broker=BrokerAddress.parse(args.broker, ca_file=args.ca_file),
+        broker=BrokerAddress.parse(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file),
         fleet=args.fleet,
         task=args.task,
         task_options=parse_options(args.task_opt),
@@ -429,7 +424,7 @@ def _run_status(args: argparse.Namespace) -> int:
     from fedge.status import run_status
     from fedge_contract.mqtt import BrokerAddress
 
-    address = configured(lambda: BrokerAddress.parse(args.broker, ca_file=args.ca_file))
+    address = configured(lambda: BrokerAddress.parse(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file))
     return _run(run_status(address, args.fleet, once=args.once))
 
 

@@ -1,4 +1,4 @@
-"""The built-in example task: handwritten digits (scikit-learn's bundled 8x8 images).
+"""The built-in example task: handwritten digits (the 8x8 images scikit-learn bundles, shipped in ``data/``).
 
 Pixels are scaled to [0, 1]; a fixed stratified 80/20 split (seed 0) gives the held-out set; the training split is divided across ``clients`` devices by a Dirichlet(``alpha``) label
 skew (numpy seed ``seed``). A device's shard is chosen by the integer its client id ends with
@@ -9,11 +9,11 @@ own files instead.
 from __future__ import annotations
 
 import functools
+import gzip
 import math
-import importlib.util
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
 
 import numpy as np
 import torch
@@ -26,22 +26,19 @@ _TRAILING_INT = re.compile(r"(\d+)$")
 
 
 def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 1797 8x8 digits that scikit-learn ships, read from its data file.
+    """The 1797 8x8 digits, from the copy of scikit-learn's data file that fedge ships (``data/``).
 
-    Importing scikit-learn costs ~1 s and ~80 MiB in every process that loads the task (each agent
-    host, the aggregator); the CSV it bundles is all we need. ``load_digits`` is the fallback.
+    Importing scikit-learn costs ~1 s and ~80 MiB in every process that loads the task, and
+    installing it tens of MiB on a device; the CSV is all the task needs (its licence:
+    ``data/DIGITS-LICENSE.md``).
     """
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise TaskLoadError("the digits task needs scikit-learn's bundled data: pip install 'fedge[sim]'")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-    if path.exists():
-        table = np.loadtxt(path, delimiter=",")
-        return table[:, :-1], table[:, -1].astype(np.int64)
-    from sklearn.datasets import load_digits  # pragma: no cover - a future layout
-
-    data = load_digits()  # pragma: no cover
-    return data.data, data.target.astype(np.int64)  # pragma: no cover
+    data = resources.files("fedge_tasks").joinpath("data", "digits.csv.gz")
+    try:
+        with data.open("rb") as compressed, gzip.open(compressed) as raw:
+            table = np.loadtxt(raw, delimiter=",")
+    except FileNotFoundError:
+        raise TaskLoadError(f"the digits task's data file {data} is missing: reinstall fedge") from None
+    return table[:, :-1], table[:, -1].astype(np.int64)
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,9 @@
 #   --broker URL        written to the config (required unless the config exists)
 #   --client-id ID      default: this machine's hostname
 #   --policy PRESET     pi (default), phone, laptop, always, auto
+#   --ca-file FILE      the fleet CA (ca.crt from `fedge broker add-device`), for mqtts:// brokers
+#   --cert-file FILE    a client certificate (`fedge broker add-device ID --cert`) ...
+#   --key-file FILE     ... and its key: all three are copied next to the config (the key 0600/0640)
 #   --torch-spec SPEC   default torch==2.13.0;  --torch-index URL (empty: PyPI)
 #   --wheelhouse DIR    install offline from wheels in DIR (and from packages the venv already sees)
 #   --python EXE        the interpreter to build the venv with
@@ -33,6 +36,9 @@ TORCH_SPEC="torch==2.13.0"
 TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 WHEELHOUSE=""
 PYTHON="${PYTHON:-}"
+CA_FILE=""
+CERT_FILE=""
+KEY_FILE=""
 
 die() { echo "install.sh: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
@@ -43,11 +49,14 @@ while [ $# -gt 0 ]; do
     --broker) BROKER="$2"; shift 2 ;;
     --client-id) CLIENT_ID="$2"; shift 2 ;;
     --policy) POLICY="$2"; shift 2 ;;
+    --ca-file) CA_FILE="$2"; shift 2 ;;
+    --cert-file) CERT_FILE="$2"; shift 2 ;;
+    --key-file) KEY_FILE="$2"; shift 2 ;;
     --torch-spec) TORCH_SPEC="$2"; shift 2 ;;
     --torch-index) TORCH_INDEX="$2"; shift 2 ;;
     --wheelhouse) WHEELHOUSE="$2"; shift 2 ;;
     --python) PYTHON="$2"; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -85,12 +94,34 @@ elif [ -n "$TORCH_INDEX" ]; then
 else
   "${PIP[@]}" "$TORCH_SPEC"
 fi
-# [sim] carries scikit-learn, whose bundled data the built-in digits task reads
-if [ -d "$SOURCE" ]; then "${PIP[@]}" "$SOURCE[sim]"; else "${PIP[@]}" "$SOURCE"; fi
+# PyPI's Linux torch wheels (aarch64 too, since torch 2.13 at least) are CUDA builds that pull
+# several GB of CUDA libraries: measured by bench/pi_arm64, a 5 GB venv. Say so, and how to avoid it.
+if "$VENV/bin/python" - <<'PY'
+import importlib.metadata as metadata, re, sys
+needs = [r for r in metadata.requires("torch") or [] if "extra ==" not in r]
+sys.exit(0 if any(re.match(r"(nvidia-|cuda-toolkit|triton)", r) for r in needs) else 1)
+PY
+then
+  echo "install.sh: warning: $TORCH_SPEC from ${TORCH_INDEX:-PyPI} is a CUDA build with GBs of CUDA libraries this device" \
+       "cannot use; the CPU build comes from the default --torch-index https://download.pytorch.org/whl/cpu ($(du -sh "$VENV" | cut -f1) now)" >&2
+fi
+# fedge's base install is the agent (no extras: those are for aggregator hosts and simulations)
+"${PIP[@]}" "$SOURCE"
 "$VENV/bin/fedge" agent --help >/dev/null || die "fedge did not install correctly into $VENV"
 
-# 3. the config (kept when present)
+# 3. the credentials (replaced when given again) and the config (kept when present)
 CONFIG="$PREFIX/etc/agent.toml"
+ETC="$PREFIX/etc"
+[ "$SYSTEMD" -eq 1 ] && ETC=/etc/fedge   # where the service reads them (the config's paths point there)
+[ -n "$KEY_FILE" ] && [ -z "$CERT_FILE" ] && die "--key-file needs --cert-file (the certificate it belongs to)"
+CREDENTIALS=()
+for pair in "ca_file:$CA_FILE:0644" "cert_file:$CERT_FILE:0644" "key_file:$KEY_FILE:0600"; do
+  key=${pair%%:*}; rest=${pair#*:}; file=${rest%:*}; mode=${rest##*:}
+  [ -n "$file" ] || continue
+  [ -r "$file" ] || die "cannot read $file (--${key//_/-})"
+  install -m "$mode" "$file" "$PREFIX/etc/$(basename "$file")"
+  CREDENTIALS+=("$key:$(basename "$file")")
+done
 if [ ! -f "$CONFIG" ]; then
   [ -n "$BROKER" ] || die "--broker mqtt://host:1883 is required for a first install"
   STATE_DIR="$PREFIX/state"
@@ -104,6 +135,12 @@ task = "digits"
 torch_threads = 1
 train_nice = 10
 isolate_training = true     # training runs in a child process that exits: ~40 MiB while waiting
+
+TOML
+  for entry in "${CREDENTIALS[@]}"; do
+    echo "${entry%%:*} = \"$ETC/${entry#*:}\"" >> "$CONFIG"
+  done
+  cat >> "$CONFIG" <<TOML
 
 [policy]
 preset = "$POLICY"          # pi: idle and below 70 C; phone/laptop: also charging
@@ -122,6 +159,9 @@ command -v systemctl >/dev/null 2>&1 || die "no systemctl here: pass --no-system
 id -u fedge >/dev/null 2>&1 || useradd --system --home-dir /var/lib/fedge-agent --shell /usr/sbin/nologin fedge
 mkdir -p /etc/fedge
 install -m 0640 -g fedge "$CONFIG" /etc/fedge/agent.toml
+for entry in "${CREDENTIALS[@]}"; do   # readable by the service's group only (the key must not be world-readable)
+  install -m 0640 -g fedge "$PREFIX/etc/${entry#*:}" "/etc/fedge/${entry#*:}"
+done
 sed "s#/opt/fedge#$PREFIX#g" "$HERE/../systemd/fedge-agent.service" > /etc/systemd/system/fedge-agent.service
 systemctl daemon-reload
 systemctl enable --now fedge-agent.service

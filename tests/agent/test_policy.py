@@ -169,6 +169,7 @@ def test_settings_config_from_env_var(tmp_path):
         ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n', {"FEDGE_ISOLATE_TRAINING": "perhaps"}, "FEDGE_ISOLATE_TRAINING.*true or false"),
         ("broker = \n", {}, "not valid TOML"),
         ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n[policy]\npreset = "toaster"\n', {}, "preset 'toaster'"),
+        ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n', {"FEDGE_KEY_FILE": "/k"}, "needs both cert_file and key_file, got only key_file .key_file from FEDGE_KEY_FILE."),
     ],
 )
 def test_settings_errors_are_clear(tmp_path, text, env, message):
@@ -220,3 +221,12 @@ async def test_a_gate_whose_cpu_meter_fails_lets_a_pi_train(tmp_path):
     async with asyncio.timeout(30), PolicyGate(PRESETS["pi"], probe, sample_seconds=3600) as gate:
         assert gate.eligible(), gate.why_not()  # not "measuring the CPU load" forever
         assert gate.device()["unknown"] == "cpu_load: NoSuchProcess: PID has been reused (pid=1)"
+
+
+def test_client_certificate_from_the_file_the_environment_or_flags(tmp_path):
+    config = write_config(tmp_path, 'broker = "mqtts://hub:8884"\nclient_id = "pi-7"\nstate_dir = "/x"\n'
+                                    'ca_file = "/etc/fedge/ca.crt"\ncert_file = "/etc/fedge/pi-7.crt"\nkey_file = "/etc/fedge/pi-7.key"\n')
+    broker = settings.load({}, config_file=config, environ={}).agent.broker
+    assert (broker.ca_file, broker.cert_file, broker.key_file) == ("/etc/fedge/ca.crt", "/etc/fedge/pi-7.crt", "/etc/fedge/pi-7.key")
+    broker = settings.load({"key_file": "/flag.key"}, config_file=config, environ={"FEDGE_CERT_FILE": "/env.crt"}).agent.broker
+    assert (broker.cert_file, broker.key_file) == ("/env.crt", "/flag.key")

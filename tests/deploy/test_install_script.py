@@ -81,3 +81,30 @@ async def test_install_in_a_prefix_then_doctor(broker, tmp_path):
 async def test_first_install_needs_a_broker(tmp_path):
     code, out = await run("bash", str(SCRIPT), "--prefix", str(tmp_path / "p"), "--no-systemd", "--bogus")
     assert code != 0 and "unknown option --bogus" in out
+
+
+@pytest.mark.timeout(400)
+async def test_install_with_a_device_certificate_copies_it_and_points_the_config_at_it(tmp_path):
+    from edge_agent import settings
+
+    prefix = tmp_path / "opt-fedge"
+    source = checkout_copy(tmp_path / "checkout")
+    prepared_venv(prefix)
+    (tmp_path / "wheels").mkdir()
+    device = tmp_path / "from-add-device"
+    device.mkdir()
+    for name in ("ca.crt", "pi-4.crt", "pi-4.key"):
+        (device / name).write_text(f"{name}\n")
+    args = ["bash", str(source / "deploy" / "pi" / "install.sh"), "--prefix", str(prefix), "--no-systemd",
+            "--broker", "mqtts://hub.local:8884", "--client-id", "pi-4", "--wheelhouse", str(tmp_path / "wheels"),
+            "--python", sys._base_executable, "--ca-file", str(device / "ca.crt"), "--cert-file", str(device / "pi-4.crt"),
+            "--key-file", str(device / "pi-4.key")]
+    code, out = await run(*args)
+    assert code == 0, out
+    etc = prefix / "etc"
+    assert (etc / "pi-4.key").read_text() == "pi-4.key\n" and (etc / "pi-4.key").stat().st_mode & 0o077 == 0
+    broker = settings.load({}, config_file=etc / "agent.toml", environ={}).agent.broker
+    assert (broker.tls, broker.ca_file, broker.cert_file, broker.key_file) == (
+        True, str(etc / "ca.crt"), str(etc / "pi-4.crt"), str(etc / "pi-4.key"))
+    code, out = await run("bash", str(SCRIPT), "--prefix", str(prefix), "--no-systemd", "--key-file", str(device / "pi-4.key"))
+    assert code != 0 and "--key-file needs --cert-file" in out

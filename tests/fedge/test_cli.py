@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,31 @@ def test_bad_configuration_is_a_clear_error_not_a_traceback(args, message):
     done = subprocess.run([*FEDGE, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_broker_admin_does_not_import_the_cli():
+    """fedge.broker_admin once imported _run from fedge.cli (inside a function), which imports it back: a cycle."""
+    import ast
+
+    import fedge.broker_admin
+
+    tree = ast.parse(Path(fedge.broker_admin.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "fedge.cli" not in imported and "fedge" not in imported
+
+
+def test_broker_add_device_with_a_certificate_prints_what_to_copy(tmp_path, capsys):
+    from fedge.cli import agent_flags, build_parser, main
+
+    folder = tmp_path / "broker"
+    assert main(["broker", "init", "--tls", str(folder), "--auth", "both", "--host", "hub.local"]) == 0
+    assert "add-device ID [--cert]" in capsys.readouterr().out
+    assert main(["broker", "add-device", "pi-1", "--cert", "--config", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "mqtts://hub.local:8884" in out and "--cert-file pi-1.crt --key-file pi-1.key" in out and "kill -HUP" in out
+    assert (folder / "devices" / "pi-1" / "pi-1.key").exists()
+    assert main(["broker", "remove-device", "pi-1", "--config", str(folder)]) == 0
+    assert "certificates revoked" in capsys.readouterr().out and not (folder / "devices" / "pi-1").exists()
+    args = build_parser().parse_args(["agent", "--cert-file", "/c.crt", "--key-file", "/c.key"])
+    assert agent_flags(args)["cert_file"] == "/c.crt" and agent_flags(args)["key_file"] == "/c.key"

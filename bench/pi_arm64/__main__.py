@@ -1,0 +1,5 @@
+import sys
+
+from bench.pi_arm64.check import main
+
+sys.exit(main())
