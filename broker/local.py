@@ -21,15 +21,9 @@ from importlib import resources
 from pathlib import Path
 from types import TracebackType
 
+from broker.errors import BrokerNotFound, BrokerStartError
+
 _SEARCH_PATH = ["/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/local/opt/mosquitto/sbin"]
-
-
-class BrokerNotFound(RuntimeError):
-    """Mosquitto is not installed where we can find it."""
-
-
-class BrokerStartError(RuntimeError):
-    """Mosquitto exited or did not come up; the message carries its log."""
 
 
 def find_mosquitto() -> str:
@@ -115,7 +109,7 @@ class LocalBroker:
         self._log_task = asyncio.create_task(self._read_log(self._process, ready), name="mosquitto-log")
         try:
             await asyncio.wait_for(ready, self.startup_timeout)
-        except (asyncio.TimeoutError, BrokerStartError):
+        except (TimeoutError, BrokerStartError):
             await self.stop()
             log = "\n".join(self.log_lines[-20:])
             raise BrokerStartError(f"mosquitto did not start on {self.host}:{self.port}:\n{log}") from None
@@ -151,7 +145,7 @@ class LocalBroker:
             process.send_signal(sig)
             try:
                 await asyncio.wait_for(process.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 process.kill()
                 await process.wait()
         if self._log_task is not None:

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.certificates import FleetCA, key_pem, write_private
+from broker.errors import ProvisionError
 from fedge_contract.topics import check_name
 
 AGGREGATOR_USER = "fedge-aggregator"
@@ -53,10 +54,6 @@ DEFAULT_PORT = 8883
 CERT_DAYS = 3650
 DEVICE_CERT_DAYS = 825  # a device certificate outlives a device's usual service, not the CA
 AUTH_MODES = ("password", "certificate", "both")
-
-
-class ProvisionError(RuntimeError):
-    """The folder or the tools are not what provisioning needs; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +109,7 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 def make_certificates(folder: Path, hosts: list[str], *, days: int = CERT_DAYS) -> None:
     """A CA and a server certificate signed by it, valid for ``hosts`` (names or IP addresses)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedge fleet CA")])
     ca = (

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aggregator.errors import AggregatorError
-from broker.local import BrokerNotFound, BrokerStartError
-from broker.provision import ProvisionError
+from broker.errors import BrokerError
 from edge_agent.errors import AgentError
 from fedge.errors import CommandError
 from fedge.peak_memory import report_at_exit
@@ -32,11 +31,10 @@ from fedge_tasks.base import TaskLoadError
 log = logging.getLogger("fedge")
 T = TypeVar("T")
 
-# What a user can cause and fix: each package's root, the broker package's errors (it has no
-# root), and the environment's OSError. Anything else is a bug and keeps its traceback.
+# What a user can cause and fix: each package's root, and the environment's OSError. Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     SettingsError, CommandError, AgentError, AggregatorError, ContractError, TaskLoadError,
-    BrokerNotFound, BrokerStartError, ProvisionError, OSError,
+    BrokerError, OSError,
 )
 
 

@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fedge_contract import _aiomqtt_compat as compat
+from fedge_contract.aio import Second, race
 from fedge_contract.errors import ConnectionLost
 
 QOS = 1
@@ -165,8 +166,15 @@ class Client:
         return self._client.identifier
 
     async def __aenter__(self) -> Self:
+        """Connect; a broker that closes the socket during the handshake (a refused client certificate,
+        a TLS alert) is ConnectionLost at once: aiomqtt alone would wait its whole timeout for a CONNACK."""
+        closed = compat.socket_closed(self._client)
         with lost_on_mqtt_error():
-            await self._client.__aenter__()
+            won = await race(self._client.__aenter__(), closed.wait())
+        if isinstance(won, Second):
+            await compat.stop_housekeeping(self._client)
+            compat.retrieve_disconnect(self._client)
+            raise ConnectionLost("the broker closed the connection during the handshake (refused credentials or certificate?)")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -23,7 +23,7 @@ class Refuse(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is not installed on a device")
 sys.meta_path.insert(0, Refuse())
-from fedge.cli import build_parser, agent_flags
+from fedge.cli import build_parser
 from edge_agent import settings
 from edge_agent.agent import Agent
 from edge_agent.doctor import run_doctor
@@ -31,7 +31,7 @@ from edge_agent import train_worker
 from fedge_tasks.base import load_task
 task = load_task("digits", {"clients": "2"})
 model, data = task.build_model(), task.train_data("pi-1")
-raw = settings.gather(agent_flags(build_parser().parse_args(["agent", "--broker", "mqtts://hub:8884", "--client-id", "pi-1",
+raw = settings.gather(settings.LOADER.flag_values(build_parser().parse_args(["agent", "--broker", "mqtts://hub:8884", "--client-id", "pi-1",
                       "--state-dir", "/tmp/x", "--cert-file", "/c.crt", "--key-file", "/c.key"])), environ={})
 print(len(data), settings.build(raw).agent.broker.cert_file)
 """

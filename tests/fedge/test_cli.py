@@ -108,7 +108,8 @@ def test_broker_admin_does_not_import_the_cli():
 
 
 def test_broker_add_device_with_a_certificate_prints_what_to_copy(tmp_path, capsys):
-    from fedge.cli import agent_flags, build_parser, main
+    from edge_agent.settings import LOADER
+    from fedge.cli import build_parser, main
 
     folder = tmp_path / "broker"
     assert main(["broker", "init", "--tls", str(folder), "--auth", "both", "--host", "hub.local"]) == 0
@@ -120,4 +121,4 @@ def test_broker_add_device_with_a_certificate_prints_what_to_copy(tmp_path, caps
     assert main(["broker", "remove-device", "pi-1", "--config", str(folder)]) == 0
     assert "certificates revoked" in capsys.readouterr().out and not (folder / "devices" / "pi-1").exists()
     args = build_parser().parse_args(["agent", "--cert-file", "/c.crt", "--key-file", "/c.key"])
-    assert agent_flags(args)["cert_file"] == "/c.crt" and agent_flags(args)["key_file"] == "/c.key"
+    assert LOADER.flag_values(args)["cert_file"] == "/c.crt" and LOADER.flag_values(args)["key_file"] == "/c.key"
