@@ -62,7 +62,7 @@ Round = OpenRound | AsyncBuffer  # sync round or async (FedBuff) buffer: the hel
 
 def training_config(task: Task, overrides: dict[str, Any]) -> TaskConfig:
     """The round's TaskConfig: contract defaults < the task's suggestion < explicit overrides."""
-    suggested = getattr(task, "suggested_training", lambda: {})()
+    suggested: dict[str, Any] = getattr(task, "suggested_training", lambda: {})()
     return TaskConfig(**{**suggested, **overrides})
 
 
@@ -353,7 +353,7 @@ class Aggregator(Endpoint):
         metrics.update(self._round_metrics(rnd))
         metrics.update(self.defence.metrics(self.version))
         if self._eval_data is not None:
-            metrics.update(await asyncio.to_thread(self._evaluate))
+            metrics.update(await asyncio.to_thread(self._evaluate, self._eval_data))
         metrics["aggregate_seconds"] = self.clock() - started
         self.store.set_round_metrics(rnd.number, metrics)
         self.last_metrics = metrics
@@ -362,13 +362,13 @@ class Aggregator(Endpoint):
                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("accuracy", "loss")),
                  extra={"round": rnd.number, "version": self.version, "accepted": rnd.accepted})
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, data: Any) -> dict[str, float]:
         from fedge_tasks.loops import evaluate
         from fedge_tasks.weights import set_weights
 
         set_weights(self._model, self.weights)
         kwargs = {"loss_fn": self._loss} if self._loss else {}
-        result = evaluate(self._model, self._eval_data, **kwargs)
+        result = evaluate(self._model, data, **kwargs)
         return {"accuracy": result["accuracy"], "loss": result["loss"]}
 
     # ------------------------------------------------------------------ publishing

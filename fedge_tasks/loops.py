@@ -9,9 +9,9 @@ hot, busy) stops cleanly without a half-applied step.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +121,7 @@ def train(
         if not completed:
             break
     return TrainResult(
-        num_samples=len(dataset),
+        num_samples=len(cast(Sized, dataset)),  # map-style datasets have a length; torch's Dataset leaves __len__ to subclasses
         loss=total_loss / max(seen, 1),
         accuracy=correct / max(seen, 1),
         seconds=time.perf_counter() - start,
@@ -141,8 +141,7 @@ def evaluate(
     """Loss and accuracy of ``model`` on ``dataset``."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    loader = DataLoader(dataset, batch_size=batch_size) if not isinstance(dataset, TensorDataset) else None
-    batches = loader if loader is not None else _chunks(dataset, batch_size)
+    batches = _chunks(dataset, batch_size) if isinstance(dataset, TensorDataset) else DataLoader(dataset, batch_size=batch_size)
     for inputs, targets in batches:
         outputs = model(inputs)
         total_loss += float(loss_fn(outputs, targets)) * len(targets)

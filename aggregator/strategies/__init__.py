@@ -56,14 +56,14 @@ class StrategyConfig:
             raise ValueError(f"tau must be positive, got {self.tau}")
 
 
-STRATEGIES: dict[str, type] = {s.name: s for s in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)}
+STRATEGIES: dict[str, type[FedAvg | FedAvgM | FedAdam | FedYogi | FedAdagrad]] = {s.name: s for s in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)}
 
 
 def make_strategy(name: str, config: StrategyConfig | None = None) -> Strategy:
     if name not in STRATEGIES:
         hint = " (FedProx is agent-side: use strategy fedavg with --mu)" if name == "fedprox" else ""
         raise ValueError(f"unknown strategy {name!r}{hint} (known: {', '.join(STRATEGIES)})")
-    return STRATEGIES[name].from_config(config or StrategyConfig())  # type: ignore[no-any-return]
+    return STRATEGIES[name].from_config(config or StrategyConfig())
 
 
 __all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "Strategy", "StrategyConfig", "make_strategy"]
