@@ -62,7 +62,6 @@ from aggregator.config import AggregatorConfig
 from aggregator.fold import WeightedSum
 from aggregator.validation import UpdateLimits, decode_delta, parse_update
 from broker.local import LocalBroker, free_port, render_dev_config
-from fedge_runtime.allocator import keep_large_buffers
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import proc_peak_rss_mib
 from fedge_contract import Receipt, RoundState, RoundStatus, Topics, Update, new_update_id
@@ -70,6 +69,7 @@ from fedge_contract.aio import cancel_and_wait
 from fedge_contract.codecs import EncodedTensor, encode_weights, parse_chain
 from fedge_contract.mqtt import BrokerAddress, Connection, make_client
 from fedge_contract.tensors import ModelSpec, TensorSpec
+from fedge_runtime.allocator import keep_large_buffers
 from fedge_tasks.synthetic import SyntheticTask
 
 TARGET_BOUND_FRACTION = 0.5
@@ -208,7 +208,7 @@ class AggregatorProcess:
                         self.child_peaks[child.pid] = max(peak, self.child_peaks.get(child.pid, 0.0))
             await asyncio.sleep(0.2)
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self.process is not None
         if self._sampler is not None:
             await cancel_and_wait([self._sampler])
@@ -249,7 +249,7 @@ class Watcher:
         self._task = asyncio.create_task(self._read())
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
             await cancel_and_wait([self._task])
         await self.client.__aexit__(None, None, None)

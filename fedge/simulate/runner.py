@@ -24,11 +24,11 @@ from rich.console import Console
 from aggregator.store import Store
 from broker import LocalBroker
 from fedge.errors import CommandError
+from fedge.netem import FaultProxy, LinkProfile, parse_schedule
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import peak_rss_mib, proc_peak_rss_mib
-from fedge.netem import FaultProxy, LinkProfile, parse_schedule
-from fedge.simulate.limits import raise_fd_limit
 from fedge.simulate.chaos import ChaosController, ChaosHooks, ChaosLog, ChaosOptions, late_ids, plan_dropouts
+from fedge.simulate.limits import raise_fd_limit
 from fedge.simulate.report import RoundRow, SimulationReport, write_report
 from fedge.simulate.wiretap import WireTap
 from fedge_contract.aio import First, cancel_and_wait, race
@@ -164,7 +164,7 @@ class _Children:
         for process in self.processes.values():
             try:
                 await asyncio.wait_for(process.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 process.kill()
                 await process.wait()
         await cancel_and_wait(self._exit_watchers)
