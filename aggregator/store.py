@@ -474,7 +474,7 @@ class Store:
     def rounds(self) -> list[dict[str, Any]]:
         cols = ["round", "base_version", "opened", "deadline", "closed", "accepted", "extensions", "metrics"]
         rows = self._db.execute(f"SELECT {', '.join(cols)} FROM rounds ORDER BY round").fetchall()
-        out = [dict(zip(cols, row)) for row in rows]
+        out = [dict(zip(cols, row, strict=True)) for row in rows]
         for row in out:
             row["metrics"] = json.loads(row["metrics"])
         return out
@@ -623,7 +623,7 @@ class Store:
     def receipts(self) -> list[dict[str, Any]]:
         cols = ["at", "round", "client_id", "update_id", "status", "reason", "bytes"]
         rows = self._db.execute(f"SELECT {', '.join(cols)} FROM receipts ORDER BY id").fetchall()
-        return [dict(zip(cols, row)) for row in rows]
+        return [dict(zip(cols, row, strict=True)) for row in rows]
 
     def bytes_by_round(self) -> dict[int, int]:
         """Update bytes received per round (every receipt, accepted or not): the fleet's upload traffic."""

@@ -54,7 +54,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     short = math.ceil(test_fraction * len(labels)) - int(take.sum())
     take[np.argsort(-(exact - take), kind="stable")[:short]] += 1
     train, test = [], []
-    for cls, k in zip(classes, take):
+    for cls, k in zip(classes, take, strict=True):
         idx = rng.permutation(np.flatnonzero(labels == cls))
         test.append(idx[:k])
         train.append(idx[k:])

@@ -214,7 +214,7 @@ async def simulate(options: SimulationOptions) -> int:
                 error = await _watch(tap, children, options, console)
                 spawn_agents.heal()  # agents cut off for good come back to see the final model and exit
                 if not error:
-                    for name, process in list(children.processes.items()):  # agents exit on the final model
+                    for _name, process in list(children.processes.items()):  # agents exit on the final model
                         await asyncio.wait_for(process.wait(), 60)
             if error:
                 console.print(f"[red]simulation failed[/]: {error}")
