@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 
@@ -221,7 +221,7 @@ class Store:
                     db.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {declaration}')
         self._db.executescript(_ADDED_INDEXES)
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -675,7 +675,7 @@ class _SegmentReader:
         self._folder = folder
         self._fds: dict[str, int | None] = {}
 
-    def __enter__(self) -> _SegmentReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

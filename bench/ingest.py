@@ -54,7 +54,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -189,7 +189,7 @@ class AggregatorProcess:
         self.child_peaks: dict[int, float] = {}  # ingest workers' VmHWM, sampled (they write no peak file)
         self._sampler: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> AggregatorProcess:
+    async def __aenter__(self) -> Self:
         env = {**os.environ, PEAK_ENV: str(self.peak_file)}
         self.process = await asyncio.create_subprocess_exec(*self.args, stdin=asyncio.subprocess.DEVNULL,
                                                             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
@@ -242,7 +242,7 @@ class Watcher:
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Watcher:
+    async def __aenter__(self) -> Self:
         await self.client.__aenter__()
         await self.client.subscribe(self.topics.status, qos=1)
         await self.client.subscribe(f"{self.topics.prefix}/receipts/+", qos=1)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from broker.errors import BrokerNotFound, BrokerStartError
 
@@ -69,7 +70,7 @@ class LocalBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    async def __aenter__(self) -> LocalBroker:
+    async def __aenter__(self) -> Self:
         if self.data_dir is None:
             self._tempdir = tempfile.TemporaryDirectory(prefix="fedge-broker-")
             self.data_dir = Path(self._tempdir.name)
