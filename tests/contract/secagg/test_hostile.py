@@ -105,7 +105,7 @@ def _key_list_attacks(kl: KeyList, setup: Setup) -> list[tuple[str, KeyList, Rea
         ("addressed to another", dataclasses.replace(kl, recipient="agent-000"), Reason.WRONG_RECIPIENT),
         ("another round", dataclasses.replace(kl, round=kl.round + 1), Reason.WRONG_SESSION),
         ("from another sender", dataclasses.replace(kl, sender="mallory"), Reason.WRONG_SESSION),
-        ("a member outside the cohort", dataclasses.replace(kl, members=tuple(sorted(kl.members + ("zz-stranger",)))), Reason.NOT_IN_ROUND),
+        ("a member outside the cohort", dataclasses.replace(kl, members=tuple(sorted((*kl.members, "zz-stranger")))), Reason.NOT_IN_ROUND),
         ("without this device", dataclasses.replace(kl, members=tuple(m for m in kl.members if m != TARGET)), Reason.NOT_IN_ROUND),
         ("too few members", dataclasses.replace(kl, members=tuple(sorted({TARGET, *kl.members[:2]}))), Reason.BELOW_THRESHOLD),
         ("a neighbour missing", dataclasses.replace(kl, peers=tuple(peers[1:])), Reason.GRAPH_MISMATCH),
