@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -61,6 +62,7 @@ class LocalBroker:
     _tempdir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
     _log_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     log_lines: list[str] = field(default_factory=list, init=False, repr=False)
+    _log_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)  # a new log line (wait_for_log)
 
     @property
     def url(self) -> str:
@@ -121,6 +123,7 @@ class LocalBroker:
             line = raw.decode(errors="replace").rstrip()
             self.log_lines.append(line)
             del self.log_lines[:-500]
+            self._log_changed.set()
             # Mosquitto says "Opening ipv4 listen socket on port N." then "... running" once it listens.
             if not ready.done() and " running" in line:
                 ready.set_result(None)
@@ -130,6 +133,12 @@ class LocalBroker:
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it does not exit in ``timeout`` s (it saves persistence on TERM)."""
         await self._terminate(signal.SIGTERM, timeout)
+
+    async def wait_for_log(self, predicate: Callable[[list[str]], bool]) -> None:
+        """Return once ``predicate(log_lines)`` holds, checked again at each new line Mosquitto logs."""
+        while not predicate(self.log_lines):
+            self._log_changed.clear()
+            await self._log_changed.wait()
 
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads its password and ACL files (after add/remove-device)."""
