@@ -158,7 +158,7 @@ def other_core_busy() -> Iterator[None]:
 async def bench_broker(folder: Path) -> AsyncIterator[LocalBroker]:
     """The dev broker with persistence off (its autosave would rewrite every queued update each second)."""
     port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - setup, once before the bench starts
     config = folder / "mosquitto.conf"
     text = render_dev_config(host="127.0.0.1", port=port, data_dir=folder)
     config.write_text(text.replace("persistence true", "persistence false"))
