@@ -395,7 +395,8 @@ async def throughput(folder: Path, params_list: list[int], codecs: list[str], wo
                     row["publisher_updates_per_s_alone"] = round(count / alone, 1)
                     row["receive_floor_updates_per_s"] = round(floor["updates_per_s"], 1)
                     row["receive_floor_mb_per_s"] = round(floor["mb_per_s"], 1)
-                    row["attainable_fraction_of_bound"] = round(floor["updates_per_s"] / (floor["updates_per_s"] + same_run_bound["updates_per_s"]), 3)
+                    row["attainable_fraction_of_bound"] = round(
+                        floor["updates_per_s"] / (floor["updates_per_s"] + same_run_bound["updates_per_s"]), 3)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     del payloads
     return rows

@@ -3,8 +3,9 @@
 LocalBroker is an async context manager: entering starts Mosquitto with the dev config on a
 loopback port (a free one unless given) and returns once it accepts connections; leaving stops
 it. With ``config_file`` it runs that config instead (e.g. a production folder made by
-``broker.provision.init``; ``port`` must then be the one that config listens on). ``kill()``, ``stop()`` and ``start()`` exist so fault tests can crash and restart the same
-broker on the same port with the same persistence folder.
+``broker.provision.init``; ``port`` must then be the one that config listens on). ``kill()``,
+``stop()`` and ``start()`` exist so fault tests can crash and restart the same broker on the same
+port with the same persistence folder.
 """
 
 from __future__ import annotations

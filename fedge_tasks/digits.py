@@ -1,7 +1,8 @@
 """The built-in example task: handwritten digits (the 8x8 images scikit-learn bundles, shipped in ``data/``).
 
-Pixels are scaled to [0, 1]; a fixed stratified 80/20 split (seed 0) gives the held-out set; the training split is divided across ``clients`` devices by a Dirichlet(``alpha``) label
-skew (numpy seed ``seed``). A device's shard is chosen by the integer its client id ends with
+Pixels are scaled to [0, 1]; a fixed stratified 80/20 split (seed 0) gives the held-out set; the
+training split is divided across ``clients`` devices by a Dirichlet(``alpha``) label skew (numpy
+seed ``seed``). A device's shard is chosen by the integer its client id ends with
 (``agent-7`` holds shard 7 modulo ``clients``): on real hardware a task would read the device's
 own files instead.
 """
