@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.rounds import Standing
-from aggregator.store import SpooledUpdate, Store, digest
+from aggregator.store import SpooledUpdate, Standing, Store, digest
 
 W = {"w": np.array([1.0, 2.0], np.float32)}
 
