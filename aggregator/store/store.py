@@ -20,7 +20,7 @@ with ``synchronous=FULL`` after this instance's pending segment bytes were fdata
 checkpoint never lands without the spool of its round. The per-update writes are *deferred*:
 ``spool``/``admit`` append the payload with a plain write (no fsync) and commit the row with
 ``synchronous=NORMAL`` (atomic, survives a process crash, not an OS crash or power cut), and
-``record_receipt`` commits the same way. ``sync()`` makes every deferred write of this instance
+``record_receipts`` commits the same way. ``sync()`` makes every deferred write of this instance
 durable: fdatasync each segment written since the last sync, fsync the spool folder if a segment
 was created, then one tiny commit with ``synchronous=FULL``, which fdatasyncs the whole WAL and
 so every NORMAL commit before it. The contract: **a receipt is published only after sync()
@@ -202,7 +202,7 @@ class Store:
 
     # -- durability of the deferred writes
     def sync(self) -> None:
-        """Make every deferred write of this instance durable (admit, spool, record_receipt).
+        """Make every deferred write of this instance durable (admit, spool, record_receipts).
 
         Publish a receipt only after this returns. Order: fdatasync each segment written since
         the last sync, fsync the spool folder if a segment was created, then one durable SQLite
@@ -549,10 +549,6 @@ class Store:
         return [(r[0], r[1]) for r in rows]
 
     # -- receipts
-    def record_receipt(self, *, round_no: int, client_id: str, update_id: str | None, status: str, reason: str, nbytes: int) -> None:
-        """Record a receipt (deferred: ``sync()`` before publishing it)."""
-        self.record_receipts([ReceiptRow(time.time(), round_no, client_id, update_id, status, reason, nbytes)])
-
     def record_receipts(self, rows: list[ReceiptRow]) -> None:
         """Record a batch of receipts in one transaction (deferred: ``sync()`` before publishing them)."""
         if not rows:
