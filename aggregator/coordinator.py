@@ -95,7 +95,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------ lifetime
     async def run(self) -> None:
-        model = GlobalModel(self.config, await asyncio.to_thread(load_task, self.config, self._task), self.policy.task_extra())
+        # importing torch and building the model take seconds: off the loop, like every whole-model step
+        model = await asyncio.to_thread(lambda: GlobalModel(self.config, load_task(self.config, self._task), self.policy.task_extra()))
         self.model = model
         self.limits = limits_for(self.config, model.spec)  # what an update may be: size, samples, senders
         async with contextlib.AsyncExitStack() as stack:

@@ -27,6 +27,7 @@ class LoopStallMonitor:
         self.interval = interval
         self.longest = 0.0  # seconds: the largest lateness of a wake-up
         self.stalls = 0  # wake-ups later than 50 ms
+        self.ticked = asyncio.Event()  # set at every wake-up (a test waits on it instead of sleeping)
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -52,3 +53,4 @@ class LoopStallMonitor:
                 self.longest = late
             if late > 0.05:
                 self.stalls += 1
+            self.ticked.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -203,4 +204,26 @@ async def test_a_sync_that_cannot_even_start_stops_the_ingest_too(store: Store, 
     assert ingest.release() == 0  # the timer calls this: it must not raise into the loop's exception handler
     with pytest.raises(OSError, match="Too many open files"):
         await ingest.handle("b", update("b", "u2"), admission(store))
+    assert sent_ids(events) == []
+
+
+async def test_a_receipt_the_store_cannot_record_stops_the_ingest_and_tells_its_owner(store: Store, events: list,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: with the disk full, recording a batch of receipts raised into the release timer, which only logged it,
+    and the batch was lost; now it stops receipting for good, as a failed fsync does, and the owner is told."""
+    def disk_full(rows: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    failures: list[BaseException] = []
+    monkeypatch.setattr(store, "record_receipts", disk_full)
+    ingest = make_ingest(store, events, asyncio.get_running_loop())
+    ingest.on_failure = failures.append
+    await ingest.handle("a", update("a", "u1"), admission(store))
+    assert ingest.release() == 0  # the timer calls this: nothing may escape into the loop's exception handler
+    assert [type(f) for f in failures] == [sqlite3.OperationalError]
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        await ingest.handle("b", update("b", "u2"), admission(store))
+    with pytest.raises(sqlite3.OperationalError):
+        async with asyncio.timeout(5):
+            await ingest.drain()
     assert sent_ids(events) == []
