@@ -195,9 +195,7 @@ class Coordinator:
             self._collecting = None
 
     async def _handle(self, event: Any, rnd: Round) -> None:
-        if await self._presence(event):
-            pass
-        else:
+        if not self._presence(event):
             outcome = await self.source.handle(event, rnd)
             for accepted in outcome.accepted:
                 rnd.record(accepted)
@@ -206,7 +204,7 @@ class Coordinator:
                 await self.announcer.announce(rnd)
         self.announcer.status_if_due(rnd, self.source.idle())
 
-    async def _presence(self, event: Any) -> bool:
+    def _presence(self, event: Any) -> bool:
         """Take ``event`` if it is a device's presence (the fleet view's, whatever the source)."""
         if not isinstance(event, aiomqtt.Message):
             return False
@@ -219,7 +217,7 @@ class Coordinator:
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         """A message that arrived while the source gathered a round's sum (presence; anything else is ignored)."""
-        if not await self._presence(message):
+        if not self._presence(message):
             log.debug("ignored %s while closing a round", message.topic)
 
     async def _close(self, rnd: Round) -> None:
@@ -230,15 +228,14 @@ class Coordinator:
         total = await self.source.gather(rnd, self._on_message)
         if rnd.accepted != self.source.counted():
             raise LedgerMismatch(f"round {rnd.number}: {rnd.accepted} updates reported accepted, {self.source.counted()} folded")
-        mean = await asyncio.to_thread(total.mean)
-        await self.model.commit(self.db, rnd.number, await self.model.step(mean), rnd.accepted)
-        version = self.model.version
+        weights = await self.model.step(await asyncio.to_thread(total.mean))
+        version = self.model.version + 1
         metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": total.total_weight}
         metrics.update(rnd.metrics())
         metrics.update(self.defence.metrics(version))
-        metrics.update(await self.model.evaluate())
+        metrics.update(await self.model.evaluate(weights))
         metrics["aggregate_seconds"] = self.clock() - started
-        await call(self.db, Store.set_round_metrics, rnd.number, metrics)
+        await self.model.commit(self.db, rnd.number, weights, rnd.accepted, metrics)
         self.announcer.last_metrics = metrics
         self.metrics.round_closed(version, metrics)
         log.info("round %d closed: v%d from %d updates %s", rnd.number, version, rnd.accepted,

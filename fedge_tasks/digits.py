@@ -85,13 +85,22 @@ class DigitsTask:
     init_seed: int = 0  # seed of the initial global weights
 
     def build_model(self) -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            return torch.nn.Sequential(
-                torch.nn.Linear(64, self.hidden),  # (B, 64) -> (B, hidden)
-                torch.nn.ReLU(),
-                torch.nn.Linear(self.hidden, 10),  # -> (B, 10) logits
-            )
+        """The MLP with torch's default initialisation drawn from a generator of its own, seeded with ``init_seed``.
+
+        Not ``torch.manual_seed``: the global generator is shared by every thread of the process, and an
+        aggregator and in-process agents building their models at the same time drew each other's
+        numbers (a different v0 from run to run). The draws are the ones ``manual_seed(init_seed)``
+        then ``nn.Linear`` made, in the same order, so the weights are the same as before.
+        """
+        generator = torch.Generator().manual_seed(self.init_seed)
+        first = torch.nn.utils.skip_init(torch.nn.Linear, 64, self.hidden)  # (B, 64) -> (B, hidden)
+        second = torch.nn.utils.skip_init(torch.nn.Linear, self.hidden, 10)  # -> (B, 10) logits
+        with torch.no_grad():
+            for layer in (first, second):  # nn.Linear.reset_parameters, with our generator
+                torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                bound = 1 / math.sqrt(layer.in_features)
+                layer.bias.uniform_(-bound, bound, generator=generator)
+        return torch.nn.Sequential(first, torch.nn.ReLU(), second)
 
     def suggested_training(self) -> dict[str, float | int]:
         """Local training that reaches ~0.95 in 30 FedAvg rounds on 20 clients (Dirichlet 0.5, seeds 0-2)."""

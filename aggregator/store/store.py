@@ -362,8 +362,10 @@ class Store:
         weights: Mapping[str, np.ndarray],
         strategy_state: Mapping[str, np.ndarray],
         accepted: int,
+        metrics: Mapping[str, float] | None = None,
     ) -> None:
-        """Atomically and durably: the new checkpoint, the round marked closed, its spool released.
+        """Atomically and durably: the new checkpoint, the round marked closed with its ``metrics``
+        (a reader never sees a closed round without them), its spool released.
 
         Then the round's segment files are deleted (a crash before that: the next opening does it).
         """
@@ -373,6 +375,8 @@ class Store:
                 (version, time.time(), fingerprint, pack_weights(weights), pack_weights(strategy_state)),
             )
             db.execute("UPDATE rounds SET closed=?, accepted=? WHERE round=?", (time.time(), accepted, round_no))
+            if metrics is not None:
+                db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
             db.execute("UPDATE accepted SET segment=NULL, payload=NULL WHERE round=?", (round_no,))
         for key, segment in list(self._segments.items()):
             if segment.round == round_no:
@@ -409,6 +413,7 @@ class Store:
             db.execute("UPDATE rounds SET deadline=?, extensions=extensions+1 WHERE round=?", (deadline, round_no))
 
     def set_round_metrics(self, round_no: int, metrics: Mapping[str, float]) -> None:
+        """Replace a round's figures (what arrives after it closed: devices' evaluations of its model)."""
         with self._durable() as db:
             db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
 
