@@ -46,6 +46,7 @@ from aggregator.observability.dashboard import DashboardServer, fleet_state
 from aggregator.observability.fleet import FleetView
 from aggregator.observability.metrics import AggregatorMetrics, MetricsServer
 from aggregator.rounds import DeadlineAction, Round, RoundPolicy, make_policy
+from aggregator.rounds.sync import SyncRound
 from aggregator.store import Store, StoreAccess, StoreThread, call
 from fedge_contract import ReceiptStatus, RoundState, Topics
 from fedge_contract.mqtt import Connection
@@ -160,8 +161,18 @@ class Coordinator:
             await self._collect(rnd)
             await self._close(rnd)
         await self.announcer.final()
-        await self.source.drain()  # receipts decided since the last round closed (none, unless a worker's report was late)
+        await self._answer_leftovers()
+        await self.source.drain()  # receipts decided since the last round closed
         await self.conn.flush()  # everything queued is out before the aggregator exits
+
+    async def _answer_leftovers(self) -> None:
+        """Answer the updates that already arrived after the last round closed (issue 19: they stayed in the
+        agents' outboxes): each gets ``stale``, or ``duplicate`` if it was accepted, as in any closed round."""
+        over = SyncRound.admitting(self.model.version + 1, self.model.version, target=1)  # a round the store never opened
+        while not self.source.idle():
+            event = await self.source.next_event()
+            if not self._presence(event):
+                await self.source.handle(event, over)
 
     async def _open(self, rnd: Round) -> bool:
         """Record the round open and re-fold what the store spooled for it; whether it is resumed (open before a restart)."""
