@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.attack import ATTACKS
+from fedge_contract import reconnect
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.topics import check_name
@@ -35,8 +36,9 @@ class AgentConfig:
     seed: int = field(default=0, metadata={"help": "seeds local shuffling: f(seed, client id, round)"})
     keepalive: int = field(default=30, metadata={"help": "MQTT keepalive, seconds"})
     session_expiry: int = field(default=24 * 3600, metadata=_CODE_ONLY)  # seconds the broker keeps receipts and the newest model for us
-    backoff_base: float = field(default=0.5, metadata=_CODE_ONLY)  # reconnect delay ~ U(0, min(cap, base * 2**attempt))
-    backoff_cap: float = field(default=30.0, metadata=_CODE_ONLY)
+    # reconnect delay ~ U(0, min(cap, max(base, 0.5 * seconds offline))): see fedge_contract/reconnect.py
+    backoff_base: float = field(default=reconnect.FIRST_WINDOW, metadata=_CODE_ONLY)
+    backoff_cap: float = field(default=reconnect.CAP, metadata=_CODE_ONLY)
     max_model_bytes: int = field(default=256 * 1024 * 1024, metadata=_CODE_ONLY)  # largest global model accepted, whole or in chunks
     # An update above this goes out in chunks with a manifest (fedge_contract/chunks.py); keep it a
     # few KiB below the broker's max_packet_size. The aggregator chunks the global model by its own.
