@@ -49,6 +49,9 @@ class AgentConfig:
     torch_threads: int = field(default=1, metadata={"group": _RESOURCES, "help": "threads the training uses"})
     exit_when_final: bool = field(default=False, metadata={
         "action": "store_true", "help": "exit once the aggregator publishes its final model"})
+    # On the final model, receipts may still come for the last round's updates (the aggregator sends
+    # its queued ones before it exits): seconds to wait for them before dropping the rest (edge_agent/settle.py).
+    final_receipt_grace: float = field(default=5.0, metadata=_CODE_ONLY)
     # Train in a child process that exits after each round, so the waiting agent never holds torch
     # (~40 MiB instead of ~260). The simulation hosts many agents in one process: False there.
     isolate_training: bool = field(default=True, metadata={
@@ -78,6 +81,8 @@ class AgentConfig:
             raise ValueError("slowdown must be >= 1 and emulated_train_seconds >= 0")
         if self.max_message_bytes < MIN_MESSAGE_BYTES or not self.chunk_timeout > 0:
             raise ValueError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got {self.max_message_bytes}; chunk_timeout > 0")
+        if not self.final_receipt_grace >= 0:
+            raise ValueError(f"final_receipt_grace must be >= 0, got {self.final_receipt_grace}")
         if self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
         if not 0 <= self.train_nice <= 19:
