@@ -104,3 +104,27 @@ async def test_a_receipt_sent_after_the_final_model_settles_its_update(broker_ad
     assert not outbox_ids(tmp_path / "agent-0")
     assert dropped_lines(caplog) == []
     assert [r.update_id for r in agent.stats.receipts] == [update.update_id]
+
+
+async def test_an_agent_restarted_after_the_final_model_settles_its_outbox_and_logs_no_error(broker_address, fleet, tmp_path, caplog):
+    """The device was off when training finished: its persistent session holds the final model, its
+    outbox an update nobody answered. Restarted, it settles and exits; issue 19's chaos run saw an
+    aiomqtt "Unexpected message ID" KeyError traceback here (an ack of a subscribe the exit abandoned)."""
+    topics = Topics(fleet)
+    caplog.set_level(logging.DEBUG)
+    async with asyncio.timeout(60), raw_peer(broker_address, "aggregator", topics.presence("agent-0"), topics.update("agent-0")) as peer:
+        await peer.client.publish(topics.global_model, digits_model(fleet, 0, 1), qos=1, retain=True)
+        device = Agent(agent_config(broker_address, fleet, tmp_path, 0))
+        running = asyncio.create_task(device.run())
+        unanswered = await next_update(peer, topics)
+        device.stop()  # switched off before any receipt
+        await running
+        await peer.client.publish(topics.global_model, digits_model(fleet, 1, 1, final=True), qos=1, retain=True)  # queued in its session
+        restarted = Agent(agent_config(broker_address, fleet, tmp_path, 0, final_receipt_grace=0.5))
+        await restarted.run()
+        presence = await presence_where(peer, topics, lambda p: p.state == "offline" and p.dropped > 0)
+    assert presence.dropped == 1 and not outbox_ids(tmp_path / "agent-0")
+    assert [line.getMessage() for line in dropped_lines(caplog)] == [
+        f"agent-0: dropped update {unanswered.update_id} of round 1 unanswered: training is over"]
+    assert "Unexpected message ID" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
