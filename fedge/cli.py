@@ -253,6 +253,7 @@ def _run_aggregator(args: argparse.Namespace) -> int:
     from fedge_runtime.allocator import keep_large_buffers
 
     config = aggregator_config(args)
+    args.store = config.store  # the store as resolved (flag, FEDGE_STORE or the file): a failing one is named by it
     keep_large_buffers()
     return _run(Coordinator(config).run())
 

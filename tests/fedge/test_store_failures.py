@@ -34,15 +34,17 @@ _DAC = "-dac_override,-dac_read_search,-fowner"
 WITHOUT_ROOT_FILE_ACCESS = ["setpriv", f"--inh-caps={_DAC}", f"--bounding-set={_DAC}", "--"] if os.geteuid() == 0 else []
 
 
-def run_aggregator(broker_url: str, fleet: str, store: Path, *, file_size_limit: int | None = None) -> subprocess.CompletedProcess[str]:
+def run_aggregator(broker_url: str, fleet: str, store: Path, *, file_size_limit: int | None = None,
+                   store_flag: bool = True) -> subprocess.CompletedProcess[str]:
     def limit_file_size() -> None:
         if file_size_limit is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # kept across exec: the write fails (EFBIG) instead of killing
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
     command = [*WITHOUT_ROOT_FILE_ACCESS, sys.executable, "-m", "fedge", "aggregator", f"--broker={broker_url}", f"--fleet={fleet}",
-               f"--store={store}", "--rounds=1", "--no-eval", *task_flags()]
-    return subprocess.run(command, capture_output=True, text=True, timeout=90, env=_env(), preexec_fn=limit_file_size,
+               *([f"--store={store}"] if store_flag else []), "--rounds=1", "--no-eval", *task_flags()]
+    env = _env() if store_flag else {**_env(), "FEDGE_STORE": str(store)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=90, env=env, preexec_fn=limit_file_size,
                           stdin=subprocess.DEVNULL, check=False)
 
 
@@ -81,7 +83,7 @@ def test_a_read_only_store_ends_the_aggregator_with_one_line_and_exit_74(broker,
 
 def test_a_full_disk_ends_the_aggregator_with_one_line_and_exit_74(broker, fleet, tmp_path):
     store = tmp_path / "agg.sqlite"
-    result = run_aggregator(broker.url, fleet, store, file_size_limit=64 * 1024)
+    result = run_aggregator(broker.url, fleet, store, file_size_limit=64 * 1024, store_flag=False)  # FEDGE_STORE names it
     assert result.returncode == EXIT_STORAGE, result.stderr
     line = one_line(result.stderr)
     assert line.startswith("fedge aggregator: error: the store ") and str(store) in line
