@@ -10,6 +10,8 @@
   topics are emptied once it is answered; a global model that arrives as a manifest is fetched
   chunk by chunk and used only when complete and verified (fedge_contract/chunks.py).
 - conditions: when the gate's eligibility flips, re-publishes presence (conditions, why not).
+- settle: on the final model, waits briefly for the last receipts, then drops what is still
+  unanswered; every update dropped unanswered is a WARNING and counted in presence (edge_agent/settle.py).
 
 The agent's own files (the outbox's writes, reads and removes, the residual, the state) are read
 and written on a thread, one operation at a time in the order the loop asked for them
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -43,6 +46,7 @@ from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.outbox import Outbox
 from edge_agent.residuals import Residuals
 from edge_agent.seeds import training_seed
+from edge_agent.settle import Settlement
 from edge_agent.state import AgentState
 from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
@@ -122,6 +126,8 @@ class Agent:
         self._chunked: dict[str, int] = {}  # update id -> chunks published retained (cleared once answered)
         self._to_clear: dict[str, int] = {}  # the same, for answered updates whose chunks the upload task clears
         self._disk = asyncio.Lock()  # one file operation at a time, in the order asked (see the module docstring)
+        self._settlement = Settlement(config.client_id, self._outbox, self._state, self._state_path, on_disk=self._on_disk,
+                                      forget=self._answered, announce=self._presence_if_connected, grace=config.final_receipt_grace)
 
     def stop(self) -> None:
         self._stop.set()
@@ -134,7 +140,7 @@ class Agent:
     async def run(self) -> None:
         """Serve until ``stop()`` (or the final model, with ``exit_when_final``)."""
         await self._load_task()
-        offline = Presence(self.config.fleet, self.config.client_id, "offline", AGENT_VERSION)
+        offline = Presence(self.config.fleet, self.config.client_id, "offline", AGENT_VERSION, dropped=self._settlement.dropped)
         async with Connection(
             self.config.broker,
             f"fedge-agent-{self.config.client_id}",
@@ -155,6 +161,7 @@ class Agent:
                     group.create_task(self._train_loop(), name="train"),
                     group.create_task(self._upload_loop(), name="upload"),
                     group.create_task(self._watch_conditions(), name="conditions"),
+                    group.create_task(self._settlement.run(self.stop if self.config.exit_when_final else lambda: None), name="settle"),
                 ]
                 await self._stop.wait()
                 await cancel_and_wait(tasks)
@@ -162,6 +169,7 @@ class Agent:
             if conn.connected.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
+                        offline = dataclasses.replace(offline, dropped=self._settlement.dropped)
                         await conn.publish(self.topics.presence(self.config.client_id), offline.to_bytes(), retain=True)
 
     async def _load_task(self) -> None:
@@ -200,9 +208,14 @@ class Agent:
         why_not = self.stats.last_error or self.gate.why_not()
         presence = Presence(
             self.config.fleet, self.config.client_id, "online", AGENT_VERSION,
-            eligible=not why_not, why_not=why_not, device=self._device(),
+            eligible=not why_not, why_not=why_not, device=self._device(), dropped=self._settlement.dropped,
         )
         await self._conn.publish(self.topics.presence(self.config.client_id), presence.to_bytes(), retain=True)
+
+    async def _presence_if_connected(self) -> None:
+        conn: Connection | None = getattr(self, "_conn", None)  # None before run() connects
+        if conn is not None and conn.connected.is_set():  # else the next connection publishes it
+            await self._publish_presence()
 
     async def _dispatch(self) -> None:
         while True:
@@ -267,13 +280,13 @@ class Agent:
         if self.stats.last_error:
             self.stats.last_error = ""
             await self._publish_presence()
-        for update_id in await self._on_disk(self._outbox.drop_before, model.round - (staleness_window(model) or 0)):
-            log.info("%s: dropped update %s, its round is over", self.config.client_id, update_id)
-            self._answered(update_id)
+        await self._settlement.round_over(model.round - (staleness_window(model) or 0))
+        self._settlement.on_model(final=model.final)
         if model.final:
             log.info("%s: training finished at model v%d", self.config.client_id, model.model_version)
-            if self.config.exit_when_final:
-                self.stop()
+            self._latest = None  # no more training: a model being trained is superseded
+            if self._abort is not None:
+                self._abort.set()
             return
         if model.model_version > self._state.trained_version:
             self._latest = model
@@ -311,6 +324,7 @@ class Agent:
             return
         self._answered(receipt.update_id)
         removed: bool = await self._on_disk(self._outbox.remove, receipt.update_id)
+        self._settlement.answered()
         if removed:
             level = logging.INFO if receipt.status in (ReceiptStatus.ACCEPTED, ReceiptStatus.DUPLICATE) else logging.WARNING
             log.log(level, "%s: update %s %s %s", self.config.client_id, receipt.update_id, receipt.status.value, receipt.reason,

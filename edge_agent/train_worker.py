@@ -161,8 +161,11 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 
 def _child_main(stdin_fd: int, stdout: BinaryIO) -> int:
-    (length,) = _HEADER.unpack(_read_exact(stdin_fd, _HEADER.size))
-    request = msgpack.unpackb(_read_exact(stdin_fd, length), raw=False)
+    try:
+        (length,) = _HEADER.unpack(_read_exact(stdin_fd, _HEADER.size))
+        request = msgpack.unpackb(_read_exact(stdin_fd, length), raw=False)
+    except EOFError:
+        return 0  # the agent died before its job was sent: nothing to do, nobody to tell
     logging.basicConfig(level=str(request.get("log_level", "warning")).upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[train] %(message)s")
     for entry in reversed(request.get("sys_path", [])):
@@ -182,9 +185,24 @@ def _child_main(stdin_fd: int, stdout: BinaryIO) -> int:
     except Exception as exc:  # the parent turns this into a clear TrainingFailed
         log.debug("training failed", exc_info=True)
         reply = {"ok": False, "kind": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    stdout.write(pack_frame(reply))
-    stdout.flush()
+    try:
+        stdout.write(pack_frame(reply))
+        stdout.flush()
+    except BrokenPipeError:
+        _orphaned(stdout)
     return 0
+
+
+def _orphaned(stdout: BinaryIO) -> None:
+    """The agent is gone (killed mid-training): its answer has no reader. One debug line, no traceback.
+
+    The reply's descriptor is pointed at /dev/null, so the buffered bytes that closing it at exit
+    flushes cannot raise a second BrokenPipeError ("Exception ignored ...") either.
+    """
+    log.debug("the agent is gone: nobody reads this training's result")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stdout.fileno())
+    os.close(devnull)
 
 
 def _serve(request: dict[str, Any], stdin_fd: int) -> dict[str, Any]:

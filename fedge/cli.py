@@ -21,6 +21,7 @@ from aggregator.errors import AggregatorError
 from broker.errors import BrokerError
 from edge_agent.errors import AgentError
 from fedge.errors import CommandError
+from fedge.failures import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_STORAGE, EXIT_USAGE, storage_failure
 from fedge.peak_memory import report_at_exit
 from fedge.running import run_until_stopped as _run
 from fedge_contract.errors import ContractError
@@ -96,7 +97,7 @@ def chaos_options(args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedge", description="Federated learning for fleets of edge devices over MQTT.")
+    parser = argparse.ArgumentParser(prog="fedge", description="Federated learning for fleets of edge devices over MQTT.", epilog=EXIT_CODES_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -220,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        return 130
-    except USER_ERRORS as exc:
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        failure = storage_failure(exc, getattr(args, "store", None))  # a full, read-only or broken store (fedge/failures.py)
+        if failure is None and not isinstance(exc, USER_ERRORS):
+            raise  # a bug: keep its traceback
         log.debug("fatal", exc_info=True)
-        print(f"fedge {args.command}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
-        return 2
+        print(f"fedge {args.command}: error: {failure or ' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        return EXIT_STORAGE if failure else EXIT_USAGE
 
 
 def _run_broker(args: argparse.Namespace) -> int:
@@ -249,6 +253,7 @@ def _run_aggregator(args: argparse.Namespace) -> int:
     from fedge_runtime.allocator import keep_large_buffers
 
     config = aggregator_config(args)
+    args.store = config.store  # the store as resolved (flag, FEDGE_STORE or the file): a failing one is named by it
     keep_large_buffers()
     return _run(Coordinator(config).run())
 

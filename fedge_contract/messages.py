@@ -391,11 +391,14 @@ class Presence:
     eligible: bool | None = None
     why_not: str = ""
     device: Mapping[str, Any] = field(default_factory=dict)
+    # Updates this device dropped unanswered because their round was over, ever (issue 19). Optional
+    # both ways: older agents send none (read as 0), older readers ignore the key.
+    dropped: int = 0
 
     def to_bytes(self) -> bytes:
         return _json_bytes(self.TYPE, self.fleet, {
             "client_id": self.client_id, "state": self.state, "agent_version": self.agent_version,
-            "eligible": self.eligible, "why_not": self.why_not, "device": dict(self.device),
+            "eligible": self.eligible, "why_not": self.why_not, "device": dict(self.device), "dropped": self.dropped,
         })
 
     @classmethod
@@ -412,6 +415,7 @@ class Presence:
             eligible=reader.take("eligible", bool, default=None, nullable=True),
             why_not=reader.take("why_not", str, default=""),
             device=_scalars(reader.take("device", dict, default={}), "presence.device", (bool, float, str)),
+            dropped=reader.nonneg_int("dropped", default=0),
         )
 
 
