@@ -48,17 +48,16 @@ class EvalReport:
     @classmethod
     def from_bytes(cls, payload: bytes, *, fleet: str | None = None) -> EvalReport:
         reader = _json_reader(payload, cls.TYPE, fleet)
-        values = {
-            "fleet": reader.take("fleet", str),
-            "client_id": reader.take("client_id", str),
-            "model_version": reader.nonneg_int("model_version"),
-            "num_samples": reader.take("num_samples", int),
-            "loss": reader.take("loss", float),
-            "accuracy": reader.take("accuracy", float),
-            "seconds": reader.take("seconds", float, default=0.0),
-        }
         try:
-            return cls(**values)
+            return cls(
+                fleet=reader.take("fleet", str),
+                client_id=reader.take("client_id", str),
+                model_version=reader.nonneg_int("model_version"),
+                num_samples=reader.take("num_samples", int),
+                loss=reader.take("loss", float),
+                accuracy=reader.take("accuracy", float),
+                seconds=reader.take("seconds", float, default=0.0),
+            )
         except ValueError as exc:
             raise DecodeError(Reason.BAD_VALUE, str(exc)) from None
 
