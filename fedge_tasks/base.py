@@ -43,6 +43,14 @@ class Task(Protocol):
 
     def train_data(self, client_id: str) -> Any: ...
 
+    # Optional (see above): declared for type checkers; ``load_task`` does not require it.
+    def eval_data(self, client_id: str | None = None) -> Any: ...
+
+
+def is_task(obj: object) -> bool:
+    """Whether ``obj`` has what every task must have (``build_model``, ``train_data``); the rest is optional."""
+    return all(callable(getattr(obj, name, None)) for name in ("build_model", "train_data"))
+
 
 def server_eval_data(task: object) -> Any | None:
     """The aggregator's held-out set: ``task.eval_data()``, or None when the task has none."""
@@ -85,7 +93,7 @@ def load_task(spec: str, options: Mapping[str, str] | None = None) -> Task:
         obj = getattr(module, attr)
     except AttributeError:
         raise TaskLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if isinstance(obj, Task) and not isinstance(obj, type):
+    if is_task(obj) and not isinstance(obj, type):
         if options:
             raise TaskLoadError(f"task {spec!r} is an instance: it takes no options, got {sorted(options)}")
         return obj
@@ -95,7 +103,7 @@ def load_task(spec: str, options: Mapping[str, str] | None = None) -> Task:
         task = obj(**_coerce(obj, options))
     except TypeError as exc:
         raise TaskLoadError(f"task {spec!r} refused its options {options}: {exc}") from exc
-    if not isinstance(task, Task):
+    if not is_task(task):
         raise TaskLoadError(f"task {spec!r} returned {type(task).__name__}, which lacks build_model/train_data")
     return task
 
