@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "training is serialised here, so stragglers only matter when this dominates)")
     _chaos_flags(p)
     p.add_argument("--out", type=Path, help="report folder (default runs/sim-<time>)")
-    p.add_argument("--agent-procs", "--hosts", type=int, default=1, help="processes hosting the agents (each its own MQTT connections)")
+    p.add_argument("--agent-procs", "--hosts", type=int,
+                   help="processes hosting the agents, each agent with its own MQTT connection "
+                        "(default 1; synthetic: one per 2,500 agents)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines, only the final table")
     group = p.add_argument_group("synthetic load (measure the transport and the aggregator, not learning)")
     group.add_argument("--synthetic", action="store_true",
@@ -352,7 +354,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 def simulation_options(args: argparse.Namespace) -> Any:
     """The SimulationOptions of `fedge simulate`'s arguments; the aggregator settings among them are validated here."""
-    from fedge.simulate.runner import SimulationOptions
+    from fedge.simulate.runner import SimulationOptions, default_agent_procs
 
     passed = _aggregator_passthrough(args)
     training = {key.partition(".")[2]: passed.pop(key) for key in list(passed) if key.startswith("training.")}
@@ -377,7 +379,7 @@ def simulation_options(args: argparse.Namespace) -> Any:
         emulated_train_seconds=args.emulated_train_seconds,
         chaos=chaos_options(args),
         out=args.out,
-        agent_procs=args.agent_procs,
+        agent_procs=args.agent_procs or default_agent_procs(args.agents, args.synthetic),
         quiet=args.quiet,
         log_level=args.log_level,
         log_json=args.log_json,

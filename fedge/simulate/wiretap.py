@@ -12,6 +12,8 @@ import collections
 import time
 from dataclasses import dataclass, field
 
+import msgpack
+
 from fedge_contract import DecodeError, GlobalModel, RoundState, RoundStatus, Topics, Update
 from fedge_contract.mqtt import BrokerAddress, Subscriber
 
@@ -25,6 +27,7 @@ class RoundTraffic:
     global_payloads: list[int] = field(default_factory=list)
     opened_at: float | None = None
     closed_at: float | None = None
+    selection_bytes: int = 0  # the largest cohort field announced for the round (an extension re-announces a larger one)
 
 
 class WireTap(Subscriber):
@@ -59,7 +62,10 @@ class WireTap(Subscriber):
         if model.final:
             self.final_global_bytes += len(payload) * self.subscribers
         else:
-            self.rounds[model.round].global_payloads.append(len(payload))
+            traffic = self.rounds[model.round]
+            traffic.global_payloads.append(len(payload))
+            if model.cohort is not None:
+                traffic.selection_bytes = max(traffic.selection_bytes, len(msgpack.packb({"cohort": model.cohort.to_wire()})))
 
     def _on_update(self, payload: bytes) -> None:
         try:
