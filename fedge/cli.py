@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--min", dest="min_updates", type=int, help="updates needed to close at the deadline (default: the target)")
     group.add_argument("--deadline", type=float, default=60.0, help="seconds a round stays open before closing or extending")
     aggregator_settings().add_flags(p, include=_passed_to_aggregator)  # the aggregator's own flags, passed on to it
+    p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="another option for the task, e.g. min_samples=5 (digits over 100 devices at alpha 0.5)")
     p.add_argument("--stragglers", type=float, default=0.0, help="fraction of agents made --slowdown times slower (default 0)")
     p.add_argument("--slowdown", type=float, default=5.0, help="how much slower the stragglers are (default 5)")
     p.add_argument("--emulated-train-seconds", type=float, default=0.0,
@@ -355,6 +357,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
 def simulation_options(args: argparse.Namespace) -> Any:
     """The SimulationOptions of `fedge simulate`'s arguments; the aggregator settings among them are validated here."""
     from fedge.simulate.runner import SimulationOptions, default_agent_procs
+    from fedge_tasks.base import parse_options
 
     passed = _aggregator_passthrough(args)
     training = {key.partition(".")[2]: passed.pop(key) for key in list(passed) if key.startswith("training.")}
@@ -387,5 +390,6 @@ def simulation_options(args: argparse.Namespace) -> Any:
         params=args.params,
         downloads=args.downloads,
         workers=int(workers) if workers is not None else None,
+        task_extra=parse_options(args.task_opt),
     ))
     return options

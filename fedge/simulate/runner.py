@@ -67,6 +67,7 @@ class SimulationOptions:
     params: int = 1_000_000
     downloads: str = "host"  # synthetic: who downloads the global model, each host once or every agent
     workers: int | None = None  # passed to `fedge aggregator --workers` when given
+    task_extra: dict[str, str] = field(default_factory=dict)  # more task options (e.g. digits' min_samples=5 for 100 devices)
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.rounds < 1:
@@ -110,7 +111,7 @@ class SimulationOptions:
             opts: dict[str, Any] = {"params": self.params, "init_seed": self.seed}
         else:
             opts = {"clients": self.agents, "alpha": self.alpha, "seed": self.seed, "init_seed": self.seed}
-        return [f"--task-opt={k}={v}" for k, v in opts.items()]
+        return [f"--task-opt={k}={v}" for k, v in {**opts, **self.task_extra}.items()]
 
     @property
     def global_subscribers(self) -> int:
@@ -360,6 +361,7 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
                 round=number, accuracy=metrics.get("accuracy", float("nan")), loss=metrics.get("loss", float("nan")),
                 participants=int(stored[number]["accepted"]), bytes_up=bytes_up, bytes_down=tap.bytes_down(number),
                 updates_published=updates, seconds=seconds, selection_bytes=traffic.selection_bytes, trained=trained, evals=evals,
+                train_seconds=None if options.synthetic else traffic.train_seconds,
             )
         )
     peaks = {"orchestrator": peak_rss_mib()}

@@ -28,6 +28,8 @@ class RoundTraffic:
     opened_at: float | None = None
     closed_at: float | None = None
     selection_bytes: int = 0  # the largest cohort field announced for the round (an extension re-announces a larger one)
+    train_seconds: float = 0.0  # devices' training time, as their updates report it (resends counted once per update id)
+    update_ids: set[str] = field(default_factory=set)
 
 
 class WireTap(Subscriber):
@@ -69,12 +71,16 @@ class WireTap(Subscriber):
 
     def _on_update(self, payload: bytes) -> None:
         try:
-            round_no = Update.from_bytes(payload, max_bytes=_MAX).round
+            update = Update.from_bytes(payload, max_bytes=_MAX)
         except DecodeError:
             self.unattributed_bytes += len(payload)
             return
-        self.rounds[round_no].updates += 1
-        self.rounds[round_no].bytes_up += len(payload)
+        traffic = self.rounds[update.round]
+        traffic.updates += 1
+        traffic.bytes_up += len(payload)
+        if update.update_id not in traffic.update_ids:
+            traffic.update_ids.add(update.update_id)
+            traffic.train_seconds += float(update.metrics.get("train_seconds", 0.0))
 
     def _on_status(self, payload: bytes, now: float) -> None:
         status = RoundStatus.from_bytes(payload)
