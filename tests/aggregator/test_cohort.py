@@ -172,3 +172,22 @@ def test_candidates_from_presence_and_extension_size():
     assert extension_size(policy, accepted=200, outstanding=0) == 0
     with pytest.raises(ValueError):
         CohortPolicy(target=0)
+
+
+def test_privacy_accounting_from_the_selections_rates():
+    pytest.importorskip("opacus")
+    from aggregator.cohort_privacy import epsilon_announced, epsilon_over_rounds
+    from aggregator.privacy import PrivacyParams
+
+    selector = CohortSelector(CohortPolicy(target=200, seed=0))
+    devices = [Candidate(f"agent-{i}") for i in range(10_000)]
+    rates = [selector.select(r, devices).sampling_rate for r in range(1, 31)]
+    assert all(0.026 <= q < 0.2 for q in rates) and list(selector.rates.values()) == rates
+    uniform = PrivacyParams(noise_multiplier=1.0, clip_norm=1.0, sample_rate=rates[0]).epsilon(30)
+    assert epsilon_over_rounds([rates[0]] * 30, 1.0, 1e-5) == pytest.approx(uniform)
+    assert epsilon_over_rounds(rates, 1.0, 1e-5) >= uniform  # later rounds favour devices left out: larger q
+    announced = epsilon_announced(selector.max_invitations(), 1.0, 1e-5)
+    assert announced == pytest.approx(PrivacyParams(noise_multiplier=1.0, clip_norm=1.0).epsilon(selector.max_invitations()))
+    assert epsilon_over_rounds([], 1.0, 1e-5) == 0.0
+    with pytest.raises(ValueError):
+        epsilon_over_rounds([0.0], 1.0, 1e-5)
