@@ -20,13 +20,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from fedge_contract import GlobalModel, Topics
+from fedge_contract.cohort import Participation
 from fedge_contract.evaluation import EvalReport
 
 log = logging.getLogger("fedge.agent")
 
-__all__ = ["EvalOutcome", "Evaluations", "Plan", "plan"]
+__all__ = ["Announcement", "EvalOutcome", "Evaluations", "Plan", "plan"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,22 @@ class Plan:
     evaluate: bool  # this device is asked to evaluate the announced model
 
 
-def plan(model: GlobalModel, client_id: str) -> Plan:
+class Announcement(Protocol):
+    """What ``plan`` reads: a GlobalModel, or a GlobalDelta once it carries ``cohort`` too."""
+
+    @property
+    def fleet(self) -> str: ...
+    @property
+    def round(self) -> int: ...
+    @property
+    def model_version(self) -> int: ...
+    @property
+    def final(self) -> bool: ...
+    @property
+    def cohort(self) -> Participation | None: ...
+
+
+def plan(model: Announcement, client_id: str) -> Plan:
     cohort = model.cohort
     if cohort is None:
         return Plan(train=not model.final, evaluate=False)
