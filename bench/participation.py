@@ -12,6 +12,8 @@ processes), compared inside one invocation:
 - ``training``: digits, 100 devices (Dirichlet 0.5; ``min_samples=5``, the only way digits splits
   100 ways at 0.5), target 20, 30 rounds: accuracy after 30 rounds, rounds to 0.90 and
   device-seconds of training, ``everyone`` against ``cohort``.
+- ``in_process``: the same comparison in one process, with the agents' trainer, the selection
+  rule and FedAvg, both arms: what the wired aggregator should reach.
 - ``federated_eval``: for every model version of the ``everyone`` training run, the server's
   held-out accuracy against the federated accuracy the devices asked by the hash rule
   (``--eval-fraction``) report on their own held-out splits (computed here with the agents' own
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sqlite3
 import statistics
 import subprocess
@@ -115,6 +118,66 @@ def training_arm(agents: int, target: int, rounds: int, over_select: float | Non
     }
 
 
+# ---------------------------------------------------------------------- training in one process (the goal, before the aggregator selects)
+
+
+def training_in_process(agents: int, target: int, rounds: int, over_select: float | None, seed: int = 0) -> dict[str, Any]:
+    """The same comparison with the agents' trainer, the selection rule and FedAvg in one process:
+    who trains each round is the cohort (or everyone), the first ``target`` to finish are folded
+    (finishing order: a seeded shuffle per round, the devices being equally fast), the rest are
+    stale. Uncompressed deltas. Shows what the wired aggregator should reach."""
+    from aggregator.cohort import Candidate, CohortPolicy, CohortSelector
+    from aggregator.fold import WeightedSum
+    from aggregator.strategies import FedAvg
+    from edge_agent.trainer import LocalTrainer
+    from fedge_contract import GlobalModel, TaskConfig
+    from fedge_contract.codecs import encode_weights, parse_chain
+    from fedge_contract.tensors import ModelSpec
+    from fedge_tasks.base import server_eval_data
+    from fedge_tasks.digits import DigitsTask
+    from fedge_tasks.loops import evaluate
+    from fedge_tasks.runtime import limit_torch_threads
+    from fedge_tasks.weights import get_weights, set_weights
+
+    limit_torch_threads(1)  # as every agent does: torch's default threads spin for ms per call on 2 cores
+    task = DigitsTask(clients=agents, alpha=0.5, seed=seed, init_seed=seed, min_samples=5)
+    training = TaskConfig(**{**task.suggested_training(), "codec": "none"})
+    ids = [f"agent-{i}" for i in range(agents)]
+    trainers = {c: LocalTrainer(task, c, seed) for c in ids}
+    weights = get_weights(task.build_model())
+    spec = ModelSpec.of(weights)
+    eval_model, eval_data = task.build_model(), server_eval_data(task)
+    selector = CohortSelector(CohortPolicy(target=target, over_select=over_select or 1.0, seed=seed))
+    curve, seconds, batches, trained, wasted = [], 0.0, 0, 0, 0
+    counts = dict.fromkeys(ids, 0)
+    for number in range(1, rounds + 1):
+        cohort = sorted(selector.select(number, [Candidate(c) for c in ids]).invited) if over_select else ids
+        model = GlobalModel(FLEET, number - 1, number, None, training, spec.fingerprint, encode_weights(weights, parse_chain("none")))
+        finished = []
+        for client in cohort:
+            local = trainers[client].run(model, lambda: True)
+            assert local is not None
+            seconds += local.result.seconds
+            batches += local.result.batches
+            finished.append((client, local))
+        random.Random(f"{seed}:arrival:{number}").shuffle(finished)
+        total = WeightedSum(spec)
+        for client, local in finished[:target]:
+            total.add(local.delta, float(local.result.num_samples))
+            counts[client] += 1
+        trained, wasted = trained + len(finished), wasted + max(0, len(finished) - target)
+        weights = FedAvg().apply(weights, total.mean())
+        set_weights(eval_model, weights)
+        curve.append(float(evaluate(eval_model, eval_data)["accuracy"]))
+    to_090 = next((i + 1 for i, a in enumerate(curve) if a >= 0.90), None)
+    return {
+        "arm": "cohort" if over_select else "everyone", "over_select": over_select, "final_accuracy": round(curve[-1], 4),
+        "rounds_to_090": to_090, "trained_per_round": trained / rounds, "wasted_per_round": wasted / rounds,
+        "device_train_seconds": round(seconds, 2), "device_train_batches": batches, "folded_per_device_stdev": round(statistics.pstdev(counts.values()), 2),
+        "accuracy": [round(a, 4) for a in curve],
+    }
+
+
 # ---------------------------------------------------------------------- federated vs server evaluation
 
 
@@ -169,7 +232,7 @@ def federated_vs_server(store: Path, agents: int, fraction: float) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["fleet", "training", "federated_eval", "all"], default="all")
+    parser.add_argument("--part", choices=["fleet", "training", "in_process", "federated_eval", "all"], default="all")
     parser.add_argument("--agents", type=int, default=10_000)
     parser.add_argument("--target", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=10)
@@ -187,6 +250,9 @@ def main() -> None:
         if args.part in ("fleet", "all"):
             result["fleet"] = {"everyone": fleet_arm(args.agents, args.target, args.rounds, args.params, None, tmp),
                                "cohort": fleet_arm(args.agents, args.target, args.rounds, args.params, 1.3, tmp) if selects else pending}
+        if args.part in ("in_process", "all"):
+            result["in_process"] = {arm: training_in_process(args.train_agents, args.train_target, args.train_rounds, over)
+                                    for arm, over in (("everyone", None), ("cohort", 1.3))}
         if args.part in ("training", "federated_eval", "all"):
             everyone = training_arm(args.train_agents, args.train_target, args.train_rounds, None, tmp)
             if args.part in ("training", "all"):
