@@ -1,9 +1,11 @@
 """Issue 15's benchmark: who trains, who wastes, who evaluates. Prints JSON.
 
-Three parts, each a real ``fedge simulate`` run on this machine (broker, aggregator and agent
-processes), compared inside one invocation:
+The parts, compared inside one invocation on this machine:
 
-- ``fleet``: 10,000 synthetic devices (one MQTT connection each, a few host processes), target
+- ``fanout``: one announcement (nobody invited) to 10,000 synthetic devices with a connection
+  each, on a real Mosquitto and no aggregator: connect time, first and last arrival, memory.
+
+- ``fleet`` (a ``fedge simulate`` run, as the rest): 10,000 synthetic devices (one MQTT connection each, a few host processes), target
   200, 10 rounds. Per round: seconds, devices that trained, wasted updates (trained but never
   folded: stale, not invited, superseded), bytes of the selection in the announcement; the
   aggregator's, broker's and hosts' peak memory, the connect time, and the fan-out of each
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sqlite3
 import statistics
@@ -94,6 +97,77 @@ def fleet_arm(agents: int, target: int, rounds: int, params: int, over_select: f
                          "hosts": {k: round(v, 1) for k, v in peaks.items() if k.startswith("agents")}},
         "connect_seconds": {k: round(v.get("connect_seconds", float("nan")), 1) for k, v in report.get("hosts", {}).items()},
         "rounds": per_round,
+    }
+
+
+# ---------------------------------------------------------------------- fan-out alone (no aggregator)
+
+
+async def fanout(agents: int, hosts: int, params: int, tmp: Path) -> dict[str, Any]:
+    """One announcement to ``agents`` synthetic devices, one MQTT connection each, nobody invited:
+    what a round costs a broker in downloads when only a cohort uploads. The bench publishes the
+    announcement and the final model back to back (each subscriber gets them in order) and reads
+    when each host's first and last device got the announcement from the hosts' ledgers."""
+    import asyncio
+
+    from broker import LocalBroker
+    from fedge.peak_memory import ENV as PEAK_ENV
+    from fedge.peak_memory import proc_peak_rss_mib
+    from fedge.simulate.limits import raise_fd_limit
+    from fedge_contract import GlobalModel, Presence, TaskConfig, Topics
+    from fedge_contract.codecs import encode_weights, parse_chain
+    from fedge_contract.cohort import InviteSet, Participation
+    from fedge_contract.mqtt import BrokerAddress, make_client
+    from fedge_contract.tensors import ModelSpec
+    from fedge_tasks.synthetic import SyntheticTask
+    from fedge_tasks.weights import get_weights
+
+    raise_fd_limit(agents + 512)
+    topics, ids = Topics(FLEET), [f"agent-{i}" for i in range(agents)]
+    weights = get_weights(SyntheticTask(params=params).build_model())
+    spec = ModelSpec.of(weights)
+    nobody = Participation(InviteSet.of([], fleet=FLEET, round_no=1, bits=20))
+
+    def announcement(final: bool) -> bytes:
+        return GlobalModel(FLEET, 0 if not final else 1, 1, None, TaskConfig(), spec.fingerprint,
+                           encode_weights(weights, parse_chain("none")), final=final, cohort=nobody).to_bytes()
+
+    async with LocalBroker(data_dir=tmp / "fanout-broker") as broker:
+        address = BrokerAddress.parse(broker.url)
+        started = time.monotonic()
+        procs = []
+        for h in range(hosts):
+            env = {**os.environ, PEAK_ENV: str(tmp / f"fanout-host-{h}.peak.json")}
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "fedge", "_agent-host", "--synthetic", f"--broker={broker.url}", f"--fleet={FLEET}",
+                f"--client-ids={','.join(ids[h::hosts])}", f"--state-root={tmp}", "--downloads=all",
+                f"--ledger={tmp / f'fanout-host-{h}.json'}", "--log-level=warning", env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+        async with make_client(address, "fedge-bench-fanout", persistent=False) as client:
+            await client.subscribe(topics.all_presence, qos=1)
+            online: set[str] = set()
+            async for message in client.messages:
+                presence = Presence.from_bytes(message.payload)  # type: ignore[arg-type]
+                (online.add if presence.state == "online" else online.discard)(presence.client_id)
+                if len(online) == agents:
+                    break
+            connected = time.monotonic() - started
+            payload = announcement(final=False)
+            sent = time.time()
+            await client.publish(topics.global_model, payload, qos=1, retain=True)
+            await client.publish(topics.global_model, announcement(final=True), qos=1, retain=True)
+            for proc in procs:
+                await proc.wait()
+        broker_peak = proc_peak_rss_mib(broker.pid) if broker.pid else None
+    ledgers = [json.loads((tmp / f"fanout-host-{h}.json").read_text()) for h in range(hosts)]
+    arrivals = [ledger["rounds"]["1"] for ledger in ledgers]
+    peaks = [json.loads((tmp / f"fanout-host-{h}.peak.json").read_text())["peak_rss_mib"] for h in range(hosts)]
+    return {
+        "agents": agents, "hosts": hosts, "announcement_bytes": len(payload), "bytes_to_devices": len(payload) * agents,
+        "connect_seconds": round(connected, 1), "first_arrival_seconds": round(min(a["model_first"] for a in arrivals) - sent, 2),
+        "last_arrival_seconds": round(max(a["model_last"] for a in arrivals) - sent, 2),
+        "trained": int(sum(a["trained"] for a in arrivals)),
+        "peak_rss_mib": {"mosquitto": round(broker_peak or float("nan"), 1), "hosts": [round(p, 1) for p in peaks]},
     }
 
 
@@ -173,7 +247,8 @@ def training_in_process(agents: int, target: int, rounds: int, over_select: floa
     return {
         "arm": "cohort" if over_select else "everyone", "over_select": over_select, "final_accuracy": round(curve[-1], 4),
         "rounds_to_090": to_090, "trained_per_round": trained / rounds, "wasted_per_round": wasted / rounds,
-        "device_train_seconds": round(seconds, 2), "device_train_batches": batches, "folded_per_device_stdev": round(statistics.pstdev(counts.values()), 2),
+        "device_train_seconds": round(seconds, 2), "device_train_batches": batches,
+        "folded_per_device_stdev": round(statistics.pstdev(counts.values()), 2),
         "accuracy": [round(a, 4) for a in curve],
     }
 
@@ -232,7 +307,7 @@ def federated_vs_server(store: Path, agents: int, fraction: float) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["fleet", "training", "in_process", "federated_eval", "all"], default="all")
+    parser.add_argument("--part", choices=["fanout", "fleet", "training", "in_process", "federated_eval", "all"], default="all")
     parser.add_argument("--agents", type=int, default=10_000)
     parser.add_argument("--target", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=10)
@@ -247,6 +322,10 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "participation", "aggregator_selects": selects}
     with tempfile.TemporaryDirectory(prefix="fedge-participation-") as folder:
         tmp = Path(folder)
+        if args.part in ("fanout", "all"):
+            import asyncio
+
+            result["fanout"] = asyncio.run(fanout(args.agents, -(-args.agents // 2500), args.params, tmp))
         if args.part in ("fleet", "all"):
             result["fleet"] = {"everyone": fleet_arm(args.agents, args.target, args.rounds, args.params, None, tmp),
                                "cohort": fleet_arm(args.agents, args.target, args.rounds, args.params, 1.3, tmp) if selects else pending}
