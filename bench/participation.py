@@ -200,9 +200,9 @@ def training_in_process(agents: int, target: int, rounds: int, over_select: floa
     who trains each round is the cohort (or everyone), the first ``target`` to finish are folded
     (finishing order: a seeded shuffle per round, the devices being equally fast), the rest are
     stale. Uncompressed deltas. Shows what the wired aggregator should reach."""
+    from aggregator.aggregation.fold import WeightedSum
+    from aggregator.aggregation.strategies import FedAvg
     from aggregator.cohort import Candidate, CohortPolicy, CohortSelector
-    from aggregator.fold import WeightedSum
-    from aggregator.strategies import FedAvg
     from edge_agent.trainer import LocalTrainer
     from fedge_contract import GlobalModel, TaskConfig
     from fedge_contract.codecs import encode_weights, parse_chain

@@ -176,8 +176,8 @@ def test_candidates_from_presence_and_extension_size():
 
 def test_privacy_accounting_from_the_selections_rates():
     pytest.importorskip("opacus")
+    from aggregator.aggregation.privacy import PrivacyParams
     from aggregator.cohort_privacy import epsilon_announced, epsilon_over_rounds
-    from aggregator.privacy import PrivacyParams
 
     selector = CohortSelector(CohortPolicy(target=200, seed=0))
     devices = [Candidate(f"agent-{i}") for i in range(10_000)]
