@@ -44,11 +44,13 @@ from edge_agent.conditions import AlwaysEligible, Gate
 from edge_agent.config import AgentConfig
 from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.outbox import Outbox
+from edge_agent.participation import EvalOutcome, Evaluations
+from edge_agent.participation import plan as participation_plan
 from edge_agent.residuals import Residuals
 from edge_agent.seeds import training_seed
 from edge_agent.settle import Settlement
 from edge_agent.state import AgentState
-from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
+from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, evaluate_in_child, train_in_child
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.chunks import ChunkLimits, Manifest, is_manifest
@@ -59,6 +61,7 @@ from fedge_contract.tensors import ModelSpec
 from fedge_contract.transfer import ChunkReceiver, Received, Refused, clear_chunks, send_chunked
 
 if TYPE_CHECKING:
+    from edge_agent.evaluator import LocalEvaluator
     from edge_agent.trainer import LocalTrainer, LocalUpdate
     from fedge_tasks import Task
 
@@ -128,6 +131,12 @@ class Agent:
         self._disk = asyncio.Lock()  # one file operation at a time, in the order asked (see the module docstring)
         self._settlement = Settlement(config.client_id, self._outbox, self._state, self._state_path, on_disk=self._on_disk,
                                       forget=self._answered, announce=self._presence_if_connected, grace=config.final_receipt_grace)
+        self._evaluator: LocalEvaluator | None = None  # in-thread federated evaluation, made on first use
+        self.evaluations = Evaluations(config.client_id, self.topics, evaluate=self._evaluate, publish=self._publish_eval,
+                                       wait_eligible=self.gate.wait_eligible)  # edge_agent/participation.py
+        # On the final model: the outbox settled (receipts, else dropped and counted) and its evaluation reported, if asked.
+        self._final_settled = asyncio.Event()
+        self._final_evaluated = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
@@ -161,7 +170,9 @@ class Agent:
                     group.create_task(self._train_loop(), name="train"),
                     group.create_task(self._upload_loop(), name="upload"),
                     group.create_task(self._watch_conditions(), name="conditions"),
-                    group.create_task(self._settlement.run(self.stop if self.config.exit_when_final else lambda: None), name="settle"),
+                    group.create_task(self._settlement.run(self._final_settled.set), name="settle"),
+                    group.create_task(self.evaluations.run(), name="evaluate"),
+                    group.create_task(self._exit_when_final(), name="exit-when-final"),
                 ]
                 await self._stop.wait()
                 await cancel_and_wait(tasks)
@@ -182,7 +193,7 @@ class Agent:
         from fedge_tasks.runtime import limit_torch_threads
 
         limit_torch_threads(self.config.torch_threads)
-        task = self._task or load_task(self.config.task, self.config.task_options)
+        task = self._task = self._task or load_task(self.config.task, self.config.task_options)
         self._trainer = await asyncio.to_thread(LocalTrainer, task, self.config.client_id, self.config.seed)
         self._spec = self._trainer.spec
 
@@ -287,6 +298,11 @@ class Agent:
             self._latest = None  # no more training: a model being trained is superseded
             if self._abort is not None:
                 self._abort.set()
+            self._offer_eval(model, payload, then=self._final_evaluated.set)
+            return
+        self._offer_eval(model, payload)
+        if not participation_plan(model, self.config.client_id).train:
+            log.info("%s: round %d's cohort does not invite this device", self.config.client_id, model.round)
             return
         if model.model_version > self._state.trained_version:
             self._latest = model
@@ -296,6 +312,38 @@ class Agent:
                 self._abort.set()  # sync mode: the model being trained is superseded
         else:
             await self._resend_round(model.round)
+
+    async def _exit_when_final(self) -> None:
+        """With ``exit_when_final``: stop once the final model's outbox is settled and its evaluation reported."""
+        if not self.config.exit_when_final:
+            return
+        await self._final_settled.wait()
+        await self._final_evaluated.wait()
+        self.stop()
+
+    def _offer_eval(self, model: GlobalModel, payload: bytes, *, then: Callable[[], None] | None = None) -> None:
+        """Evaluate ``model`` if the announcement asks this device to (then ``then``); else ``then`` at once."""
+        if participation_plan(model, self.config.client_id).evaluate:
+            self.evaluations.offer(model, payload, then=then)
+        elif then is not None:
+            then()
+
+    async def _evaluate(self, model: GlobalModel, payload: bytes) -> EvalOutcome | None:
+        if self.config.isolate_training:
+            return await evaluate_in_child(self._job(), payload)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._evaluate_here, model)
+
+    def _evaluate_here(self, model: GlobalModel) -> EvalOutcome | None:
+        """Worker thread: federated evaluation with a model of its own (the trainer's stays untouched)."""
+        if self._evaluator is None:
+            from edge_agent.evaluator import LocalEvaluator
+
+            assert self._task is not None
+            self._evaluator = LocalEvaluator(self._task, self.config.client_id)
+        return self._evaluator.run(model)
+
+    async def _publish_eval(self, topic: str, payload: bytes) -> None:
+        await self._conn.publish(topic, payload)
 
     async def _resend_round(self, round_no: int) -> None:
         """A model we already trained on was announced again (round extended, or the aggregator

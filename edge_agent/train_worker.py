@@ -27,6 +27,7 @@ import msgpack
 import numpy as np
 
 from edge_agent.errors import FingerprintMismatch, TrainingFailed
+from edge_agent.participation import EvalOutcome
 from fedge_contract.frames import HEADER as _HEADER
 from fedge_contract.frames import pack_frame, read_frame
 from fedge_contract.messages import pack_weights, unpack_weights
@@ -107,6 +108,14 @@ async def train_in_child(job: TrainJob, model_payload: bytes, stop: StopSignal) 
         return None
     outcome = Outcome(**{f.name: reply[f.name] for f in dataclasses.fields(Outcome)})
     return ChildUpdate(unpack_weights(reply["delta"]), outcome)
+
+
+async def evaluate_in_child(job: TrainJob, model_payload: bytes) -> EvalOutcome | None:
+    """Evaluate the global model on this device's held-out split in a child (federated evaluation); None: no such data."""
+    reply = await _run_child({"kind": "evaluate", "model": model_payload, **_job_dict(job)}, None)
+    if not reply.get("evaluated"):
+        return None
+    return EvalOutcome(int(reply["num_samples"]), float(reply["loss"]), float(reply["accuracy"]), float(reply["seconds"]))
 
 
 def _job_dict(job: TrainJob) -> dict[str, Any]:
@@ -218,6 +227,8 @@ def _serve(request: dict[str, Any], stdin_fd: int) -> dict[str, Any]:
 
     limit_torch_threads(int(request["torch_threads"]))
     task = load_task(request["task"], request["task_options"])
+    if request["kind"] == "evaluate":
+        return _evaluate(task, request)
     before = psutil.Process().memory_info().rss
     trainer = LocalTrainer(task, request["client_id"], int(request["seed"]))
     data_mib = (psutil.Process().memory_info().rss - before) / 2**20
@@ -246,6 +257,17 @@ def _serve(request: dict[str, Any], stdin_fd: int) -> dict[str, Any]:
         "num_samples": result.num_samples, "loss": result.loss, "accuracy": result.accuracy,
         "seconds": result.seconds, "batches": result.batches, "peak_rss_mib": peak,
     }
+
+
+def _evaluate(task: Any, request: dict[str, Any]) -> dict[str, Any]:
+    from edge_agent.evaluator import LocalEvaluator
+    from fedge_contract import GlobalModel
+
+    model = GlobalModel.from_bytes(request["model"], max_bytes=int(request["max_model_bytes"]), fleet=request["fleet"])
+    outcome = LocalEvaluator(task, request["client_id"]).run(model)
+    if outcome is None:
+        return {"ok": True, "evaluated": False}
+    return {"ok": True, "evaluated": True, **dataclasses.asdict(outcome)}
 
 
 def main() -> int:

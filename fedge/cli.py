@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--min", dest="min_updates", type=int, help="updates needed to close at the deadline (default: the target)")
     group.add_argument("--deadline", type=float, default=60.0, help="seconds a round stays open before closing or extending")
     aggregator_settings().add_flags(p, include=_passed_to_aggregator)  # the aggregator's own flags, passed on to it
+    p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="another option for the task, e.g. min_samples=5 (digits over 100 devices at alpha 0.5)")
     p.add_argument("--stragglers", type=float, default=0.0, help="fraction of agents made --slowdown times slower (default 0)")
     p.add_argument("--slowdown", type=float, default=5.0, help="how much slower the stragglers are (default 5)")
     p.add_argument("--emulated-train-seconds", type=float, default=0.0,
@@ -160,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "training is serialised here, so stragglers only matter when this dominates)")
     _chaos_flags(p)
     p.add_argument("--out", type=Path, help="report folder (default runs/sim-<time>)")
-    p.add_argument("--agent-procs", "--hosts", type=int, default=1, help="processes hosting the agents (each its own MQTT connections)")
+    p.add_argument("--agent-procs", "--hosts", type=int,
+                   help="processes hosting the agents, each agent with its own MQTT connection "
+                        "(default 1; synthetic: one per 2,500 agents)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines, only the final table")
     group = p.add_argument_group("synthetic load (measure the transport and the aggregator, not learning)")
     group.add_argument("--synthetic", action="store_true",
@@ -357,7 +361,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 def simulation_options(args: argparse.Namespace) -> Any:
     """The SimulationOptions of `fedge simulate`'s arguments; the aggregator settings among them are validated here."""
-    from fedge.simulate.runner import SimulationOptions
+    from fedge.simulate.runner import SimulationOptions, default_agent_procs
+    from fedge_tasks.base import parse_options
 
     passed = _aggregator_passthrough(args)
     training = {key.partition(".")[2]: passed.pop(key) for key in list(passed) if key.startswith("training.")}
@@ -382,7 +387,7 @@ def simulation_options(args: argparse.Namespace) -> Any:
         emulated_train_seconds=args.emulated_train_seconds,
         chaos=chaos_options(args),
         out=args.out,
-        agent_procs=args.agent_procs,
+        agent_procs=args.agent_procs or default_agent_procs(args.agents, args.synthetic),
         quiet=args.quiet,
         log_level=args.log_level,
         log_json=args.log_json,
@@ -390,5 +395,6 @@ def simulation_options(args: argparse.Namespace) -> Any:
         params=args.params,
         downloads=args.downloads,
         workers=int(workers) if workers is not None else None,
+        task_extra=parse_options(args.task_opt),
     ))
     return options
