@@ -59,11 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedge.aggregator")
 
-# Seconds a resumed or re-announced round stays open at least: devices that were cut off (the
-# aggregator restarted, the broker restarted) need their reconnect backoff to come back and resend.
-RESEND_GRACE = 20.0
-
-
 def ingest_source(config: AggregatorConfig, ingest: Ingest, db: StoreAccess, spec: ModelSpec, *, answered: Answered) -> IngestSource:
     """This process's own ingest (``ingest.workers`` 0), or worker processes' (``ingest`` then holds the merged sum)."""
     if config.ingest.workers:
@@ -156,8 +151,9 @@ class Coordinator:
         while not self.model.done:
             rnd = await self.policy.open(self.model.version, self.clock(), self.db)
             if await self._open(rnd):  # a restart: devices cut off meanwhile need time to come back and resend
-                rnd.extend_to(self.clock() + RESEND_GRACE)
-            await self.announcer.announce(rnd)
+                await self._announce_with_grace(rnd)
+            else:
+                await self.announcer.announce(rnd)
             await self._collect(rnd)
             await self._close(rnd)
         await self.announcer.final()
@@ -273,9 +269,16 @@ class Coordinator:
         """
         rnd = self._collecting
         if self.conn.connections > 1 and rnd is not None:
-            rnd.extend_to(self.clock() + RESEND_GRACE)
             log.info("reconnected: re-announcing round %d", rnd.number)
-            await self.announcer.announce(rnd)
+            await self._announce_with_grace(rnd)
+
+    async def _announce_with_grace(self, rnd: Round) -> None:
+        """Announce ``rnd`` and keep it open ``resend_grace`` s after the announcement is out (the deadline it
+        carries includes the grace too), so devices coming back on their reconnect schedule can resend."""
+        grace = self.config.rounds.resend_grace
+        rnd.extend_to(self.clock() + grace)
+        await self.announcer.announce(rnd)
+        rnd.extend_to(self.clock() + grace)
 
     async def _dashboard_state(self) -> dict[str, Any]:
         rounds = await call(self.db, Store.rounds)
