@@ -494,7 +494,7 @@ def weight_pieces(weights: Mapping[str, Any]) -> list[Piece]:
     wire = []
     for name, array in weights.items():
         values = np.ascontiguousarray(array, dtype="<f4")
-        data = memoryview(values.reshape(-1)).cast("B")
+        data = values.reshape(-1).data.cast("B")
         wire.append({"name": name, "dtype": "f32", "shape": [int(d) for d in values.shape], "codec": "none", "data": data})
     return pieces(wire)
 
