@@ -85,6 +85,7 @@ R = TypeVar("R")
 log = logging.getLogger("fedge.aggregator.secagg")
 SNAPSHOT_VERSION = 1
 SENDER = "aggregator"  # the Setup's sender: devices accept the later messages only from it
+_IN_FLIGHT = 8  # retained publishes awaited together
 _ENVELOPE = 4096  # a masked input's bytes beyond its ring elements (header, ids), with room to spare
 
 
@@ -580,7 +581,7 @@ class SecAggRelay:
 
     async def _send(self, messages: Iterable[ServerMessage]) -> None:
         """Publish the session's messages, each retained on its topic."""
-        await asyncio.gather(*(self._publish(self._topic_of(m), m.to_bytes(), retain=True) for m in messages))
+        await self._publish_all([(self._topic_of(m), m.to_bytes()) for m in messages])
 
     def _topic_of(self, message: ServerMessage) -> str:
         if isinstance(message, Setup):
@@ -597,8 +598,14 @@ class SecAggRelay:
             return
         topics = [self.topics.setup, self.topics.unmask]
         topics += [t for member in setup.cohort for t in (self.topics.keys(member), self.topics.bundle(member))]
-        await asyncio.gather(*(self._publish(topic, b"", retain=True) for topic in topics))
+        await self._publish_all([(topic, b"") for topic in topics])
         self._cleared = True
+
+    async def _publish_all(self, items: list[tuple[str, bytes]]) -> None:
+        """Retained publishes, a few in flight at a time: one PUBACK round trip per batch rather than
+        per message, without piling up more pending calls than aiomqtt is comfortable with (it warns above 10)."""
+        for start in range(0, len(items), _IN_FLIGHT):
+            await asyncio.gather(*(self._publish(topic, payload, retain=True) for topic, payload in items[start : start + _IN_FLIGHT]))
 
     async def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         await self.transport.publish(topic, payload, retain=retain)
