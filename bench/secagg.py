@@ -24,7 +24,8 @@ a secure round waits for the mask and unmask phases' deadlines (``--mask-timeout
 ``--unmask-timeout``): its seconds are mostly those deadlines, while the plain loop here closes the
 moment the last live update arrives (the fastest a plain round can close).
 
-Reported per run: held-out accuracy after the last round, seconds per round (mean, max), bytes per
+Reported per run: held-out accuracy after the last round, seconds per round (mean, max; for secure
+runs also per phase: advertise includes each device's fsync of its session journal), bytes per
 device per round (everything the device sent and received on the protocol's topics, mean over the
 devices that were not lost; for plain, its Update), secure rounds abandoned and retried, the crypto's
 CPU seconds per device per round (thread time inside the module: keys, Shamir, sealing, fixed-point
@@ -168,8 +169,9 @@ def _lost(ids: Sequence[str], dropout: float, round_no: int, seed: int) -> tuple
     return set(lost[: len(lost) // 2]), set(lost[len(lost) // 2 :])
 
 
-async def _drive(relay: SecAggRelay, conn: Connection) -> None:
-    """The coordinator's loop around the relay, until it has an outcome."""
+async def _drive(relay: SecAggRelay, conn: Connection, phases: dict[str, list[float]]) -> None:
+    """The coordinator's loop around the relay, until it has an outcome; each phase's seconds go to ``phases``."""
+    phase, since = relay.phase, time.perf_counter()
     while relay.outcome is None:
         wake = relay.next_wake()
         try:
@@ -177,9 +179,12 @@ async def _drive(relay: SecAggRelay, conn: Connection) -> None:
                 message = await conn.messages.get()
         except TimeoutError:
             await relay.on_wake(now=time.monotonic())
-            continue
-        if relay.owns(str(message.topic)) and isinstance(message.payload, bytes):
-            await relay.on_message(str(message.topic), message.payload, now=time.monotonic())
+        else:
+            if relay.owns(str(message.topic)) and isinstance(message.payload, bytes):
+                await relay.on_message(str(message.topic), message.payload, now=time.monotonic())
+        if relay.phase is not phase and phase is not None:
+            phases.setdefault(phase.value, []).append(time.perf_counter() - since)
+            phase, since = relay.phase, time.perf_counter()
 
 
 async def run(address: BrokerAddress, clients: int, rounds: int, dropout: float, mode: str, timeouts: PhaseTimeouts,
@@ -192,6 +197,7 @@ async def run(address: BrokerAddress, clients: int, rounds: int, dropout: float,
     topics = Topics(fleet)
     flat = trainer.initial.copy()
     seconds, bytes_per_device, abandoned, crypto, relay_cpu, survivors = [], [], 0, [], [], []
+    phases: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as state:
         devices = {c: Device(address, fleet, c, Path(state)) for c in ids}
         secure = mode == "secure"
@@ -211,9 +217,11 @@ async def run(address: BrokerAddress, clients: int, rounds: int, dropout: float,
                     for c, d in devices.items():
                         d.silent = False
                         d.drop_after = Shares if c in after_shares else MaskedInput if c in after_masked else None
+                    if secure:  # training done: each device holds its delta for the round (the plain agent's outbox write is not timed either)
+                        await _hand_over(devices, deltas, fleet, round_no, spec, settings)
                     start = time.perf_counter()
                     if secure:
-                        mean, counted, tries = await _secure_round(relay, conn, devices, deltas, fleet, round_no, spec, settings)
+                        mean, counted, tries = await _secure_round(relay, conn, devices, round_no, spec, phases)
                         abandoned += tries - 1
                     else:
                         mean, counted = await _plain_round(conn, devices, deltas, topics, round_no, spec, after_shares)
@@ -242,6 +250,7 @@ async def run(address: BrokerAddress, clients: int, rounds: int, dropout: float,
             "abandoned_and_retried": abandoned,
             "crypto_cpu_seconds_per_device_per_round": round(statistics.mean(crypto), 5),
             "relay_cpu_seconds_per_round": round(statistics.mean(relay_cpu), 4),
+            "seconds_per_phase": {p: round(statistics.mean(v), 3) for p, v in phases.items()},
         })
     return result
 
@@ -254,16 +263,20 @@ async def _discard_checkpoint(snapshot: dict[str, Any]) -> None:
     """The bench keeps no checkpoints (a store would write them to disk here)."""
 
 
-async def _secure_round(relay: SecAggRelay, conn: Connection, devices: dict[str, Device], deltas: dict[str, tuple[dict[str, np.ndarray], int]],
-                        fleet: str, round_no: int, spec: ModelSpec, settings: SecAggSettings) -> tuple[np.ndarray, int, int]:
+async def _hand_over(devices: dict[str, Device], deltas: dict[str, tuple[dict[str, np.ndarray], int]], fleet: str, round_no: int,
+                     spec: ModelSpec, settings: SecAggSettings) -> None:
     task = TaskConfig(codec="none", extra=settings.announcement.to_extra())
     model = GlobalModel(fleet, round_no - 1, round_no, None, task, spec.fingerprint, ())
     for client, device in devices.items():
         await device.secure.on_announcement(model)
         await device.secure.submit(model, *deltas[client])
+
+
+async def _secure_round(relay: SecAggRelay, conn: Connection, devices: dict[str, Device], round_no: int, spec: ModelSpec,
+                        phases: dict[str, list[float]]) -> tuple[np.ndarray, int, int]:
     for tries in range(1, 4):
         await relay.start(round_no, sorted(devices), now=time.monotonic())
-        await _drive(relay, conn)
+        await _drive(relay, conn, phases)
         outcome = relay.outcome
         if isinstance(outcome, SecureMean):
             return np.concatenate([outcome.delta[t.name].ravel() for t in spec.tensors]).astype(np.float64), outcome.count, tries
@@ -338,7 +351,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--dropout", default="0,0.1,0.3")
     parser.add_argument("--share-timeout", type=float, default=10.0)
-    parser.add_argument("--mask-timeout", type=float, default=3.0)
+    parser.add_argument("--mask-timeout", type=float, default=4.0)
     parser.add_argument("--unmask-timeout", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="20 clients, 3 rounds, dropout 0 and 0.3")
     args = parser.parse_args()
