@@ -9,6 +9,7 @@ happens and asks it when it next needs the time.
     setup = await relay.start(round_no, cohort, now=clock())
     per MQTT message with relay.owns(topic):  refusals = await relay.on_message(topic, payload, now=clock())
     when clock() >= relay.next_wake():         refusals = await relay.on_wake(now=clock())
+    after the connection reconnects:           await relay.republish()
     until relay.outcome is a SecureMean (the round's FedAvg mean delta) or an Abandoned reason
 
 What it does with them (fedge_contract/secagg/DESIGN.md, topics and wiring):
@@ -46,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -54,6 +54,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from fedge_contract import DecodeError, Receipt, ReceiptStatus
+from fedge_contract.aio import ThreadMeter
 from fedge_contract.chunks import Busy, ChunkLimits, Manifest, Reassembler, is_manifest
 from fedge_contract.errors import Reason
 from fedge_contract.secagg import (
@@ -248,6 +249,7 @@ class SecAggRelay:
         self._session: ServerSession | None = None
         self._now = 0.0
         self._lock = asyncio.Lock()
+        self._meter = ThreadMeter()
         self._chunks = Reassembler(ChunkLimits(max_size=1, timeout=settings.chunk_timeout), clock=lambda: self._now)
         self._waiting: dict[str, Manifest] = {}  # chunked inputs waiting for room, by chunk base
         self._cleared = True  # retained topics of the session emptied
@@ -380,6 +382,17 @@ class SecAggRelay:
             log.info("secure aggregation: session %s of round %d resumed in the %s phase", session.setup.session, session.setup.round,
                      session.phase.value, extra={"round": session.setup.round, "session": session.setup.session})
         return relay
+
+    async def republish(self) -> None:
+        """Publish the current phase's messages again (the coordinator calls it after a reconnect).
+
+        A broker that restarted may have lost retained messages, and a clean-session coordinator
+        the answers sent while it was away: the devices answer what they receive again with the
+        same bytes, so nothing is counted twice.
+        """
+        async with self._lock:
+            if self._session is not None and self.outcome is None:
+                await self._send(self._session.pending())
 
     async def close(self) -> None:
         """Stop: empty the session's retained topics and drop partial chunked inputs (idempotent).
@@ -615,13 +628,10 @@ class SecAggRelay:
         await self._checkpoint(self.snapshot())
 
     async def _work(self, function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
-        def timed() -> R:
-            start = time.thread_time()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.stats.cpu_seconds += time.thread_time() - start
-        return await asyncio.to_thread(timed)
+        """``function`` on a worker thread; its CPU time counts in ``stats.cpu_seconds``."""
+        result = await self._meter.run(function, *args, **kwargs)
+        self.stats.cpu_seconds = self._meter.seconds
+        return result
 
     def _refusal(self, client: str, topic: str, reason: Reason, detail: str, message: DeviceMessage | None, *,
                  session: str | None = None) -> Refusal:

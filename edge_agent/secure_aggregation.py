@@ -40,7 +40,6 @@ import asyncio
 import json
 import logging
 import os
-import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ import numpy as np
 
 from edge_agent.files import atomic_write
 from fedge_contract import DecodeError, GlobalModel
+from fedge_contract.aio import ThreadMeter
 from fedge_contract.chunks import Manifest
 from fedge_contract.errors import Reason
 from fedge_contract.messages import pack_weights, unpack_weights
@@ -202,6 +202,7 @@ class SecureAggregation:
         self._left: set[str] = set()  # sessions sat out or finished in this run: not rejoined, not reported twice
         self._status = ""  # why the last session was sat out ("" when none): presence shows it
         self._lock = asyncio.Lock()  # one protocol step at a time: dispatch and training both call in
+        self._meter = ThreadMeter()
 
     # ---------------------------------------------------------------- wiring
 
@@ -390,13 +391,9 @@ class SecureAggregation:
 
     async def _work(self, function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """``function`` on a worker thread (the crypto); its CPU time counts in ``stats.crypto_seconds``."""
-        def timed() -> R:
-            start = time.thread_time()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.stats.crypto_seconds += time.thread_time() - start
-        return await asyncio.to_thread(timed)
+        result = await self._meter.run(function, *args, **kwargs)
+        self.stats.crypto_seconds = self._meter.seconds
+        return result
 
     async def _publish(self, message: KeyAdvert | Shares | MaskedInput | Reveal) -> None:
         assert self._publisher is not None

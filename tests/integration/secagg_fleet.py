@@ -23,7 +23,7 @@ from aggregator.secagg_relay import Refusal, SecAggRelay, SecAggSettings
 from edge_agent.secure_aggregation import SecureAggregation
 from fedge_contract import GlobalModel, TaskConfig
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
-from fedge_contract.mqtt import BrokerAddress, Connection
+from fedge_contract.mqtt import Backoff, BrokerAddress, Connection
 from fedge_contract.secagg import DeviceMessage, PhaseTimeouts
 from fedge_contract.secagg.topics import SecAggTopics
 from fedge_contract.tensors import ModelSpec
@@ -88,7 +88,14 @@ async def coordinator(address: BrokerAddress, fleet: str, store: Store, *, setti
                       spec: ModelSpec = SPEC, resume: bool = False, name: str = "coordinator") -> AsyncIterator[Coordinator]:
     """A connected coordinator; ``resume`` rebuilds its relay from the store's last checkpoint and spool."""
     settings = settings or SecAggSettings(timeouts=TIMEOUTS)
-    async with Connection(address, f"{name}-{fleet}"[:64], subscriptions=[SecAggTopics(fleet).all_from_devices], persistent=False) as conn:
+    relays: list[SecAggRelay] = []
+
+    async def reconnected() -> None:  # what was retained or sent meanwhile may be lost: the current phase again
+        if relays and conn.connections > 1:
+            await relays[0].republish()
+
+    async with Connection(address, f"{name}-{fleet}"[:64], subscriptions=[SecAggTopics(fleet).all_from_devices], persistent=False,
+                          on_connect=reconnected, backoff=Backoff(0.1, 1.0)) as conn:
         await conn.wait_connected()
         if resume:
             snapshot = store.last_checkpoint()
@@ -98,6 +105,7 @@ async def coordinator(address: BrokerAddress, fleet: str, store: Store, *, setti
             )
         else:
             relay = SecAggRelay(fleet, conn, spec, spool=store.put_masked, checkpoint=store.put_checkpoint, settings=settings)
+        relays.append(relay)
         yield Coordinator(conn, relay, store)
 
 
@@ -127,7 +135,7 @@ class ModuleDevice:
 
     async def run(self) -> None:
         async with Connection(self.address, f"device-{self.client_id}-{self.topics.fleet}"[:64], subscriptions=self.secure.subscriptions(),
-                              persistent=False) as conn:
+                              persistent=False, backoff=Backoff(0.1, 1.0)) as conn:
             self.secure.attach(_LosingPublisher(conn, self), self.spec)
             await conn.wait_connected()
             self.ready.set()

@@ -195,3 +195,27 @@ async def test_large_masked_inputs_travel_in_chunks_that_are_cleared_afterwards(
         assert len({t for t in device.published if t.startswith(device.topics.masked_chunks(device.client_id, outcome.session))}) == 6
     assert len(store.spool[outcome.session]) == 5
 
+
+
+async def test_a_broker_that_lost_its_retained_messages_gets_the_phase_again_from_the_relay(broker, broker_address, fleet, tmp_path):
+    clients = [f"dev-{i}" for i in range(6)]
+    devices = [ModuleDevice(broker_address, fleet, c, tmp_path / c, lose_after=Shares if c in ("dev-4", "dev-5") else None) for c in clients]
+    away = devices[4:]  # their connections drop right after their shares: offline when the bundles go out
+    inputs, settings, store = deltas(clients, seed=6), SecAggSettings(timeouts=dataclasses.replace(TIMEOUTS, mask=20.0)), Store()
+    async with asyncio.timeout(60), running(devices), coordinator(broker_address, fleet, store, settings=settings) as coord:
+        await _prepare(devices, settings, inputs)
+        setup = await coord.relay.start(1, clients, now=time.monotonic())
+        await coord.run(until=lambda: coord.relay.phase is Phase.MASK)  # everyone shared; the bundles are out
+        assert all(d.lost and d.secure.session is not None and d.secure.session.phase.value == "shared" for d in away)
+        await broker.kill()  # and it comes back without its persistence: the retained bundles are gone
+        assert broker.data_dir is not None
+        for stored in broker.data_dir.glob("*.db"):
+            stored.unlink()
+        await broker.start()
+        for device in away:
+            device.lose_after, device.ready = None, asyncio.Event()
+        async with running(away):  # back online: they find their bundles only because the relay published them again
+            await coord.run()
+    outcome = _check_mean(coord.relay.outcome, inputs, tuple(clients))
+    assert np.array_equal(outcome.aggregate.total, _ring_sum(devices, setup.session, tuple(clients)))
+    assert coord.conn.connections == 2
