@@ -241,7 +241,8 @@ class SecureAggregation:
                 secure = None
                 if self.is_secure(model):
                     await self._report(f"round {model.round}: the announcement's secure-aggregation parameters are unusable: {exc}")
-            if self._round is not None and model.round > self._round:
+            if self._round is not None and model.round > self._round and self._session is not None:
+                await self._clear_chunks(self._session.setup.session)
                 self._session = None  # a newer round: whatever session was running is over
             self._round, self._secure = model.round, secure
             if self._input is not None and self._input.round < model.round:
