@@ -42,7 +42,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.outbox import Outbox
 from edge_agent.residuals import Residuals
-from edge_agent.secure_aggregation import SecureAggregation
+from edge_agent.secure_rounds import is_secure, secure_aggregation
 from edge_agent.seeds import training_seed
 from edge_agent.state import AgentState
 from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
@@ -124,8 +124,8 @@ class Agent:
         self._to_clear: dict[str, int] = {}  # the same, for answered updates whose chunks the upload task clears
         self._disk = asyncio.Lock()  # one file operation at a time, in the order asked (see the module docstring)
         # Secure rounds (issue 17): the delta goes to a protocol session instead of the outbox.
-        self._secure = SecureAggregation(fleet=config.fleet, client_id=config.client_id, state_dir=config.state_dir,
-                                         max_message_bytes=config.max_message_bytes, seed=config.seed, on_change=self._presence_changed)
+        self._secure = secure_aggregation(fleet=config.fleet, client_id=config.client_id, state_dir=config.state_dir,
+                                          max_message_bytes=config.max_message_bytes, seed=config.seed, on_change=self._presence_changed)
 
     def stop(self) -> None:
         self._stop.set()
@@ -358,7 +358,7 @@ class Agent:
                     self._new_model.set()  # interrupted by the device's conditions: try again when eligible
                 continue
             await self._emulate_slow_device(local.result.seconds)
-            if self._secure.is_secure(model):  # a secure round: the delta goes to the protocol session, never out in the clear
+            if is_secure(model):  # a secure round: the delta goes to the protocol session, never out in the clear
                 await self._secure.submit(model, local.delta, local.result.num_samples)
                 await self._on_disk(self._mark_trained, model)
                 log.info("%s: trained secure round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round,

@@ -50,6 +50,7 @@ import msgpack
 import numpy as np
 
 from edge_agent.files import atomic_write
+from edge_agent.secure_rounds import is_secure
 from fedge_contract import DecodeError, GlobalModel
 from fedge_contract.aio import ThreadMeter
 from fedge_contract.chunks import Manifest
@@ -70,7 +71,7 @@ from fedge_contract.secagg import (
     Shares,
     UnmaskRequest,
 )
-from fedge_contract.secagg.announcement import EXTRA_KEY, SecureRound
+from fedge_contract.secagg.announcement import SecureRound
 from fedge_contract.secagg.crypto import Randomness
 from fedge_contract.secagg.topics import SecAggTopics
 from fedge_contract.tensors import ModelSpec
@@ -225,11 +226,6 @@ class SecureAggregation:
     def session(self) -> DeviceSession | None:
         return self._session
 
-    @staticmethod
-    def is_secure(model: GlobalModel) -> bool:
-        """Whether ``model``'s round asks for secure aggregation (even malformed: never fall back to a plain Update)."""
-        return EXTRA_KEY in model.task.extra
-
     # ---------------------------------------------------------------- from the agent
 
     async def on_announcement(self, model: GlobalModel) -> None:
@@ -239,7 +235,7 @@ class SecureAggregation:
                 secure = SecureRound.of(model.task)
             except DecodeError as exc:
                 secure = None
-                if self.is_secure(model):
+                if is_secure(model):
                     await self._report(f"round {model.round}: the announcement's secure-aggregation parameters are unusable: {exc}")
             if self._round is not None and model.round > self._round and self._session is not None:
                 await self._clear_chunks(self._session.setup.session)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from edge_agent.secure_aggregation import SecureAggregation, TrainedInput
+from edge_agent.secure_rounds import EXTRA_KEY as AGENT_EXTRA_KEY
+from edge_agent.secure_rounds import Unavailable, is_secure
 from fedge_contract import GlobalModel, TaskConfig
 from fedge_contract.secagg import KeyAdvert, KeyList, ServerSession, Setup, Shares, new_session_id
 from fedge_contract.secagg.announcement import EXTRA_KEY, SecureRound
@@ -141,8 +143,49 @@ async def test_a_newer_round_drops_the_older_input_and_an_unreadable_input_file_
 async def test_unusable_secure_parameters_in_the_announcement_are_reported_and_never_fall_back_to_a_plain_update(tmp_path: Path) -> None:
     module, recorder = _module(tmp_path)
     model = _model(extra={"max_weight": -1})
-    assert SecureAggregation.is_secure(model)  # the agent keeps the delta away from its outbox
+    assert is_secure(model)  # the agent keeps the delta away from its outbox
     await module.on_announcement(model)
     assert "unusable" in module.presence_fields()["secagg"]
     await module.on_message(module.topics.setup, _setup().to_bytes())
     assert recorder.published == [] and module.session is None
+
+
+def test_the_agent_s_copy_of_the_announcement_key_is_the_contract_s() -> None:
+    assert AGENT_EXTRA_KEY == EXTRA_KEY
+
+
+async def test_a_device_without_cryptography_sits_secure_rounds_out_and_says_why() -> None:
+    changed: list[str] = []
+    hook = Unavailable("dev-0", "secure aggregation needs the 'cryptography' package", on_change=lambda: _note(changed))
+    assert hook.subscriptions() == [] and not hook.owns("fl/lab/secagg/down/setup")
+    await hook.on_announcement(GlobalModel(FLEET, 0, 1, None, TaskConfig(), SPEC.fingerprint, ()))  # a plain round: nothing to say
+    assert hook.presence_fields() == {} and changed == []
+    await hook.on_announcement(_model())
+    await hook.on_announcement(_model())  # the same round again: reported once
+    assert "sits out secure round 1" in hook.presence_fields()["secagg"] and changed == ["presence"]
+
+
+async def _note(changed: list[str]) -> None:
+    changed.append("presence")
+
+
+def test_the_agent_builds_the_unavailable_hook_where_cryptography_is_missing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "cryptography":
+            raise ImportError("cryptography is not installed on a device")
+sys.meta_path.insert(0, Refuse())
+from pathlib import Path
+from edge_agent.secure_rounds import Unavailable, secure_aggregation
+hook = secure_aggregation(fleet="lab", client_id="pi-1", state_dir=Path({str(tmp_path)!r}), max_message_bytes=1024, seed=0)
+print(type(hook).__name__, "fedge[secagg]" in hook.reason)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["Unavailable", "True"]
