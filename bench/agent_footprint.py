@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from aggregator import Aggregator, AggregatorConfig
+from aggregator import Aggregator, config_of
 from broker import LocalBroker
 from fedge_contract import Presence, Topics
 from fedge_contract.aio import cancel_and_wait
@@ -107,8 +107,8 @@ async def measure(idle_seconds: float) -> dict[str, float]:
                     out["idle_cpu_percent_of_one_core"] = round(100 * used / (t1 - t0), 3)
                     out["idle_rss_after_window_mib"] = round(rss_mib(me, with_children=True), 1)
 
-                    config = AggregatorConfig(
-                        broker=address, fleet=FLEET, task="digits", task_options={"clients": "5"}, rounds=1, target=1,
+                    config = config_of(
+                        address, fleet=FLEET, task="digits", task_options={"clients": "5"}, rounds=1, target=1,
                         min_updates=1, deadline=120.0, store=tmp_path / "agg.sqlite", evaluate=False,
                     )
                     serving = asyncio.create_task(Aggregator(config).run())
@@ -180,6 +180,7 @@ def installed_size() -> dict[str, object]:
     waiting = closure("aiomqtt") | closure("msgpack") | closure("numpy") | closure("psutil") | closure("zstandard")
     aggregator = (closure("rich") | closure("cryptography") | closure("prometheus-client")) - runtime
     sim = (aggregator | closure("matplotlib")) - runtime
+    packages = ("fedge", "fedge_runtime", "fedge_contract", "fedge_tasks", "edge_agent", "aggregator", "broker")
     return {
         "runtime_closure_mib": dist_mib(runtime),
         "torch_and_its_deps_mib": dist_mib(torch_part),
@@ -188,7 +189,7 @@ def installed_size() -> dict[str, object]:
         "sim_extra_mib": dist_mib(sim),
         "counted": sorted(runtime),
         "note": "fedge is installed editable here, so its own files count ~0; its source is "
-        f"{sum(p.stat().st_size for d in ('fedge', 'fedge_runtime', 'fedge_contract', 'fedge_tasks', 'edge_agent', 'aggregator', 'broker') for p in Path(d).rglob('*.py')) / 2**20:.2f} MiB of .py",
+        f"{sum(p.stat().st_size for d in packages for p in Path(d).rglob('*.py')) / 2**20:.2f} MiB of .py",
     }
 
 

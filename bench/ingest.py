@@ -54,13 +54,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
-from aggregator.config import AggregatorConfig
-from aggregator.fold import WeightedSum
-from aggregator.validation import UpdateLimits, decode_delta, parse_update
+from aggregator.aggregation.fold import WeightedSum
+from aggregator.config import IngestSettings
+from aggregator.ingest.validation import UpdateLimits, decode_delta, parse_update
 from broker.local import LocalBroker, free_port, render_dev_config
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import proc_peak_rss_mib
@@ -158,7 +158,7 @@ def other_core_busy() -> Iterator[None]:
 async def bench_broker(folder: Path) -> AsyncIterator[LocalBroker]:
     """The dev broker with persistence off (its autosave would rewrite every queued update each second)."""
     port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - setup, once before the bench starts
     config = folder / "mosquitto.conf"
     text = render_dev_config(host="127.0.0.1", port=port, data_dir=folder)
     config.write_text(text.replace("persistence true", "persistence false"))
@@ -189,7 +189,7 @@ class AggregatorProcess:
         self.child_peaks: dict[int, float] = {}  # ingest workers' VmHWM, sampled (they write no peak file)
         self._sampler: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> AggregatorProcess:
+    async def __aenter__(self) -> Self:
         env = {**os.environ, PEAK_ENV: str(self.peak_file)}
         self.process = await asyncio.create_subprocess_exec(*self.args, stdin=asyncio.subprocess.DEVNULL,
                                                             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
@@ -242,7 +242,7 @@ class Watcher:
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Watcher:
+    async def __aenter__(self) -> Self:
         await self.client.__aenter__()
         await self.client.subscribe(self.topics.status, qos=1)
         await self.client.subscribe(f"{self.topics.prefix}/receipts/+", qos=1)
@@ -319,7 +319,7 @@ async def receive_floor(address: BrokerAddress, fleet: str, payloads: list[tuple
 
     def session() -> Connection:
         return Connection(address, client_id, subscriptions=[topics.all_updates], persistent=True,
-                          max_buffered=AggregatorConfig.inbox_limit)
+                          max_buffered=IngestSettings().inbox_limit)
 
     async with session() as conn:
         await conn.connected.wait()
@@ -395,7 +395,8 @@ async def throughput(folder: Path, params_list: list[int], codecs: list[str], wo
                     row["publisher_updates_per_s_alone"] = round(count / alone, 1)
                     row["receive_floor_updates_per_s"] = round(floor["updates_per_s"], 1)
                     row["receive_floor_mb_per_s"] = round(floor["mb_per_s"], 1)
-                    row["attainable_fraction_of_bound"] = round(floor["updates_per_s"] / (floor["updates_per_s"] + same_run_bound["updates_per_s"]), 3)
+                    row["attainable_fraction_of_bound"] = round(
+                        floor["updates_per_s"] / (floor["updates_per_s"] + same_run_bound["updates_per_s"]), 3)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     del payloads
     return rows

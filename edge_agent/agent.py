@@ -10,6 +10,8 @@
   topics are emptied once it is answered; a global model that arrives as a manifest is fetched
   chunk by chunk and used only when complete and verified (fedge_contract/chunks.py).
 - conditions: when the gate's eligibility flips, re-publishes presence (conditions, why not).
+- settle: on the final model, waits briefly for the last receipts, then drops what is still
+  unanswered; every update dropped unanswered is a WARNING and counted in presence (edge_agent/settle.py).
 
 The agent's own files (the outbox's writes, reads and removes, the residual, the state) are read
 and written on a thread, one operation at a time in the order the loop asked for them
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -41,11 +44,14 @@ from edge_agent.conditions import AlwaysEligible, Gate
 from edge_agent.config import AgentConfig
 from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.outbox import Outbox
+from edge_agent.participation import EvalOutcome, Evaluations
+from edge_agent.participation import plan as participation_plan
 from edge_agent.residuals import Residuals
 from edge_agent.secure_rounds import is_secure, secure_aggregation
 from edge_agent.seeds import training_seed
+from edge_agent.settle import Settlement
 from edge_agent.state import AgentState
-from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
+from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, evaluate_in_child, train_in_child
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.chunks import ChunkLimits, Manifest, is_manifest
@@ -56,6 +62,7 @@ from fedge_contract.tensors import ModelSpec
 from fedge_contract.transfer import ChunkReceiver, Received, Refused, clear_chunks, send_chunked
 
 if TYPE_CHECKING:
+    from edge_agent.evaluator import LocalEvaluator
     from edge_agent.trainer import LocalTrainer, LocalUpdate
     from fedge_tasks import Task
 
@@ -123,9 +130,17 @@ class Agent:
         self._chunked: dict[str, int] = {}  # update id -> chunks published retained (cleared once answered)
         self._to_clear: dict[str, int] = {}  # the same, for answered updates whose chunks the upload task clears
         self._disk = asyncio.Lock()  # one file operation at a time, in the order asked (see the module docstring)
+        self._settlement = Settlement(config.client_id, self._outbox, self._state, self._state_path, on_disk=self._on_disk,
+                                      forget=self._answered, announce=self._presence_if_connected, grace=config.final_receipt_grace)
+        self._evaluator: LocalEvaluator | None = None  # in-thread federated evaluation, made on first use
+        self.evaluations = Evaluations(config.client_id, self.topics, evaluate=self._evaluate, publish=self._publish_eval,
+                                       wait_eligible=self.gate.wait_eligible)  # edge_agent/participation.py
+        # On the final model: the outbox settled (receipts, else dropped and counted) and its evaluation reported, if asked.
+        self._final_settled = asyncio.Event()
+        self._final_evaluated = asyncio.Event()
         # Secure rounds (issue 17): the delta goes to a protocol session instead of the outbox.
         self._secure = secure_aggregation(fleet=config.fleet, client_id=config.client_id, state_dir=config.state_dir,
-                                          max_message_bytes=config.max_message_bytes, seed=config.seed, on_change=self._presence_changed)
+                                          max_message_bytes=config.max_message_bytes, seed=config.seed, on_change=self._presence_if_connected)
 
     def stop(self) -> None:
         self._stop.set()
@@ -138,7 +153,7 @@ class Agent:
     async def run(self) -> None:
         """Serve until ``stop()`` (or the final model, with ``exit_when_final``)."""
         await self._load_task()
-        offline = Presence(self.config.fleet, self.config.client_id, "offline", AGENT_VERSION)
+        offline = Presence(self.config.fleet, self.config.client_id, "offline", AGENT_VERSION, dropped=self._settlement.dropped)
         async with Connection(
             self.config.broker,
             f"fedge-agent-{self.config.client_id}",
@@ -160,6 +175,9 @@ class Agent:
                     group.create_task(self._train_loop(), name="train"),
                     group.create_task(self._upload_loop(), name="upload"),
                     group.create_task(self._watch_conditions(), name="conditions"),
+                    group.create_task(self._settlement.run(self._final_settled.set), name="settle"),
+                    group.create_task(self.evaluations.run(), name="evaluate"),
+                    group.create_task(self._exit_when_final(), name="exit-when-final"),
                 ]
                 await self._stop.wait()
                 await cancel_and_wait(tasks)
@@ -167,6 +185,7 @@ class Agent:
             if conn.connected.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
+                        offline = dataclasses.replace(offline, dropped=self._settlement.dropped)
                         await conn.publish(self.topics.presence(self.config.client_id), offline.to_bytes(), retain=True)
 
     async def _load_task(self) -> None:
@@ -179,7 +198,7 @@ class Agent:
         from fedge_tasks.runtime import limit_torch_threads
 
         limit_torch_threads(self.config.torch_threads)
-        task = self._task or load_task(self.config.task, self.config.task_options)
+        task = self._task = self._task or load_task(self.config.task, self.config.task_options)
         self._trainer = await asyncio.to_thread(LocalTrainer, task, self.config.client_id, self.config.seed)
         self._spec = self._trainer.spec
 
@@ -201,17 +220,18 @@ class Agent:
         self._outbox_changed.set()  # replay the outbox on every (re)connect
         await self._publish_presence()
 
-    async def _presence_changed(self) -> None:
-        if self._conn.connected.is_set():
-            await self._publish_presence()
-
     async def _publish_presence(self) -> None:
         why_not = self.stats.last_error or self.gate.why_not()
         presence = Presence(
             self.config.fleet, self.config.client_id, "online", AGENT_VERSION,
-            eligible=not why_not, why_not=why_not, device=self._device(),
+            eligible=not why_not, why_not=why_not, device=self._device(), dropped=self._settlement.dropped,
         )
         await self._conn.publish(self.topics.presence(self.config.client_id), presence.to_bytes(), retain=True)
+
+    async def _presence_if_connected(self) -> None:
+        conn: Connection | None = getattr(self, "_conn", None)  # None before run() connects
+        if conn is not None and conn.connected.is_set():  # else the next connection publishes it
+            await self._publish_presence()
 
     async def _dispatch(self) -> None:
         while True:
@@ -279,13 +299,18 @@ class Agent:
             self.stats.last_error = ""
             await self._publish_presence()
         await self._secure.on_announcement(model)
-        for update_id in await self._on_disk(self._outbox.drop_before, model.round - (staleness_window(model) or 0)):
-            log.info("%s: dropped update %s, its round is over", self.config.client_id, update_id)
-            self._answered(update_id)
+        await self._settlement.round_over(model.round - (staleness_window(model) or 0))
+        self._settlement.on_model(final=model.final)
         if model.final:
             log.info("%s: training finished at model v%d", self.config.client_id, model.model_version)
-            if self.config.exit_when_final:
-                self.stop()
+            self._latest = None  # no more training: a model being trained is superseded
+            if self._abort is not None:
+                self._abort.set()
+            self._offer_eval(model, payload, then=self._final_evaluated.set)
+            return
+        self._offer_eval(model, payload)
+        if not participation_plan(model, self.config.client_id).train:
+            log.info("%s: round %d's cohort does not invite this device", self.config.client_id, model.round)
             return
         if model.model_version > self._state.trained_version:
             self._latest = model
@@ -295,6 +320,38 @@ class Agent:
                 self._abort.set()  # sync mode: the model being trained is superseded
         else:
             await self._resend_round(model.round)
+
+    async def _exit_when_final(self) -> None:
+        """With ``exit_when_final``: stop once the final model's outbox is settled and its evaluation reported."""
+        if not self.config.exit_when_final:
+            return
+        await self._final_settled.wait()
+        await self._final_evaluated.wait()
+        self.stop()
+
+    def _offer_eval(self, model: GlobalModel, payload: bytes, *, then: Callable[[], None] | None = None) -> None:
+        """Evaluate ``model`` if the announcement asks this device to (then ``then``); else ``then`` at once."""
+        if participation_plan(model, self.config.client_id).evaluate:
+            self.evaluations.offer(model, payload, then=then)
+        elif then is not None:
+            then()
+
+    async def _evaluate(self, model: GlobalModel, payload: bytes) -> EvalOutcome | None:
+        if self.config.isolate_training:
+            return await evaluate_in_child(self._job(), payload)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._evaluate_here, model)
+
+    def _evaluate_here(self, model: GlobalModel) -> EvalOutcome | None:
+        """Worker thread: federated evaluation with a model of its own (the trainer's stays untouched)."""
+        if self._evaluator is None:
+            from edge_agent.evaluator import LocalEvaluator
+
+            assert self._task is not None
+            self._evaluator = LocalEvaluator(self._task, self.config.client_id)
+        return self._evaluator.run(model)
+
+    async def _publish_eval(self, topic: str, payload: bytes) -> None:
+        await self._conn.publish(topic, payload)
 
     async def _resend_round(self, round_no: int) -> None:
         """A model we already trained on was announced again (round extended, or the aggregator
@@ -323,6 +380,7 @@ class Agent:
             return
         self._answered(receipt.update_id)
         removed: bool = await self._on_disk(self._outbox.remove, receipt.update_id)
+        self._settlement.answered()
         if removed:
             level = logging.INFO if receipt.status in (ReceiptStatus.ACCEPTED, ReceiptStatus.DUPLICATE) else logging.WARNING
             log.log(level, "%s: update %s %s %s", self.config.client_id, receipt.update_id, receipt.status.value, receipt.reason,
@@ -396,7 +454,7 @@ class Agent:
         """For gates that cannot notify (no ``wait_change``): ask once a second, only while training."""
         if callable(getattr(self.gate, "wait_change", None)):
             return  # _watch_conditions stops the child the moment eligibility flips
-        while self.gate.eligible():
+        while self.gate.eligible():  # noqa: ASYNC110 - this gate cannot notify: polling it once a second is the design
             await asyncio.sleep(1.0)
         stop.set()
 

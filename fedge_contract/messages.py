@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar, cast
 import msgpack
 
 from fedge_contract.codecs import EncodedTensor, check_shape
+from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.tensors import WIRE_DTYPES
 
@@ -181,9 +182,13 @@ class GlobalModel:
     # With delta broadcasts (fedge_contract.broadcast): the hash of the model these tensors decode
     # to. Absent (None) from a plain full broadcast, whose bytes are then exactly as before.
     held_hash: bytes | None = None
+    # Cohort selection and federated evaluation (fedge_contract.cohort): who trains this round, who
+    # evaluates this model. Absent (None): every device trains, nobody is asked to evaluate.
+    cohort: Participation | None = None
 
     def to_bytes(self) -> bytes:
         held = {} if self.held_hash is None else {"held_hash": self.held_hash}
+        cohort = {} if self.cohort is None else {"cohort": self.cohort.to_wire()}
         packed: bytes = msgpack.packb(
             {
                 "schema": SCHEMA_VERSION,
@@ -196,6 +201,7 @@ class GlobalModel:
                 "task": self.task.to_wire(),
                 "fingerprint": self.fingerprint,
                 **held,
+                **cohort,
                 "tensors": [t.to_wire() for t in self.tensors],
             },
             use_bin_type=True,
@@ -215,6 +221,7 @@ class GlobalModel:
             tensors=_tensors(reader.take("tensors", list), cls.TYPE),
             final=reader.take("final", bool, default=False),
             held_hash=take_held_hash(reader, "held_hash") if "held_hash" in reader.obj else None,
+            cohort=Participation.from_wire(reader.obj["cohort"]) if "cohort" in reader.obj else None,
         )
 
 
@@ -391,11 +398,14 @@ class Presence:
     eligible: bool | None = None
     why_not: str = ""
     device: Mapping[str, Any] = field(default_factory=dict)
+    # Updates this device dropped unanswered because their round was over, ever (issue 19). Optional
+    # both ways: older agents send none (read as 0), older readers ignore the key.
+    dropped: int = 0
 
     def to_bytes(self) -> bytes:
         return _json_bytes(self.TYPE, self.fleet, {
             "client_id": self.client_id, "state": self.state, "agent_version": self.agent_version,
-            "eligible": self.eligible, "why_not": self.why_not, "device": dict(self.device),
+            "eligible": self.eligible, "why_not": self.why_not, "device": dict(self.device), "dropped": self.dropped,
         })
 
     @classmethod
@@ -412,6 +422,7 @@ class Presence:
             eligible=reader.take("eligible", bool, default=None, nullable=True),
             why_not=reader.take("why_not", str, default=""),
             device=_scalars(reader.take("device", dict, default={}), "presence.device", (bool, float, str)),
+            dropped=reader.nonneg_int("dropped", default=0),
         )
 
 

@@ -12,6 +12,8 @@ import collections
 import time
 from dataclasses import dataclass, field
 
+import msgpack
+
 from fedge_contract import DecodeError, GlobalModel, RoundState, RoundStatus, Topics, Update
 from fedge_contract.mqtt import BrokerAddress, Subscriber
 
@@ -25,6 +27,9 @@ class RoundTraffic:
     global_payloads: list[int] = field(default_factory=list)
     opened_at: float | None = None
     closed_at: float | None = None
+    selection_bytes: int = 0  # the largest cohort field announced for the round (an extension re-announces a larger one)
+    train_seconds: float = 0.0  # devices' training time, as their updates report it (resends counted once per update id)
+    update_ids: set[str] = field(default_factory=set)
 
 
 class WireTap(Subscriber):
@@ -59,16 +64,23 @@ class WireTap(Subscriber):
         if model.final:
             self.final_global_bytes += len(payload) * self.subscribers
         else:
-            self.rounds[model.round].global_payloads.append(len(payload))
+            traffic = self.rounds[model.round]
+            traffic.global_payloads.append(len(payload))
+            if model.cohort is not None:
+                traffic.selection_bytes = max(traffic.selection_bytes, len(msgpack.packb({"cohort": model.cohort.to_wire()})))
 
     def _on_update(self, payload: bytes) -> None:
         try:
-            round_no = Update.from_bytes(payload, max_bytes=_MAX).round
+            update = Update.from_bytes(payload, max_bytes=_MAX)
         except DecodeError:
             self.unattributed_bytes += len(payload)
             return
-        self.rounds[round_no].updates += 1
-        self.rounds[round_no].bytes_up += len(payload)
+        traffic = self.rounds[update.round]
+        traffic.updates += 1
+        traffic.bytes_up += len(payload)
+        if update.update_id not in traffic.update_ids:
+            traffic.update_ids.add(update.update_id)
+            traffic.train_seconds += float(update.metrics.get("train_seconds", 0.0))
 
     def _on_status(self, payload: bytes, now: float) -> None:
         status = RoundStatus.from_bytes(payload)

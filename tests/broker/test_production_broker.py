@@ -84,6 +84,7 @@ async def test_a_device_publishes_only_as_itself_and_reads_only_its_own_topics(p
         forged = {
             topics.update("agent-1"): b"update as agent-1",
             topics.presence("agent-1"): b"presence as agent-1",
+            topics.evals("agent-1"): b"an evaluation as agent-1",
             topics.global_model: b"a global model",
             topics.status: b"a status",
             topics.receipt("agent-1"): b"a receipt for agent-1",
@@ -96,13 +97,14 @@ async def test_a_device_publishes_only_as_itself_and_reads_only_its_own_topics(p
                 async with make_client(production.accounts["agent-0"], "mallory", persistent=False) as mallory:
                     await mallory.publish(topic, payload, qos=1)
         async with make_client(production.accounts["agent-0"], "mallory", persistent=False) as mallory:
-            await mallory.publish(topics.update("agent-0"), b"sentinel", qos=1)  # allowed: its own topic
+            await mallory.publish(topics.evals("agent-0"), b"own evaluation", qos=1)  # allowed: its own topics
+            await mallory.publish(topics.update("agent-0"), b"sentinel", qos=1)
         seen = []
         async for message in observer.messages:  # one publisher, one subscriber: delivered in order
             seen.append((str(message.topic), message.payload))
             if message.payload == b"sentinel":
                 break
-        assert seen == [(topics.update("agent-0"), b"sentinel")]
+        assert seen == [(topics.evals("agent-0"), b"own evaluation"), (topics.update("agent-0"), b"sentinel")]
 
         # the aggregator answers both devices; agent-1 gets only its own receipt
         await observer.publish(topics.receipt("agent-0"), b"for agent-0", qos=1)
@@ -131,7 +133,7 @@ async def test_fleet_trains_over_tls_and_a_forged_update_never_reaches_the_aggre
             if str(message.topic) == topics.global_model and message.payload:
                 break
         # a well-formed update claiming to be agent-1, on agent-1's topic: only the broker can stop it
-        zeros = {t.name: np.zeros(t.shape, np.float32) for t in aggregator.spec.tensors}
+        zeros = {t.name: np.zeros(t.shape, np.float32) for t in aggregator.model.spec.tensors}
         forged = Update(FLEET, "agent-1", "forged", 1, 0, 10, encode_weights(zeros, parse_chain("none")))
         await mallory.publish(topics.update("agent-1"), forged.to_bytes(), qos=1)
         await run_fleet_with(serving, agents)
@@ -182,7 +184,8 @@ async def run_fleet_with(serving: asyncio.Task, agents: list[Agent]) -> None:
 def test_provisioned_folder_is_complete_and_keys_are_private(tmp_path):
     folder, aggregator = init(tmp_path / "b", fleet="f1", host="broker.example", port=8883)
     device = folder.add_account("dev-1")
-    assert {p.name for p in folder.path.iterdir()} >= {"ca.crt", "ca.key", "server.crt", "server.key", "passwd", "acl", "mosquitto.conf", "fleet.json"}
+    assert {p.name for p in folder.path.iterdir()} >= {
+        "ca.crt", "ca.key", "server.crt", "server.key", "passwd", "acl", "mosquitto.conf", "fleet.json"}
     assert (folder.path / "ca.key").stat().st_mode & 0o077 == 0 and (folder.path / "server.key").stat().st_mode & 0o077 == 0
     assert folder.accounts() == [AGGREGATOR_USER, "dev-1"]
     assert device.password not in (folder.path / "passwd").read_text()  # stored hashed
@@ -191,6 +194,7 @@ def test_provisioned_folder_is_complete_and_keys_are_private(tmp_path):
     assert "pattern write fl/f1/updates/%u" in acl and "pattern read fl/f1/receipts/%u" in acl
     assert "pattern write fl/f1/updates/%u/#" in acl and "pattern read fl/f1/global/#" in acl  # chunked messages
     assert "pattern write fl/f1/secagg/up/+/%u" in acl and "pattern read fl/f1/secagg/down/+/%u" in acl  # secure aggregation
+    assert "pattern write fl/f1/evals/%u" in acl  # federated evaluation reports
     folder.remove_account("dev-1")
     assert folder.accounts() == [AGGREGATOR_USER]
     with pytest.raises(RuntimeError):

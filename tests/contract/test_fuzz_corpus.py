@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.errors import Rejection
-from aggregator.validation import UpdateLimits, decode_delta, parse_update
+from aggregator.ingest.validation import UpdateLimits, decode_delta, parse_update
 from fedge_contract import Update
 from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.tensors import ModelSpec
@@ -167,7 +167,7 @@ msgpack_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(fields=st.dictionaries(st.sampled_from(list(valid()) + ["extra"]), msgpack_values, max_size=12))
+@given(fields=st.dictionaries(st.sampled_from([*valid(), "extra"]), msgpack_values, max_size=12))
 def test_structurally_random_updates_never_escape(fields):
     raw = {**valid("random"), **fields}
     outcome("mallory", msgpack.packb(raw))

@@ -156,6 +156,20 @@ def test_presence_round_trip() -> None:
     assert Presence.from_bytes(presence.to_bytes(), fleet=FLEET) == presence
     offline = Presence(FLEET, "agent-2", "offline")
     assert Presence.from_bytes(offline.to_bytes()) == offline
+    counted = Presence(FLEET, "agent-2", "offline", dropped=3)
+    assert Presence.from_bytes(counted.to_bytes()) == counted
+
+
+def test_presence_dropped_count_is_optional_both_ways() -> None:
+    """Issue 19's count of updates dropped unanswered: an agent before it sends none (read as 0); a
+    reader before it takes only the keys it knows, so the extra key changes nothing for it."""
+    before = b'{"schema":1,"type":"presence","fleet":"%s","client_id":"a","state":"online","agent_version":"0.1.0",' \
+             b'"eligible":true,"why_not":"","device":{}}' % FLEET.encode()
+    assert Presence.from_bytes(before).dropped == 0
+    assert json.loads(Presence(FLEET, "a", "online", dropped=2).to_bytes())["dropped"] == 2
+    assert Presence.from_bytes(js(presence_doc(dropped=2, later_field={"x": 1}))).dropped == 2  # what an old reader does with ours
+    assert reason_of(Presence.from_bytes, js(presence_doc(dropped=-1))) is Reason.BAD_VALUE
+    assert reason_of(Presence.from_bytes, js(presence_doc(dropped="2"))) is Reason.WRONG_TYPE
 
 
 def test_round_status_round_trip() -> None:
@@ -514,7 +528,7 @@ msgpack_values = st.recursive(
 
 
 @FUZZ
-@given(st.sampled_from(UPDATE_REQUIRED + ["metrics", "device"]), msgpack_values)
+@given(st.sampled_from([*UPDATE_REQUIRED, "metrics", "device"]), msgpack_values)
 def test_fuzz_one_update_field(field: str, value: Any) -> None:
     """Replace one field of a valid update with anything msgpack can carry."""
     _decodes_or_decode_error(Update.from_bytes, pack(update_wire(**{field: value})), max_bytes=BIG)

@@ -212,6 +212,7 @@ def probes() -> list[Probe]:
         Probe(me, "publish", t.update(me), True),
         Probe(me, "publish", f"{t.update_chunks(me, 'u1')}/0", True),
         Probe(me, "publish", t.presence(me), True),
+        Probe(me, "publish", t.evals(me), True),
         Probe(me, "subscribe", t.global_model, True),
         Probe(me, "subscribe", f"{t.global_chunks(3)}/+", True),  # how an agent fetches a chunked model
         Probe(me, "subscribe", f"{t.global_chunks(3)}/0", True),
@@ -220,6 +221,9 @@ def probes() -> list[Probe]:
         Probe(me, "publish", t.update(you), False),
         Probe(me, "publish", f"{t.update_chunks(you, 'u1')}/0", False),
         Probe(me, "publish", t.presence(you), False),
+        Probe(me, "publish", t.evals(you), False),
+        Probe(me, "subscribe", t.evals(me), False),
+        Probe(me, "subscribe", t.all_evals, False),
         Probe(me, "publish", t.global_model, False),
         Probe(me, "publish", f"{t.global_chunks(3)}/0", False),
         Probe(me, "publish", t.status, False),
@@ -241,6 +245,7 @@ def probes() -> list[Probe]:
         Probe(AGGREGATOR_USER, "subscribe", t.shared_updates("fedge-default").split("/", 2)[2], True),  # authorized without $share/<group>/
         Probe(AGGREGATOR_USER, "subscribe", f"{t.update_chunks(me, 'u1')}/+", True),
         Probe(AGGREGATOR_USER, "subscribe", t.all_presence, True),
+        Probe(AGGREGATOR_USER, "subscribe", t.all_evals, True),
         Probe(AGGREGATOR_USER, "publish", t.global_model, True),
         Probe(AGGREGATOR_USER, "publish", f"{t.global_chunks(3)}/0", True),
         Probe(AGGREGATOR_USER, "publish", f"{t.update_chunks(me, 'u1')}/0", True),  # clears a finished update's chunks

@@ -82,7 +82,9 @@ async def test_nothing_the_relay_stored_recovers_any_device_s_delta(broker_addre
         assert np.mean(remains == truth[client]) < 0.02, client  # still masked by the pairs among survivors
         decoded = setup.fixed_point.decode_sum(remains, 1)[1:]
         flat = np.concatenate([inputs[client][0][t].ravel() for t in ("w", "b")]) * inputs[client][1] / settings.max_weight
-        assert abs(np.corrcoef(decoded, flat)[0, 1]) < 0.2, client  # read as a delta, it says nothing about the real one
+        # read as a delta it is noise across the whole range (uniform in +-64 here), nowhere near the real one (|x| < 0.03)
+        assert np.median(np.abs(decoded - flat)) > 1.0, client
+        assert abs(np.corrcoef(decoded, flat)[0, 1]) < 6 / np.sqrt(flat.size), client  # 6 sigma of a chance correlation
 
         # positive control: the survivor's own mask key, which never left the device, removes exactly what is left
         session = next(d for d in devices if d.client_id == client).secure.session
