@@ -181,7 +181,9 @@ def zero_copy_writes(client: aiomqtt.Client) -> None:
     packet, and keeps it alive until it is sent.
     """
     paho = _paho(client)
-    queue = paho._packet_queue
+    queue = getattr(paho, "_packet_queue", None)
+    if not callable(queue):
+        return  # another paho layout: its writes stay as they are (slower for large messages, still correct)
 
     def queue_view(command: int, packet: bytes | bytearray, mid: int, qos: int, info: Any = None) -> Any:
         return queue(command, memoryview(packet) if len(packet) > _COPY_IS_CHEAP else packet, mid, qos, info)
