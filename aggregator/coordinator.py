@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedge.aggregator")
 
+
 def ingest_source(config: AggregatorConfig, ingest: Ingest, db: StoreAccess, spec: ModelSpec, *, answered: Answered) -> IngestSource:
     """This process's own ingest (``ingest.workers`` 0), or worker processes' (``ingest`` then holds the merged sum)."""
     if config.ingest.workers:
