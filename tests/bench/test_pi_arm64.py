@@ -111,6 +111,7 @@ def test_entering_the_tree_mounts_in_a_private_namespace_then_chroots():
     assert argv[:5] == ["unshare", "--mount", "--propagation", "private", "--"]
     script = argv[7]
     assert "mount -t proc proc /cache/root/proc" in script and "mount -t sysfs -o ro sysfs /cache/root/sys" in script
+    assert "mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /cache/root/dev/pts" in script
     assert script.index("/cache/root/sys ") < script.index("mount --bind /cache/cpu /cache/root/sys/devices/system/cpu")
     assert 'exec chroot /cache/root "$@"' in script
     assert argv[-4:] == ["fedge", "agent", "--client-id", "pi 0"]  # arguments are passed, never re-split
