@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.pi_arm64 import check, prereqs, sizes
-from bench.pi_arm64.emulation import PSUTIL_SHIM, fake_cpu_tree, write_psutil_shim
+from bench.pi_arm64.emulation import FLOAT32_PROBE, FLOAT32_TOLERANCE, PI_CPUS, PSUTIL_SHIM, fake_cpu_tree, write_psutil_shim
 from bench.pi_arm64.userland import Mount, enter_command, standard_mounts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,3 +149,34 @@ def test_torchs_stack_follows_the_extras_it_asks_for(tmp_path):
     needs = sizes.requirements(site)
     assert sizes.closure(needs, "torch") == {"torch", "filelock", "cuda-toolkit", "nvidia-cublas"}
     assert sizes.closure(needs, "cuda-toolkit", frozenset({"cufft"})) == {"cuda-toolkit", "nvidia-cufft"}
+
+
+def test_unknown_readings_are_reported_apart_from_errors(tmp_path):
+    log = tmp_path / "agent.log"
+    log.write_text("2026 INFO fedge.agent fine\n"
+                   "2026 WARNING fedge.probes cannot read the device's cpu_load (NoSuchProcess: gone): treating it as unknown until it reads again\n")
+    assert check.unknown_readings(log) == [
+        "fedge.probes cannot read the device's cpu_load (NoSuchProcess: gone): treating it as unknown until it reads again"]
+    assert check.log_errors(log) == [] and check.unknown_readings(tmp_path / "missing.log") == []
+
+
+def test_the_float32_probe_measures_products_against_float64():
+    """The probe the check runs in the tree, run here natively: a small error, printed as one float."""
+    for threads in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", FLOAT32_PROBE, threads], capture_output=True, text=True, timeout=120, check=True)
+        assert 0.0 < float(done.stdout) < FLOAT32_TOLERANCE / 10
+
+
+def test_a_wrong_float32_product_on_the_agents_one_thread_is_an_error():
+    assert check.errors_in({"float32_max_error": {"threads_1": 5e-7, "threads_2": "the probe exited -4: SIGILL"}}) == []
+    assert check.errors_in({"float32_max_error": {"threads_1": 0.65}})[0].startswith(
+        "float32 products in the tree's torch on one thread: 0.65")
+    assert "the probe exited 1" in check.errors_in({"float32_max_error": {"threads_1": "the probe exited 1: boom"}})[0]
+
+
+def test_each_pi_is_emulated_as_its_own_core(tmp_path):
+    options = check.Options(cache=tmp_path, pi="5")
+    assert options.env()["QEMU_CPU"] == "cortex-a76" and options.env()["PIP_CERT"]
+    assert check.Options(cache=tmp_path).env()["QEMU_CPU"] == "cortex-a72"
+    tree = fake_cpu_tree(tmp_path / "cpu", 2, midr=PI_CPUS["5"].midr)
+    assert (tree / "cpu1" / "regs" / "identification" / "midr_el1").read_text() == "0x00000000414fd0b1\n"
