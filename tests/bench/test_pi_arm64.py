@@ -180,3 +180,19 @@ def test_each_pi_is_emulated_as_its_own_core(tmp_path):
     assert check.Options(cache=tmp_path).env()["QEMU_CPU"] == "cortex-a72"
     tree = fake_cpu_tree(tmp_path / "cpu", 2, midr=PI_CPUS["5"].midr)
     assert (tree / "cpu1" / "regs" / "identification" / "midr_el1").read_text() == "0x00000000414fd0b1\n"
+
+
+def test_the_summary_splits_torchs_stack_from_what_fedge_adds(tmp_path):
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    for name, size, requires in (("torch", 3 * 2**20, ["filelock"]), ("filelock", 2**20, []), ("fedge", 2**20, ["numpy", "torch"]),
+                                 ("numpy", 2 * 2**20, []), ("pip", 2**20, [])):
+        (site / name).mkdir(parents=True)
+        (site / name / "blob").write_bytes(b"\0" * size)
+        info = site / f"{name}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        (info / "RECORD").write_text(f"{name}/blob,sha256=x,{size}\n")
+    summary = sizes.summary(tmp_path / "venv")
+    assert summary["torch_stack"] == ["filelock", "torch"] and summary["torch_stack_mib"] == 4.0
+    assert summary["fedge_without_torch_stack"] == {"numpy": 2.0, "fedge": 1.0} and summary["fedge_without_torch_stack_mib"] == 3.0
+    assert summary["venv_mib"] == 8.0  # every file on disk, pip included (the metadata rounds away)
