@@ -316,19 +316,28 @@ def log_errors(log: Path, limit: int = 10) -> list[str]:
     return [line.strip() for line in lines if any(m in line for m in markers)][:limit]
 
 
+def fresh_run_folders(run_dir: Path) -> tuple[Path, Path]:
+    """Empty logs and broker folders for this run: (logs, broker). The broker's persistence must not
+    outlive a run: the last run's retained "finished at v3" made the next run's agents leave at once
+    (--exit-when-final) and its aggregator wait out its deadline for updates that never came."""
+    folders = run_dir / "logs", run_dir / "broker"
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    return folders
+
+
 async def run(options: Options) -> dict[str, Any]:
     from broker import LocalBroker
 
     cache = options.cache
     run_dir = cache / "run"
-    logs = run_dir / "logs"
     result: dict[str, Any] = {"cache": str(cache), "agents_requested": options.agents, "rounds": options.rounds}
     started = time.perf_counter()
     base, built = userland.ensure_base(cache, cache / "debootstrap.log")
     result["userland"] = {"suite": userland.SUITE, "built_now": built, "seconds": round(time.perf_counter() - started, 1)}
     root = userland.fresh_copy(base, run_dir / "rootfs")
-    shutil.rmtree(logs, ignore_errors=True)
-    logs.mkdir(parents=True)
+    logs, broker_dir = fresh_run_folders(run_dir)
     userland.copy_checkout(REPO, Path(str(root) + CHECKOUT), options.source)
     result["source"] = options.source or "working tree"
     mounts_ = mounts(run_dir, cache, options.cpu)
@@ -338,7 +347,7 @@ async def run(options: Options) -> dict[str, Any]:
     if options.psutil_shim:
         write_psutil_shim(Path(str(root) + SHIM))
     result["emulator_baseline"] = await emulator_baseline(root, options.env())
-    async with LocalBroker(data_dir=run_dir / "broker") as broker:
+    async with LocalBroker(data_dir=broker_dir) as broker:
         # install.sh's default index (torch's CPU build) when this host reaches it, as on a Pi; else PyPI's (a CUDA build)
         cpu_index = prereqs.reachable(*prereqs.TORCH_CPU_INDEX)
         result["torch_index"] = "install.sh's default (CPU build)" if cpu_index else f"PyPI: {prereqs.TORCH_CPU_INDEX[0]} is unreachable from here"

@@ -196,3 +196,16 @@ def test_the_summary_splits_torchs_stack_from_what_fedge_adds(tmp_path):
     assert summary["torch_stack"] == ["filelock", "torch"] and summary["torch_stack_mib"] == 4.0
     assert summary["fedge_without_torch_stack"] == {"numpy": 2.0, "fedge": 1.0} and summary["fedge_without_torch_stack_mib"] == 3.0
     assert summary["venv_mib"] == 8.0  # every file on disk, pip included (the metadata rounds away)
+
+
+def test_each_run_starts_with_an_empty_broker_and_logs(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "broker").mkdir(parents=True)
+    (run_dir / "broker" / "mosquitto.db").write_bytes(b"retained: finished at v3")  # what broke the second run
+    (run_dir / "logs").mkdir()
+    (run_dir / "logs" / "agent-pi-0.log").write_text("old")
+    (run_dir / "rootfs").mkdir()
+    logs, broker = check.fresh_run_folders(run_dir)
+    assert (logs, broker) == (run_dir / "logs", run_dir / "broker")
+    assert list(logs.iterdir()) == [] and list(broker.iterdir()) == [] and (run_dir / "rootfs").is_dir()
+    assert check.fresh_run_folders(tmp_path / "first") == (tmp_path / "first" / "logs", tmp_path / "first" / "broker")
