@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -205,18 +206,74 @@ async def wait_online(address: Any, client_ids: list[str], timeout: float) -> No
                 return
 
 
+@dataclass
+class Observed:
+    """What the fleet said over MQTT (the contract, not the aggregator's internals): receipts and statuses."""
+
+    receipts: list[Any] = field(default_factory=list)  # fedge_contract.Receipt
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # model version -> its evaluation
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_for_version(self, version: int) -> None:
+        while max(self.metrics, default=0) < version:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+async def observe(address: Any, client_ids: list[str], seen: Observed, subscribed: asyncio.Event) -> None:
+    from fedge_contract import Receipt, RoundStatus, Topics
+    from fedge_contract.mqtt import make_client
+
+    topics = Topics(FLEET)
+    async with make_client(address, "pi-check-results", persistent=False) as observer:
+        await observer.subscribe(topics.status, qos=1)
+        for client_id in client_ids:
+            await observer.subscribe(topics.receipt(client_id), qos=1)
+        subscribed.set()
+        async for message in observer.messages:
+            if not isinstance(message.payload, bytes) or not message.payload:
+                continue
+            if str(message.topic) == topics.status:
+                status = RoundStatus.from_bytes(message.payload)
+                if status.model_version > 0 and status.last_metrics:
+                    seen.metrics[status.model_version] = dict(status.last_metrics)
+            else:
+                seen.receipts.append(Receipt.from_bytes(message.payload))
+            seen.changed.set()
+
+
+def aggregator_argv(options: Options, broker_url: str, run_dir: Path) -> list[str]:
+    """This machine's aggregator, as an operator starts it: the ``fedge aggregator`` command and its flags."""
+    return [sys.executable, "-m", "fedge", "aggregator", "--broker", broker_url, "--fleet", FLEET, "--task", "digits",
+            "--task-opt", f"clients={options.agents}", "--rounds", str(options.rounds), "--target", str(options.agents),
+            "--min", str(options.agents), "--deadline", str(int(options.train_timeout)), "--store", str(run_dir / "aggregator.sqlite"),
+            "--log-file", str(run_dir / "aggregator.log")]
+
+
+async def stop(process: asyncio.subprocess.Process, grace: float = 60) -> None:
+    if process.returncode is None:
+        process.terminate()
+        try:
+            async with asyncio.timeout(grace):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
 async def train(options: Options, root: Path, mounts_: list[Mount], run_dir: Path, broker_url: str) -> dict[str, Any]:
-    """The agents against an aggregator in this process; per-agent memory, receipts and errors."""
-    from aggregator import Aggregator, config_of
-    from aggregator.store import Store
-    from fedge_contract.aio import cancel_and_wait
+    """The agents against ``fedge aggregator`` on this machine; per-agent memory, receipts, each model's accuracy, errors."""
+    from fedge_contract import ReceiptStatus
+    from fedge_contract.aio import Second, cancel_and_wait, race
     from fedge_contract.mqtt import BrokerAddress
 
     address = BrokerAddress.parse(broker_url)
     env = {**options.env(), "PYTHONPATH": SHIM} if options.psutil_shim else options.env()
     agents = [await start_agent(root, mounts_, i, options.agents, run_dir, env=env) for i in range(options.agents)]
     result: dict[str, Any] = {}
-    sampler: asyncio.Task[None] | None = None
+    seen, subscribed = Observed(), asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    aggregator: asyncio.subprocess.Process | None = None
     try:
         started = time.perf_counter()
         await wait_online(address, [a.client_id for a in agents], timeout=900)
@@ -231,48 +288,52 @@ async def train(options: Options, root: Path, mounts_: list[Mount], run_dir: Pat
                     agent.sample()
                 await asyncio.sleep(0.1)
 
-        sampler = asyncio.create_task(sample(), name="rss-sampler")
-        config = config_of(
-            address, fleet=FLEET, task="digits", task_options={"clients": str(options.agents)}, rounds=options.rounds,
-            target=options.agents, min_updates=options.agents, deadline=options.train_timeout, store=run_dir / "aggregator.sqlite",
-        )
+        tasks.append(asyncio.create_task(sample(), name="rss-sampler"))
+        tasks.append(asyncio.create_task(observe(address, [a.client_id for a in agents], seen, subscribed), name="results"))
+        await subscribed.wait()
         started = time.perf_counter()
+        aggregator = await asyncio.create_subprocess_exec(*aggregator_argv(options, broker_url, run_dir), stdin=asyncio.subprocess.DEVNULL)
         try:
             async with asyncio.timeout(options.train_timeout):
-                await Aggregator(config).run()
-                for agent in agents:
-                    await agent.process.wait()  # --exit-when-final: each exits on the final model
+                agents_gone = asyncio.gather(*(a.process.wait() for a in agents))
+                if isinstance(await race(aggregator.wait(), agents_gone), Second):
+                    # --exit-when-final: the agents leave on the final model, while the aggregator still writes its last checkpoint
+                    try:
+                        async with asyncio.timeout(120):
+                            await aggregator.wait()
+                    except TimeoutError:
+                        result["aggregator_did_not_exit"] = "the agents left; the aggregator was still running 120 s later"
+                elif aggregator.returncode == 0:
+                    for agent in agents:
+                        await agent.process.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(30):
+                        await seen.wait_for_version(options.rounds)  # the final status (rounds_closed says if it never came)
         except TimeoutError:
             result["timed_out_after_s"] = options.train_timeout
         result["training_s"] = round(time.perf_counter() - started, 1)
     finally:
-        if sampler is not None:
-            await cancel_and_wait([sampler])
+        if aggregator is not None:
+            await stop(aggregator)
+            result["aggregator_exit_code"] = aggregator.returncode
+        await cancel_and_wait(tasks)
         for agent in agents:
-            if agent.process.returncode is None:
-                agent.process.terminate()
-                try:
-                    async with asyncio.timeout(60):
-                        await agent.process.wait()
-                except TimeoutError:
-                    agent.process.kill()
-                    await agent.process.wait()
-    receipts: list[dict[str, Any]] = []
-    if (run_dir / "aggregator.sqlite").exists():
-        with Store(run_dir / "aggregator.sqlite") as ledger:
-            receipts = ledger.receipts()
-            rounds = ledger.rounds()
-        result["rounds_closed"] = sum(1 for r in rounds if r["closed"])
-        result["final_accuracy"] = next((r["metrics"].get("accuracy") for r in reversed(rounds) if r["metrics"]), None)
+            await stop(agent.process)
+    result["aggregator_log"] = str(run_dir / "aggregator.log")
+    result["rounds_closed"], result["rounds_expected"] = max(seen.metrics, default=0), options.rounds
+    result["model_metrics"] = {f"v{version}": {k: round(v, 4) for k, v in m.items() if k in ("accuracy", "loss")}
+                               for version, m in sorted(seen.metrics.items())}
+    result["final_accuracy"] = seen.metrics[max(seen.metrics)].get("accuracy") if seen.metrics else None
     result["agents"] = [
         {"client_id": a.client_id, "exit_code": a.process.returncode, "idle_rss_mib": a.idle_rss_mib,
          "training_peak_rss_mib": round(a.peak_rss_mib, 1), "training_child_peak_rss_mib": round(a.peak_child_rss_mib, 1),
          "child_processes_seen": a.trainings_seen, "unknown_readings": unknown_readings(a.log), "log": str(a.log)}
         for a in agents
     ]
-    result["updates_accepted"] = sum(1 for r in receipts if r["status"] == "accepted")
+    result["updates_accepted"] = sum(1 for r in seen.receipts if r.status is ReceiptStatus.ACCEPTED)
     result["updates_expected"] = options.rounds * options.agents
-    result["receipts_not_accepted"] = [{k: r[k] for k in ("round", "client_id", "status", "reason")} for r in receipts if r["status"] != "accepted"]
+    result["receipts_not_accepted"] = [{"round": r.round, "client_id": r.client_id, "status": r.status.value, "reason": r.reason}
+                                       for r in seen.receipts if r.status is not ReceiptStatus.ACCEPTED]
     return result
 
 
@@ -291,6 +352,13 @@ def errors_in(result: dict[str, Any]) -> list[str]:
     if probe is not None and not float32_ok(probe):
         errors.append(f"float32 products in the tree's torch on one thread: {probe} (tolerance {FLOAT32_TOLERANCE}); "
                       "its training is not to be trusted")
+    if training.get("aggregator_exit_code", 0) != 0:
+        errors.append(f"fedge aggregator exited {training['aggregator_exit_code']}: see {training.get('aggregator_log')}")
+    errors.extend(training[key] for key in ("aggregator_did_not_exit",) if key in training)
+    if training and training.get("rounds_closed") != training.get("rounds_expected"):
+        errors.append(f"{training.get('rounds_closed')} of {training.get('rounds_expected')} rounds closed")
+    if "timed_out_after_s" in training:
+        errors.append(f"training did not finish in {training['timed_out_after_s']} s")
     if training and training.get("updates_accepted") != training.get("updates_expected"):
         errors.append(f"{training.get('updates_accepted')} of {training.get('updates_expected')} updates accepted")
     errors.extend(f"receipt: {r}" for r in training.get("receipts_not_accepted", []))

@@ -209,3 +209,20 @@ def test_each_run_starts_with_an_empty_broker_and_logs(tmp_path):
     assert (logs, broker) == (run_dir / "logs", run_dir / "broker")
     assert list(logs.iterdir()) == [] and list(broker.iterdir()) == [] and (run_dir / "rootfs").is_dir()
     assert check.fresh_run_folders(tmp_path / "first") == (tmp_path / "first" / "logs", tmp_path / "first" / "broker")
+
+
+def test_the_aggregator_runs_as_the_fedge_command_with_flags_it_accepts(tmp_path):
+    """The check starts `fedge aggregator` (not the aggregator's classes): its flags must parse."""
+    from fedge.cli import build_parser
+
+    argv = check.aggregator_argv(check.Options(cache=tmp_path, agents=2, rounds=3), "mqtt://127.0.0.1:1883", tmp_path)
+    assert argv[:4] == [sys.executable, "-m", "fedge", "aggregator"]
+    args = build_parser().parse_args(argv[3:])
+    assert (args.rounds, args.target, args.min_updates, args.fleet) == (3, 2, 2, check.FLEET)
+
+
+def test_an_aggregator_that_fails_or_rounds_that_never_close_are_errors():
+    training = {"agents": [], "updates_accepted": 6, "updates_expected": 6, "rounds_closed": 2, "rounds_expected": 3,
+                "aggregator_exit_code": 2, "aggregator_log": "/run/aggregator.log"}
+    assert check.errors_in({"training": training}) == ["fedge aggregator exited 2: see /run/aggregator.log", "2 of 3 rounds closed"]
+    assert check.errors_in({"training": {**training, "rounds_closed": 3, "aggregator_exit_code": 0}}) == []
