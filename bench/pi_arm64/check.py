@@ -64,7 +64,7 @@ class AgentRun:
     idle_rss_mib: float | None = None
     peak_rss_mib: float = 0.0  # the agent and its training child together, sampled while rounds run
     peak_child_rss_mib: float = 0.0
-    trainings_seen: int = 0  # training children observed (one per round)
+    trainings_seen: int = 0  # processes seen under the agent: its training children (one a round) and what they start
     _children: set[int] = field(default_factory=set)
 
     def sample(self) -> None:
