@@ -136,6 +136,10 @@ async def run_logged(argv: list[str], log: Path, timeout: float) -> tuple[int, f
             process.kill()
             await process.wait()
             code = 124
+        except BaseException:  # the check interrupted (Ctrl-C): install.sh must not go on alone
+            process.kill()
+            await asyncio.shield(process.wait())
+            raise
     return code, round(time.perf_counter() - started, 1)
 
 
