@@ -19,6 +19,9 @@ not with an ``AttributeError`` in the middle of a reconnect.
    with a ``KeyError`` traceback (issue 19).
 5. Writing a large message without copying it over and over (``zero_copy_writes``): paho slices
    the rest of an outgoing packet on every partial send, which copies it.
+6. A writer registered for a socket that closed meanwhile (``guard_writer``): aiomqtt schedules
+   ``add_writer(fileno)`` from paho's thread, and a refused TLS handshake closes the socket before
+   the loop runs it; asyncio then logged an EBADF traceback at the first refused connection.
 Plus two details of aiomqtt's own API used in an unintended way: ``queue_type`` given a factory of
 one shared queue (``inbox_factory``), and aiomqtt's socket-housekeeping task, awaited at teardown
 so no task outlives a connection (``stop_housekeeping``).
@@ -192,6 +195,39 @@ def zero_copy_writes(client: aiomqtt.Client) -> None:
 
 
 _COPY_IS_CHEAP = 64 * 1024  # bytes: below this a slice costs less than a view's bookkeeping
+
+
+def guard_writer(client: aiomqtt.Client) -> None:
+    """Register paho's socket writer only if the socket is still open when the loop gets to it.
+
+    aiomqtt 2.x's ``_on_socket_register_write`` reads ``sock.fileno()`` in paho's connect thread and
+    schedules ``loop.add_writer`` with it; when the broker refuses the TLS handshake, paho closes the
+    socket first, and ``add_writer`` of a closed descriptor raised ``OSError: [Errno 9] Bad file
+    descriptor`` into the loop's exception handler: a traceback in every device's log at its first
+    refused connection (seen with a revoked certificate), although the refusal itself is handled.
+    """
+    paho = _paho(client)
+    loop: asyncio.AbstractEventLoop | None = getattr(client, "_loop", None)
+    disconnected = getattr(client, "_disconnected", None)
+    if loop is None or not isinstance(disconnected, asyncio.Future):
+        return  # another 2.x layout: left as aiomqtt does it
+
+    def on_register_write(c: Any, userdata: Any, sock: Any) -> None:
+        def write() -> None:  # what aiomqtt's writer does: a failed write ends the connection
+            try:
+                c.loop_write()
+            except Exception as exc:  # any failure of the socket ends this connection, as in aiomqtt
+                if not disconnected.done():
+                    disconnected.set_exception(exc)
+
+        def register() -> None:
+            fileno = sock.fileno()
+            if fileno != -1:  # closed meanwhile: nothing to write to
+                loop.add_writer(fileno, write)
+
+        loop.call_soon_threadsafe(register)
+
+    paho.on_socket_register_write = on_register_write
 
 
 async def stop_housekeeping(client: aiomqtt.Client) -> None:

@@ -150,6 +150,7 @@ def aiomqtt_client(
     )
     compat.drop_late_acks(client)
     compat.zero_copy_writes(client)
+    compat.guard_writer(client)
     return client
 
 

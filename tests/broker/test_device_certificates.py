@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import signal
 import sys
@@ -29,7 +30,7 @@ from broker.local import free_port
 from broker.provision import AGGREGATOR_USER, BrokerFolder, Credentials, init
 from edge_agent import Agent
 from fedge_contract import Topics
-from fedge_contract.mqtt import BrokerAddress, ConnectionLost, make_client
+from fedge_contract.mqtt import Backoff, BrokerAddress, Connection, ConnectionLost, make_client
 from tests.integration.fleet import agent_config, aggregator_config, run_fleet
 
 pytestmark = pytest.mark.integration
@@ -296,3 +297,37 @@ async def test_an_operator_serves_certificates_trains_over_them_and_revokes_one(
         await reader
     with Store(tmp_path / "agg.sqlite") as store:
         assert [r["client_id"] for r in store.receipts() if r["status"] == "accepted"] == ["pi-1"]
+
+
+async def test_a_refused_handshake_leaves_no_traceback_in_the_devices_log(cert_broker, tmp_path, caplog):
+    """A device whose certificate the broker refuses retries quietly: the refusal is one WARNING line per attempt,
+    not an asyncio 'Exception in callback ... add_writer ... Bad file descriptor' traceback (aiomqtt scheduled its
+    writer on a socket the failed handshake had closed)."""
+    stranger_folder, _ = init(tmp_path / "elsewhere", fleet=FLEET, host="127.0.0.1", port=free_port(), auth="certificate")
+    foreign = stranger_folder.add_certificate("dev-0")
+    legit = cert_broker.folder.add_certificate("dev-0")
+    forged = BrokerAddress("127.0.0.1", cert_broker.port, tls=True, ca_file=str(legit.ca_file), cert_file=str(foreign.cert_file),
+                           key_file=str(foreign.key_file))
+    refused = asyncio.Event()
+
+    class Refusals(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "lost or refused" in record.getMessage():
+                refused.set()
+
+    watcher = Refusals()
+    logging.getLogger("fedge.mqtt").addHandler(watcher)
+    caplog.set_level(logging.WARNING)
+    try:
+        async with asyncio.timeout(30), Connection(forged, "dev-0", subscriptions=[], persistent=False,
+                                                   backoff=Backoff(base=0.05, cap=0.05)) as conn:
+            for _ in range(3):  # three refused attempts
+                refused.clear()
+                await refused.wait()
+            assert not conn.connected.is_set()
+    finally:
+        logging.getLogger("fedge.mqtt").removeHandler(watcher)
+    tracebacks = [r for r in caplog.records if r.name == "asyncio" or r.exc_info]
+    assert tracebacks == [], [r.getMessage() for r in tracebacks]
+    # what a user reads instead: paho's reason, and ours
+    assert any("unknown ca" in r.getMessage() for r in caplog.records if r.name == "mqtt")

@@ -213,3 +213,29 @@ async def test_a_large_message_is_queued_as_a_view_and_arrives_whole(broker_addr
         async for message in sub.messages:
             assert message.payload == payload
             break
+
+
+async def test_a_writer_for_a_socket_closed_before_the_loop_registers_it_is_skipped() -> None:
+    """aiomqtt schedules add_writer(fileno) from paho's connect thread; a refused TLS handshake closes the socket
+    before the loop runs it, and add_writer then raised EBADF into the loop's exception handler (a traceback in
+    the device's log). compat.guard_writer skips a socket that closed meanwhile."""
+    import socket
+
+    from fedge_contract.mqtt_client import aiomqtt_client
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        client = aiomqtt_client(BrokerAddress.parse("mqtt://127.0.0.1:1"), "guard", persistent=False)
+        paho = client._client
+        a, b = socket.socketpair()
+        paho.on_socket_register_write(paho, None, a)  # scheduled, as from paho's thread
+        a.close()  # the handshake failed: paho closed the socket first
+        for _ in range(3):
+            await asyncio.sleep(0)
+        b.close()
+    finally:
+        loop.set_exception_handler(previous)
+    assert errors == []
