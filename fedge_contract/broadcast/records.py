@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedge_contract.broadcast.task import task_id
 from fedge_contract.broadcast.wire import GlobalDelta
 from fedge_contract.codecs import EncodedTensor
 from fedge_contract.errors import DecodeError, Reason
@@ -29,6 +30,9 @@ class Announcement:
     task: TaskConfig
     fingerprint: str
     final: bool = False
+    # A GlobalDelta carries the task itself, or only its id (fedge_contract.broadcast.task): the
+    # broadcaster inlines it in the first announcement after a start and whenever it changes.
+    inline_task: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,9 @@ class Broadcast:
             )
         return GlobalDelta(
             fleet=about.fleet, model_version=self.version, base_version=self.base_version, round=about.round,
-            deadline=about.deadline, task=about.task, fingerprint=about.fingerprint, held_hash=self.held_hash,
-            keyframe_version=self.keyframe_version, tensors=self.tensors, final=about.final,
+            deadline=about.deadline, task=about.task if about.inline_task else None, fingerprint=about.fingerprint,
+            held_hash=self.held_hash, keyframe_version=self.keyframe_version, tensors=self.tensors, final=about.final,
+            task_id=task_id(about.task),
         )
 
     def to_plain(self) -> dict[str, Any]:
