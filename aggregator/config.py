@@ -77,12 +77,12 @@ class AggregatorConfig:
         check_name("fleet", self.fleet)
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 = run forever)")
-        self.plan  # validates target/min/deadline
+        _ = self.plan  # building it validates target/min/deadline
         if self.mode not in ("sync", "async"):
             raise ValueError(f"mode must be sync or async, got {self.mode!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r} (known: {', '.join(STRATEGIES)}; FedProx = fedavg with --mu)")
-        self.buffer_plan  # validates buffer_size/max_staleness
+        _ = self.buffer_plan  # building it validates buffer_size/max_staleness
         staleness_function(self.staleness)
         parse_chain(self.global_codec)
         self._check_defences()
@@ -122,7 +122,7 @@ class AggregatorConfig:
                 raise ValueError("differential privacy needs --aggregation mean and a fixed --clip-norm (clip, not reject or auto)")
             if self.dp_population is not None and self.dp_population < self.plan.target:
                 raise ValueError("dp_population must be >= the round target")
-        self.privacy  # validates the DP parameters
+        _ = self.privacy  # building it validates the DP parameters
 
     def _check_workers(self) -> None:
         """Workers fold partial sums that the coordinator adds up: only associative rules can be split."""

@@ -176,7 +176,8 @@ function render(s) {
     cell(row, d.state);
     cell(row, d.eligible === null ? "?" : (d.eligible ? "yes" : "no"), d.eligible === null ? "" : (d.eligible ? "yes" : "no"));
     cell(row, d.why_not);
-    cell(row, Object.keys(d.device).sort().map(k => k + "=" + (typeof d.device[k] === "number" ? +d.device[k].toPrecision(3) : d.device[k])).join(" "));
+    cell(row, Object.keys(d.device).sort()
+      .map(k => k + "=" + (typeof d.device[k] === "number" ? +d.device[k].toPrecision(3) : d.device[k])).join(" "));
   }
   chart($("accuracy-chart"), s.rounds.map(r => [r.round, r.accuracy]), "line", v => v.toFixed(2), 1);
   chart($("bytes-chart"), s.rounds.map(r => [r.round, r.bytes_up]), "bar", human);

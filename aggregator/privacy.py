@@ -108,6 +108,6 @@ class NoisySum:
         std = self.params.noise_multiplier * self.params.clip_norm
         scale = self._sum.count / self.denominator  # WeightedSum.mean() divides by the count
         return {
-            name: ((value.astype(np.float64) * scale + self._rng.normal(0.0, std, size=value.shape) / self.denominator)).astype(np.float32)
+            name: (value.astype(np.float64) * scale + self._rng.normal(0.0, std, size=value.shape) / self.denominator).astype(np.float32)
             for name, value in self._sum.mean().items()
         }

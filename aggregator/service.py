@@ -27,11 +27,11 @@ import numpy as np
 from aggregator.async_rounds import AsyncBuffer
 from aggregator.chunked import Assembled, ChunkedUpdates, publish_global
 from aggregator.config import AggregatorConfig
-from aggregator.errors import StoreMismatch
 from aggregator.dashboard import DashboardServer, fleet_state
-from aggregator.metrics import AggregatorMetrics, MetricsServer
 from aggregator.defence import Collector, Defence
+from aggregator.errors import StoreMismatch
 from aggregator.ingest import Admission, Ingest, LedgerAdmission, limits_for
+from aggregator.metrics import AggregatorMetrics, MetricsServer
 from aggregator.rounds import DeadlineAction, OpenRound
 from aggregator.store import Store
 from aggregator.strategies import Strategy, make_strategy
@@ -62,7 +62,7 @@ Round = OpenRound | AsyncBuffer  # sync round or async (FedBuff) buffer: the hel
 
 def training_config(task: Task, overrides: dict[str, Any]) -> TaskConfig:
     """The round's TaskConfig: contract defaults < the task's suggestion < explicit overrides."""
-    suggested: dict[str, Any] = getattr(task, "suggested_training", lambda: {})()
+    suggested: dict[str, Any] = getattr(task, "suggested_training", dict)()
     return TaskConfig(**{**suggested, **overrides})
 
 

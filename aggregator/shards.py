@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.frames import pack_frame, read_frame
@@ -47,7 +47,7 @@ class WorkerPool:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # pipe readers and pending respawns
 
-    async def __aenter__(self) -> WorkerPool:
+    async def __aenter__(self) -> Self:
         try:
             for index in range(self.count):
                 await self._spawn(index)

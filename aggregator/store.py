@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 
@@ -221,7 +221,7 @@ class Store:
                     db.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {declaration}')
         self._db.executescript(_ADDED_INDEXES)
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -474,7 +474,7 @@ class Store:
     def rounds(self) -> list[dict[str, Any]]:
         cols = ["round", "base_version", "opened", "deadline", "closed", "accepted", "extensions", "metrics"]
         rows = self._db.execute(f"SELECT {', '.join(cols)} FROM rounds ORDER BY round").fetchall()
-        out = [dict(zip(cols, row)) for row in rows]
+        out = [dict(zip(cols, row, strict=True)) for row in rows]
         for row in out:
             row["metrics"] = json.loads(row["metrics"])
         return out
@@ -623,7 +623,7 @@ class Store:
     def receipts(self) -> list[dict[str, Any]]:
         cols = ["at", "round", "client_id", "update_id", "status", "reason", "bytes"]
         rows = self._db.execute(f"SELECT {', '.join(cols)} FROM receipts ORDER BY id").fetchall()
-        return [dict(zip(cols, row)) for row in rows]
+        return [dict(zip(cols, row, strict=True)) for row in rows]
 
     def bytes_by_round(self) -> dict[int, int]:
         """Update bytes received per round (every receipt, accepted or not): the fleet's upload traffic."""
@@ -675,7 +675,7 @@ class _SegmentReader:
         self._folder = folder
         self._fds: dict[str, int | None] = {}
 
-    def __enter__(self) -> _SegmentReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -137,7 +137,7 @@ class Worker(Endpoint):
                 self.log.info("worker %d stopping", self.index)
                 return
 
-    async def _next(self) -> dict[str, Any] | None | aiomqtt.Message:
+    async def _next(self) -> dict[str, Any] | aiomqtt.Message | None:
         """The next control frame (first) or, while a round is open, the next update."""
         if not self._control.empty():
             return self._control.get_nowait()

@@ -180,6 +180,7 @@ def installed_size() -> dict[str, object]:
     waiting = closure("aiomqtt") | closure("msgpack") | closure("numpy") | closure("psutil") | closure("zstandard")
     aggregator = (closure("rich") | closure("cryptography") | closure("prometheus-client")) - runtime
     sim = (aggregator | closure("matplotlib")) - runtime
+    packages = ("fedge", "fedge_runtime", "fedge_contract", "fedge_tasks", "edge_agent", "aggregator", "broker")
     return {
         "runtime_closure_mib": dist_mib(runtime),
         "torch_and_its_deps_mib": dist_mib(torch_part),
@@ -188,7 +189,7 @@ def installed_size() -> dict[str, object]:
         "sim_extra_mib": dist_mib(sim),
         "counted": sorted(runtime),
         "note": "fedge is installed editable here, so its own files count ~0; its source is "
-        f"{sum(p.stat().st_size for d in ('fedge', 'fedge_runtime', 'fedge_contract', 'fedge_tasks', 'edge_agent', 'aggregator', 'broker') for p in Path(d).rglob('*.py')) / 2**20:.2f} MiB of .py",
+        f"{sum(p.stat().st_size for d in packages for p in Path(d).rglob('*.py')) / 2**20:.2f} MiB of .py",
     }
 
 

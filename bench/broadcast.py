@@ -171,7 +171,7 @@ class Fleet:
         version = number - 1
         chain = parse_chain(self.setting.upload)
         total, sizes = WeightedSum(self.spec), []
-        for cid, trainer, residuals, device in zip(self.ids, self.trainers, self.residuals, self.devices):
+        for cid, trainer, residuals, device in zip(self.ids, self.trainers, self.residuals, self.devices, strict=True):
             assert device.held is not None and device.held.version == version
             start = GlobalModel(FLEET, version, number, None, self.training, self.spec.fingerprint,
                                 encode_weights(device.held.weights, _NONE))  # the held model, as the trainer takes it

@@ -54,7 +54,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -62,7 +62,6 @@ from aggregator.config import AggregatorConfig
 from aggregator.fold import WeightedSum
 from aggregator.validation import UpdateLimits, decode_delta, parse_update
 from broker.local import LocalBroker, free_port, render_dev_config
-from fedge_runtime.allocator import keep_large_buffers
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import proc_peak_rss_mib
 from fedge_contract import Receipt, RoundState, RoundStatus, Topics, Update, new_update_id
@@ -70,6 +69,7 @@ from fedge_contract.aio import cancel_and_wait
 from fedge_contract.codecs import EncodedTensor, encode_weights, parse_chain
 from fedge_contract.mqtt import BrokerAddress, Connection, make_client
 from fedge_contract.tensors import ModelSpec, TensorSpec
+from fedge_runtime.allocator import keep_large_buffers
 from fedge_tasks.synthetic import SyntheticTask
 
 TARGET_BOUND_FRACTION = 0.5
@@ -158,7 +158,7 @@ def other_core_busy() -> Iterator[None]:
 async def bench_broker(folder: Path) -> AsyncIterator[LocalBroker]:
     """The dev broker with persistence off (its autosave would rewrite every queued update each second)."""
     port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - setup, once before the bench starts
     config = folder / "mosquitto.conf"
     text = render_dev_config(host="127.0.0.1", port=port, data_dir=folder)
     config.write_text(text.replace("persistence true", "persistence false"))
@@ -189,7 +189,7 @@ class AggregatorProcess:
         self.child_peaks: dict[int, float] = {}  # ingest workers' VmHWM, sampled (they write no peak file)
         self._sampler: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> AggregatorProcess:
+    async def __aenter__(self) -> Self:
         env = {**os.environ, PEAK_ENV: str(self.peak_file)}
         self.process = await asyncio.create_subprocess_exec(*self.args, stdin=asyncio.subprocess.DEVNULL,
                                                             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
@@ -208,7 +208,7 @@ class AggregatorProcess:
                         self.child_peaks[child.pid] = max(peak, self.child_peaks.get(child.pid, 0.0))
             await asyncio.sleep(0.2)
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self.process is not None
         if self._sampler is not None:
             await cancel_and_wait([self._sampler])
@@ -242,14 +242,14 @@ class Watcher:
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Watcher:
+    async def __aenter__(self) -> Self:
         await self.client.__aenter__()
         await self.client.subscribe(self.topics.status, qos=1)
         await self.client.subscribe(f"{self.topics.prefix}/receipts/+", qos=1)
         self._task = asyncio.create_task(self._read())
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
             await cancel_and_wait([self._task])
         await self.client.__aexit__(None, None, None)
@@ -395,7 +395,8 @@ async def throughput(folder: Path, params_list: list[int], codecs: list[str], wo
                     row["publisher_updates_per_s_alone"] = round(count / alone, 1)
                     row["receive_floor_updates_per_s"] = round(floor["updates_per_s"], 1)
                     row["receive_floor_mb_per_s"] = round(floor["mb_per_s"], 1)
-                    row["attainable_fraction_of_bound"] = round(floor["updates_per_s"] / (floor["updates_per_s"] + same_run_bound["updates_per_s"]), 3)
+                    row["attainable_fraction_of_bound"] = round(
+                        floor["updates_per_s"] / (floor["updates_per_s"] + same_run_bound["updates_per_s"]), 3)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     del payloads
     return rows

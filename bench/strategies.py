@@ -115,7 +115,8 @@ def main() -> None:
         print("| mode | alpha | versions to 0.90 | wall seconds to 0.90 | versions run | final accuracy |")
         print("|---|---|---|---|---|---|")
         for r in results["async"]:
-            print(f"| {r['mode']} | {r['alpha']} | {fmt(r['rounds_to_target'])} | {fmt(r['seconds_to_target'])} | {r['rounds_run']} | {r['final_accuracy']:.4f} |")
+            print(f"| {r['mode']} | {r['alpha']} | {fmt(r['rounds_to_target'])} | {fmt(r['seconds_to_target'])} | "
+                  f"{r['rounds_run']} | {r['final_accuracy']:.4f} |")
 
 
 if __name__ == "__main__":

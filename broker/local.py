@@ -3,8 +3,9 @@
 LocalBroker is an async context manager: entering starts Mosquitto with the dev config on a
 loopback port (a free one unless given) and returns once it accepts connections; leaving stops
 it. With ``config_file`` it runs that config instead (e.g. a production folder made by
-``broker.provision.init``; ``port`` must then be the one that config listens on). ``kill()``, ``stop()`` and ``start()`` exist so fault tests can crash and restart the same
-broker on the same port with the same persistence folder.
+``broker.provision.init``; ``port`` must then be the one that config listens on). ``kill()``,
+``stop()`` and ``start()`` exist so fault tests can crash and restart the same broker on the same
+port with the same persistence folder.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import shutil
 import signal
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from broker.errors import BrokerNotFound, BrokerStartError
 
@@ -60,6 +63,7 @@ class LocalBroker:
     _tempdir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
     _log_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     log_lines: list[str] = field(default_factory=list, init=False, repr=False)
+    _log_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)  # a new log line (wait_for_log)
 
     @property
     def url(self) -> str:
@@ -69,7 +73,7 @@ class LocalBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    async def __aenter__(self) -> LocalBroker:
+    async def __aenter__(self) -> Self:
         if self.data_dir is None:
             self._tempdir = tempfile.TemporaryDirectory(prefix="fedge-broker-")
             self.data_dir = Path(self._tempdir.name)
@@ -120,6 +124,7 @@ class LocalBroker:
             line = raw.decode(errors="replace").rstrip()
             self.log_lines.append(line)
             del self.log_lines[:-500]
+            self._log_changed.set()
             # Mosquitto says "Opening ipv4 listen socket on port N." then "... running" once it listens.
             if not ready.done() and " running" in line:
                 ready.set_result(None)
@@ -129,6 +134,12 @@ class LocalBroker:
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it does not exit in ``timeout`` s (it saves persistence on TERM)."""
         await self._terminate(signal.SIGTERM, timeout)
+
+    async def wait_for_log(self, predicate: Callable[[list[str]], bool]) -> None:
+        """Return once ``predicate(log_lines)`` holds, checked again at each new line Mosquitto logs."""
+        while not predicate(self.log_lines):
+            self._log_changed.clear()
+            await self._log_changed.wait()
 
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads its password and ACL files (after add/remove-device)."""

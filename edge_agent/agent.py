@@ -376,7 +376,7 @@ class Agent:
         """For gates that cannot notify (no ``wait_change``): ask once a second, only while training."""
         if callable(getattr(self.gate, "wait_change", None)):
             return  # _watch_conditions stops the child the moment eligibility flips
-        while self.gate.eligible():
+        while self.gate.eligible():  # noqa: ASYNC110 - this gate cannot notify: polling it once a second is the design
             await asyncio.sleep(1.0)
         stop.set()
 

@@ -42,7 +42,8 @@ class AgentConfig:
     # few KiB below the broker's max_packet_size. The aggregator chunks the global model by its own.
     max_message_bytes: int = field(default=DEFAULT_MAX_MESSAGE_BYTES, metadata={
         "group": _RESOURCES, "metavar": "BYTES", "help": "an update above this is published in chunks with a manifest"})
-    chunk_timeout: float = field(default=120.0, metadata=_CODE_ONLY)  # seconds without a new chunk of the global model before the partial set is dropped
+    # seconds without a new chunk of the global model before the partial set is dropped
+    chunk_timeout: float = field(default=120.0, metadata=_CODE_ONLY)
     torch_threads: int = field(default=1, metadata={"group": _RESOURCES, "help": "threads the training uses"})
     exit_when_final: bool = field(default=False, metadata={
         "action": "store_true", "help": "exit once the aggregator publishes its final model"})

@@ -94,10 +94,12 @@ def _device_lines(report: Report, snap: DeviceSnapshot) -> None:
     if "power" in snap.unknown:
         report.info("battery", f"unknown: {snap.unknown['power']}")
     elif power.has_battery:
-        report.ok("battery", f"{power.battery_percent:.0f}%, {'on external power' if power.plugged else 'discharging'} ({power.status}, via {power.source})")
+        report.ok("battery", f"{power.battery_percent:.0f}%, {'on external power' if power.plugged else 'discharging'} "
+                             f"({power.status}, via {power.source})")
     else:
         report.ok("battery", "none found: treated as mains power")
-    report.ok("temperature", f"{snap.temperature_c:.1f} C (hottest thermal zone)" if snap.temperature_c is not None else "unknown (no readable thermal zone)")
+    report.ok("temperature", f"{snap.temperature_c:.1f} C (hottest thermal zone)" if snap.temperature_c is not None
+              else "unknown (no readable thermal zone)")
     report.ok("cpu load", f"{snap.cpu_load:.0%} of all cores used by other programs" if snap.cpu_load is not None
               else f"unknown: {snap.unknown.get('cpu_load', 'no second sample')}")
     network = {True: "metered (cellular)", False: "unmetered", None: "unknown"}[snap.metered]

@@ -280,7 +280,7 @@ class DeviceProbe:
     cpu: CpuLoadMeter | None = None
 
     def __post_init__(self) -> None:
-        self._termux_cache: tuple[float, PowerReading | None | RuntimeError] | None = None
+        self._termux_cache: tuple[float, PowerReading | RuntimeError | None] | None = None
         self._failing: dict[str, str] = {}  # condition -> reason, while its readings fail
 
     def power(self) -> PowerReading:

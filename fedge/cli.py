@@ -56,7 +56,8 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=float, help="local SGD learning rate")
     group.add_argument("--momentum", type=float)
     group.add_argument("--mu", type=float, help="FedProx proximal weight (0 = FedAvg)")
-    group.add_argument("--codec", help="update codec chain agents must use, e.g. flat+topk:0.01+q4+zstd, topk:0.01+q8+zstd, q8+zstd, f16+zstd, zstd, none (default flat+topk:0.01+q4+zstd)")
+    group.add_argument("--codec", help="update codec chain agents must use, e.g. flat+topk:0.01+q4+zstd, topk:0.01+q8+zstd, "
+                                        "q8+zstd, f16+zstd, zstd, none (default flat+topk:0.01+q4+zstd)")
 
 
 def _client_certificate_flags(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +104,8 @@ def _task_flags(parser: argparse.ArgumentParser) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-file", type=Path, help="log here instead of stderr")
-    parser.add_argument("--log-json", action="store_true", help="one JSON object per line (ts, level, logger, message, client, update, round, reason)")
+    parser.add_argument("--log-json", action="store_true",
+                        help="one JSON object per line (ts, level, logger, message, client, update, round, reason)")
 
 
 def _defence_flags(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +154,8 @@ def defence_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def _metrics_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("monitoring")
-    group.add_argument("--metrics-port", type=int, metavar="PORT", help="aggregator: serve Prometheus metrics on http://HOST:PORT/metrics (default off)")
+    group.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="aggregator: serve Prometheus metrics on http://HOST:PORT/metrics (default off)")
     group.add_argument("--metrics-host", help="address the metrics server and dashboard listen on (default 127.0.0.1; 0.0.0.0 for all)")
     group.add_argument("--dashboard-port", type=int, metavar="PORT", help="aggregator: serve the web dashboard on http://HOST:PORT/ (default off)")
 
@@ -233,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, default=Path("fedge-aggregator.sqlite"), help="SQLite store (checkpoints, rounds)")
     p.add_argument("--max-update-bytes", type=int, help="largest update accepted (default: 1.25x the float32 model)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
-                   help="a global model above this is published in chunks with a manifest (default 8 MiB; keep it below the broker's max_packet_size)")
+                   help="a global model above this is published in chunks with a manifest "
+                        "(default 8 MiB; keep it below the broker's max_packet_size)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating each model on the task's held-out data")
     p.add_argument("--durability", choices=["disk", "process"], default="disk",
                    help="disk (default): an update is fsync'd before its receipt, so a power cut loses no receipted update; "

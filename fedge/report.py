@@ -118,7 +118,7 @@ def plot_run(run: RunData, out: Path) -> dict[str, Path]:
         counts = [run.receipts.get(n, collections.Counter())[status] for n in receipt_rounds]
         if any(counts):
             ax.bar(receipt_rounds, counts, bottom=bottom, width=0.6, label=status)
-            bottom = [b + c for b, c in zip(bottom, counts)]
+            bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
     ax.set(xlabel="round", ylabel="receipts")
     if any(bottom):
         ax.legend()

@@ -129,7 +129,7 @@ async def until_disconnected(client: aiomqtt.Client) -> BaseException | None:
         if not disconnected.cancelled():
             raise  # we were cancelled, not the future
         return None
-    except Exception as error:
+    except Exception as error:  # whatever ended the connection is the answer, not our error
         return error
     return None
 

@@ -50,7 +50,7 @@ class PausableReader:
     def _read(self) -> None:
         try:
             compat.read_available(self._client)
-        except Exception as exc:
+        except Exception as exc:  # a broken socket (OSError, TLS, paho): end this connection
             compat.end_connection(self._client, exc)
 
     def pause(self) -> None:

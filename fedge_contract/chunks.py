@@ -196,7 +196,7 @@ class Manifest:
             return None
         try:
             obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-        except Exception:
+        except Exception:  # msgpack raises several unrelated types for broken input
             return None
         value = obj.get("update_id") if isinstance(obj, dict) else None
         return value if isinstance(value, str) and len(value) <= 64 else None
@@ -217,7 +217,7 @@ def is_manifest(payload: bytes) -> bool:
         return False
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception:
+    except Exception:  # msgpack raises several unrelated types for broken input
         return False
     return isinstance(obj, dict) and obj.get("type") == Manifest.TYPE
 

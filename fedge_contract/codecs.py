@@ -196,7 +196,8 @@ def decode_tensor(tensor: EncodedTensor, spec: TensorSpec) -> np.ndarray:
     expected = chain.stored_nbytes(n)  # bounded by the model's own shape: nothing from the payload
     data = chain.lossless.decompress(tensor.data, expected) if chain.lossless else tensor.data
     if len(data) != expected:
-        raise DecodeError(Reason.BAD_TENSOR, f"{where}: {len(data)} bytes for shape {list(tensor.shape)} with codec {tensor.codec!r} (expected {expected})")
+        raise DecodeError(Reason.BAD_TENSOR,
+                          f"{where}: {len(data)} bytes for shape {list(tensor.shape)} with codec {tensor.codec!r} (expected {expected})")
     view = memoryview(data)
     value_stage = chain.value or _F32
     if chain.sparsify is not None:

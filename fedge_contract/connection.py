@@ -100,6 +100,7 @@ class Connection:
         # Backpressure (see _backpressure): reading pauses at max_buffered waiting messages and
         # resumes at half of it, or at once while a caller waits for an ack from the broker.
         self.max_buffered = max_buffered
+        self._inbox_changed = asyncio.Event()  # a message came or went, or the gate moved (wait_inbox)
         self.messages: asyncio.Queue[aiomqtt.Message] = Inbox(self._update_gate)
         self._reader: PausableReader | None = None
         self._holds = 0  # callers waiting for an ack (publish, subscribe, flush): reading must go on
@@ -347,6 +348,7 @@ class Connection:
 
     def _update_gate(self) -> None:
         """Pause reading at ``max_buffered`` waiting messages, resume at half (hysteresis) or while held."""
+        self._inbox_changed.set()
         reader = self._reader
         if reader is None or self.max_buffered is None:
             return
@@ -361,6 +363,13 @@ class Connection:
     def reading_pauses(self) -> int:
         """How often the current connection paused reading because its consumer was behind."""
         return self._reader.pauses if self._reader is not None else 0
+
+    async def wait_inbox(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds, checked again whenever a message comes or goes or the
+        reading gate may have moved (e.g. ``messages.qsize()``, ``reading_pauses``): no polling."""
+        while not predicate():
+            self._inbox_changed.clear()
+            await self._inbox_changed.wait()
 
 
 class Subscriber:

@@ -99,7 +99,7 @@ def _unpack(payload: bytes, max_bytes: int, kind: str) -> object:
         raise DecodeError(Reason.TOO_LARGE, f"{kind} of {len(payload)} bytes exceeds the limit of {max_bytes}")
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:
+    except Exception as exc:  # msgpack raises several unrelated types for broken input
         raise DecodeError(Reason.MALFORMED, f"{kind} is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
 
@@ -303,7 +303,7 @@ class Update:
             obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
             value = obj.get("update_id") if isinstance(obj, dict) else None
             return value if isinstance(value, str) and len(value) <= 64 else None
-        except Exception:
+        except Exception:  # msgpack raises several unrelated types for broken input
             return None
 
 

@@ -1,7 +1,8 @@
 """The built-in example task: handwritten digits (the 8x8 images scikit-learn bundles, shipped in ``data/``).
 
-Pixels are scaled to [0, 1]; a fixed stratified 80/20 split (seed 0) gives the held-out set; the training split is divided across ``clients`` devices by a Dirichlet(``alpha``) label
-skew (numpy seed ``seed``). A device's shard is chosen by the integer its client id ends with
+Pixels are scaled to [0, 1]; a fixed stratified 80/20 split (seed 0) gives the held-out set; the
+training split is divided across ``clients`` devices by a Dirichlet(``alpha``) label skew (numpy
+seed ``seed``). A device's shard is chosen by the integer its client id ends with
 (``agent-7`` holds shard 7 modulo ``clients``): on real hardware a task would read the device's
 own files instead.
 """
@@ -54,7 +55,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     short = math.ceil(test_fraction * len(labels)) - int(take.sum())
     take[np.argsort(-(exact - take), kind="stable")[:short]] += 1
     train, test = [], []
-    for cls, k in zip(classes, take):
+    for cls, k in zip(classes, take, strict=True):
         idx = rng.permutation(np.flatnonzero(labels == cls))
         test.append(idx[:k])
         train.append(idx[k:])

@@ -110,7 +110,7 @@ def train(
             outputs = model(inputs)
             loss = loss_fn(outputs, targets)
             if anchor:
-                loss = loss + settings.mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                loss = loss + settings.mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
             loss.backward()
             optimizer.step()
             total_loss += float(loss.detach()) * len(targets)

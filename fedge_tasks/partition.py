@@ -27,7 +27,7 @@ def dirichlet_partition(
             rng.shuffle(idx)
             proportions = rng.dirichlet(np.full(num_clients, alpha))
             cuts = (np.cumsum(proportions)[:-1] * len(idx)).astype(int)
-            for shard, part in zip(shards, np.split(idx, cuts)):
+            for shard, part in zip(shards, np.split(idx, cuts), strict=True):
                 shard.extend(part.tolist())
         if min(len(s) for s in shards) >= min_size:
             return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]

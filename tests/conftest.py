@@ -11,7 +11,6 @@ import pytest
 import pytest_asyncio
 from hypothesis import settings
 
-
 from broker import LocalBroker
 from fedge.netem import FaultProxy
 from fedge_contract.mqtt import BrokerAddress

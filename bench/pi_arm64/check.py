@@ -154,8 +154,8 @@ async def start_agent(root: Path, mounts_: list[Mount], index: int, agents: int,
             "--policy", "always", "--log-level", "info"]
     log = run_dir / f"agent-{client_id}.log"
     out = log.open("ab")
-    process = await asyncio.create_subprocess_exec(*enter_command(root, argv, mounts=mounts_, env={**TRUST_ENV, "PYTHONPATH": SHIM}), stdin=asyncio.subprocess.DEVNULL,
-                                                   stdout=out, stderr=out)
+    process = await asyncio.create_subprocess_exec(*enter_command(root, argv, mounts=mounts_, env={**TRUST_ENV, "PYTHONPATH": SHIM}),
+                                                   stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
     out.close()
     return AgentRun(client_id, process, log)
 

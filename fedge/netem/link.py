@@ -138,7 +138,8 @@ class Link:
 
     async def _heal_when_due(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.is_cut and not math.isinf(self._cut_until) and loop.time() < self._cut_until:
+        # A timer, not a poll: it sleeps to the cut's end, and again if cut() extended the cut meanwhile.
+        while self.is_cut and not math.isinf(self._cut_until) and loop.time() < self._cut_until:  # noqa: ASYNC110
             await asyncio.sleep(self._cut_until - loop.time())
         if self.is_cut and not math.isinf(self._cut_until):
             self.heal()

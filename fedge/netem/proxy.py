@@ -20,7 +20,7 @@ import logging
 import random
 from collections.abc import Coroutine, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from fedge.netem.link import Link
 from fedge.netem.profiles import LinkProfile
@@ -52,7 +52,7 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
 
-    async def __aenter__(self) -> FaultProxy:
+    async def __aenter__(self) -> Self:
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
         self._spawn(self._expire(), name="netem:lifetime")

@@ -53,7 +53,8 @@ def parse_schedule(spec: str) -> list[Fault]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         match = _FAULT.match(item)
         if match is None:
-            raise ValueError(f"bad fault {item!r}: expected LINK@rN+SECONDS or LINK@tN+SECONDS, or LINK@rN^SECONDS / LINK@rN>SECONDS, optionally ending in ~")
+            raise ValueError(f"bad fault {item!r}: expected LINK@rN+SECONDS or LINK@tN+SECONDS, "
+                             "or LINK@rN^SECONDS / LINK@rN>SECONDS, optionally ending in ~")
         at = float(match["at"])
         faults.append(Fault(
             link=match["link"],

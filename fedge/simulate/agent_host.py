@@ -30,7 +30,7 @@ async def host_agents(args: argparse.Namespace) -> int:
     urls = args.broker_urls.split(",") if args.broker_urls else [args.broker] * len(client_ids)
     if len(urls) != len(client_ids):
         raise ValueError("--broker-urls needs one URL per --client-ids entry")
-    brokers = {client_id: BrokerAddress.parse(url) for client_id, url in zip(client_ids, urls)}
+    brokers = {client_id: BrokerAddress.parse(url) for client_id, url in zip(client_ids, urls, strict=True)}
     agents = [
         Agent(
             AgentConfig(

@@ -14,8 +14,8 @@ import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 from pathlib import Path
+from types import TracebackType
 
 from fedge.netem import PROFILES, Fault, FaultProxy, LinkProfile, parse_schedule
 from fedge_contract import RoundState, RoundStatus, Topics
@@ -117,8 +117,8 @@ class ChaosController(Subscriber):
         self._done: set[str] = set()
         super().__init__(address, f"fedge-chaos-{fleet}", [Topics(fleet).status])
 
-    async def __aexit__(self, *exc: Any) -> None:
-        await super().__aexit__(*exc)
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await super().__aexit__(exc_type, exc, tb)
         if self.proxy is not None:
             self.log.links = {name: dict(vars(link.stats)) for name, link in self.proxy.links.items()}
 

@@ -66,7 +66,7 @@ def _finite(value: Any) -> Any:
 def write_report(report: SimulationReport, out: Path, console: Console) -> None:
     data = asdict(report)
     data["rounds"] = [{**{k: _finite(v) for k, v in row.items()}, "updates_per_s": _finite(r.updates_per_s)}
-                      for row, r in zip(data["rounds"], report.rounds)]
+                      for row, r in zip(data["rounds"], report.rounds, strict=True)]
     data["totals"] = {k: _finite(v) for k, v in data["totals"].items()}
     (out / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False, default=str))
     _plot(report, out / "report.png")

@@ -24,11 +24,11 @@ from rich.console import Console
 from aggregator.store import Store
 from broker import LocalBroker
 from fedge.errors import CommandError
+from fedge.netem import FaultProxy, LinkProfile, parse_schedule
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import peak_rss_mib, proc_peak_rss_mib
-from fedge.netem import FaultProxy, LinkProfile, parse_schedule
-from fedge.simulate.limits import raise_fd_limit
 from fedge.simulate.chaos import ChaosController, ChaosHooks, ChaosLog, ChaosOptions, late_ids, plan_dropouts
+from fedge.simulate.limits import raise_fd_limit
 from fedge.simulate.report import RoundRow, SimulationReport, write_report
 from fedge.simulate.wiretap import WireTap
 from fedge_contract.aio import First, cancel_and_wait, race
@@ -164,7 +164,7 @@ class _Children:
         for process in self.processes.values():
             try:
                 await asyncio.wait_for(process.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 process.kill()
                 await process.wait()
         await cancel_and_wait(self._exit_watchers)
@@ -214,7 +214,7 @@ async def simulate(options: SimulationOptions) -> int:
                 error = await _watch(tap, children, options, console)
                 spawn_agents.heal()  # agents cut off for good come back to see the final model and exit
                 if not error:
-                    for name, process in list(children.processes.items()):  # agents exit on the final model
+                    for _name, process in list(children.processes.items()):  # agents exit on the final model
                         await asyncio.wait_for(process.wait(), 60)
             if error:
                 console.print(f"[red]simulation failed[/]: {error}")

@@ -348,5 +348,6 @@ async def host_synthetic_agents(client_ids: list[str], address: BrokerAddress, f
                     await feed.final.wait()
     finally:
         if ledger_path is not None:
-            ledger_path.write_text(json.dumps({**ledger.to_json(), **facts}, indent=1))
+            # One small write at the end of the run, synchronous so that a cancelled run still writes it whole.
+            ledger_path.write_text(json.dumps({**ledger.to_json(), **facts}, indent=1))  # noqa: ASYNC240
     return 0

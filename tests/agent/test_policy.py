@@ -92,7 +92,8 @@ def test_mapping_picks_a_preset_and_overrides():
 
 
 def test_mapping_from_strings_like_env_vars():
-    policy, _ = policy_from_mapping({"preset": "always", "require_charging": "yes", "max_cpu_load": "0.3", "windows": "22:00-06:00,12:00-13:00"}, has_battery=True)
+    policy, _ = policy_from_mapping({"preset": "always", "require_charging": "yes", "max_cpu_load": "0.3", "windows": "22:00-06:00,12:00-13:00"},
+                                    has_battery=True)
     assert policy.require_charging is True and policy.max_cpu_load == 0.3 and len(policy.windows) == 2
 
 
@@ -169,7 +170,8 @@ def test_settings_config_from_env_var(tmp_path):
         ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n', {"FEDGE_ISOLATE_TRAINING": "perhaps"}, "FEDGE_ISOLATE_TRAINING.*true or false"),
         ("broker = \n", {}, "not valid TOML"),
         ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n[policy]\npreset = "toaster"\n', {}, "preset 'toaster'"),
-        ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n', {"FEDGE_KEY_FILE": "/k"}, "needs both cert_file and key_file, got only key_file .key_file from FEDGE_KEY_FILE."),
+        ('broker = "h"\nclient_id = "a"\nstate_dir = "/x"\n', {"FEDGE_KEY_FILE": "/k"},
+         "needs both cert_file and key_file, got only key_file .key_file from FEDGE_KEY_FILE."),
     ],
 )
 def test_settings_errors_are_clear(tmp_path, text, env, message):

@@ -121,9 +121,14 @@ def test_cpu_meter_needs_two_samples_and_stays_in_range():
 
 def test_cpu_meter_subtracts_the_agents_own_cpu(monkeypatch):
     """Training must not make the device look busy: the agent's own CPU time is not 'others'."""
-    from collections import namedtuple
+    from typing import NamedTuple
 
-    Times = namedtuple("Times", "user system idle iowait")
+    class Times(NamedTuple):
+        user: float
+        system: float
+        idle: float
+        iowait: float
+
     machine = iter([Times(0.0, 0.0, 100.0, 0.0), Times(1.0, 0.5, 100.5, 0.0)])  # 1.5 s busy in 1 s on 2 cores
     own = iter([0.0, 1.0])  # of which 1.0 s is the agent (and its training child)
     ticks = iter([0.0, 1.0])

@@ -13,10 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from aggregator import Aggregator
 from aggregator.metrics import AggregatorMetrics, MetricsServer
 from edge_agent import Agent
-from fedge_runtime.logs import JsonFormatter
 from fedge_contract import Topics
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.mqtt import BrokerAddress
+from fedge_runtime.logs import JsonFormatter
 from tests.integration.fleet import ManualGate, agent_config, aggregator_config, raw_peer
 
 

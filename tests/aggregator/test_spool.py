@@ -75,7 +75,7 @@ def test_spooled_returns_the_exact_bytes_in_arrival_order_and_by_shard(path: Pat
         assert store.spooled(1, shard=1) == [u for u in expected if shards[u.update_id] == 1]
         assert store.spooled(2) == [SpooledUpdate("u9", "c9", 10, payload(9))]
         with sqlite3.connect(path) as db:  # the payload column stays empty; bytes, digest and offsets are right
-            for uid, segment, offset, nbytes, blob, dig in db.execute(
+            for uid, segment, _offset, nbytes, blob, dig in db.execute(
                 'SELECT update_id, segment, "offset", bytes, payload, digest FROM accepted WHERE round=1'
             ):
                 i = list(sizes).index(uid)

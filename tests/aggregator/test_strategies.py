@@ -40,7 +40,7 @@ def test_fedavgm_by_hand() -> None:
     weights = {"w": f32(1, -1)}
     expected_w = [f32(2, -3), f32(2.5, -3), f32(1.75, -2.5)]
     expected_v = [f32(2, -4), f32(1, 0), f32(-1.5, 1)]
-    for delta, w, v in zip((f32(2, -4), f32(0, 2), f32(-2, 1)), expected_w, expected_v):
+    for delta, w, v in zip((f32(2, -4), f32(0, 2), f32(-2, 1)), expected_w, expected_v, strict=True):
         weights = strategy.apply(weights, {"w": delta})
         np.testing.assert_array_equal(weights["w"], w)
         np.testing.assert_array_equal(strategy.state()["fedavgm.v.w"], v)
@@ -63,7 +63,7 @@ def test_fedavgm_by_hand() -> None:
 )
 def test_adaptive_optimisers_by_hand(cls, expected_v, expected_w) -> None:
     strategy = cls(server_lr=1.0, beta1=0.5, beta2=0.5, tau=1.0)
-    for (w, state), m, v, expected in zip(run_three_rounds(strategy), M, expected_v, expected_w):
+    for (w, state), m, v, expected in zip(run_three_rounds(strategy), M, expected_v, expected_w, strict=True):
         np.testing.assert_allclose(w, f32(expected, -expected), rtol=1e-6)
         np.testing.assert_allclose(state[f"{cls.name}.m.w"], f32(m, -m), rtol=1e-7)
         np.testing.assert_allclose(state[f"{cls.name}.v.w"], f32(v, v), rtol=1e-7)

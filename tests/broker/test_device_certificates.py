@@ -61,8 +61,7 @@ async def reload(broker: LocalBroker) -> None:
     before = sum("Reloading config" in line for line in broker.log_lines)
     broker.reload()
     async with asyncio.timeout(10):
-        while sum("Reloading config" in line for line in broker.log_lines) == before:
-            await asyncio.sleep(0.02)
+        await broker.wait_for_log(lambda lines: sum("Reloading config" in line for line in lines) != before)
 
 
 @dataclass

@@ -182,7 +182,8 @@ async def run_fleet_with(serving: asyncio.Task, agents: list[Agent]) -> None:
 def test_provisioned_folder_is_complete_and_keys_are_private(tmp_path):
     folder, aggregator = init(tmp_path / "b", fleet="f1", host="broker.example", port=8883)
     device = folder.add_account("dev-1")
-    assert {p.name for p in folder.path.iterdir()} >= {"ca.crt", "ca.key", "server.crt", "server.key", "passwd", "acl", "mosquitto.conf", "fleet.json"}
+    assert {p.name for p in folder.path.iterdir()} >= {
+        "ca.crt", "ca.key", "server.crt", "server.key", "passwd", "acl", "mosquitto.conf", "fleet.json"}
     assert (folder.path / "ca.key").stat().st_mode & 0o077 == 0 and (folder.path / "server.key").stat().st_mode & 0o077 == 0
     assert folder.accounts() == [AGGREGATOR_USER, "dev-1"]
     assert device.password not in (folder.path / "passwd").read_text()  # stored hashed

@@ -151,7 +151,7 @@ def test_a_bad_chunk_hash_in_the_list_is_refused() -> None:
     manifest = manifest_of(b"x" * 100, 40)
     refused(wire(manifest, chunks=[manifest.chunks[0], b"\0" * 31, manifest.chunks[2]]), Reason.BAD_VALUE)
     refused(wire(manifest, chunks=[manifest.chunks[0], 5, manifest.chunks[2]]), Reason.WRONG_TYPE)
-    refused(wire(manifest, chunks=list(manifest.chunks) + [manifest.chunks[0]]), Reason.BAD_VALUE)  # an extra chunk
+    refused(wire(manifest, chunks=[*manifest.chunks, manifest.chunks[0]]), Reason.BAD_VALUE)  # an extra chunk
 
 
 def test_oversize_total_and_too_many_chunks_are_refused_before_anything_is_fetched() -> None:

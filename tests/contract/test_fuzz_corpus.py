@@ -52,10 +52,10 @@ def corpus(spec: ModelSpec = SPEC, *, fleet: str = FLEET, max_bytes: int = LIMIT
     """name -> (topic client, payload): the hand-made nasty payloads, for ``spec``'s model and ``fleet``."""
     rng = np.random.default_rng(0)
 
-    def valid(update_id: str, **kw) -> dict:  # noqa: F811  (the module's, for this model and fleet)
+    def valid(update_id: str, **kw) -> dict:  # shadows the module's, for this model and fleet
         return _valid(update_id, **{"spec": spec, "fleet": fleet, **kw})
 
-    def with_tensor(update_id: str, **kw) -> bytes:  # noqa: F811
+    def with_tensor(update_id: str, **kw) -> bytes:
         return _with_tensor(update_id, spec, fleet, **kw)
 
     good = msgpack.packb(valid("truncated"))
@@ -167,7 +167,7 @@ msgpack_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(fields=st.dictionaries(st.sampled_from(list(valid()) + ["extra"]), msgpack_values, max_size=12))
+@given(fields=st.dictionaries(st.sampled_from([*valid(), "extra"]), msgpack_values, max_size=12))
 def test_structurally_random_updates_never_escape(fields):
     raw = {**valid("random"), **fields}
     outcome("mallory", msgpack.packb(raw))

@@ -514,7 +514,7 @@ msgpack_values = st.recursive(
 
 
 @FUZZ
-@given(st.sampled_from(UPDATE_REQUIRED + ["metrics", "device"]), msgpack_values)
+@given(st.sampled_from([*UPDATE_REQUIRED, "metrics", "device"]), msgpack_values)
 def test_fuzz_one_update_field(field: str, value: Any) -> None:
     """Replace one field of a valid update with anything msgpack can carry."""
     _decodes_or_decode_error(Update.from_bytes, pack(update_wire(**{field: value})), max_bytes=BIG)

@@ -70,8 +70,7 @@ async def test_without_a_bound_the_same_consumer_holds_the_whole_flood(broker_ad
     topic = f"{fleet}/flood"
     async with asyncio.timeout(60), consumer(broker_address, f"{fleet}-open", topic, None) as conn:
         await flood(broker_address, topic)
-        while conn.messages.qsize() < FLOOD:  # everything arrives: nothing holds it back
-            await asyncio.sleep(0.01)
+        await conn.wait_inbox(lambda: conn.messages.qsize() >= FLOOD)  # everything arrives: nothing holds it back
         peak = await drain_slowly(conn, FLOOD)
     assert peak == FLOOD
 
@@ -81,8 +80,7 @@ async def test_waiting_for_an_ack_while_reading_is_paused_does_not_deadlock(brok
     async with asyncio.timeout(60), consumer(broker_address, f"{fleet}-gated", topic, MAX_BUFFERED) as conn, \
             consumer(broker_address, f"{fleet}-observer", f"{fleet}/answers/#", None) as observer:
         await flood(broker_address, topic)
-        while conn.reading_pauses == 0:
-            await asyncio.sleep(0.01)
+        await conn.wait_inbox(lambda: conn.reading_pauses > 0)
         # The PUBACK of this publish arrives behind the flood on the paused socket.
         await conn.publish(f"{fleet}/answers/direct", b"direct")
         await conn.subscribe(f"{fleet}/more")  # a SUBACK likewise

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 
 @asynccontextmanager
-async def connection(address: BrokerAddress, name: str, subscriptions: list[str], *, persistent: bool) -> AsyncIterator[tuple[Connection, asyncio.Queue[int]]]:
+async def connection(address: BrokerAddress, name: str, subscriptions: list[str], *,
+                     persistent: bool) -> AsyncIterator[tuple[Connection, asyncio.Queue[int]]]:
     """A Connection and a queue that gets its connection count at every (re)connect, once subscribed."""
     connects: asyncio.Queue[int] = asyncio.Queue()
 

@@ -34,7 +34,8 @@ def test_referenced_files_exist():
 
 
 def test_mosquitto_conf_persists_and_does_not_drop_queued_messages():
-    lines = {line.split()[0]: line.split()[1:] for line in (COMPOSE / "mosquitto.conf").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    lines = {line.split()[0]: line.split()[1:] for line in (COMPOSE / "mosquitto.conf").read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
     assert lines["persistence"] == ["true"] and lines["persistence_location"] == ["/mosquitto/data/"]
     assert lines["max_queued_messages"] == ["0"]  # the default 1000 silently drops QoS 1 (DESIGN.md)
 

@@ -66,7 +66,8 @@ async def test_aggregator_and_agent_processes_run_a_round_and_exit(broker, fleet
         agents = []
         for i in range(2):
             # --policy=always: the default policy waits for an idle CPU, which a shared test machine is not
-            agents.append(await _spawn("agent", *common, f"--client-id=agent-{i}", f"--state-dir={tmp_path / str(i)}", "--exit-when-final", "--policy=always"))
+            agents.append(await _spawn("agent", *common, f"--client-id=agent-{i}", f"--state-dir={tmp_path / str(i)}",
+                                       "--exit-when-final", "--policy=always"))
             spawned.append(agents[-1])
         status = RoundStatus.from_bytes(await peer.next_payload(Topics(fleet).status))
         while status.state is not RoundState.FINISHED:

@@ -150,6 +150,6 @@ async def test_dashboard_in_headless_chromium(broker_address: BrokerAddress, fle
                     circles, bars, shown = charted
                     assert circles == bars and shown - 1 <= circles <= shown  # a point and a bar per closed round (the shown one may be closing)
                     shot = await page.call("Page.captureScreenshot", format="png")
-                    SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+                    SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))  # noqa: ASYNC240 - a test's one screenshot
             finally:
                 await cancel_and_wait(tasks)

@@ -48,7 +48,8 @@ def _hostile_payloads(model: GlobalModel, max_update_bytes: int) -> dict[str, tu
         "nan-values": (msgpack.packb(_update(model, "nan-values", values=math.nan)), "nan-values", rejected, "non_finite"),
         "inf-values": (msgpack.packb(_update(model, "inf-values", values=math.inf)), "inf-values", rejected, "non_finite"),
         "future-version": (msgpack.packb(_update(model, "future-version", base_version=7, round=8)), "future-version", rejected, "bad_value"),
-        "speaks-for-agent-0": (msgpack.packb(_update(model, "speaks-for-agent-0", client="agent-0")), "speaks-for-agent-0", rejected, "client_mismatch"),
+        "speaks-for-agent-0": (msgpack.packb(_update(model, "speaks-for-agent-0", client="agent-0")), "speaks-for-agent-0", rejected,
+                               "client_mismatch"),
         "oversized": (msgpack.packb(oversized), None, rejected, "too_large"),  # too large to be unpacked at all
         "no-samples": (msgpack.packb(_update(model, "no-samples", num_samples=0)), "no-samples", rejected, "bad_value"),
         "other-fleet": (msgpack.packb(_update(model, "other-fleet", fleet="elsewhere")), "other-fleet", rejected, "wrong_fleet"),
@@ -105,7 +106,8 @@ async def test_hostile_updates_are_refused_and_the_model_is_untouched(broker_add
         recorded = {(row["update_id"], row["status"]) for row in store.receipts() if row["client_id"] == "mallory"}
         attacked_model = store.latest_checkpoint()
         clean_model = reference.latest_checkpoint()
-    agents_ids = {r: {rc.update_id for a in agents for rc in a.stats.receipts if rc.round == r and rc.status is ReceiptStatus.ACCEPTED} for r in (1, 2)}
+    agents_ids = {r: {rc.update_id for a in agents for rc in a.stats.receipts if rc.round == r and rc.status is ReceiptStatus.ACCEPTED}
+                  for r in (1, 2)}
     assert folded == agents_ids and all(len(ids) == 3 for ids in folded.values())
     assert ("nan-values", "rejected") in recorded and ("old-version", "stale") in recorded
     assert attacked.counters["rejected"] == len(cases) and attacked.counters["rejected:non_finite"] == 2

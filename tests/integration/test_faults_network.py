@@ -36,7 +36,7 @@ async def test_resets_partitions_and_lost_acks_are_deduped(broker, broker_addres
         serving = group.create_task(aggregator.run())
         running = [group.create_task(agent.run()) for agent in agents]
         for number in range(1, ROUNDS + 1):
-            await observer.until(lambda o: o.round_open(number))
+            await observer.until(lambda o, number=number: o.round_open(number))
             fault_proxy.notify_round(number)
         await serving
         await asyncio.gather(*running)

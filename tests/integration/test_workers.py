@@ -49,7 +49,7 @@ async def feed(address: BrokerAddress, fleet: str, *, rounds: int, clients: int)
     topics = Topics(fleet)
     async with Observer(address, fleet) as observer, raw_peer(address, f"feeder-{fleet}"[:64]) as peer:
         for number in range(1, rounds + 1):
-            await observer.until(lambda o: model_of(o, number - 1) is not None)
+            await observer.until(lambda o, number=number: model_of(o, number - 1) is not None)
             model = model_of(observer, number - 1)
             for i in range(clients):
                 data = payload(model, f"c{i}", f"r{number}-c{i}", seed=100 * number + i, num_samples=10 + i)

@@ -38,7 +38,7 @@ async def test_a_killed_worker_is_refolded_and_restarted(broker_address, fleet, 
         await observer.until(lambda o: len(o.with_status(ReceiptStatus.ACCEPTED)) == 2)
         victim = shard_with_updates(store, 1)
         os.kill(aggregator.pool.pids[victim], signal.SIGKILL)
-        await observer.until(lambda o: aggregator.worker_exits == 1)  # noqa: ARG005 (the coordinator's own count)
+        await observer.until(lambda o: aggregator.worker_exits == 1)  # the coordinator's own count
         late.open()
         await serving
 

@@ -190,7 +190,7 @@ async def test_a_small_upload_is_recognised_by_its_topic(echo):
         link = await proxy.add_link("a", ("127.0.0.1", echo.port))
         link.cut_at_next_upload(math.inf)
         assert await roundtrip(link.port, b"fl/x/presence/a") == b"fl/x/presence/a"
-        reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
         writer.write(b"0fl/x/updates/a" + bytes(100))
         await link.wait_for(lambda s: s.cuts == 1)
         writer.close()

@@ -28,7 +28,7 @@ def reference(model: torch.nn.Module, data: TensorDataset, mu: float, lr: float,
         model.zero_grad()
         F.cross_entropy(model(inputs), targets).backward()
         with torch.no_grad():
-            for p, a in zip(model.parameters(), anchor):
+            for p, a in zip(model.parameters(), anchor, strict=True):
                 p -= lr * (p.grad + mu * (p - a))
     return [p.detach().clone() for p in model.parameters()]
 
@@ -44,7 +44,7 @@ def test_proximal_gradient_matches_the_closed_form() -> None:
     for mu in (0.0, 0.1, 1.0):
         model, data = make_model_and_data()
         expected = reference(model, data, mu, lr=0.5, steps=5)
-        for got, want in zip(trained(mu, steps=5), expected):
+        for got, want in zip(trained(mu, steps=5), expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -156,7 +156,7 @@ def test_build_model_is_seeded() -> None:
     a = DigitsTask(hidden=16).build_model()
     b = DigitsTask(hidden=16).build_model()
     c = DigitsTask(hidden=16, init_seed=1).build_model()
-    for (name, pa), (_, pb), (_, pc) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+    for (name, pa), (_, pb), (_, _pc) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.state_dict()["0.weight"], c.state_dict()["0.weight"])
     assert a(torch.zeros(3, 64)).shape == (3, 10)

@@ -23,7 +23,7 @@ def test_deterministic() -> None:
     first = dirichlet_partition(LABELS, 10, 0.5, seed=3)
     second = dirichlet_partition(LABELS, 10, 0.5, seed=3)
     assert len(first) == len(second) == 10
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -47,7 +47,7 @@ def test_every_client_gets_min_size(min_size: int) -> None:
 def test_different_seed_different_partition() -> None:
     a = dirichlet_partition(LABELS, 10, 0.5, seed=0)
     b = dirichlet_partition(LABELS, 10, 0.5, seed=1)
-    assert any(len(x) != len(y) or not np.array_equal(x, y) for x, y in zip(a, b))
+    assert any(len(x) != len(y) or not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_smaller_alpha_means_more_skew() -> None:

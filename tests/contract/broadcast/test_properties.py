@@ -101,7 +101,7 @@ def test_encoder_and_devices_agree_bit_for_bit(policy: BroadcastPolicy, run: lis
         if isinstance(step, Advance):
             true = walk(true, rng, step.scale)
             payload = broker.publish(encoder.advance(true, encoder.version + 1))
-            for device, miss in zip(devices, step.missed):
+            for device, miss in zip(devices, step.missed, strict=True):
                 if not miss:
                     followed(device, payload, broker)
                     check(device, encoder)

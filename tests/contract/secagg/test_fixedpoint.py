@@ -87,10 +87,10 @@ def test_weighting_gives_the_sample_weighted_mean() -> None:
     deltas = [rng.normal(0, 0.5, 50) for _ in range(3)]
     samples = [10, 300, 77]
     total = fixed.ring.zeros(51)
-    for delta, n in zip(deltas, samples):
+    for delta, n in zip(deltas, samples, strict=True):
         total = fixed.ring.add(total, fixed.encode(weighting.vector(delta, n), rng))
     mean, weight = weighting.mean(fixed.decode_sum(total, 3))
-    expected = sum(n * d for n, d in zip(samples, deltas)) / sum(samples)
+    expected = sum(n * d for n, d in zip(samples, deltas, strict=True)) / sum(samples)
     assert weight == pytest.approx(sum(samples), rel=1e-6)
     assert np.allclose(mean, expected, atol=1e-4)
     with pytest.raises(ParameterError):

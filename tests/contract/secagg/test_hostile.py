@@ -105,13 +105,16 @@ def _key_list_attacks(kl: KeyList, setup: Setup) -> list[tuple[str, KeyList, Rea
         ("addressed to another", dataclasses.replace(kl, recipient="agent-000"), Reason.WRONG_RECIPIENT),
         ("another round", dataclasses.replace(kl, round=kl.round + 1), Reason.WRONG_SESSION),
         ("from another sender", dataclasses.replace(kl, sender="mallory"), Reason.WRONG_SESSION),
-        ("a member outside the cohort", dataclasses.replace(kl, members=tuple(sorted(kl.members + ("zz-stranger",)))), Reason.NOT_IN_ROUND),
+        ("a member outside the cohort", dataclasses.replace(kl, members=tuple(sorted((*kl.members, "zz-stranger")))), Reason.NOT_IN_ROUND),
         ("without this device", dataclasses.replace(kl, members=tuple(m for m in kl.members if m != TARGET)), Reason.NOT_IN_ROUND),
         ("too few members", dataclasses.replace(kl, members=tuple(sorted({TARGET, *kl.members[:2]}))), Reason.BELOW_THRESHOLD),
         ("a neighbour missing", dataclasses.replace(kl, peers=tuple(peers[1:])), Reason.GRAPH_MISMATCH),
-        ("a stranger's keys added", dataclasses.replace(kl, peers=tuple(sorted([*peers, PeerKeys(outsider, b"\x09" * 32, b"\x08" * 32)], key=lambda p: p.client_id))), Reason.GRAPH_MISMATCH),
+        ("a stranger's keys added",
+         dataclasses.replace(kl, peers=tuple(sorted([*peers, PeerKeys(outsider, b"\x09" * 32, b"\x08" * 32)], key=lambda p: p.client_id))),
+         Reason.GRAPH_MISMATCH),
         ("another graph seed", dataclasses.replace(kl, graph_seed=swapped_seed), Reason.GRAPH_MISMATCH),
-        ("a repeated public key", dataclasses.replace(kl, peers=(dataclasses.replace(peers[0], cipher_key=peers[1].cipher_key), *peers[1:])), Reason.CONFLICT),
+        ("a repeated public key", dataclasses.replace(kl, peers=(dataclasses.replace(peers[0], cipher_key=peers[1].cipher_key), *peers[1:])),
+         Reason.CONFLICT),
         ("a low-order key", dataclasses.replace(kl, peers=(dataclasses.replace(peers[0], mask_key=LOW_ORDER), *peers[1:])), Reason.UNAUTHENTIC),
     ]
 
@@ -158,7 +161,10 @@ def _bundle_attacks(real: ShareBundle, other: ShareBundle, outsider: str) -> dic
     relabelled = SealedShare(boxes[1].peer, boxes[0].box)
     return {
         "addressed to another": (dataclasses.replace(real, recipient=other.recipient), Reason.WRONG_RECIPIENT),
-        "a box from a non-neighbour": (dataclasses.replace(real, boxes=tuple(sorted([*boxes[1:], SealedShare(outsider, boxes[0].box)], key=lambda b: b.peer))), Reason.GRAPH_MISMATCH),
+        "a box from a non-neighbour": (
+            dataclasses.replace(real, boxes=tuple(sorted([*boxes[1:], SealedShare(outsider, boxes[0].box)], key=lambda b: b.peer))),
+            Reason.GRAPH_MISMATCH,
+        ),
         "too few boxes": (dataclasses.replace(real, boxes=tuple(boxes[:3])), Reason.BELOW_THRESHOLD),
         "a tampered box": (dataclasses.replace(real, boxes=(SealedShare(boxes[0].peer, bytes(tampered)), *boxes[1:])), Reason.UNAUTHENTIC),
         "a box relabelled as another neighbour's": (dataclasses.replace(real, boxes=(boxes[0], relabelled, *boxes[2:])), Reason.UNAUTHENTIC),
@@ -325,7 +331,8 @@ def test_the_server_refuses_hostile_reveals() -> None:
     # a share of a survivor's mask key: the one thing that would unmask it; the server will not even store it
     survivor_key = RevealedShare(reveal.seeds[0].peer, reveal.seeds[0].share)
     _server_refuses(relay, dataclasses.replace(reveal, keys=tuple(sorted([*reveal.keys, survivor_key], key=lambda r: r.peer))), Reason.GRAPH_MISMATCH)
-    _server_refuses(relay, dataclasses.replace(reveal, keys=(RevealedShare(reveal.keys[0].peer, PRIME.to_bytes(33, "big")), *reveal.keys[1:])), Reason.BAD_SHARE)
+    _server_refuses(relay, dataclasses.replace(reveal, keys=(RevealedShare(reveal.keys[0].peer, PRIME.to_bytes(33, "big")), *reveal.keys[1:])),
+                    Reason.BAD_SHARE)
     _server_refuses(relay, dataclasses.replace(reveal, sender="agent-005"), Reason.NOT_IN_ROUND)
     assert relay.server.handle(reveal, now=relay.now).accepted
     forged = dataclasses.replace(reveal, seeds=(RevealedShare(reveal.seeds[0].peer, (1).to_bytes(33, "big")), *reveal.seeds[1:]))

@@ -114,7 +114,7 @@ def test_random_dropouts_give_the_exact_sum_or_a_clean_abandon(data: st.DataObje
     setup = make_setup(n, degree=degree, threshold=threshold, min_survivors=2, length=5)
     phases = ["before_keys", "after_keys", "after_shares", "after_masked", "during_unmask"]
     assignment = data.draw(st.lists(st.sampled_from([None, *phases]), min_size=n, max_size=n), label="dropouts")
-    dropouts = Dropouts(**{p: frozenset(c for c, a in zip(setup.cohort, assignment) if a == p) for p in phases})
+    dropouts = Dropouts(**{p: frozenset(c for c, a in zip(setup.cohort, assignment, strict=True) if a == p) for p in phases})
     relay = Relay(setup, random_inputs(setup), dropouts, policy=DevicePolicy(min_threshold_fraction=0.0))
     outcome = relay.run()
     if isinstance(outcome, Abandoned):
