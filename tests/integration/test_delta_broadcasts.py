@@ -23,8 +23,8 @@ from aggregator import broadcast_store
 from aggregator.broadcaster import Broadcaster
 from edge_agent import Agent
 from fedge_contract import GlobalModel, Presence, TaskConfig, Topics, Update
-from fedge_contract.broadcast import BroadcastPolicy, Step
-from fedge_contract.chunks import is_manifest
+from fedge_contract.broadcast import BroadcastPolicy, Step, decode_announcement
+from fedge_contract.chunks import Manifest, is_manifest
 from fedge_contract.mqtt import BrokerAddress, Connection
 from fedge_contract.tensors import ModelSpec
 from fedge_tasks import load_task
@@ -80,12 +80,15 @@ class Coordinator:
             broadcast_store.save(self.db, self.broadcaster.state())
         await self.broadcaster.publish(step, self.about())
 
-    async def next_version(self) -> int:
+    def step(self) -> Step:
         assert self.broadcaster is not None
         self.true = {k: (v + self.rng.standard_normal(v.shape) * 0.02).astype(np.float32) for k, v in self.true.items()}
-        version = self.broadcaster.version + 1
-        await self.commit_and_publish(self.broadcaster.advance(self.true, version))
-        return version
+        return self.broadcaster.advance(self.true, self.broadcaster.version + 1)
+
+    async def next_version(self) -> int:
+        step = self.step()
+        await self.commit_and_publish(step)
+        return step.broadcast.version
 
 
 class Fleet:
@@ -281,3 +284,41 @@ async def test_a_catch_up_that_cannot_complete_is_reported_then_healed(broker_ad
             await broadcaster.announce(coordinator.about(final=True))
         await devices.finish()
 
+
+
+async def test_a_crash_between_commit_and_publish_is_repaired_by_the_republish(broker_address, fleet, tmp_path):
+    """Chunked everything; the aggregator dies after committing a keyframe version and before publishing
+    it: the resumed broadcaster publishes it from the stored bytes and empties what it made obsolete."""
+    policy = BroadcastPolicy(chain="flat+q8+zstd", every=3, ratio=None)
+    coordinator = Coordinator(broker_address, fleet, tmp_path, policy, max_message_bytes=2048)
+    topics = Topics(fleet)
+    async with asyncio.timeout(60):
+        async with coordinator.connected(resume=False) as broadcaster:
+            for _ in range(2):
+                await coordinator.next_version()
+            before = await retained(broker_address, topics)
+            assert {topics.global_delta(1), topics.global_delta(2), f"{topics.keyframe_chunks(0)}/0", f"{topics.global_chunks(2)}/0"} <= set(before)
+            step = coordinator.step()  # v3: a snapshot keyframe that retires deltas 1 and 2
+            assert step.keyframe is not None and step.retire == (1, 2)
+            with coordinator.db:
+                broadcast_store.save(coordinator.db, broadcaster.state())
+        # ... and it dies here, before publishing v3
+        async with coordinator.connected(resume=True) as broadcaster:
+            after = await retained(broker_address, topics)
+            assert not [t for t in after if "/delta/" in t or t.startswith((f"{topics.keyframe_chunks(0)}/", f"{topics.global_chunks(2)}/"))]
+            assert GlobalModel.from_bytes(_whole(after, topics.global_keyframe, topics.keyframe_chunks(3)), max_bytes=1 << 24).model_version == 3
+            announced = decode_announcement(_whole(after, topics.global_model, topics.global_chunks(3)), max_bytes=1 << 24)
+            assert announced.model_version == 3 and announced.held_hash == broadcaster.held_hash
+            devices = Fleet(broker_address, fleet, tmp_path / "agents")
+            async with raw_peer(broker_address, "updates", topics.all_updates) as peer:
+                joining = devices.start(0)
+                await trained_on(peer, [joining], 3)
+                check_held([joining], broadcaster)
+                await broadcaster.announce(coordinator.about(final=True))
+            await devices.finish()
+
+
+def _whole(found: dict[str, bytes], topic: str, base: str) -> bytes:
+    """A retained message as its receiver gets it: whole, or reassembled from its manifest's chunks."""
+    manifest = Manifest.from_bytes(found[topic], max_size=1 << 24)
+    return b"".join(found[f"{base}/{i}"] for i in range(manifest.count))
