@@ -21,9 +21,12 @@ class RoundRow:
     loss: float
     participants: int  # updates folded into this round's model
     bytes_up: int  # update payloads published by agents for this round (resends included)
-    bytes_down: int  # global model payloads for this round x agents subscribed
+    bytes_down: int  # announcements (GlobalModel or GlobalDelta, chunks included) for this round x agents subscribed
     updates_published: int
     seconds: float  # from the round's opening to the next round's (or the end)
+    # delta broadcasts: catch-up material the aggregator put on retained topics this round (keyframes,
+    # retained deltas, the task); stored once on the broker, downloaded only by devices that catch up
+    bytes_retained: int = 0
 
     @property
     def updates_per_s(self) -> float:
@@ -54,6 +57,7 @@ class SimulationReport:
             final_accuracy=self.rounds[-1].accuracy if self.rounds else float("nan"),
             bytes_up=sum(r.bytes_up for r in self.rounds),
             bytes_down=sum(r.bytes_down for r in self.rounds),
+            bytes_retained=sum(r.bytes_retained for r in self.rounds),
             peak_rss_mib_sum=sum(self.peak_rss_mib.values()),
             wall_seconds=self.wall_seconds,
         )

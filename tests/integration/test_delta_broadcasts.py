@@ -22,7 +22,8 @@ import pytest
 from aggregator import broadcast_store
 from aggregator.broadcaster import Broadcaster
 from edge_agent import Agent
-from fedge_contract import GlobalModel, Presence, TaskConfig, Topics, Update
+from fedge.simulate.wiretap import WireTap
+from fedge_contract import GlobalModel, Presence, RoundState, RoundStatus, TaskConfig, Topics, Update
 from fedge_contract.broadcast import BroadcastPolicy, Step, decode_announcement
 from fedge_contract.chunks import Manifest, is_manifest
 from fedge_contract.mqtt import BrokerAddress, Connection
@@ -322,3 +323,27 @@ def _whole(found: dict[str, bytes], topic: str, base: str) -> bytes:
     """A retained message as its receiver gets it: whole, or reassembled from its manifest's chunks."""
     manifest = Manifest.from_bytes(found[topic], max_size=1 << 24)
     return b"".join(found[f"{base}/{i}"] for i in range(manifest.count))
+
+
+async def test_the_simulation_wire_tap_counts_delta_announcements_and_catch_up_material(broker_address, fleet, tmp_path):
+    """bytes down per round: each announcement (manifest and chunks included) x subscribers; the catch-up
+    material the broadcaster stores (keyframe, retained copies, task) once, as retained bytes."""
+    coordinator = Coordinator(broker_address, fleet, tmp_path, BroadcastPolicy(chain="flat+q8+zstd", every=3, ratio=None),
+                              max_message_bytes=4096)
+    topics = Topics(fleet)
+    tap = WireTap(broker_address, fleet, subscribers=3)
+    async with asyncio.timeout(30), tap:
+        async with coordinator.connected(resume=False) as broadcaster:
+            for _ in range(4):  # v3 is a snapshot keyframe
+                await coordinator.next_version()
+            sent = broadcaster.sent
+            await coordinator.conn.publish(topics.status, RoundStatus(fleet, 5, 4, RoundState.FINISHED, 0, 1, 1, None).to_bytes())  # type: ignore[union-attr]
+            await tap.finished.wait()
+    assert [s.version for s in sent] == [0, 1, 2, 3, 4] and sent[1].announcement > 4096  # chunked
+    for s in sent:
+        traffic = tap.rounds[s.version + 1]
+        assert traffic.global_payloads == [s.announcement]
+        assert tap.bytes_down(s.version + 1) == 3 * s.announcement
+        assert traffic.retained_bytes == s.keyframe + s.retained + s.task, s
+    assert sent[0].keyframe > 0 and sent[0].task > 0 and sent[3].keyframe > 0 and sent[3].retained == 0 and sent[4].retained > 0
+    assert tap.unattributed_bytes == 0
