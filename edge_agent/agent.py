@@ -122,6 +122,7 @@ class Agent:
         self._initial: dict[str, np.ndarray] | None = None  # its version 0, as this device builds it (delta broadcasts)
         self._follower: Follower | None = None  # the held model under delta broadcasts (created per connection owner)
         self._held_files: HeldFiles | None = None
+        self._held_changed = asyncio.Event()  # the held model moved on: the keeper writes it (the latest only)
         self._trainer: LocalTrainer | None = None
         self._abort: StopSignal | None = None  # stops the training child (ineligible, superseded)
         self._new_model = asyncio.Event()
@@ -165,11 +166,14 @@ class Agent:
                     group.create_task(self._train_loop(), name="train"),
                     group.create_task(self._upload_loop(), name="upload"),
                     group.create_task(self._watch_conditions(), name="conditions"),
+                    group.create_task(self._keep_held(), name="held"),
                 ]
                 await self._stop.wait()
                 await cancel_and_wait(tasks)
             self._fetch.close()
             self._follower.close()
+            if self._held_files is not None:  # a stop between two writes: keep the latest held model too
+                await self._on_disk(self._held_files.save, self._follower.rebuilder, self._follower.task)
             if conn.connected.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
@@ -316,10 +320,18 @@ class Agent:
                 log.info("%s: training finished at model v%d (not held here)", self.config.client_id, outcome.announcement.model_version)
                 self.stop()
             return
-        follower, files = self._following(), self._held_files
-        assert files is not None
-        await self._on_disk(files.save, follower.rebuilder, follower.task)  # skipped when this version is already on disk
+        self._held_changed.set()
         await self._on_model(outcome.model, b"")
+
+    async def _keep_held(self) -> None:
+        """Write the held model to the state folder whenever it moved on, the latest only (a version that
+        came and went while a write was under way is never written): the next start catches up from it."""
+        while True:
+            await self._held_changed.wait()
+            self._held_changed.clear()
+            follower, files = self._following(), self._held_files
+            assert files is not None
+            await self._on_disk(files.save, follower.rebuilder, follower.task)  # nothing to do if that version is on disk
 
     async def _on_model(self, model: GlobalModel, payload: bytes) -> None:
         """A model to train from: ``payload`` is its bytes as they came, or empty (built from the held model)."""
