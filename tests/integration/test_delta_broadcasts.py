@@ -347,3 +347,21 @@ async def test_the_simulation_wire_tap_counts_delta_announcements_and_catch_up_m
         assert traffic.retained_bytes == s.keyframe + s.retained + s.task, s
     assert sent[0].keyframe > 0 and sent[0].task > 0 and sent[3].keyframe > 0 and sent[3].retained == 0 and sent[4].retained > 0
     assert tap.unattributed_bytes == 0
+
+
+async def test_an_agent_that_trains_in_a_child_process_trains_from_the_held_model(broker_address, fleet, tmp_path):
+    """The training child gets the held weights as a full float32 GlobalModel (no pickle), and the
+    device's version 0 comes from the child that describes the task."""
+    coordinator = Coordinator(broker_address, fleet, tmp_path, BroadcastPolicy(every=30, ratio=None))
+    devices = Fleet(broker_address, fleet, tmp_path / "agents", isolate_training=True)
+    topics = Topics(fleet)
+    async with asyncio.timeout(120), raw_peer(broker_address, "updates", topics.all_updates) as peer:
+        async with coordinator.connected(resume=False) as broadcaster:
+            agent = devices.start(0)
+            first = (await trained_on(peer, [agent], 0))["agent-0"]
+            assert agent.stats.held.accepted == 1 and agent.stats.held.caught_up == 0  # its own build matched the hold's hash
+            update = (await trained_on(peer, [agent], await coordinator.next_version()))["agent-0"]
+            check_held([agent], broadcaster)
+            assert update.base_version == 1 and first.base_version == 0 and agent._trainer is None
+            await broadcaster.announce(coordinator.about(final=True))
+        await devices.finish()
