@@ -57,13 +57,12 @@ UPLOAD_DEFAULT = "flat+topk:0.01+q4+zstd"
 # (upload, broadcast): "f32" broadcasts the full float32 model (today), anything else is a delta chain
 PAIRS = [
     ("none", "f32"),  # float32 both ways: the baseline (first)
-    (UPLOAD_DEFAULT, "f32"),  # today: compressed uploads, float32 downloads
-    (UPLOAD_DEFAULT, "flat+topk:0.05+q4+zstd"),
+    (UPLOAD_DEFAULT, "f32"),  # before issue 16: compressed uploads, float32 downloads
+    (UPLOAD_DEFAULT, "flat+topk:0.05+q4+zstd"),  # the default upload chain with the default broadcast chain
     (UPLOAD_DEFAULT, "flat+topk:0.03+q4+zstd"),
     ("flat+topk:0.02+q4+zstd", "flat+topk:0.05+q4+zstd"),
     ("flat+topk:0.02+q4+zstd", "flat+topk:0.03+q4+zstd"),
-    ("flat+topk:0.02+q4+zstd", "flat+topk:0.02+q4+zstd"),
-    ("flat+topk:0.03+q4+zstd", "flat+topk:0.03+q4+zstd"),
+    ("flat+topk:0.03+q4+zstd", "flat+topk:0.05+q4+zstd"),
 ]
 BROADCAST_SIZE_CHAINS = ["flat+topk:0.05+q4+zstd", "flat+topk:0.03+q4+zstd", "flat+q8+zstd"]
 
