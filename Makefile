@@ -1,8 +1,9 @@
 # Two commands for a fresh Debian/Ubuntu machine with Python 3.11:
 #   make demo   set up, then simulate 20 agents x 30 rounds on a local Mosquitto
-#   make test   set up, then run the test suite
+#   make test   set up, then lint (ruff, mypy), then run the test suite
+#   make lint   ruff and mypy only (the rules and packages are in pyproject.toml)
 #   make pi-check  (root, slow) deploy/pi/install.sh and two agents on an emulated arm64 Raspberry Pi OS userland
-.PHONY: setup demo test bench pi-check clean
+.PHONY: setup demo lint test bench pi-check clean
 
 setup:
 	@scripts/bootstrap.sh
@@ -10,7 +11,11 @@ setup:
 demo: setup
 	.venv/bin/fedge simulate --agents 20 --rounds 30 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: setup
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+test: setup lint
 	.venv/bin/python -m pytest -q
 
 bench: setup

@@ -1,5 +1,15 @@
 """The fedge aggregator: owns the global model, runs the rounds, validates and folds updates.
 
+Its layers, one sub-package each (the coordinator, aggregator/coordinator.py, composes them):
+
+    rounds/         what a round is: the round-policy protocol, sync rounds, the FedBuff buffer
+    ingest/         one update from bytes to receipt, chunked updates, this process as a source
+    workers/        ingest by worker processes on a shared subscription (--workers N)
+    aggregation/    the fold, defences (norm bound, robust rules, DP) and server strategies
+    store/          the SQLite ledger, the spool's segment files, the thread that owns them
+    observability/  Prometheus metrics, the dashboard, the fleet's presence
+    model.py        the global model and its checkpoints;  announce.py  what the fleet is told
+
 Exports are lazy so that tools reading the store (reports, the simulation's orchestrator) do not
 pay for importing torch.
 """
@@ -8,33 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aggregator.config import AggregatorConfig
-    from aggregator.service import Aggregator
+    from aggregator.coordinator import Coordinator
 
-__all__ = ["Aggregator", "AggregatorConfig", "make_aggregator"]
-
-
-def make_aggregator(config: "AggregatorConfig", **kwargs: Any) -> "Aggregator":
-    """The aggregator ``config`` asks for: async (FedBuff), sharded (``workers`` > 0) or the synchronous one."""
-    if config.mode == "async":
-        from aggregator.async_service import AsyncAggregator
-
-        return AsyncAggregator(config, **kwargs)
-    if config.workers:
-        from aggregator.sharded import ShardedAggregator
-
-        return ShardedAggregator(config, **kwargs)
-    from aggregator.service import Aggregator
-
-    return Aggregator(config, **kwargs)
+__all__ = ["Aggregator", "AggregatorConfig", "Coordinator", "config_of"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Aggregator":
-        from aggregator.service import Aggregator
+    if name in ("Aggregator", "Coordinator"):
+        from aggregator.coordinator import Coordinator
 
-        return Aggregator
-    if name == "AggregatorConfig":
-        from aggregator.config import AggregatorConfig
+        return Coordinator
+    if name in ("AggregatorConfig", "config_of"):
+        from aggregator import config
 
-        return AggregatorConfig
+        return getattr(config, name)
     raise AttributeError(name)

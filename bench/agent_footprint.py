@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from aggregator import Aggregator, AggregatorConfig
+from aggregator import Aggregator, config_of
 from broker import LocalBroker
 from fedge_contract import Presence, Topics
 from fedge_contract.aio import cancel_and_wait
@@ -107,8 +107,8 @@ async def measure(idle_seconds: float) -> dict[str, float]:
                     out["idle_cpu_percent_of_one_core"] = round(100 * used / (t1 - t0), 3)
                     out["idle_rss_after_window_mib"] = round(rss_mib(me, with_children=True), 1)
 
-                    config = AggregatorConfig(
-                        broker=address, fleet=FLEET, task="digits", task_options={"clients": "5"}, rounds=1, target=1,
+                    config = config_of(
+                        address, fleet=FLEET, task="digits", task_options={"clients": "5"}, rounds=1, target=1,
                         min_updates=1, deadline=120.0, store=tmp_path / "agg.sqlite", evaluate=False,
                     )
                     serving = asyncio.create_task(Aggregator(config).run())

@@ -194,8 +194,8 @@ class Fleet:
 
     def round(self, number: int) -> None:
         """Round ``number``: every device trains from the model it holds and uploads; FedAvg steps the true model."""
-        from aggregator.fold import WeightedSum
-        from aggregator.strategies import FedAvg
+        from aggregator.aggregation.fold import WeightedSum
+        from aggregator.aggregation.strategies import FedAvg
         from edge_agent.agent import _CODEC_STREAM  # the agent's codec random stream, so uploads match fedge simulate
         from edge_agent.seeds import training_seed
 

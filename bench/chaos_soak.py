@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aggregator.ingest import RELEASE_EVERY
+from aggregator.ingest.pipeline import RELEASE_EVERY
 
 
 def ledger(store: Path, kill_rounds: collections.Counter[int]) -> dict[str, Any]:

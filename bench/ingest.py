@@ -58,9 +58,9 @@ from typing import Any, Self
 
 import numpy as np
 
-from aggregator.config import AggregatorConfig
-from aggregator.fold import WeightedSum
-from aggregator.validation import UpdateLimits, decode_delta, parse_update
+from aggregator.aggregation.fold import WeightedSum
+from aggregator.config import IngestSettings
+from aggregator.ingest.validation import UpdateLimits, decode_delta, parse_update
 from broker.local import LocalBroker, free_port, render_dev_config
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import proc_peak_rss_mib
@@ -319,7 +319,7 @@ async def receive_floor(address: BrokerAddress, fleet: str, payloads: list[tuple
 
     def session() -> Connection:
         return Connection(address, client_id, subscriptions=[topics.all_updates], persistent=True,
-                          max_buffered=AggregatorConfig.inbox_limit)
+                          max_buffered=IngestSettings().inbox_limit)
 
     async with session() as conn:
         await conn.connected.wait()

@@ -2,7 +2,7 @@
 
 ``segments`` (aggregator/store.py now): per update ``Store.admit`` (payload appended to this
 instance's segment file, row committed with synchronous=NORMAL, neither fsync'd) and
-``record_receipt`` (deferred too); one ``Store.sync()`` per batch of 1, 8 or 32 updates (fdatasync
+``record_receipts`` (deferred too); one ``Store.sync()`` per batch of 1, 8 or 32 updates (fdatasync
 of the segment, then one durable SQLite commit), as the ingest path does before publishing a
 batch's receipts.
 
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.store import Store
+from aggregator.store import ReceiptRow, Store
 
 SIZES = {"96KB": 96 * 1024, "1MB": 1 << 20, "4MB": 4 << 20}
 BATCHES = (1, 8, 32)
@@ -71,7 +71,7 @@ def _bench_segments(folder: Path, size: int, batch: int, rounds: int, per_round:
                 uid = f"r{r}-u{i}"
                 store.admit(update_id=uid, client_id=f"c{i}", round_no=r, base_version=r - 1, num_samples=1,
                             payload=payloads[i % len(payloads)], check=lambda standing: None, shard=0)
-                store.record_receipt(round_no=r, client_id=f"c{i}", update_id=uid, status="accepted", reason="", nbytes=size)
+                store.record_receipts([ReceiptRow(time.time(), r, f"c{i}", uid, "accepted", "", size)])
                 if (i + 1) % batch == 0:
                     store.sync()
             store.sync()

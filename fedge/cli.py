@@ -2,8 +2,9 @@
 
 Flags map one-to-one onto the config dataclasses (AggregatorConfig, AgentConfig,
 SimulationOptions), which validate themselves; this module only parses and dispatches. The
-agent's flags are generated from its settings' dataclasses (edge_agent/settings.py, through
-fedge_runtime/settings.py), so a flag, a FEDGE_* variable and a TOML key are one setting.
+aggregator's and the agent's flags are generated from their settings' dataclasses
+(aggregator/config.py, edge_agent/settings.py, through fedge_runtime/settings.py), so a flag, a
+FEDGE_* variable and a TOML key are one setting.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from edge_agent.errors import AgentError
 from fedge.errors import CommandError
 from fedge.peak_memory import report_at_exit
 from fedge.running import run_until_stopped as _run
-from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedge_contract.errors import ContractError
 from fedge_runtime.logs import setup_logging
 from fedge_runtime.settings import SettingsError
@@ -49,51 +49,9 @@ def configured(build: Callable[[], T]) -> T:
         raise SettingsError(str(exc)) from exc
 
 
-def _training_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("local training (sent to agents each round; default: the task's suggestion)")
-    group.add_argument("--local-epochs", type=int, help="epochs over the device's data per round")
-    group.add_argument("--batch-size", type=int)
-    group.add_argument("--lr", type=float, help="local SGD learning rate")
-    group.add_argument("--momentum", type=float)
-    group.add_argument("--mu", type=float, help="FedProx proximal weight (0 = FedAvg)")
-    group.add_argument("--codec", help="update codec chain agents must use, e.g. flat+topk:0.01+q4+zstd, topk:0.01+q8+zstd, "
-                                        "q8+zstd, f16+zstd, zstd, none (default flat+topk:0.01+q4+zstd)")
-
-
 def _client_certificate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert-file", help="client certificate for a broker that requires one (fedge broker add-device ID --cert)")
     parser.add_argument("--key-file", help="the client certificate's private key (with --cert-file)")
-
-
-def _round_flags(parser: argparse.ArgumentParser, *, target_default: int | None) -> None:
-    group = parser.add_argument_group("rounds")
-    group.add_argument("--rounds", type=int, default=30, help="model versions to produce (0 = forever); default 30")
-    group.add_argument("--target", type=int, default=target_default, help="updates that close a round early")
-    group.add_argument("--min", dest="min_updates", type=int, help="updates needed to close at the deadline (default: 1)")
-    group.add_argument("--deadline", type=float, default=60.0, help="seconds a round stays open before closing or extending")
-    group.add_argument("--strategy", default="fedavg", help="server aggregation strategy (default fedavg)")
-    group.add_argument("--global-codec", default="none", help="codec of the broadcast model, e.g. f16+zstd")
-
-
-def _strategy_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("server optimiser (--strategy fedavg|fedavgm|fedadam|fedyogi|fedadagrad; FedProx = --mu)")
-    group.add_argument("--server-lr", type=float, help="server learning rate (default 1.0 fedavg/fedavgm, 0.01 adaptive)")
-    group.add_argument("--server-momentum", type=float, help="FedAvgM momentum (default 0.9)")
-    group.add_argument("--beta1", type=float, help="FedAdam/FedYogi/FedAdagrad first-moment decay (default 0.9)")
-    group.add_argument("--beta2", type=float, help="FedAdam/FedYogi second-moment decay (default 0.99)")
-    group.add_argument("--tau", type=float, help="adaptivity of the adaptive optimisers (default 1e-3)")
-    group = parser.add_argument_group("asynchronous mode (FedBuff)")
-    group.add_argument("--mode", choices=["sync", "async"], default="sync", help="sync rounds (default) or async FedBuff")
-    group.add_argument("--buffer-size", type=int, default=10, help="async: updates per new model version (default 10)")
-    group.add_argument("--max-staleness", type=int, default=10, help="async: oldest base version accepted, in versions (default 10)")
-    group.add_argument("--staleness", default="sqrt", help="async: staleness weight: sqrt (1/sqrt(1+s), default), constant, poly:<a>")
-
-
-def strategy_config(args: argparse.Namespace) -> Any:
-    from aggregator.strategies import StrategyConfig
-
-    names = {"server_lr": "server_lr", "server_momentum": "momentum", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
-    return StrategyConfig(**{field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None})
 
 
 def _task_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,61 +64,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", type=Path, help="log here instead of stderr")
     parser.add_argument("--log-json", action="store_true",
                         help="one JSON object per line (ts, level, logger, message, client, update, round, reason)")
-
-
-def _defence_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("hostile updates (see README: security)")
-    group.add_argument("--aggregation", help="mean (default), median, trimmed_mean or krum (multi-Krum)")
-    group.add_argument("--robust-fraction", type=float, help="share of each round's updates assumed malicious (default 0.2)")
-    group.add_argument("--clip-norm", metavar="BOUND|auto[:FACTOR]",
-                       help="bound each update's L2 norm: a number, or auto = FACTOR (default 3) x median of recent norms")
-    group.add_argument("--clip-action", choices=["clip", "reject"], help="beyond the bound: scale back (default) or reject")
-    group.add_argument("--max-num-samples", type=int, help="reject updates claiming more samples (default 10,000,000)")
-    group.add_argument("--max-weight", type=int, help="cap an update's weight (its num_samples) at this")
-    group.add_argument("--allow-clients", type=Path, metavar="FILE", help="only accept updates from the client ids in FILE (one per line)")
-    group.add_argument("--dp-noise", type=float, metavar="Z", help="client-level DP: Gaussian noise std = Z x --clip-norm per round")
-    group.add_argument("--dp-delta", type=float, help="DP delta (default 1e-5)")
-    group.add_argument("--dp-population", type=int, help="devices in the fleet; sampling rate = target / population (default: rate 1)")
-
-
-_SIM_DEFENCE_FLAGS = ("aggregation", "robust_fraction", "clip_norm", "clip_action", "max_num_samples", "max_weight",
-                      "allow_clients", "dp_noise", "dp_delta", "dp_population")
-
-
-def defence_config(args: argparse.Namespace) -> dict[str, Any]:
-    """AggregatorConfig fields from the hostile-update flags (only those given)."""
-    fields: dict[str, Any] = {}
-    for name in ("aggregation", "robust_fraction", "clip_action", "max_num_samples", "max_weight", "dp_noise", "dp_delta", "dp_population"):
-        if getattr(args, name, None) is not None:
-            fields[name] = getattr(args, name)
-    clip = getattr(args, "clip_norm", None)
-    if clip is not None:
-        if clip.startswith("auto"):
-            factor = clip.partition(":")[2]
-            try:
-                fields["clip_factor"] = float(factor) if factor else 3.0
-            except ValueError:
-                raise ValueError(f"--clip-norm {clip!r}: use a number, auto or auto:FACTOR") from None
-        else:
-            try:
-                fields["clip_norm"] = float(clip)
-            except ValueError:
-                raise ValueError(f"--clip-norm {clip!r}: use a number, auto or auto:FACTOR") from None
-    if getattr(args, "allow_clients", None) is not None:
-        lines = args.allow_clients.read_text().splitlines()
-        fields["allow_clients"] = frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    return fields
-
-
-def _metrics_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("monitoring")
-    group.add_argument("--metrics-port", type=int, metavar="PORT",
-                       help="aggregator: serve Prometheus metrics on http://HOST:PORT/metrics (default off)")
-    group.add_argument("--metrics-host", help="address the metrics server and dashboard listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    group.add_argument("--dashboard-port", type=int, metavar="PORT", help="aggregator: serve the web dashboard on http://HOST:PORT/ (default off)")
-
-
-_METRICS_FLAGS = ("metrics_port", "metrics_host", "dashboard_port")
 
 
 def _chaos_flags(parser: argparse.ArgumentParser) -> None:
@@ -192,11 +95,6 @@ def chaos_options(args: argparse.Namespace) -> Any:
     )
 
 
-def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ["local_epochs", "batch_size", "lr", "momentum", "mu", "codec"]
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedge", description="Federated learning for fleets of edge devices over MQTT.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -224,29 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="dev: persistence folder (default: a temporary one)")
     _common(p)
 
-    p = sub.add_parser("aggregator", help="run the aggregator service for one fleet")
-    p.add_argument("--broker", required=True, help="mqtt://[user:password@]host:port or mqtts://...")
-    p.add_argument("--ca-file", help="CA certificate for mqtts://")
-    _client_certificate_flags(p)
-    p.add_argument("--fleet", default="default")
-    _task_flags(p)
-    _round_flags(p, target_default=10)
-    _strategy_flags(p)
-    _training_flags(p)
-    p.add_argument("--store", type=Path, default=Path("fedge-aggregator.sqlite"), help="SQLite store (checkpoints, rounds)")
-    p.add_argument("--max-update-bytes", type=int, help="largest update accepted (default: 1.25x the float32 model)")
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
-                   help="a global model above this is published in chunks with a manifest "
-                        "(default 8 MiB; keep it below the broker's max_packet_size)")
-    p.add_argument("--no-eval", action="store_true", help="skip evaluating each model on the task's held-out data")
-    p.add_argument("--durability", choices=["disk", "process"], default="disk",
-                   help="disk (default): an update is fsync'd before its receipt, so a power cut loses no receipted update; "
-                        "process: written in order but not fsync'd (survives a crash of the aggregator, not of the host; faster on slow disks)")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="ingest updates in N worker processes on a shared subscription (sync mode, mean aggregation); "
-                        "0 (default): this process ingests")
-    _metrics_flags(p)
-    _defence_flags(p)
+    p = sub.add_parser(
+        "aggregator", help="run the aggregator service for one fleet",
+        description="Settings come from flags, FEDGE_* environment variables and --config FILE (TOML), in that order.",
+    )
+    p.add_argument("--config", type=Path, help="TOML settings file (default: $FEDGE_CONFIG)")
+    aggregator_settings().add_flags(p)  # generated from AggregatorConfig (aggregator/config.py)
     _common(p)
 
     p = sub.add_parser(
@@ -265,9 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, default=20)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew of the digits partition")
     p.add_argument("--seed", type=int, default=0, help="seeds the partition, the initial model and local shuffling")
-    _round_flags(p, target_default=None)
-    _strategy_flags(p)
-    _training_flags(p)
+    group = p.add_argument_group("rounds")
+    group.add_argument("--rounds", type=int, default=30, help="model versions to produce (default 30)")
+    group.add_argument("--target", type=int, help="updates that close a round early (default: every agent)")
+    group.add_argument("--min", dest="min_updates", type=int, help="updates needed to close at the deadline (default: the target)")
+    group.add_argument("--deadline", type=float, default=60.0, help="seconds a round stays open before closing or extending")
+    aggregator_settings().add_flags(p, include=_passed_to_aggregator)  # the aggregator's own flags, passed on to it
     p.add_argument("--stragglers", type=float, default=0.0, help="fraction of agents made --slowdown times slower (default 0)")
     p.add_argument("--slowdown", type=float, default=5.0, help="how much slower the stragglers are (default 5)")
     p.add_argument("--emulated-train-seconds", type=float, default=0.0,
@@ -284,9 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--downloads", choices=["host", "all"], default="host",
                        help="synthetic: each host process downloads the global model once and tells its agents (default), "
                             "or every agent downloads it (agents x model bytes through the broker per round)")
-    group.add_argument("--workers", type=int, help="passed to fedge aggregator --workers (sharded ingestion)")
-    _metrics_flags(p)
-    _defence_flags(p)
     p.add_argument("--attack", action="append", default=[], help=argparse.SUPPRESS)  # TEST ONLY: ID=none|scale10|signflip|nan
     _common(p)
 
@@ -364,41 +245,20 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 
 def _run_aggregator(args: argparse.Namespace) -> int:
-    from aggregator import AggregatorConfig, make_aggregator
-    from fedge_contract.mqtt import BrokerAddress
+    from aggregator import Coordinator
     from fedge_runtime.allocator import keep_large_buffers
-    from fedge_tasks.base import parse_options
 
-    config = configured(lambda: AggregatorConfig(
-        broker=BrokerAddress.parse(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file),
-        fleet=args.fleet,
-        task=args.task,
-        task_options=parse_options(args.task_opt),
-        rounds=args.rounds,
-        target=args.target,
-        min_updates=args.min_updates or 1,
-        deadline=args.deadline,
-        training=training_overrides(args),
-        strategy=args.strategy,
-        strategy_params=strategy_config(args),
-        mode=args.mode,
-        buffer_size=args.buffer_size,
-        max_staleness=args.max_staleness,
-        staleness=args.staleness,
-        global_codec=args.global_codec,
-        store=args.store,
-        max_update_bytes=args.max_update_bytes,
-        max_message_bytes=args.max_message_bytes,
-        evaluate=not args.no_eval,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host or "127.0.0.1",
-        dashboard_port=args.dashboard_port,
-        workers=args.workers,
-        durability=args.durability,
-        **defence_config(args),
-    ))
+    config = aggregator_config(args)
     keep_large_buffers()
-    return _run(make_aggregator(config).run())
+    return _run(Coordinator(config).run())
+
+
+def aggregator_config(args: argparse.Namespace) -> Any:
+    """The AggregatorConfig of `fedge aggregator`'s arguments (flags > FEDGE_* > --config FILE > defaults)."""
+    from aggregator.config import build
+
+    loader = aggregator_settings()
+    return build(loader.gather(loader.flag_values(args), config_file=args.config))
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -450,17 +310,55 @@ def _run_agent_host(args: argparse.Namespace) -> int:
     return _run(host_agents(args))
 
 
-_SIM_STRATEGY_FLAGS = ("server_lr", "server_momentum", "beta1", "beta2", "tau", "mode", "buffer_size", "max_staleness", "staleness")
+def aggregator_settings() -> Any:
+    """The aggregator's settings loader (aggregator/config.py), imported when a parser is built."""
+    from aggregator.config import LOADER
+
+    return LOADER
 
 
-def argv_of(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
-    """``--flag=value`` for each of ``names`` that was given (passed through to the aggregator)."""
-    return [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in names if getattr(args, n, None) is not None]
+# What `fedge simulate` passes on to its aggregator: everything but what the simulation decides itself
+# (the broker, store, fleet and task it runs; rounds, target, min and deadline, whose defaults follow --agents).
+_SIMULATION_OWNS = frozenset({"broker", "ca_file", "cert_file", "key_file", "fleet", "task", "task_options", "store", "evaluate",
+                              "rounds.rounds", "rounds.target", "rounds.min_updates", "rounds.deadline",
+                              "ingest.max_update_bytes", "ingest.max_message_bytes", "ingest.durability"})
+
+
+def _passed_to_aggregator(setting: Any) -> bool:
+    return setting.key not in _SIMULATION_OWNS
+
+
+def _aggregator_passthrough(args: argparse.Namespace) -> dict[str, Any]:
+    """The aggregator settings given to `fedge simulate`, validated here (a bad one fails now, not in the child)."""
+    from aggregator.config import build
+
+    loader = aggregator_settings()
+    given = {key: value for key, value in loader.flag_values(args).items() if key not in _SIMULATION_OWNS}
+    build(loader.gather({**given, "broker": "mqtt://127.0.0.1:1883"}, environ={}))
+    return given
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from fedge.simulate.runner import SimulationOptions, simulate
+    from fedge.simulate.runner import simulate
 
+    options = simulation_options(args)
+    dashboard_port, metrics_host = getattr(args, "monitoring.dashboard_port"), getattr(args, "monitoring.metrics_host")
+    if dashboard_port is not None:
+        host = metrics_host if metrics_host not in (None, "", "0.0.0.0") else "127.0.0.1"
+        where = f"http://{host}:{dashboard_port}/" if int(dashboard_port) else "a free port (see logs/aggregator.log)"
+        print(f"dashboard: {where}", flush=True)
+    return _run(simulate(options))
+
+
+def simulation_options(args: argparse.Namespace) -> Any:
+    """The SimulationOptions of `fedge simulate`'s arguments; the aggregator settings among them are validated here."""
+    from fedge.simulate.runner import SimulationOptions
+
+    passed = _aggregator_passthrough(args)
+    training = {key.partition(".")[2]: passed.pop(key) for key in list(passed) if key.startswith("training.")}
+    strategy = passed.pop("strategy.name", "fedavg")
+    global_codec = passed.pop("global_codec", "none")
+    workers = passed.pop("ingest.workers", None)
     options = configured(lambda: SimulationOptions(
         agents=args.agents,
         rounds=args.rounds,
@@ -469,11 +367,11 @@ def _run_simulate(args: argparse.Namespace) -> int:
         target=args.target,
         min_updates=args.min_updates,
         deadline=args.deadline,
-        strategy=args.strategy,
-        strategy_flags=argv_of(args, _SIM_STRATEGY_FLAGS) + argv_of(args, _SIM_DEFENCE_FLAGS) + argv_of(args, _METRICS_FLAGS),
+        strategy=strategy,
+        strategy_flags=aggregator_settings().argv(passed),
         attacks=dict(item.split("=", 1) for item in args.attack),
-        global_codec=args.global_codec,
-        training=training_overrides(args),
+        global_codec=global_codec,
+        training=training,
         stragglers=args.stragglers,
         slowdown=args.slowdown,
         emulated_train_seconds=args.emulated_train_seconds,
@@ -486,10 +384,6 @@ def _run_simulate(args: argparse.Namespace) -> int:
         synthetic=args.synthetic,
         params=args.params,
         downloads=args.downloads,
-        workers=args.workers,
+        workers=int(workers) if workers is not None else None,
     ))
-    if args.dashboard_port is not None:
-        host = args.metrics_host if args.metrics_host not in (None, "", "0.0.0.0") else "127.0.0.1"
-        where = f"http://{host}:{args.dashboard_port}/" if args.dashboard_port else "a free port (see logs/aggregator.log)"
-        print(f"dashboard: {where}", flush=True)
-    return _run(simulate(options))
+    return options

@@ -1,6 +1,6 @@
 """Every use fedge makes of aiomqtt's and paho-mqtt's private parts, in one place, version-checked.
 
-fedge's Connection needs four things aiomqtt 2.x has no public API for. Each function below says
+fedge's Connection needs five things aiomqtt 2.x and paho 2.x have no public API for. Each function below says
 which and why; all of them rely on aiomqtt 2.x keeping the paho client in ``Client._client``, its
 connection state in the ``_disconnected`` future and its pending acks in ``_pending_subscribes``/
 ``_pending_unsubscribes``, and on paho's ``on_socket_open``/``on_socket_close`` hooks (which aiomqtt
@@ -17,6 +17,8 @@ not with an ``AttributeError`` in the middle of a reconnect.
 4. Acks of calls nobody awaits any more (``drop_late_acks``): aiomqtt forgets a subscribe or
    unsubscribe that was cancelled or timed out, then logs its late SUBACK/UNSUBACK as an error
    with a ``KeyError`` traceback (issue 19).
+5. Writing a large message without copying it over and over (``zero_copy_writes``): paho slices
+   the rest of an outgoing packet on every partial send, which copies it.
 Plus two details of aiomqtt's own API used in an unintended way: ``queue_type`` given a factory of
 one shared queue (``inbox_factory``), and aiomqtt's socket-housekeeping task, awaited at teardown
 so no task outlives a connection (``stop_housekeeping``).
@@ -167,6 +169,27 @@ def drop_late_acks(client: aiomqtt.Client) -> None:
 
     paho.on_subscribe = guarded(on_subscribe, pending_subscribes, "SUBACK")
     paho.on_unsubscribe = guarded(on_unsubscribe, pending_unsubscribes, "UNSUBACK")
+
+
+def zero_copy_writes(client: aiomqtt.Client) -> None:
+    """Queue outgoing packets as memoryviews, so that paho's partial sends slice without copying.
+
+    paho 2.x's ``_packet_write`` sends ``packet[pos:]`` until the socket is full, and for a
+    bytearray each slice copies the whole rest: a 100 MB global model, sent in 2-4 MB pieces,
+    was copied ~2 GB on the event loop (1.0-1.4 s in one callback, measured with
+    bench/loop_stall.py). A memoryview's slices are views; paho only slices and measures the
+    packet, and keeps it alive until it is sent.
+    """
+    paho = _paho(client)
+    queue = paho._packet_queue
+
+    def queue_view(command: int, packet: bytes | bytearray, mid: int, qos: int, info: Any = None) -> Any:
+        return queue(command, memoryview(packet) if len(packet) > _COPY_IS_CHEAP else packet, mid, qos, info)
+
+    paho._packet_queue = queue_view
+
+
+_COPY_IS_CHEAP = 64 * 1024  # bytes: below this a slice costs less than a view's bookkeeping
 
 
 async def stop_housekeeping(client: aiomqtt.Client) -> None:

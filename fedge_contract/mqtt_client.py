@@ -148,6 +148,7 @@ def aiomqtt_client(
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
     compat.drop_late_acks(client)
+    compat.zero_copy_writes(client)
     return client
 
 

@@ -32,7 +32,8 @@ with a flag named after it:
                   sets False); without it, ``--x/--no-x``
 ``parse``         a callable ``str -> value`` for a setting written in a syntax of its own (a URL,
                   ``HH:MM-HH:MM``); on a ``tuple``/``frozenset`` field it parses each item. It
-                  raises ``ValueError`` with a message that says what is accepted
+                  raises ``ValueError`` with a message that says what is accepted. A number
+                  (from TOML) is parsed as its text; a value already of the field's type is kept
 ``metavar``       the flag's placeholder
 ``group``         the title of the argument group the flag goes in
 ``show_default``  False: the help does not print the field's default (something else decides it)
@@ -180,11 +181,12 @@ class Loader(Generic[T]):
             )
 
     # ------------------------------------------------------------------ flags
-    def add_flags(self, parser: argparse.ArgumentParser) -> None:
-        """One flag per setting (``dest`` is its key; None when not given, so lower sources decide)."""
+    def add_flags(self, parser: argparse.ArgumentParser, *, include: Callable[[Setting], bool] | None = None) -> None:
+        """One flag per setting (``dest`` is its key; None when not given, so lower sources decide);
+        with ``include``, only the settings it accepts (a command that passes some through to another)."""
         groups: dict[str, argparse._ArgumentGroup] = {}
         for setting in self.settings:
-            if setting.flag is None:
+            if setting.flag is None or (include is not None and not include(setting)):
                 continue
             title = setting.metadata.get("group") or self.sections.get(".".join(setting.section), {}).get("help")
             target: argparse.ArgumentParser | argparse._ArgumentGroup = parser
@@ -196,6 +198,26 @@ class Loader(Generic[T]):
         """The flags a user gave, by key."""
         found = vars(args)
         return {s.key: found[s.key] for s in self.settings if s.flag is not None and found.get(s.key) is not None}
+
+    def argv(self, values: Mapping[str, Any]) -> list[str]:
+        """``flag_values`` back as command-line arguments (to pass settings on to a child process)."""
+        out: list[str] = []
+        for key, value in values.items():
+            setting = self.setting(key)
+            if setting.flag is None:
+                raise SettingsError(f"{key} has no flag: it cannot be passed on the command line")
+            kind = _flag_kind(setting)
+            action = kind.get("action")
+            if action == "store_true" or action == "store_false":
+                if bool(value) == (action == "store_true"):
+                    out.append(setting.flag)
+            elif action is argparse.BooleanOptionalAction:
+                out.append(setting.flag if value else "--no-" + setting.flag.removeprefix("--"))
+            elif action == "append":
+                out.extend(f"{setting.flag}={item}" for item in value)
+            else:
+                out.append(f"{setting.flag}={value}")
+        return out
 
     # ------------------------------------------------------------------ sources
     def gather(self, flags: Mapping[str, Any] | None = None, *, config_file: Path | None = None,
@@ -403,6 +425,10 @@ def _convert(raw: Any, base: Any, parse: Callable[[str], Any] | None) -> Any:
     if origin in (Mapping, dict) or base in (Mapping, dict):
         return _mapping(raw)
     if parse is not None:
+        if isinstance(base, type) and isinstance(raw, base):
+            return raw  # already the value (given from code)
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            raw = str(raw)  # TOML's clip_norm = 0.5 is the text "0.5" to the parser
         return parse(raw) if isinstance(raw, str) else raw
     if base is bool:
         if isinstance(raw, bool):

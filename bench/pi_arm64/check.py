@@ -180,7 +180,7 @@ async def wait_online(address: Any, client_ids: list[str], timeout: float) -> No
 
 async def train(options: Options, root: Path, mounts_: list[Mount], run_dir: Path, broker_url: str) -> dict[str, Any]:
     """The agents against an aggregator in this process; per-agent memory, receipts and errors."""
-    from aggregator import Aggregator, AggregatorConfig
+    from aggregator import Aggregator, config_of
     from aggregator.store import Store
     from fedge_contract.aio import cancel_and_wait
     from fedge_contract.mqtt import BrokerAddress
@@ -204,8 +204,8 @@ async def train(options: Options, root: Path, mounts_: list[Mount], run_dir: Pat
                 await asyncio.sleep(0.1)
 
         sampler = asyncio.create_task(sample(), name="rss-sampler")
-        config = AggregatorConfig(
-            broker=address, fleet=FLEET, task="digits", task_options={"clients": str(options.agents)}, rounds=options.rounds,
+        config = config_of(
+            address, fleet=FLEET, task="digits", task_options={"clients": str(options.agents)}, rounds=options.rounds,
             target=options.agents, min_updates=options.agents, deadline=options.train_timeout, store=run_dir / "aggregator.sqlite",
         )
         started = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aggregator.errors import Rejection, Superseded
-from aggregator.ingest import LedgerAdmission
+from aggregator.rounds.sync import LedgerAdmission
 from aggregator.store import Store
 from fedge_contract import ReceiptStatus, Update
 

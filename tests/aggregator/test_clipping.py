@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from aggregator.clipping import NormBound, capped_weight, l2_norm
+from aggregator.aggregation.clipping import NormBound, capped_weight, l2_norm
 from aggregator.errors import Rejection
 
 

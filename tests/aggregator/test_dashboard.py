@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from aggregator import Aggregator
-from aggregator.dashboard import DashboardServer, fleet_state
+from aggregator.observability.dashboard import DashboardServer, fleet_state
+from aggregator.store import Store, call
 from edge_agent import Agent
 from fedge_contract import Presence, RoundState, RoundStatus, Topics
 from fedge_contract.aio import cancel_and_wait
@@ -35,7 +36,7 @@ async def test_api_state_of_a_real_round(broker_address: BrokerAddress, fleet: s
                 code, body = await _get(port, "/api/state")
                 page_code, page = await _get(port, "/")
                 missing, _ = await _get(port, "/nope")
-                receipts = aggregator.store.receipts()
+                receipts = await call(aggregator.db, Store.receipts)
             finally:
                 await cancel_and_wait(tasks)
     assert code == 200 and page_code == 200 and missing == 404
@@ -79,8 +80,11 @@ def test_fleet_state_has_no_nan_and_skips_open_rounds() -> None:
 
 
 async def test_dashboard_server_routes_and_stops_with_its_block() -> None:
+    async def state() -> dict[str, int]:
+        return {"round": 7}
+
     async with asyncio.timeout(10):
-        async with DashboardServer(lambda: {"round": 7}) as server:
+        async with DashboardServer(state) as server:
             assert await _get(server.port, "/api/state") == (200, b'{"round":7}')
             assert (await _get(server.port, "/api/state", method="POST"))[0] == 405
             assert (await _get(server.port, "/index.html"))[0] == 200

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.fold import WeightedSum
-from aggregator.strategies import STRATEGIES, FedAvg, make_strategy
+from aggregator.aggregation.fold import WeightedSum
+from aggregator.aggregation.strategies import STRATEGIES, FedAvg, make_strategy
 from fedge_contract.tensors import ModelSpec
 
 

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from aggregator.async_rounds import AsyncBuffer, BufferPlan, open_buffer, scaled, staleness_function
+from aggregator.aggregation.fold import WeightedSum, scaled
 from aggregator.errors import Rejection
-from aggregator.fold import WeightedSum
+from aggregator.rounds.buffered import Buffer, BufferPlan, open_buffer, staleness_function
+from aggregator.rounds.policy import Accepted
 from fedge_contract import ReceiptStatus, Update
 from fedge_contract.tensors import ModelSpec
 
@@ -22,8 +23,8 @@ def never(_: str) -> bool:
     return False
 
 
-def buffer_on(version: int, *, size: int = 3, max_staleness: int = 2, staleness: str = "sqrt") -> AsyncBuffer:
-    return open_buffer(version, BufferPlan(size, size, max_staleness), staleness_function(staleness))
+def buffer_on(version: int, *, size: int = 3, max_staleness: int = 2, staleness: str = "sqrt") -> Buffer:
+    return open_buffer(version, BufferPlan(size, max_staleness), staleness_function(staleness))
 
 
 def test_staleness_functions() -> None:
@@ -53,7 +54,7 @@ def test_admission_by_staleness() -> None:
 
 def test_dedupe_by_update_id_and_by_client_and_base_version() -> None:
     buf = buffer_on(5)
-    buf.record("a", "u1", 4)
+    buf.record(Accepted("a", "u1", 4))
     for again, reason in ((update("b", "u1", 5), "already accepted"), (update("a", "u9", 4), "already contributed")):
         with pytest.raises(Rejection) as dup:
             buf.admit(again, never)
@@ -73,8 +74,8 @@ def test_buffer_flushes_every_buffer_size_and_the_window_slides() -> None:
         except Rejection as rejection:
             published.append(("rejected", client, base, rejection.status.value))
             continue
-        buf.record(client, f"u{i}", base)
-        if buf.full:
+        buf.record(Accepted(client, f"u{i}", base))
+        if buf.complete:
             published.append(("flush", buf.number, buf.staleness_sum, buf.staleness_max))
             buf = buf.next()
     assert published == [
@@ -92,7 +93,7 @@ def test_buffer_flushes_every_buffer_size_and_the_window_slides() -> None:
 
 
 def test_restart_restores_the_window() -> None:
-    buf = open_buffer(4, BufferPlan(3, 3, 1), staleness_function("sqrt"), [("a", 2), ("a", 3), ("b", 4)])
+    buf = open_buffer(4, BufferPlan(3, 1), staleness_function("sqrt"), [("a", 2), ("a", 3), ("b", 4)])
     assert buf.contributed == {("a", 3), ("b", 4)}
     with pytest.raises(Rejection, match="already contributed"):
         buf.admit(update("a", "new", 3), never)
@@ -109,13 +110,13 @@ def test_weighted_mean_by_hand() -> None:
     for i, (n, base, d) in enumerate(((10, 8, 1.0), (30, 5, 2.0), (20, 0, -3.0))):
         factor = buf.admit(update(f"c{i}", f"u{i}", base, n), never)
         acc.add(scaled({"w": np.array([d, 2 * d], np.float32)}, factor), n)
-        buf.record(f"c{i}", f"u{i}", base)
+        buf.record(Accepted(f"c{i}", f"u{i}", base))
     np.testing.assert_allclose(acc.mean()["w"], [1 / 3, 2 / 3], rtol=1e-6)
     assert (buf.staleness_sum, buf.staleness_max) == (11, 8)
 
 
 def test_plan_validation() -> None:
     with pytest.raises(ValueError):
-        BufferPlan(0, 0, 1)
+        BufferPlan(0, 1)
     with pytest.raises(ValueError):
-        BufferPlan(1, 1, -1)
+        BufferPlan(1, -1)

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from aggregator.fold import WeightedSum
+from aggregator.aggregation.fold import WeightedSum
 from fedge_contract.tensors import ModelSpec, TensorSpec
 
 SPEC = ModelSpec((TensorSpec("w", (2,)), TensorSpec("b", (1,))))

@@ -5,23 +5,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from aggregator import ingest as ingest_module
-from aggregator.config import AggregatorConfig
-from aggregator.defence import Defence
-from aggregator.ingest import Ingest, LedgerAdmission, limits_for
-from aggregator.store import Store
+from aggregator.aggregation.defence import Defence
+from aggregator.config import config_of
+from aggregator.ingest import pipeline as ingest_module
+from aggregator.ingest.pipeline import Ingest
+from aggregator.ingest.validation import limits_for
+from aggregator.rounds.sync import LedgerAdmission
+from aggregator.store import InlineStore, Store
 from fedge_contract import Receipt, ReceiptStatus, Update
 from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.tensors import ModelSpec, TensorSpec
 
 SPEC = ModelSpec((TensorSpec("w", (3,)),))
-CONFIG = AggregatorConfig(broker=BrokerAddress.parse("mqtt://127.0.0.1:1883"))
+CONFIG = config_of(BrokerAddress.parse("mqtt://127.0.0.1:1883"))
 
 
 @pytest.fixture
@@ -57,7 +60,7 @@ def make_ingest(store: Store, events: list[tuple[str, object]], loop: asyncio.Ab
         if sent is not None:
             sent.set()
 
-    return Ingest(fleet="default", spec=SPEC, limits=limits_for(CONFIG, SPEC), defence=Defence(CONFIG), store=store,
+    return Ingest(fleet="default", spec=SPEC, limits=limits_for(CONFIG, SPEC), defence=Defence(CONFIG), db=InlineStore(store),
                   send=send, answered=lambda *a: None, log=logging.getLogger("test"), loop=loop)
 
 
@@ -75,10 +78,10 @@ def admission(store: Store) -> LedgerAdmission:
     return LedgerAdmission(store, number=1, base_version=0, target=10)
 
 
-def test_receipts_wait_for_release_which_syncs_the_store_first(ingest: Ingest, store: Store, events: list) -> None:
-    assert ingest.handle("a", update("a", "u1"), admission(store)) is not None
-    assert ingest.handle("a", update("a", "u1"), admission(store)) is None  # the same update again
-    assert ingest.handle("b", b"\x00garbage", admission(store)) is None
+async def test_receipts_wait_for_release_which_syncs_the_store_first(ingest: Ingest, store: Store, events: list) -> None:
+    assert await ingest.handle("a", update("a", "u1"), admission(store)) is not None
+    assert await ingest.handle("a", update("a", "u1"), admission(store)) is None  # the same update again
+    assert await ingest.handle("b", b"\x00garbage", admission(store)) is None
     assert events == [] and ingest.unsent == 3  # accepted, spooled, folded: nothing said yet
     assert store.is_accepted("u1") and ingest.collector.count == 1
 
@@ -91,29 +94,29 @@ def test_receipts_wait_for_release_which_syncs_the_store_first(ingest: Ingest, s
     assert ingest.unsent == 0 and ingest.release() == 0 and len(events) == 4  # nothing queued: no sync either
 
 
-def test_a_full_batch_is_due_at_once(ingest: Ingest, store: Store) -> None:
+async def test_a_full_batch_is_due_at_once(ingest: Ingest, store: Store) -> None:
     for i in range(ingest_module.RELEASE_EVERY - 1):
-        ingest.handle(f"c{i}", b"junk", admission(store))
+        await ingest.handle(f"c{i}", b"junk", admission(store))
     assert not ingest.due()
-    ingest.handle("last", b"junk", admission(store))
+    await ingest.handle("last", b"junk", admission(store))
     assert ingest.due()
 
 
 async def test_the_timer_releases_what_waits_and_a_release_disarms_it(store: Store, events: list) -> None:
     sent = asyncio.Event()
     ingest = make_ingest(store, events, asyncio.get_running_loop(), sent)
-    ingest.handle("a", update("a", "u1"), admission(store))
-    ingest.handle("b", update("b", "u2"), admission(store))
+    await ingest.handle("a", update("a", "u1"), admission(store))
+    await ingest.handle("b", update("b", "u2"), admission(store))
     assert events == []
     async with asyncio.timeout(5):
         await sent.wait()  # the timer fires RELEASE_AFTER after the first receipt was queued
     assert [kind for kind, _ in events] == ["sync", "send", "send"]
 
-    ingest.handle("c", update("c", "u3"), admission(store))
+    await ingest.handle("c", update("c", "u3"), admission(store))
     assert ingest.release() == 1  # explicitly, before the timer
     async with asyncio.timeout(5):
         await ingest.drain()
-    ingest.handle("d", update("d", "u4"), admission(store))
+    await ingest.handle("d", update("d", "u4"), admission(store))
     ingest.close()  # its owner stops: nothing fires afterwards
     await asyncio.sleep(3 * ingest_module.RELEASE_AFTER)  # a check that nothing happens needs the time to pass
     assert [kind for kind, _ in events].count("send") == 3 and ingest.unsent == 1
@@ -146,11 +149,11 @@ async def test_receipts_leave_after_their_background_sync_and_in_release_order(s
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     syncs = GatedSyncs(store, monkeypatch)
     ingest = make_ingest(store, events, asyncio.get_running_loop())
-    ingest.handle("a", update("a", "u1"), admission(store))
-    ingest.handle("b", update("b", "u2"), admission(store))
+    await ingest.handle("a", update("a", "u1"), admission(store))
+    await ingest.handle("b", update("b", "u2"), admission(store))
     assert ingest.release() == 2
-    ingest.handle("c", update("c", "u3"), admission(store))  # the loop goes on while the first batch syncs
-    ingest.handle("a", update("a", "u1"), admission(store))  # a duplicate's receipt waits behind the acceptance it names
+    await ingest.handle("c", update("c", "u3"), admission(store))  # the loop goes on while the first batch syncs
+    await ingest.handle("a", update("a", "u1"), admission(store))  # a duplicate's receipt waits behind the acceptance it names
     assert ingest.release() == 2 and len(syncs.pending) == 2
 
     syncs.pending[1].set_result(None)  # the later batch is durable first (a thread never does this; order holds anyway)
@@ -166,9 +169,9 @@ async def test_receipts_leave_after_their_background_sync_and_in_release_order(s
 async def test_a_failed_sync_stops_every_receipt_and_the_ingest(store: Store, events: list, monkeypatch: pytest.MonkeyPatch) -> None:
     syncs = GatedSyncs(store, monkeypatch)
     ingest = make_ingest(store, events, asyncio.get_running_loop())
-    ingest.handle("a", update("a", "u1"), admission(store))
+    await ingest.handle("a", update("a", "u1"), admission(store))
     ingest.release()
-    ingest.handle("b", update("b", "u2"), admission(store))
+    await ingest.handle("b", update("b", "u2"), admission(store))
     ingest.release()
     syncs.pending[0].set_exception(OSError(5, "Input/output error"))
     syncs.pending[1].set_result(None)  # after a failed fsync a later one may "succeed": it proves nothing
@@ -177,13 +180,13 @@ async def test_a_failed_sync_stops_every_receipt_and_the_ingest(store: Store, ev
             await ingest.drain()
     assert sent_ids(events) == []
     with pytest.raises(OSError):
-        ingest.handle("c", update("c", "u3"), admission(store))
+        await ingest.handle("c", update("c", "u3"), admission(store))
 
 
 async def test_closing_abandons_receipts_still_syncing(store: Store, events: list, monkeypatch: pytest.MonkeyPatch) -> None:
     syncs = GatedSyncs(store, monkeypatch)
     ingest = make_ingest(store, events, asyncio.get_running_loop())
-    ingest.handle("a", update("a", "u1"), admission(store))
+    await ingest.handle("a", update("a", "u1"), admission(store))
     ingest.release()
     ingest.close()  # the connection is about to close: nothing may be published after it
     syncs.pending[0].set_result(None)
@@ -197,8 +200,30 @@ async def test_a_sync_that_cannot_even_start_stops_the_ingest_too(store: Store, 
 
     monkeypatch.setattr(store, "sync_soon", no_descriptors)
     ingest = make_ingest(store, events, asyncio.get_running_loop())
-    ingest.handle("a", update("a", "u1"), admission(store))
+    await ingest.handle("a", update("a", "u1"), admission(store))
     assert ingest.release() == 0  # the timer calls this: it must not raise into the loop's exception handler
     with pytest.raises(OSError, match="Too many open files"):
-        ingest.handle("b", update("b", "u2"), admission(store))
+        await ingest.handle("b", update("b", "u2"), admission(store))
+    assert sent_ids(events) == []
+
+
+async def test_a_receipt_the_store_cannot_record_stops_the_ingest_and_tells_its_owner(store: Store, events: list,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: with the disk full, recording a batch of receipts raised into the release timer, which only logged it,
+    and the batch was lost; now it stops receipting for good, as a failed fsync does, and the owner is told."""
+    def disk_full(rows: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    failures: list[BaseException] = []
+    monkeypatch.setattr(store, "record_receipts", disk_full)
+    ingest = make_ingest(store, events, asyncio.get_running_loop())
+    ingest.on_failure = failures.append
+    await ingest.handle("a", update("a", "u1"), admission(store))
+    assert ingest.release() == 0  # the timer calls this: nothing may escape into the loop's exception handler
+    assert [type(f) for f in failures] == [sqlite3.OperationalError]
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        await ingest.handle("b", update("b", "u2"), admission(store))
+    with pytest.raises(sqlite3.OperationalError):
+        async with asyncio.timeout(5):
+            await ingest.drain()
     assert sent_ids(events) == []

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator import Aggregator
-from aggregator.metrics import AggregatorMetrics, MetricsServer
+from aggregator.observability.metrics import AggregatorMetrics, MetricsServer
 from edge_agent import Agent
 from fedge_contract import Topics
 from fedge_contract.aio import cancel_and_wait

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from aggregator.privacy import NoisySum, PrivacyParams
+from aggregator.aggregation.privacy import NoisySum, PrivacyParams
 from fedge_contract.tensors import ModelSpec
 
 pytest.importorskip("opacus")

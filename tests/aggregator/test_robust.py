@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from aggregator.robust import Stacked, coordinate_median, krum_scores, multi_krum, trimmed_mean
+from aggregator.aggregation.robust import Stacked, coordinate_median, krum_scores, multi_krum, trimmed_mean
 from fedge_contract.tensors import ModelSpec
 
 ROWS = np.array(

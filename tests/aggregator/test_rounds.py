@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from aggregator.errors import Rejection
-from aggregator.rounds import DeadlineAction, OpenRound, RoundPlan
+from aggregator.rounds import Accepted, DeadlineAction
+from aggregator.rounds.sync import RoundPlan, SyncRound, check_admission
+from aggregator.store import Standing
 from fedge_contract import ReceiptStatus, Update
 
 
@@ -13,22 +15,29 @@ def make_update(client: str = "agent-1", update_id: str = "u1", *, round_no: int
     return Update(fleet="f", client_id=client, update_id=update_id, round=round_no, base_version=base, num_samples=10, tensors=())
 
 
-def open_round(target: int = 3, min_updates: int = 2, timeout: float = 60.0) -> OpenRound:
-    return OpenRound(number=5, base_version=4, deadline=1000.0, plan=RoundPlan(target, min_updates, timeout))
+def open_round(target: int = 3, min_updates: int = 2, timeout: float = 60.0) -> SyncRound:
+    return SyncRound(number=5, base_version=4, deadline=1000.0, plan=RoundPlan(target, min_updates, timeout))
 
 
 def never_seen(_: str) -> bool:
     return False
 
 
-def admit_and_record(rnd: OpenRound, update: Update) -> None:
-    rnd.admit(update, never_seen)
-    rnd.record(update.client_id, update.update_id)
+def admit(rnd: SyncRound, update: Update, seen=never_seen) -> None:
+    """The sync rules against what the ledger would say of this round (the store's Standing)."""
+    standing = Standing(update_seen=update.update_id in rnd.update_ids or seen(update.update_id),
+                        client_seen=update.client_id in rnd.clients, accepted=rnd.accepted)
+    check_admission(update, number=rnd.number, base_version=rnd.base_version, target=rnd.target, standing=standing)
 
 
-def rejection(rnd: OpenRound, update: Update, seen=never_seen) -> Rejection:
+def admit_and_record(rnd: SyncRound, update: Update) -> None:
+    admit(rnd, update)
+    rnd.record(Accepted.of(update))
+
+
+def rejection(rnd: SyncRound, update: Update, seen=never_seen) -> Rejection:
     with pytest.raises(Rejection) as info:
-        rnd.admit(update, seen)
+        admit(rnd, update, seen)
     return info.value
 
 
@@ -36,7 +45,7 @@ def test_fresh_update_is_admitted_and_counted() -> None:
     rnd = open_round()
     admit_and_record(rnd, make_update())
     assert rnd.accepted == 1 and rnd.clients == {"agent-1"} and rnd.update_ids == {"u1"}
-    assert not rnd.full
+    assert not rnd.complete
 
 
 def test_duplicate_update_id_in_this_round() -> None:
@@ -50,7 +59,7 @@ def test_duplicate_update_id_seen_before() -> None:
     """An id the store already holds (an earlier round, or before a restart) is a duplicate."""
     error = rejection(open_round(), make_update(update_id="old"), seen=lambda uid: uid == "old")
     assert error.status is ReceiptStatus.DUPLICATE
-    open_round().admit(make_update(update_id="new"), lambda uid: uid == "old")  # others pass
+    admit(open_round(), make_update(update_id="new"), lambda uid: uid == "old")  # others pass
 
 
 def test_duplicate_wins_over_stale() -> None:
@@ -84,7 +93,7 @@ def test_full_round_turns_stragglers_stale() -> None:
     rnd = open_round(target=2, min_updates=1)
     admit_and_record(rnd, make_update("a", "u1"))
     admit_and_record(rnd, make_update("b", "u2"))
-    assert rnd.full
+    assert rnd.complete
     assert rejection(rnd, make_update("c", "u3")).status is ReceiptStatus.STALE
     assert rnd.accepted == 2
 

@@ -11,14 +11,15 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator import make_aggregator
-from aggregator.config import AggregatorConfig
-from aggregator.defence import Defence
+from aggregator.aggregation.defence import Defence
+from aggregator.config import AggregatorConfig, config_of
+from aggregator.coordinator import ingest_source
 from aggregator.errors import LedgerMismatch
-from aggregator.ingest import Ingest, limits_for
-from aggregator.service import Aggregator
-from aggregator.sharded import ShardedAggregator
-from aggregator.store import Store
+from aggregator.ingest.pipeline import Ingest
+from aggregator.ingest.source import LocalIngest
+from aggregator.ingest.validation import limits_for
+from aggregator.store import InlineStore, Store
+from aggregator.workers.source import WorkerIngest
 from fedge_contract import Update
 from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.mqtt import BrokerAddress
@@ -35,55 +36,54 @@ SPEC = ModelSpec((TensorSpec("w", (3,)),))
         ({"aggregation": "median"}, "--aggregation mean"),
         ({"aggregation": "krum"}, "--aggregation mean"),
         ({"aggregation": "trimmed_mean"}, "--aggregation mean"),
-        ({"clip_factor": 3.0}, "--clip-norm auto"),
+        ({"clip_norm": "auto:3"}, "--clip-norm auto"),
         ({"workers": -1}, "workers must be >= 0"),
     ],
 )
 def test_rules_that_do_not_split_into_partial_sums_refuse_workers(fields: dict, flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
-        AggregatorConfig(broker=BROKER, **{"workers": 2, **fields})
+        config_of(BROKER, **{"workers": 2, **fields})
 
 
 def test_fixed_clipping_and_dp_split_fine() -> None:
     pytest.importorskip("opacus")
-    AggregatorConfig(broker=BROKER, workers=2, clip_norm=1.0, clip_action="reject")
-    AggregatorConfig(broker=BROKER, workers=2, clip_norm=1.0, dp_noise=1.0)
+    config_of(BROKER, workers=2, clip_norm=1.0, clip_action="reject")
+    config_of(BROKER, workers=2, clip_norm=1.0, dp_noise=1.0)
 
 
 def test_the_config_crosses_the_pipe_whole() -> None:
-    config = AggregatorConfig(broker=BROKER, fleet="f1", workers=2, allow_clients=frozenset({"a", "b"}), training={"lr": 0.1},
-                              task_options={"clients": "5"}, store=Path("/tmp/x.sqlite"), clip_norm=2.0)
+    config = config_of(BROKER, fleet="f1", workers=2, allowed_clients=frozenset({"a", "b"}), training={"lr": 0.1},
+                       task_options={"clients": "5"}, store=Path("/tmp/x.sqlite"), clip_norm=2.0)
     assert AggregatorConfig.from_wire(msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False)) == config
 
 
-def test_make_aggregator_picks_the_sharded_one_and_the_plain_one_refuses_workers() -> None:
-    config = AggregatorConfig(broker=BROKER, workers=2)
-    assert type(make_aggregator(config)) is ShardedAggregator
-    assert type(make_aggregator(AggregatorConfig(broker=BROKER))) is Aggregator
-    with pytest.raises(ValueError, match="make_aggregator"):
-        Aggregator(config)
+def test_workers_pick_the_worker_processes_as_the_ingest_source(tmp_path: Path) -> None:
+    with Store(tmp_path / "agg.sqlite") as store:
+        for workers, kind in ((2, WorkerIngest), (0, LocalIngest)):
+            config = config_of(BROKER, workers=workers)
+            assert type(ingest_source(config, _ingest(store), InlineStore(store), SPEC, answered=lambda *a: None)) is kind
 
 
 def test_a_worker_never_imports_torch() -> None:
     """Workers stay ~40 MiB: importing torch would cost each ~220 MiB and 1.5 s at every (re)start."""
-    code = "import sys, aggregator.worker; print('torch' in sys.modules)"
+    code = "import sys, aggregator.workers.process; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
 
 
 def test_a_worker_without_a_coordinator_says_so() -> None:
-    done = subprocess.run([sys.executable, "-m", "aggregator.worker"], input=b"", capture_output=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "aggregator.workers.process"], input=b"", capture_output=True, timeout=60)
     assert done.returncode == 2 and b"started by `fedge aggregator --workers N`" in done.stderr
 
 
 # ---------------------------------------------------------------------- the coordinator's checks
 def _ingest(store: Store) -> Ingest:
-    config = AggregatorConfig(broker=BROKER, workers=2)
+    config = config_of(BROKER, workers=2)
 
     def send(topic: str, payload: bytes) -> None:
         raise AssertionError("nothing is published here")
 
-    return Ingest(fleet="default", spec=SPEC, limits=limits_for(config, SPEC), defence=Defence(config), store=store,
+    return Ingest(fleet="default", spec=SPEC, limits=limits_for(config, SPEC), defence=Defence(config), db=InlineStore(store),
                   send=send, answered=lambda *a: None, log=logging.getLogger("test"))
 
 
@@ -93,7 +93,7 @@ def _spool(store: Store, update_id: str, client: str, value: float, shard: int) 
     store.spool(update_id=update_id, client_id=client, round_no=1, base_version=0, num_samples=10, payload=payload, shard=shard)
 
 
-def test_merged_partials_must_match_the_ledger(tmp_path: Path) -> None:
+async def test_merged_partials_must_match_the_ledger(tmp_path: Path) -> None:
     with Store(tmp_path / "agg.sqlite") as store:
         store.open_round(1, 0, None)
         coordinator, worker = _ingest(store), _ingest(store)
@@ -103,13 +103,13 @@ def test_merged_partials_must_match_the_ledger(tmp_path: Path) -> None:
         worker.refold(store.spooled(1, shard=1))
         partial = msgpack.unpackb(msgpack.packb(worker.partial(), use_bin_type=True), raw=False)
         coordinator.merge(partial)
-        coordinator.check_ledger(1)
+        await coordinator.check_ledger(1)
         np.testing.assert_array_equal(coordinator.collector.mean()["w"], np.full(3, 2.0, np.float32))
         with pytest.raises(LedgerMismatch, match="folded twice"):
             coordinator.merge(partial)
         _spool(store, "u3", "c", 5.0, shard=1)  # accepted, but in nobody's partial sum
         with pytest.raises(LedgerMismatch, match=r"miss 1 accepted updates \['u3'\]"):
-            coordinator.check_ledger(1)
+            await coordinator.check_ledger(1)
 
 
 def test_refolding_skips_what_is_already_folded(tmp_path: Path) -> None:

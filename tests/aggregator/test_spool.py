@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.rounds import Standing
-from aggregator.store import SpooledUpdate, Store, digest
+from aggregator.store import ReceiptRow, SpooledUpdate, Standing, Store, digest
 
 W = {"w": np.array([1.0, 2.0], np.float32)}
 
@@ -94,7 +94,7 @@ def test_the_spool_folder_is_private_and_made_on_first_write(path: Path) -> None
         folder = path.with_name("agg.sqlite.spool")
         assert not folder.exists()
         store.open_round(1, 0, None)
-        store.record_receipt(round_no=1, client_id="c", update_id=None, status="rejected", reason="x", nbytes=1)
+        store.record_receipts([ReceiptRow(time.time(), 1, "c", None, "rejected", "x", 1)])
         store.sync()
         assert not folder.exists()
         spool(store, "u1", "c1", b"x")
@@ -180,7 +180,7 @@ def test_sync_syncs_segments_then_the_folder_then_commits_durably(path: Path, ev
         trace(store, events)
         admit(store, "u1", "a", payload(1), shard=0)
         admit(store, "u2", "b", payload(2), shard=1)
-        store.record_receipt(round_no=1, client_id="a", update_id="u1", status="accepted", reason="", nbytes=4096)
+        store.record_receipts([ReceiptRow(time.time(), 1, "a", "u1", "accepted", "", 4096)])
         assert not [e for e in events if e[0] != "sql"], "deferred writes never fsync"
         assert ("sql", "PRAGMA synchronous=FULL") not in events
         events.clear()
@@ -205,7 +205,7 @@ def test_sync_syncs_segments_then_the_folder_then_commits_durably(path: Path, ev
         assert syncs == [("fdatasync", row(path, "u3")[0])]
         assert events.index(syncs[0]) < durable_commit(events)
 
-        store.record_receipt(round_no=1, client_id="c", update_id="u3", status="accepted", reason="", nbytes=4096)
+        store.record_receipts([ReceiptRow(time.time(), 1, "c", "u3", "accepted", "", 4096)])
         events.clear()
         store.sync()  # only a receipt: the durable commit, no file sync
         assert [e for e in events if e[0] != "sql"] == []
@@ -227,7 +227,7 @@ def test_durable_writes_sync_pending_segments_first(path: Path, events: list[tup
         store.sync()  # the durable commit covered the deferred one
         assert events == []
 
-        store.record_receipt(round_no=1, client_id="a", update_id="u1", status="accepted", reason="", nbytes=4096)
+        store.record_receipts([ReceiptRow(time.time(), 1, "a", "u1", "accepted", "", 4096)])
         events.clear()
         store.close_round(1, 1, "fp", W, {}, accepted=1)  # nothing deferred is left behind a closed round
         assert ("sql", "PRAGMA synchronous=FULL") in events
@@ -247,8 +247,8 @@ def test_synchronous_cannot_change_inside_a_transaction(tmp_path: Path) -> None:
 
 
 _STRACED = """
-import os, sys
-from aggregator.store import Store
+import os, sys, time
+from aggregator.store import ReceiptRow, Store
 store = Store(sys.argv[1], fsync=sys.argv[2] == "disk")
 store.open_round(1, 0, None)
 store.sync()
@@ -256,7 +256,7 @@ os.write(2, b"== deferred\\n")
 for i in range(3):
     store.admit(update_id=f"u{i}", client_id=f"c{i}", round_no=1, base_version=0, num_samples=1, payload=os.urandom(50_000),
                 check=lambda s: None)
-store.record_receipt(round_no=1, client_id="c0", update_id="u0", status="accepted", reason="", nbytes=1)
+store.record_receipts([ReceiptRow(time.time(), 1, "c0", "u0", "accepted", "", 1)])
 os.write(2, b"== sync\\n")
 store.sync() if sys.argv[3] == "sync" else store.sync_soon().result(timeout=30)
 os.write(2, b"== end\\n")
@@ -309,7 +309,7 @@ def test_sync_soon_syncs_on_its_thread_without_sqlite(path: Path, monkeypatch: p
         store._db.set_trace_callback(statements.append)
         admit(store, "u1", "a", payload(1), shard=0)
         admit(store, "u2", "b", payload(2), shard=1)
-        store.record_receipt(round_no=1, client_id="a", update_id="u1", status="accepted", reason="", nbytes=4096)
+        store.record_receipts([ReceiptRow(time.time(), 1, "a", "u1", "accepted", "", 4096)])
         calls.clear()
         statements.clear()
         store.sync_soon().result(timeout=10)
@@ -321,7 +321,7 @@ def test_sync_soon_syncs_on_its_thread_without_sqlite(path: Path, monkeypatch: p
 
         calls.clear()
         assert store.sync_soon().done() and calls == []  # nothing written since: nothing at all
-        store.record_receipt(round_no=1, client_id="b", update_id="u2", status="accepted", reason="", nbytes=4096)
+        store.record_receipts([ReceiptRow(time.time(), 1, "b", "u2", "accepted", "", 4096)])
         store.sync_soon().result(timeout=10)
         assert [(kind, name) for kind, name, _ in calls] == [("fdatasync", "agg.sqlite-wal")]  # only a row: only the WAL
         calls.clear()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from aggregator.store import SpooledUpdate, Store
+from aggregator.store import ReceiptRow, SpooledUpdate, Store
 
 W0 = {"fc.weight": np.array([[0.5, -0.25], [1.0, 2.0]], np.float32), "fc.bias": np.array([0.125, -8.0], np.float32)}
 W1 = {"fc.weight": np.array([[1.5, 0.75], [0.0, -2.0]], np.float32), "fc.bias": np.array([3.0, 4.0], np.float32)}
@@ -167,8 +168,8 @@ def test_rounds_round_trip(store: Store) -> None:
 
 
 def test_receipts(store: Store) -> None:
-    store.record_receipt(round_no=1, client_id="agent-1", update_id="u1", status="accepted", reason="", nbytes=100)
-    store.record_receipt(round_no=1, client_id="agent-2", update_id=None, status="rejected", reason="malformed: x", nbytes=7)
+    store.record_receipts([ReceiptRow(time.time(), 1, "agent-1", "u1", "accepted", "", 100)])
+    store.record_receipts([ReceiptRow(time.time(), 1, "agent-2", None, "rejected", "malformed: x", 7)])
     receipts = store.receipts()
     assert [{k: v for k, v in r.items() if k != "at"} for r in receipts] == [
         {"round": 1, "client_id": "agent-1", "update_id": "u1", "status": "accepted", "reason": "", "bytes": 100},

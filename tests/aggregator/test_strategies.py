@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.strategies import STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, StrategyConfig, make_strategy
+from aggregator.aggregation.strategies import STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, StrategyConfig, make_strategy
 from fedge_contract.messages import pack_weights, unpack_weights
 
 DELTAS = (2.0, 1.0, 3.0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from aggregator.errors import Rejection
-from aggregator.validation import UpdateLimits, decode_delta, parse_update
+from aggregator.ingest.validation import UpdateLimits, decode_delta, parse_update
 from fedge_contract import ReceiptStatus, Update
 from fedge_contract.codecs import EncodedTensor, encode_weights, parse_chain
 from fedge_contract.tensors import ModelSpec, TensorSpec

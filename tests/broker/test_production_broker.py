@@ -131,7 +131,7 @@ async def test_fleet_trains_over_tls_and_a_forged_update_never_reaches_the_aggre
             if str(message.topic) == topics.global_model and message.payload:
                 break
         # a well-formed update claiming to be agent-1, on agent-1's topic: only the broker can stop it
-        zeros = {t.name: np.zeros(t.shape, np.float32) for t in aggregator.spec.tensors}
+        zeros = {t.name: np.zeros(t.shape, np.float32) for t in aggregator.model.spec.tensors}
         forged = Update(FLEET, "agent-1", "forged", 1, 0, 10, encode_weights(zeros, parse_chain("none")))
         await mallory.publish(topics.update("agent-1"), forged.to_bytes(), qos=1)
         await run_fleet_with(serving, agents)

@@ -185,3 +185,31 @@ async def cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def test_a_large_message_is_queued_as_a_view_and_arrives_whole(broker_address: BrokerAddress, fleet: str) -> None:
+    """paho slices the rest of a packet on every partial send: queued as a bytearray, a 100 MB model was copied
+    ~2 GB on the event loop; queued as a memoryview (compat.zero_copy_writes) the slices are views."""
+    payload = os.urandom(6 * 1024 * 1024)
+    topic = f"{fleet}/large"
+    async with asyncio.timeout(30), make_client(broker_address, f"{fleet}-sub", persistent=False) as sub:
+        await sub.subscribe(topic, qos=1)
+        async with Connection(broker_address, f"{fleet}-pub", subscriptions=[], persistent=False) as conn:
+            await conn.wait_connected()
+            client = conn._client
+            assert client is not None
+            sent: list[tuple[type, int]] = []  # what paho hands the socket, per send
+            paho = client._client
+            send = paho._sock_send
+
+            def spy(buf: bytes | bytearray | memoryview) -> int:
+                sent.append((type(buf), len(buf)))
+                return send(buf)
+
+            paho._sock_send = spy
+            await conn.publish(topic, payload)
+        big = [kind for kind, length in sent if length > len(payload) // 2]
+        assert big and all(kind is memoryview for kind in big), sent
+        async for message in sub.messages:
+            assert message.payload == payload
+            break

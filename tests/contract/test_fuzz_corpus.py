@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.errors import Rejection
-from aggregator.validation import UpdateLimits, decode_delta, parse_update
+from aggregator.ingest.validation import UpdateLimits, decode_delta, parse_update
 from fedge_contract import Update
 from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.tensors import ModelSpec

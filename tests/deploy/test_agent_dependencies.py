@@ -64,7 +64,7 @@ def test_the_base_dependencies_leave_the_extras_out():
 def test_an_aggregator_host_needs_only_the_aggregator_extra():
     blocked = ["matplotlib", "sklearn", "opacus"]  # [sim] and [dp]: not installed by `pip install 'fedge[aggregator]'`
     code = f"BLOCKED = {blocked!r}\n" + AGENT_RUN.split("from fedge.cli")[0] + """
-import aggregator.service, aggregator.sharded, aggregator.async_service, aggregator.worker, aggregator.metrics
+import aggregator.coordinator, aggregator.workers.source, aggregator.workers.process, aggregator.observability.metrics
 import fedge.status, fedge.broker_admin, broker.provision
 from fedge_tasks.base import load_task
 task = load_task("digits", {"clients": "2"})

@@ -20,7 +20,7 @@ import yaml
 from pyhocon import ConfigFactory, ConfigTree
 
 from broker.provision import AGGREGATOR_USER
-from fedge.cli import build_parser
+from fedge.cli import aggregator_config, build_parser
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES
 from fedge_contract.mqtt import BrokerAddress
 
@@ -183,7 +183,7 @@ def test_aggregator_command_is_valid_for_fedge_and_reaches_the_internal_listener
     assert broker.host in services["haproxy"]["networks"]["fedge"]["aliases"]
     assert broker.port == haproxy_binds()["mqtt_aggregator"]
     assert args.fleet == "default"  # the fleet acl.conf is written for
-    assert args.workers >= 2, "the cluster exists for sharded ingestion"
+    assert aggregator_config(args).ingest.workers >= 2, "the cluster exists for sharded ingestion"
     # the aggregator's port leads to EMQX listeners in the aggregator's zone
     internal = {port for _, port in haproxy_backends()["emqx_tcp"]}
     (tcp_name,) = [n for n, listener in conf["listeners.tcp"].items() if port_of(listener["bind"]) in internal]

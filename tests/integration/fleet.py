@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from aggregator import Aggregator, AggregatorConfig
+from aggregator import Aggregator
+from aggregator.config import AggregatorConfig, config_of
 from edge_agent import Agent, AgentConfig
 from fedge_contract import Receipt, RoundState, RoundStatus, Topics
 from fedge_contract.mqtt import BrokerAddress, Client, make_client
@@ -23,11 +24,10 @@ DIGITS_5 = {"clients": "5", "alpha": "0.5"}
 
 def aggregator_config(address: BrokerAddress, fleet: str, store: Path, **overrides: Any) -> AggregatorConfig:
     settings: dict[str, Any] = dict(
-        broker=address, fleet=fleet, task="digits", task_options=DIGITS_5, rounds=3, target=5, min_updates=5,
-        deadline=60.0, store=store,
+        fleet=fleet, task="digits", task_options=DIGITS_5, rounds=3, target=5, min_updates=5, deadline=60.0, store=store,
     )
     settings.update(overrides)
-    return AggregatorConfig(**settings)
+    return config_of(address, **settings)
 
 
 def agent_config(address: BrokerAddress, fleet: str, state_root: Path, index: int, **overrides: Any) -> AgentConfig:

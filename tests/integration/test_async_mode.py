@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from aggregator.async_service import AsyncAggregator
+from aggregator import Aggregator
 from aggregator.store import Store
 from edge_agent import Agent
 from fedge_contract import GlobalModel, ReceiptStatus, Topics, Update
@@ -35,7 +35,7 @@ async def test_receipts_and_staleness_weights(broker_address, fleet, tmp_path):
     config = aggregator_config(broker_address, fleet, tmp_path / "agg.sqlite", mode="async", buffer_size=1, max_staleness=1,
                                rounds=3, evaluate=False)
     async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.global_model, f"{topics.prefix}/receipts/+") as peer:
-        serving = asyncio.create_task(AsyncAggregator(config).run())
+        serving = asyncio.create_task(Aggregator(config).run())
         try:
             v0 = GlobalModel.from_bytes(await peer.next_payload(topics.global_model), max_bytes=10**8)
             assert (v0.model_version, v0.round, v0.deadline) == (0, 1, None)
@@ -71,13 +71,13 @@ async def test_buffer_survives_a_restart(broker_address, fleet, tmp_path):
     topics = Topics(fleet)
     config = aggregator_config(broker_address, fleet, tmp_path / "agg.sqlite", mode="async", buffer_size=2, rounds=1, evaluate=False)
     async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.global_model, f"{topics.prefix}/receipts/+") as peer:
-        first = asyncio.create_task(AsyncAggregator(config).run())
+        first = asyncio.create_task(Aggregator(config).run())
         v0 = GlobalModel.from_bytes(await peer.next_payload(topics.global_model), max_bytes=10**8)
         await peer.client.publish(topics.update("a"), update_payload(v0, "a", "u1", 0, 1.0), qos=1)
         assert (await peer.receipts(1))["u1"].status is ReceiptStatus.ACCEPTED
         await cancel_and_wait([first])
 
-        second = asyncio.create_task(AsyncAggregator(config).run())
+        second = asyncio.create_task(Aggregator(config).run())
         try:
             for client, uid in (("a", "u1"), ("b", "u2")):  # the resend of u1 is a duplicate: folded once
                 await peer.client.publish(topics.update(client), update_payload(v0, client, uid, 0, 1.0), qos=1)
@@ -95,7 +95,7 @@ async def test_buffer_survives_a_restart(broker_address, fleet, tmp_path):
 
 async def test_fleet_in_async_mode(broker_address, fleet, tmp_path):
     config = aggregator_config(broker_address, fleet, tmp_path / "agg.sqlite", mode="async", buffer_size=3, max_staleness=2, rounds=4)
-    aggregator = AsyncAggregator(config)
+    aggregator = Aggregator(config)
     agents = [Agent(agent_config(broker_address, fleet, tmp_path, i)) for i in range(5)]
     async with asyncio.timeout(90):
         await run_fleet(aggregator, agents)

@@ -98,7 +98,7 @@ async def test_chunked_models_and_updates_train_like_unchunked_ones(broker_addre
 
 
 def _mallory_update(aggregator: Aggregator, update_id: str, *, value: float = 0.0) -> bytes:
-    delta = {t.name: np.full(t.shape, value, np.float32) for t in aggregator.spec.tensors}
+    delta = {t.name: np.full(t.shape, value, np.float32) for t in aggregator.model.spec.tensors}
     return Update(aggregator.config.fleet, "mallory", update_id, 1, 0, 10, encode_weights(delta, parse_chain("none"))).to_bytes()
 
 
@@ -233,7 +233,7 @@ async def test_an_agent_uses_a_chunked_global_model_only_when_complete_and_verif
 
 async def test_sharded_workers_fetch_the_chunks_of_the_manifests_they_get(broker_address, fleet, tmp_path):
     """With --workers, the broker deals manifests round-robin; each worker fetches its updates' chunks."""
-    from aggregator import make_aggregator
+    from aggregator import Aggregator
 
     reference, reference_agents = _fleet(broker_address, f"{fleet}-one", tmp_path / "one", agents=4, chunked=False, rounds=1)
     async with asyncio.timeout(60):
@@ -243,7 +243,7 @@ async def test_sharded_workers_fetch_the_chunks_of_the_manifests_they_get(broker
                                workers=2, **chunking)
     agents = [Agent(agent_config(broker_address, fleet, tmp_path / "agents", i, **chunking)) for i in range(4)]
     async with asyncio.timeout(60):
-        await run_fleet(make_aggregator(config), agents)
+        await run_fleet(Aggregator(config), agents)
     assert all([r.status for r in a.stats.receipts] == [ReceiptStatus.ACCEPTED] for a in agents)
     with Store(tmp_path / "one" / "agg.sqlite") as one, Store(tmp_path / "sharded.sqlite") as sharded:
         expected, got = one.latest_checkpoint(), sharded.latest_checkpoint()

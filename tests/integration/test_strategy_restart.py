@@ -9,7 +9,6 @@ import pytest
 
 from aggregator import Aggregator
 from aggregator.store import Checkpoint, Store
-from aggregator.strategies import StrategyConfig
 from edge_agent import Agent
 from fedge_contract import GlobalModel, Topics
 from tests.integration.fleet import agent_config, aggregator_config, raw_peer
@@ -18,8 +17,8 @@ pytestmark = pytest.mark.integration
 
 
 async def run(broker_address, fleet: str, root, rounds: int) -> Checkpoint:
-    config = aggregator_config(broker_address, fleet, root / "agg.sqlite", rounds=rounds, strategy="fedadam",
-                               strategy_params=StrategyConfig(server_lr=0.03), evaluate=False)
+    config = aggregator_config(broker_address, fleet, root / "agg.sqlite", rounds=rounds, strategy={"name": "fedadam", "server_lr": 0.03},
+                               evaluate=False)
     topics = Topics(fleet)
     async with raw_peer(broker_address, "observer", topics.global_model) as peer, asyncio.TaskGroup() as group:
         serving = group.create_task(Aggregator(config).run())

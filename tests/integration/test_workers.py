@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import make_aggregator
-from aggregator.service import Aggregator
+from aggregator import Aggregator
 from aggregator.store import Store
 from fedge_contract import GlobalModel, ReceiptStatus, Topics, Update
 from fedge_contract.codecs import encode_weights, parse_chain
@@ -74,7 +73,7 @@ async def test_two_workers_make_the_single_aggregators_model(broker_address, fle
     for workers in (0, 2):
         name, store = f"{fleet}-w{workers}", tmp_path / f"w{workers}.sqlite"
         config = aggregator_config(broker_address, name, store, rounds=2, target=6, min_updates=6, evaluate=False, workers=workers)
-        aggregator = make_aggregator(config)
+        aggregator = Aggregator(config)
         async with asyncio.timeout(40), serving(aggregator) as task:
             await feed(broker_address, name, rounds=2, clients=6)
             await task
@@ -96,7 +95,7 @@ async def test_dedupe_and_the_target_hold_across_workers(broker_address, fleet, 
     topics = Topics(fleet)
     store = tmp_path / "agg.sqlite"
     config = aggregator_config(broker_address, fleet, store, rounds=2, target=3, min_updates=3, evaluate=False, workers=2)
-    aggregator = make_aggregator(config)
+    aggregator = Aggregator(config)
     async with asyncio.timeout(40), serving(aggregator), Observer(broker_address, fleet) as observer, \
             raw_peer(broker_address, f"peer-{fleet}"[:64]) as peer:
 

@@ -11,7 +11,7 @@ import signal
 import psutil
 import pytest
 
-from aggregator import make_aggregator
+from aggregator import Aggregator
 from aggregator.store import Store
 from edge_agent import Agent
 from fedge_contract import ReceiptStatus
@@ -28,7 +28,7 @@ def shard_with_updates(store_path, round_no: int) -> int:
 
 async def test_a_killed_worker_is_refolded_and_restarted(broker_address, fleet, tmp_path):
     store = tmp_path / "agg.sqlite"
-    aggregator = make_aggregator(aggregator_config(broker_address, fleet, store, rounds=2, target=3, min_updates=3, evaluate=False, workers=2))
+    aggregator = Aggregator(aggregator_config(broker_address, fleet, store, rounds=2, target=3, min_updates=3, evaluate=False, workers=2))
     late = ManualGate(passes=0)  # agent-2 waits: round 1 cannot close before the kill
     agents = [Agent(agent_config(broker_address, fleet, tmp_path, i), gate=late if i == 2 else None) for i in range(3)]
     async with asyncio.timeout(60), Observer(broker_address, fleet) as observer, asyncio.TaskGroup() as group:
@@ -37,12 +37,12 @@ async def test_a_killed_worker_is_refolded_and_restarted(broker_address, fleet, 
             group.create_task(agent.run())
         await observer.until(lambda o: len(o.with_status(ReceiptStatus.ACCEPTED)) == 2)
         victim = shard_with_updates(store, 1)
-        os.kill(aggregator.pool.pids[victim], signal.SIGKILL)
-        await observer.until(lambda o: aggregator.worker_exits == 1)  # the coordinator's own count
+        os.kill(aggregator.source.pool.pids[victim], signal.SIGKILL)
+        await observer.until(lambda o: aggregator.source.exits == 1)  # the coordinator's own count
         late.open()
         await serving
 
-    assert aggregator.worker_exits == 1
+    assert aggregator.source.exits == 1
     ledger = assert_ledger(store, observer.receipts, rounds=2)
     assert [len(ledger[r]) for r in (1, 2)] == [3, 3]
     with Store(store) as opened:

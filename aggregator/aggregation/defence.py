@@ -1,7 +1,7 @@
 """What the round loop does with a validated delta, as the fleet's config chose.
 
-One object so the service needs three calls: ``check`` (norm bound and weight cap, or a
-Rejection), ``collector`` (a fresh WeightedSum, robust Stacked or DP NoisySum for each round) and
+One object so the ingest needs three calls: ``assess`` then ``record`` (norm bound and weight
+cap, or a Rejection), ``collector`` (a fresh WeightedSum, robust Stacked or DP NoisySum for each round) and
 ``metrics`` (clipping figures and the privacy budget spent, stored with the round and published
 in RoundStatus.last_metrics).
 """
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from aggregator.clipping import NormBound, capped_weight
-from aggregator.fold import WeightedSum
-from aggregator.privacy import NoisySum, PrivacyParams
-from aggregator.robust import Stacked
+from aggregator.aggregation.clipping import NormBound, capped_weight
+from aggregator.aggregation.fold import WeightedSum
+from aggregator.aggregation.privacy import NoisySum, PrivacyParams
+from aggregator.aggregation.robust import Stacked
 from fedge_contract.tensors import ModelSpec
 
 if TYPE_CHECKING:
@@ -57,22 +57,18 @@ class Checked:
 class Defence:
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
-        self.norm_bound = NormBound(clip_norm=config.clip_norm, factor=config.clip_factor, action=config.clip_action)
+        self.settings = config.defence
+        self.norm_bound = NormBound(clip_norm=self.settings.bound, factor=self.settings.factor, action=self.settings.clip_action)
         self.privacy = config.privacy
-        self._rng = np.random.default_rng(config.dp_seed)
+        self._rng = np.random.default_rng(self.settings.dp_seed)
         # rows a robust rule may have to hold: a round closes at its target (async: its buffer size)
-        self.capacity = config.buffer_size if config.mode == "async" else config.target
-
-    def check(self, delta: dict[str, np.ndarray], num_samples: int, *, strict: bool = True) -> tuple[dict[str, np.ndarray], float]:
-        """The bounded delta and its weight; a Rejection when over the bound in reject mode."""
-        checked = self.assess(delta, num_samples, strict=strict)
-        self.record(checked)
-        return checked.delta, checked.weight
+        self.capacity = config.rounds.per_round
 
     def assess(self, delta: dict[str, np.ndarray], num_samples: int, *, strict: bool = True) -> Checked:
-        """``check`` for an update that may still be refused: ``record`` it once it is accepted, so a
-        refused one does not move the adaptive bound or the round's clipping figures."""
-        weight = capped_weight(num_samples, self.config.max_weight)
+        """The bounded delta and its weight (a Rejection when over the bound in reject mode). ``record``
+        it once the update is accepted, so a refused one does not move the adaptive bound or the
+        round's clipping figures."""
+        weight = capped_weight(num_samples, self.settings.max_weight)
         if not self.norm_bound.active:
             return Checked(delta, weight)
         bounded, norm, clipped = self.norm_bound.assess(delta, strict=strict)
@@ -95,9 +91,9 @@ class Defence:
     def collector(self, spec: ModelSpec) -> Collector:
         if self.privacy is not None:
             return NoisySum(spec, self.privacy, denominator=self.capacity, rng=self._rng)
-        if self.config.aggregation == "mean":
+        if self.settings.aggregation == "mean":
             return WeightedSum(spec)
-        return Stacked(spec, self.capacity, self.config.aggregation, self.config.robust_fraction)
+        return Stacked(spec, self.capacity, self.settings.aggregation, self.settings.robust_fraction)
 
     def metrics(self, version: int) -> dict[str, float]:
         """Figures for the round that produced ``version`` (epsilon: after ``version`` noisy rounds)."""

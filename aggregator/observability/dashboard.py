@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from aggregator.httpserver import HttpServer, Route
+from aggregator.observability.httpserver import HttpServer, Route
 from fedge_contract import Presence, RoundStatus
 
 
@@ -64,13 +64,16 @@ def fleet_state(
 
 
 class DashboardServer(HttpServer):
-    """``/`` (the page) and ``/api/state`` (``state()`` as JSON) on ``host:port`` while the block runs."""
+    """``/`` (the page) and ``/api/state`` (``await state()`` as JSON) on ``host:port`` while the block runs."""
 
-    def __init__(self, state: Callable[[], dict[str, Any]], host: str = "127.0.0.1", port: int = 0) -> None:
-        def api() -> bytes:
-            return json.dumps(state(), separators=(",", ":"), allow_nan=False, default=str).encode()
+    def __init__(self, state: Callable[[], Awaitable[dict[str, Any]]], host: str = "127.0.0.1", port: int = 0) -> None:
+        async def api() -> bytes:
+            return json.dumps(await state(), separators=(",", ":"), allow_nan=False, default=str).encode()
 
-        page = Route("text/html; charset=utf-8", lambda: PAGE)
+        async def page_bytes() -> bytes:
+            return PAGE
+
+        page = Route("text/html; charset=utf-8", page_bytes)
         super().__init__({"/": page, "/index.html": page, "/api/state": Route("application/json", api)}, host, port, name="dashboard")
 
 

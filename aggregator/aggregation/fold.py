@@ -5,7 +5,7 @@ The sum is kept in float64: the result then does not depend, at float32 precisio
 in which updates happened to arrive, which keeps runs with the same seed reproducible. numpy
 folds on one thread (torch's default thread pool spins on 2 cores for ~8 ms per call).
 
-The fold is associative: ingest workers (aggregator/worker.py) each fold a partial sum, which
+The fold is associative: ingest workers (aggregator/workers/) each fold a partial sum, which
 cross the pipe as raw float64 bytes (``to_wire``) and are ``merge``d by the coordinator.
 """
 
@@ -18,6 +18,11 @@ from typing import Any
 import numpy as np
 
 from fedge_contract.tensors import ModelSpec
+
+
+def scaled(delta: Mapping[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
+    """``delta * factor`` in float32 (one temporary model copy: memory stays O(model)); FedBuff's staleness discount."""
+    return {k: v * np.float32(factor) for k, v in delta.items()}
 
 
 class WeightedSum:

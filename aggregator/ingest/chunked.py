@@ -16,6 +16,7 @@ previous version's chunks are cleared once the new version is out.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -131,7 +132,9 @@ async def publish_global(conn: Connection, topics: Topics, version: int, payload
     if len(payload) <= max_message_bytes:
         await conn.publish(topics.global_model, payload, retain=True)
         return
-    manifest = Manifest.of(payload, fleet=topics.fleet, kind="global", chunk_size=max_message_bytes, model_version=version)
+    # hashing every chunk and the whole of a large model takes long: off the event loop
+    manifest = await asyncio.to_thread(Manifest.of, payload, fleet=topics.fleet, kind="global", chunk_size=max_message_bytes,
+                                       model_version=version)
     await send_chunked(conn, topics, manifest, payload, topic=topics.global_model, retain=True)
     log.info("published global model v%d in %d chunks of %d bytes", version, manifest.count, manifest.chunk_size)
     if version > 0:

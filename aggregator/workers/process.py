@@ -3,17 +3,17 @@
 Each worker has its own MQTT connection (persistent session, client id ``<aggregator>-w<i>``, so
 a respawned worker drains what the broker queued for it) subscribed to the fleet's updates as a
 shared subscription: the broker hands every update to one worker of the group. A worker runs
-the aggregator's own update path (``Endpoint._dispatch`` -> ``aggregator.ingest.Ingest``):
+the aggregator's own ingest (``LocalIngest`` over ``aggregator.ingest.pipeline.Ingest``):
 validate, admit in the shared store, spool, decode, fold into its partial sum, receipt. It never
-imports torch (~40 MiB, not ~260).
+imports torch (~40 MiB, not ~260), and its store runs on a thread of its own, as the coordinator's.
 
 Control pipe (``fedge_contract.frames`` on stdin/stdout), coordinator -> worker:
   ``setup`` {index, epoch, config, spec, log} (first frame), ``open`` {round, base_version,
   target, deadline}, ``close`` {round}, ``stop``;
 worker -> coordinator:
-  ``ready`` (connected and subscribed), ``accepted`` {round, update_id, client}, ``receipt``
-  {status, reason, nbytes} (the coordinator's counters and metrics), ``partial`` {round, sum,
-  update_ids, norms, clipped} (the answer to ``close``).
+  ``ready`` (connected and subscribed), ``accepted`` {round, update_id, client, base_version},
+  ``receipt`` {status, reason, nbytes} (the coordinator's counters and metrics), ``partial``
+  {round, sum, update_ids, norms, clipped} (the answer to ``close``).
 Updates are read only while a round is open: between ``close`` and the next ``open`` they wait
 in the connection's queue, as they do in a single aggregator while it aggregates. End of file
 on stdin (the coordinator exited or was killed) stops the worker after the update in hand.
@@ -25,24 +25,27 @@ import asyncio
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
 
+from aggregator.aggregation.defence import Defence
 from aggregator.config import AggregatorConfig
-from aggregator.defence import Defence
 from aggregator.errors import Superseded
-from aggregator.ingest import Admission, Ingest, LedgerAdmission, limits_for
-from aggregator.service import Endpoint
-from aggregator.store import Store
-from fedge_contract import ReceiptStatus, Topics, Update
-from fedge_contract.aio import cancel_and_wait
+from aggregator.ingest.pipeline import Ingest
+from aggregator.ingest.source import LocalIngest
+from aggregator.ingest.validation import limits_for
+from aggregator.rounds.sync import SyncRound
+from aggregator.store import StoreThread
+from fedge_contract import ReceiptStatus, Topics
+from fedge_contract.aio import First, Second, cancel_and_wait, race
 from fedge_contract.frames import pack_frame, read_frame
 from fedge_contract.mqtt import Connection
 from fedge_contract.tensors import ModelSpec, TensorSpec
 
 log = logging.getLogger("fedge.aggregator.worker")
+
+Frame = dict[str, Any] | None  # a control frame; None: the coordinator went away (end of file)
 
 
 def share_group(fleet: str) -> str:
@@ -54,16 +57,7 @@ def worker_client_id(config: AggregatorConfig, index: int) -> str:
     return f"{config.mqtt_client_id}-w{index}"
 
 
-@dataclass(frozen=True)
-class ShardRound:
-    """The round a worker admits into, as its coordinator announced it."""
-
-    number: int
-    base_version: int
-    target: int
-
-
-class Worker(Endpoint):
+class Worker:
     def __init__(self, setup: dict[str, Any], control: asyncio.StreamReader, out: asyncio.StreamWriter) -> None:
         self.config = AggregatorConfig.from_wire(setup["config"])
         self.index = int(setup["index"])
@@ -73,35 +67,39 @@ class Worker(Endpoint):
         self.log = logging.getLogger(f"fedge.aggregator.w{self.index}")
         self._control_stream = control
         self._out = out
-        self._control: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._control: asyncio.Queue[Frame] = asyncio.Queue()
         self._control_arrived = asyncio.Event()
+        self._held_frames: list[Frame] = []  # a control frame taken off the queue while a message won (handled first)
         self._held: list[aiomqtt.Message] = []  # a message taken off the queue while a control frame won
-        self.round: ShardRound | None = None
+        self.round: SyncRound | None = None
 
     async def run(self) -> None:
-        with Store(self.config.store, fsync=self.config.durability == "disk") as store:
-            self.store = store
-            self.ingest = Ingest(
+        ingest_settings = self.config.ingest
+        async with StoreThread(self.config.store, fsync=ingest_settings.durability == "disk") as db:
+            ingest = Ingest(
                 fleet=self.config.fleet, spec=self.spec, limits=limits_for(self.config, self.spec), defence=Defence(self.config),
-                store=store, send=self._publish_soon, answered=self._answered, log=self.log, loop=asyncio.get_running_loop(),
+                db=db, send=self._publish_soon, answered=self._answered, log=self.log, loop=asyncio.get_running_loop(),
             )
+            self.source = LocalIngest(ingest, db, self.topics, inbox_limit=ingest_settings.inbox_limit,
+                                      chunk_timeout=ingest_settings.chunk_timeout, shard=self.index)
             reader = asyncio.create_task(self._read_control(), name=f"worker-{self.index}-control")
             try:
                 async with Connection(
                     self.config.broker, worker_client_id(self.config, self.index),
                     subscriptions=[self.topics.shared_updates(share_group(self.config.fleet))],
-                    persistent=True, session_expiry=self.config.session_expiry, max_buffered=self.config.inbox_limit,
-                ) as conn:
+                    persistent=True, session_expiry=self.config.session_expiry, max_buffered=ingest_settings.inbox_limit,
+                ) as conn, self._bound(conn):
                     self.conn = conn
-                    try:
-                        if await self._until_connected():
-                            self._send({"kind": "ready"})
-                            self.log.info("worker %d ready (pid %d)", self.index, os.getpid())
-                            await self._serve()
-                    finally:
-                        self.ingest.close()  # no release timer, no receipt after the connection closes
+                    if await self._until_connected():
+                        self._send({"kind": "ready"})
+                        self.log.info("worker %d ready (pid %d)", self.index, os.getpid())
+                        await self._serve()
             finally:
                 await cancel_and_wait([reader])
+
+    def _bound(self, conn: Connection) -> LocalIngest:
+        self.source.bind(conn, self.epoch)
+        return self.source
 
     async def _read_control(self) -> None:
         while True:
@@ -113,32 +111,32 @@ class Worker(Endpoint):
 
     async def _until_connected(self) -> bool:
         """Wait for the broker (False: the coordinator said stop, or went away, first)."""
-        connected = asyncio.create_task(self.conn.connected.wait())
-        stopped = asyncio.create_task(self._control_arrived.wait())
-        try:
-            await asyncio.wait({connected, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            await cancel_and_wait([t for t in (connected, stopped) if not t.done()])
-        return connected.done() and not connected.cancelled()
+        outcome = await race(self.conn.connected.wait(), self._control_arrived.wait())
+        return isinstance(outcome, First)
 
     async def _serve(self) -> None:
         while True:
             event = await self._next()
             if isinstance(event, aiomqtt.Message):
                 assert self.round is not None
-                await self._dispatch(event, self.round)  # type: ignore[arg-type]
+                outcome = await self.source.handle(event, self.round)
+                for accepted in outcome.accepted:
+                    self._send({"kind": "accepted", "round": self.round.number, "update_id": accepted.update_id,
+                                "client": accepted.client_id, "base_version": accepted.base_version})
                 continue
             kind = event.get("kind") if event else "stop"
-            if kind == "open":
-                self.round = ShardRound(int(event["round"]), int(event["base_version"]), int(event["target"]))  # type: ignore[index]
-            elif kind == "close":
-                await self._close(int(event["round"]))  # type: ignore[index]
+            if event is not None and kind == "open":
+                self.round = SyncRound.admitting(int(event["round"]), int(event["base_version"]), int(event["target"]))
+            elif event is not None and kind == "close":
+                await self._close(int(event["round"]))
             elif kind == "stop":
                 self.log.info("worker %d stopping", self.index)
                 return
 
-    async def _next(self) -> dict[str, Any] | aiomqtt.Message | None:
+    async def _next(self) -> Frame | aiomqtt.Message:
         """The next control frame (first) or, while a round is open, the next update."""
+        if self._held_frames:
+            return self._held_frames.pop(0)
         if not self._control.empty():
             return self._control.get_nowait()
         if self.round is None:
@@ -147,37 +145,31 @@ class Worker(Endpoint):
             return self._held.pop()
         if not self.conn.messages.empty():
             return self.conn.messages.get_nowait()
-        control = asyncio.create_task(self._control.get())
-        message = asyncio.create_task(self.conn.messages.get())
-        try:
-            await asyncio.wait({control, message}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            await cancel_and_wait([t for t in (control, message) if not t.done()])
-        got_message = message.done() and not message.cancelled()
-        if control.done() and not control.cancelled():
-            if got_message:
-                self._held.append(message.result())
-            return control.result()
-        return message.result()
+        outcome = await race(self._control.get(), self.conn.messages.get(), spare=self._keep)
+        return outcome.value
+
+    def _keep(self, lost: First[Frame] | Second[aiomqtt.Message]) -> None:
+        """A message that arrived in the same step as the control frame that won: handled next."""
+        if isinstance(lost, Second):
+            self._held.append(lost.value)
+        else:
+            self._held_frames.append(lost.value)
 
     async def _close(self, number: int) -> None:
         if self.round is None or self.round.number != number:
             self.log.warning("close of round %d, which this worker does not have open", number)
-        await self.ingest.drain()
+        ingest = self.source.ingest
+        await ingest.drain()
         await self.conn.flush()  # every receipt is out before the coordinator publishes the next model
-        partial = {"kind": "partial", "round": number, **self.ingest.partial()}
+        partial = {"kind": "partial", "round": number, **ingest.partial()}
         self._send(partial)
         await self._out.drain()
         self.log.info("round %d: sent the partial sum of %d updates", number, len(partial["update_ids"]))
         self.round = None
-        self.ingest.reset()
+        ingest.reset()
 
-    # ------------------------------------------------------------------ Endpoint
-    def _admission(self, rnd: Any) -> Admission:
-        return LedgerAdmission(self.store, rnd.number, rnd.base_version, rnd.target, shard=self.index, epoch=self.epoch)
-
-    async def _on_accepted(self, rnd: Any, update: Update) -> None:
-        self._send({"kind": "accepted", "round": rnd.number, "update_id": update.update_id, "client": update.client_id})
+    def _publish_soon(self, topic: str, payload: bytes) -> None:
+        self.conn.publish_soon(topic, payload)
 
     def _answered(self, status: ReceiptStatus, reason: str, nbytes: int) -> None:
         self._send({"kind": "receipt", "status": status.value, "reason": reason, "nbytes": nbytes})

@@ -1,6 +1,6 @@
 """The coordinator's ingest worker processes: start, talk to, restart and stop them.
 
-``WorkerPool`` is an async context manager: entering starts N ``python -m aggregator.worker``
+``WorkerPool`` is an async context manager: entering starts N ``python -m aggregator.workers.process``
 children, each with its setup frame on stdin; leaving asks them to stop, then kills whatever is
 still running and waits for it, however the block exits (cancellation included). Every frame a
 worker writes, and its exit, arrive as ``WorkerEvent``s on one queue that the coordinator's round
@@ -109,7 +109,7 @@ class WorkerPool:
 
     async def _spawn(self, index: int) -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "aggregator.worker", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_child_env(),
+            sys.executable, "-m", "aggregator.workers.process", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_child_env(),
         )
         self._procs[index] = proc
         log.info("ingest worker %d started (pid %d)", index, proc.pid)

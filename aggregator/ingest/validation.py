@@ -9,7 +9,7 @@ the round's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from aggregator.errors import Rejection
 from fedge_contract import DecodeError, ReceiptStatus, Update
 from fedge_contract.codecs import decode_weights
 from fedge_contract.tensors import ModelSpec
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,12 @@ class UpdateLimits:
     def for_model(cls, spec: ModelSpec, max_bytes: int | None = None, **limits: Any) -> UpdateLimits:
         """By default allow an uncompressed float32 delta plus generous framing."""
         return cls(max_bytes=max_bytes or (spec.nbytes * 5 // 4 + 64 * 1024), **limits)
+
+
+def limits_for(config: AggregatorConfig, spec: ModelSpec) -> UpdateLimits:
+    """The validation limits of an aggregator's config (the same in the aggregator and its workers)."""
+    return UpdateLimits.for_model(spec, config.ingest.max_update_bytes, max_num_samples=config.defence.max_num_samples,
+                                  allowed_clients=config.defence.allowed_clients)
 
 
 def parse_update(payload: bytes, *, topic_client: str, fleet: str, limits: UpdateLimits) -> Update:

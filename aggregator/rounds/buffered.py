@@ -1,4 +1,4 @@
-"""Asynchronous (FedBuff) rounds as pure logic: staleness, admission, the buffer.
+"""Asynchronous (FedBuff) rounds: every rule of this mode, as pure logic.
 
 Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation" (AISTATS 2022). Agents
 train whenever they can on the newest model they hold; the aggregator keeps one buffer and
@@ -18,6 +18,8 @@ publishes a new model version every ``buffer_size`` accepted updates.
   function. Normalising by ``sum n_k f(s_k)`` instead would cancel the discount whenever all
   updates in a buffer are equally stale. ``s`` is fixed at acceptance: the version only moves
   when the buffer is flushed.
+- Admission is decided in this process, in memory (the buffer's staleness window), and spooled to
+  the store in the same step; async mode therefore runs without ingest workers.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Any
 
 from aggregator.errors import Rejection
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction
+from aggregator.store import Store, StoreAccess, call
 from fedge_contract import ReceiptStatus, Update
 
 StalenessFn = Callable[[int], float]
@@ -50,15 +53,9 @@ def staleness_function(name: str) -> StalenessFn:
     raise ValueError(f"unknown staleness function {name!r}: use sqrt, constant or poly:<exponent >= 0>")
 
 
-def scaled(delta: Mapping[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
-    """``delta * factor`` in float32 (one temporary model copy: memory stays O(model))."""
-    return {k: v * np.float32(factor) for k, v in delta.items()}
-
-
 @dataclass(frozen=True)
 class BufferPlan:
     target: int  # buffer_size: updates that trigger a new version
-    min_updates: int
     max_staleness: int
 
     def __post_init__(self) -> None:
@@ -67,7 +64,7 @@ class BufferPlan:
 
 
 @dataclass
-class AsyncBuffer:
+class Buffer:
     """The open buffer on top of version ``base_version``; it produces version ``number``."""
 
     base_version: int
@@ -77,7 +74,6 @@ class AsyncBuffer:
     update_ids: set[str] = field(default_factory=set)  # accepted into this buffer
     staleness_sum: int = 0
     staleness_max: int = 0
-    deadline: None = None  # async mode has none: the buffer waits for its updates
 
     @property
     def number(self) -> int:
@@ -88,7 +84,19 @@ class AsyncBuffer:
         return len(self.update_ids)
 
     @property
-    def full(self) -> bool:
+    def target(self) -> int:
+        return self.plan.target
+
+    @property
+    def min_updates(self) -> int:
+        return self.plan.target
+
+    @property
+    def deadline(self) -> None:
+        return None  # the buffer waits for its updates
+
+    @property
+    def complete(self) -> bool:
         return self.accepted >= self.plan.target
 
     def admit(self, update: Update, seen_before: Callable[[str], bool]) -> float:
@@ -107,21 +115,87 @@ class AsyncBuffer:
             raise Rejection(ReceiptStatus.DUPLICATE, f"client {update.client_id} already contributed an update trained on v{update.base_version}")
         return self.staleness(s)
 
-    def record(self, client_id: str, update_id: str, base_version: int) -> None:
-        self.contributed.add((client_id, base_version))
-        self.update_ids.add(update_id)
-        s = self.base_version - base_version
+    def admission(self, store: Store, *, shard: int | None = None, epoch: int | None = None) -> Admission:
+        if shard is not None:
+            raise ValueError("async mode admits in memory, in one process: it runs without ingest workers")
+        return BufferAdmission(store, self)
+
+    def factor(self, update: Accepted) -> float:
+        return self.staleness(self.base_version - update.base_version)
+
+    def record(self, accepted: Accepted) -> None:
+        self.contributed.add((accepted.client_id, accepted.base_version))
+        self.update_ids.add(accepted.update_id)
+        s = self.base_version - accepted.base_version
         self.staleness_sum += s
         self.staleness_max = max(self.staleness_max, s)
 
-    def next(self) -> AsyncBuffer:
+    def at_deadline(self, now: float) -> DeadlineAction:
+        raise AssertionError("a FedBuff buffer has no deadline")
+
+    def extend_to(self, until: float) -> None:
+        """A buffer has no deadline: it waits for its updates however long they take."""
+
+    def metrics(self) -> dict[str, float]:
+        return {"staleness_mean": self.staleness_sum / max(self.accepted, 1), "staleness_max": float(self.staleness_max)}
+
+    def next(self) -> Buffer:
         """The empty buffer on top of the version this one produced; the dedupe window slides."""
-        oldest = self.number - self.plan.max_staleness
-        kept = {(c, v) for c, v in self.contributed if v >= oldest}
-        return AsyncBuffer(self.number, self.plan, self.staleness, kept)
+        return open_buffer(self.number, self.plan, self.staleness, self.contributed)
 
 
-def open_buffer(version: int, plan: BufferPlan, staleness: StalenessFn, contributed: Iterable[tuple[str, int]] = ()) -> AsyncBuffer:
-    """A buffer on ``version``; ``contributed`` restores the dedupe window after a restart."""
+def open_buffer(version: int, plan: BufferPlan, staleness: StalenessFn, contributed: Iterable[tuple[str, int]] = ()) -> Buffer:
+    """A buffer on ``version``; ``contributed`` restores the dedupe window (after a restart, or from the previous buffer)."""
     oldest = version - plan.max_staleness
-    return AsyncBuffer(version, plan, staleness, {(c, v) for c, v in contributed if v >= oldest})
+    return Buffer(version, plan, staleness, {(c, v) for c, v in contributed if v >= oldest})
+
+
+@dataclass(frozen=True)
+class BufferAdmission:
+    """Async mode admits in memory (the buffer's staleness window) and spools to the store in the same step."""
+
+    store: Store
+    buffer: Buffer
+
+    @property
+    def number(self) -> int:
+        return self.buffer.number
+
+    @property
+    def base_version(self) -> int:
+        return self.buffer.base_version
+
+    def precheck(self, update: Update) -> None:
+        self.buffer.admit(update, self.store.is_accepted)
+
+    def commit(self, update: Update, payload: bytes) -> float:
+        factor = self.buffer.admit(update, self.store.is_accepted)
+        self.store.spool(
+            update_id=update.update_id, client_id=update.client_id, round_no=self.buffer.number,
+            base_version=update.base_version, num_samples=update.num_samples, payload=payload,
+        )
+        return factor
+
+
+class BufferedPolicy:
+    """FedBuff: a new version every ``buffer_size`` accepted updates, staleness-weighted."""
+
+    mode = "async"
+
+    def __init__(self, plan: BufferPlan, staleness: str) -> None:
+        self.plan = plan
+        self.staleness = staleness_function(staleness)
+        self._last: Buffer | None = None  # the buffer opened last: the next one slides its dedupe window
+
+    def task_extra(self) -> Mapping[str, Any]:
+        return {"mode": "async", "max_staleness": self.plan.max_staleness}
+
+    async def open(self, version: int, now: float, db: StoreAccess) -> Buffer:
+        last = self._last
+        if last is not None and last.number == version:
+            buffer = last.next()
+        else:  # the first buffer of this run: the dedupe window from the store
+            contributed = await call(db, Store.contributions, version - self.plan.max_staleness)
+            buffer = open_buffer(version, self.plan, self.staleness, contributed)
+        self._last = buffer
+        return buffer

@@ -15,15 +15,25 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from aggregator.httpserver import HttpServer, Route
+from aggregator.observability.httpserver import HttpServer, Route
 
 log = logging.getLogger("fedge.aggregator.metrics")
 
 ROUND_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
+
+
+class _Gauge(Collector):
+    """A gauge read at scrape time from a callable (a value another part of the program keeps)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.name, self.documentation, value=self.read())
 
 
 class _Published(Collector):
@@ -58,11 +68,19 @@ class AggregatorMetrics:
         self.loss = Gauge("fedge_eval_loss", "Held-out loss of the latest model (if evaluated)", registry=r)
         self._published = _Published(lambda: 0)
         r.register(self._published)
+        self._stall = _Gauge("fedge_event_loop_longest_stall_seconds",
+                             "Longest time the aggregator's event loop was kept from running (keepalives and receipts wait meanwhile)",
+                             lambda: 0.0)
+        r.register(self._stall)
         self._opened: float | None = None
 
     def watch_published(self, read: Callable[[], int]) -> None:
         """Report ``read()`` as the bytes published (the current connection's count)."""
         self._published.read = read
+
+    def watch_stall(self, read: Callable[[], float]) -> None:
+        """Report ``read()`` as the event loop's longest stall (fedge_runtime.loop_stall)."""
+        self._stall.read = read
 
     def receipt(self, status: str, reason: str, nbytes: int) -> None:
         self.updates.labels(status=status, reason=reason.split(":", 1)[0]).inc()
@@ -101,5 +119,8 @@ class MetricsServer(HttpServer):
     """``GET /metrics`` over HTTP/1.0 on ``host:port`` (port 0: a free one, see ``.port``) while the block runs."""
 
     def __init__(self, render: Callable[[], bytes], host: str = "127.0.0.1", port: int = 0, *, path: str = "/metrics") -> None:
-        super().__init__({path: Route(CONTENT_TYPE_LATEST, render)}, host, port, name="metrics")
+        async def exposition() -> bytes:
+            return render()  # in-memory counters: rendering takes microseconds
+
+        super().__init__({path: Route(CONTENT_TYPE_LATEST, exposition)}, host, port, name="metrics")
         self.path = path

@@ -1,20 +1,23 @@
 """One update, from untrusted bytes to its receipt: validate, admit, spool, fold, answer.
 
-The aggregator's own connection (``--workers 0``) and each ingest worker (aggregator/worker.py)
-run this same path, so the rules and the order of effects cannot drift apart:
+The aggregator's own connection (``--workers 0``, ingest/source.py) and each ingest worker
+(aggregator/workers/) run this same path, so the rules and the order of effects cannot drift apart:
 
 1. ``parse_update``: size, strict decode, fleet, sender identity (aggregator/validation.py);
-2. ``Admission.precheck``: a cheap early refusal (duplicate, stale, round full) before any
+2. ``Admission.precheck`` (the round's rules: aggregator/rounds/): a cheap early refusal (duplicate, stale, round full) before any
    tensor is decoded;
 3. ``decode_delta`` and the defences (norm bound, weight cap);
 4. ``Admission.commit``: admit and spool in one store transaction, which is what makes dedupe
    and the round's target hold across worker processes (the precheck may have raced);
 5. fold into this process's partial sum and queue the receipt.
 
+Every store call runs on the store's thread (aggregator/store/thread.py): the admission's
+precheck and commit are awaited, so the loop never waits on SQLite or the disk.
+
 Group commit: the store's hot-path writes are deferred (atomic, not yet fsync'd), and receipts
-wait in order until ``release``, which makes the store durable with one ``Store.sync_soon`` (its
-fdatasyncs run on the store's sync thread while this loop decodes the next updates) and, once
-that completes, hands them to the connection's background publisher. A release happens RELEASE_AFTER seconds
+wait in order until ``release``, which records them and makes the store durable with one
+``Store.sync_soon`` (its fdatasyncs run on the store's sync thread while this loop decodes the
+next updates) and, once that completes, hands them to the connection's background publisher. A release happens RELEASE_AFTER seconds
 after the first receipt was queued (a loop timer), or at once when RELEASE_EVERY are waiting:
 a commit delay, as in PostgreSQL's ``commit_delay``. "Release when the inbox is empty" does not
 work here: the broker sends an aggregator one update at a time (Receive Maximum 1, see
@@ -22,10 +25,11 @@ fedge_contract.mqtt), so its inbox is empty after nearly every update, and that 
 fsync per update (0.4-0.5 ms each here, as much as decoding a 100k-parameter update). A lone
 update waits at most RELEASE_AFTER for its receipt; rounds last seconds to minutes.
 No receipt, not even a rejection's, leaves before the writes in front of it are durable: a
-"duplicate" must never announce an acceptance that a power cut could still undo. A sync that
-fails (an fdatasync error) ends receipting for good: after such an error the kernel may report
-later syncs as successful without the data, so the process stops (the next ``handle`` or
-``drain`` raises) and restarts from what its store holds.
+"duplicate" must never announce an acceptance that a power cut could still undo. Anything
+that fails there (an fdatasync error, a receipt row the full disk refused) ends receipting for
+good: after a failed fsync the kernel may report later syncs as successful without the data, so
+the process stops (``on_failure`` is told at once, and the next ``handle`` or ``drain`` raises)
+and restarts from what its store holds.
 
 Every update gets exactly one receipt; ``answered`` counts it (the aggregator's counters and
 Prometheus metrics, or a worker's report to its coordinator).
@@ -35,20 +39,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from aggregator.async_rounds import scaled
-from aggregator.defence import Collector, Defence, Mergeable
+from aggregator.aggregation.defence import Checked, Collector, Defence, Mergeable
+from aggregator.aggregation.fold import scaled
 from aggregator.errors import LedgerMismatch, Rejection
-from aggregator.rounds import Standing, check_admission
-from aggregator.store import ReceiptRow, SpooledUpdate, Store
-from aggregator.validation import UpdateLimits, decode_delta, parse_update
+from aggregator.ingest.validation import UpdateLimits, decode_delta, parse_update
+from aggregator.rounds.policy import Admission
+from aggregator.store import ReceiptRow, SpooledUpdate, Store, StoreAccess, call, run
 from fedge_contract import Receipt, ReceiptStatus, Topics, Update
 from fedge_contract.tensors import ModelSpec
 
@@ -57,74 +61,50 @@ Answered = Callable[[ReceiptStatus, str, int], None]
 
 RELEASE_EVERY = 64  # receipts: release at once when this many wait
 RELEASE_AFTER = 0.01  # seconds: otherwise this long after the first one was queued
+OFF_LOOP_BYTES = 16 * 1024 * 1024  # a model this large (4M float32 parameters) is decoded and folded off the loop
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-class Admission(Protocol):
-    """The round an update is offered to, and how it decides and persists admission."""
+def _record_and_sync(store: Store, rows: list[ReceiptRow], durable: concurrent.futures.Future[None]) -> None:
+    """On the store's thread: record a batch of receipts, then complete ``durable`` once the store's sync did."""
+    try:
+        store.record_receipts(rows)
+        synced = store.sync_soon()
+    except BaseException as exc:
+        durable.set_exception(exc)
+        return
 
-    @property
-    def number(self) -> int: ...
+    def settle(done: concurrent.futures.Future[None]) -> None:
+        error = done.exception() if not done.cancelled() else concurrent.futures.CancelledError()
+        if error is None:
+            durable.set_result(None)
+        else:
+            durable.set_exception(error)
 
-    @property
-    def base_version(self) -> int: ...
-
-    def precheck(self, update: Update) -> None:
-        """Raise a Rejection if the update is already known to be refused (may be out of date)."""
-
-    def commit(self, update: Update, payload: bytes) -> float:
-        """Admit and spool atomically, or raise a Rejection; returns the update's weight factor."""
-
-
-@dataclass(frozen=True)
-class LedgerAdmission:
-    """Synchronous rounds: the store's ``accepted`` table is the ledger every ingest process shares."""
-
-    store: Store
-    number: int
-    base_version: int
-    target: int
-    shard: int | None = None  # the worker admitting (None: the aggregator itself)
-    epoch: int | None = None  # fences out the workers of an aggregator that was replaced
-
-    def _rules(self, update: Update) -> Callable[[Standing], None]:
-        def check(standing: Standing) -> None:
-            check_admission(update, number=self.number, base_version=self.base_version, target=self.target, standing=standing)
-
-        return check
-
-    def precheck(self, update: Update) -> None:
-        self._rules(update)(self.store.standing(self.number, update.update_id, update.client_id))
-
-    def commit(self, update: Update, payload: bytes) -> float:
-        self.store.admit(
-            update_id=update.update_id, client_id=update.client_id, round_no=self.number, base_version=update.base_version,
-            num_samples=update.num_samples, payload=payload, check=self._rules(update), shard=self.shard, epoch=self.epoch,
-        )
-        return 1.0
-
-
-def limits_for(config: Any, spec: ModelSpec) -> UpdateLimits:
-    """The validation limits of an AggregatorConfig (the same in the aggregator and its workers)."""
-    return UpdateLimits.for_model(spec, config.max_update_bytes, max_num_samples=config.max_num_samples, allowed_clients=config.allow_clients)
+    synced.add_done_callback(settle)
 
 
 class Ingest:
     """The per-update path and this process's partial sum of the open round."""
 
     def __init__(
-        self, *, fleet: str, spec: ModelSpec, limits: UpdateLimits, defence: Defence, store: Store,
+        self, *, fleet: str, spec: ModelSpec, limits: UpdateLimits, defence: Defence, db: StoreAccess,
         send: Send, answered: Answered, log: logging.Logger, loop: asyncio.AbstractEventLoop | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.fleet = fleet
         self.topics = Topics(fleet)
         self.spec = spec
         self.limits = limits
         self.defence = defence
-        self.store = store
+        self.db = db
         self.send = send
         self.answered = answered
         self.log = log
         self.loop = loop  # runs the release timer; None: the caller releases (tests, tools)
+        self.on_failure = on_failure  # told once when receipting stops for good (the owner stops)
         self.collector: Collector = defence.collector(spec)
         self.folded: set[str] = set()  # update ids in ``collector``
         self._unsent: list[tuple[ReceiptRow, str, bytes]] = []  # receipts (row, topic, payload) waiting for the store's next sync
@@ -137,23 +117,38 @@ class Ingest:
         self.collector = self.defence.collector(self.spec)
         self.folded = set()
 
-    def handle(self, client: str, payload: bytes, admission: Admission) -> Update | None:
+    async def handle(self, client: str, payload: bytes, admission: Admission) -> Update | None:
         """Answer one update; the Update if it was accepted (spooled, folded, its receipt queued)."""
         self._raise_if_failed()
         update: Update | None = None
         try:
             update = parse_update(payload, topic_client=client, fleet=self.fleet, limits=self.limits)
-            admission.precheck(update)
-            checked = self.defence.assess(decode_delta(update, self.spec), update.num_samples)
-            factor = admission.commit(update, payload)
+            await run(self.db, admission.precheck, update)
+            checked = await self._whole_model(self._assess, update)
+            factor = await run(self.db, admission.commit, update, payload)
         except Rejection as rejection:
             update_id = update.update_id if update else Update.peek_update_id(payload, self.limits.max_bytes)
             self.receipt(client, update_id, rejection.status, rejection.reason, admission, len(payload))
             return None
         self.defence.record(checked)
-        self._fold(update.update_id, checked.delta, checked.weight, factor)
+        await self._whole_model(self._fold, update.update_id, checked.delta, checked.weight, factor)
         self.receipt(client, update.update_id, ReceiptStatus.ACCEPTED, "", admission, len(payload))
         return update
+
+    def _assess(self, update: Update) -> Checked:
+        return self.defence.assess(decode_delta(update, self.spec), update.num_samples)
+
+    async def _whole_model(self, step: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """A step that touches every parameter (decoding, folding): on a worker thread for large models.
+
+        A 25M-parameter update took ~1.5 s to decode and fold here, all of it on the event loop;
+        numpy releases the GIL, so on a thread the loop serves the connection meanwhile. Below
+        OFF_LOOP_BYTES the thread hop (~30 us) costs more than it saves. One update at a time
+        either way: nothing else touches the partial sum meanwhile.
+        """
+        if self.spec.nbytes < OFF_LOOP_BYTES:
+            return step(*args, **kwargs)
+        return await asyncio.to_thread(step, *args, **kwargs)
 
     def receipt(self, client: str, update_id: str | None, status: ReceiptStatus, reason: str, admission: Admission, nbytes: int) -> None:
         """Record and queue one receipt (``release`` sends it)."""
@@ -183,26 +178,32 @@ class Ingest:
         With a loop, the store syncs on its thread and the receipts go out from the loop when it
         is done (``drain`` waits for that); without one (tests, tools), before this returns.
         Synchronous, so the timer can call it between two steps of the task that owns this
-        Ingest: no store transaction spans an ``await``.
+        Ingest; its store work queues behind theirs on the store's thread (one transaction at a time).
         """
         self._disarm()
         self._raise_if_failed()
         if not self._unsent:
             return 0
         unsent, self._unsent = self._unsent, []
-        self.store.record_receipts([row for row, _, _ in unsent])
+        rows = [row for row, _, _ in unsent]
         messages = [(topic, payload) for _, topic, payload in unsent]
         if self.loop is None:
-            self.store.sync()
+            self.db.submit(self.db.store.record_receipts, rows).result()
+            self.db.submit(self.db.store.sync).result()
             for topic, payload in messages:
                 self.send(topic, payload)
             return len(messages)
+        # From the timer, an exception would only be logged: whatever fails, now or on the store's
+        # thread, reaches _send_durable through ``durable`` and stops the ingest instead.
+        synced: concurrent.futures.Future[None] = concurrent.futures.Future()
         try:
-            syncing = self.store.sync_soon()
-        except OSError as exc:  # from the timer, an exception would only be logged: make it stop the ingest instead
-            self._fail(exc)
+            self.db.submit(_record_and_sync, self.db.store, rows, synced)
+        except BaseException as exc:
+            synced.set_exception(exc)
+        if synced.done() and synced.exception() is not None:  # it could not even start (InlineStore: at once)
+            self._fail(synced.exception())  # type: ignore[arg-type]
             return 0
-        durable = asyncio.wrap_future(syncing, loop=self.loop)
+        durable = asyncio.wrap_future(synced, loop=self.loop)
         self._syncing.append((durable, messages))
         durable.add_done_callback(self._send_durable)
         return len(messages)
@@ -221,7 +222,10 @@ class Ingest:
     def _fail(self, failure: BaseException) -> None:
         self._failure = failure
         self._syncing.clear()
-        self.log.critical("the store could not be made durable (%r): no receipt will be sent; stopping", failure)
+        self.log.critical("the store could not record or make durable a batch of receipts (%r): no receipt will be sent; stopping",
+                          failure)
+        if self.on_failure is not None:
+            self.on_failure(failure)
 
     async def drain(self) -> None:
         """``release``, then wait until every receipt released so far has been handed to ``send``."""
@@ -291,9 +295,9 @@ class Ingest:
             raise TypeError(f"{type(self.collector).__name__} cannot be split across ingest workers")
         return self.collector  # type: ignore[return-value]
 
-    def check_ledger(self, round_no: int) -> None:
+    async def check_ledger(self, round_no: int) -> None:
         """The updates folded are exactly those the store accepted into ``round_no``: fail loudly otherwise."""
-        accepted = set(self.store.accepted_ids(round_no))
+        accepted = set(await call(self.db, Store.accepted_ids, round_no))
         if accepted != self.folded:
             missing, extra = sorted(accepted - self.folded), sorted(self.folded - accepted)
             raise LedgerMismatch(

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from aggregator.strategies.fedavg import FedAvg
-from aggregator.strategies.fedavgm import FedAvgM
-from aggregator.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
+from aggregator.aggregation.strategies.fedavg import FedAvg
+from aggregator.aggregation.strategies.fedavgm import FedAvgM
+from aggregator.aggregation.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 
 
 class Strategy(Protocol):
@@ -38,13 +38,18 @@ class Strategy(Protocol):
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Server optimiser hyper-parameters; each strategy reads the ones it uses."""
+    """The server optimiser and its hyper-parameters; each strategy reads the ones it uses.
 
-    server_lr: float | None = None  # None: the strategy's default (1.0 for FedAvg/FedAvgM, 0.01 adaptive)
-    momentum: float = 0.9  # FedAvgM
-    beta1: float = 0.9  # FedAdam/FedYogi/FedAdagrad first moment
-    beta2: float = 0.99  # FedAdam/FedYogi second moment
-    tau: float = 1e-3  # adaptivity: added to sqrt(v), and v starts at tau**2
+    The metadata are the aggregator's flags (aggregator/config.py: the ``[strategy]`` settings).
+    """
+
+    name: str = field(default="fedavg", metadata={"flag": "--strategy", "help": "server aggregation strategy"})
+    server_lr: float | None = field(default=None, metadata={  # None: the strategy's default
+        "help": "server learning rate (default 1.0 fedavg/fedavgm, 0.01 adaptive)"})
+    momentum: float = field(default=0.9, metadata={"flag": "--server-momentum", "help": "FedAvgM momentum"})
+    beta1: float = field(default=0.9, metadata={"help": "FedAdam/FedYogi/FedAdagrad first-moment decay"})
+    beta2: float = field(default=0.99, metadata={"help": "FedAdam/FedYogi second-moment decay"})
+    tau: float = field(default=1e-3, metadata={"help": "adaptivity of the adaptive optimisers (added to sqrt(v); v starts at tau**2)"})
 
     def __post_init__(self) -> None:
         if self.server_lr is not None and not (self.server_lr > 0 and math.isfinite(self.server_lr)):
@@ -60,6 +65,7 @@ STRATEGIES: dict[str, type[FedAvg | FedAvgM | FedAdam | FedYogi | FedAdagrad]] =
 
 
 def make_strategy(name: str, config: StrategyConfig | None = None) -> Strategy:
+    """The strategy ``name``, with the hyper-parameters of ``config`` (whose own ``name`` is not read)."""
     if name not in STRATEGIES:
         hint = " (FedProx is agent-side: use strategy fedavg with --mu)" if name == "fedprox" else ""
         raise ValueError(f"unknown strategy {name!r}{hint} (known: {', '.join(STRATEGIES)})")

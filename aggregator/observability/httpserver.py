@@ -3,7 +3,8 @@
 A handful of ``GET``/``HEAD`` routes, each rendering bytes from the aggregator's in-memory state,
 served from an ``asyncio`` server owned by an async context manager: no thread outlives the
 aggregator, and every handler runs on the aggregator's event loop, so a route reads the state
-between two messages, never half-way through one. HTTP/1.0, one request per connection: the
+between two messages, never half-way through one. A route renders with a coroutine: what it
+reads from disk (the store's history) it awaits from the store's thread, never on the loop. HTTP/1.0, one request per connection: the
 clients are Prometheus scrapers and a browser polling once a second.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -26,7 +27,7 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}
 @dataclass(frozen=True)
 class Route:
     content_type: str
-    render: Callable[[], bytes]
+    render: Callable[[], Awaitable[bytes]]
 
 
 class HttpServer:
@@ -73,7 +74,7 @@ class HttpServer:
             elif route is None:
                 self._respond(writer, 404, f"not found: try {', '.join(sorted(self.routes))}\n".encode(), "text/plain")
             else:
-                body = route.render()
+                body = await route.render()
                 self._respond(writer, 200, b"" if method == b"HEAD" else body, route.content_type, length=len(body))
             await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):

@@ -20,7 +20,7 @@ with ``synchronous=FULL`` after this instance's pending segment bytes were fdata
 checkpoint never lands without the spool of its round. The per-update writes are *deferred*:
 ``spool``/``admit`` append the payload with a plain write (no fsync) and commit the row with
 ``synchronous=NORMAL`` (atomic, survives a process crash, not an OS crash or power cut), and
-``record_receipt`` commits the same way. ``sync()`` makes every deferred write of this instance
+``record_receipts`` commits the same way. ``sync()`` makes every deferred write of this instance
 durable: fdatasync each segment written since the last sync, fsync the spool folder if a segment
 was created, then one tiny commit with ``synchronous=FULL``, which fdatasyncs the whole WAL and
 so every NORMAL commit before it. The contract: **a receipt is published only after sync()
@@ -37,7 +37,7 @@ whose bytes are missing or torn (the kernel may write the WAL back before the se
 update was never receipted, so ``spooled`` verifies length and digest, deletes a row that fails
 (its sender resends it and it is accepted again) and logs a warning: it never returns bad bytes.
 
-With ingest workers (aggregator/worker.py) several processes write here at once, and the store
+With ingest workers (aggregator/workers/) several processes write here at once, and the store
 is their shared admission ledger: ``admit`` decides and records an update in one ``BEGIN
 IMMEDIATE`` transaction (SQLite serialises writers; a busy one waits up to ``BUSY_TIMEOUT``), so
 dedupe and the round's target hold across processes. Each row names the worker (``shard``) that
@@ -53,21 +53,19 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import sqlite3
 import time
-import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 import numpy as np
 
 from aggregator.errors import Superseded
-from aggregator.rounds import Standing
+from aggregator.store.records import Checkpoint, ReceiptRow, SpooledUpdate, Standing
+from aggregator.store.segments import SEGMENT_NAME, Segment, SegmentReader, SyncPlan, Written, digest
 from fedge_contract.messages import pack_weights, unpack_weights
 
 log = logging.getLogger("fedge.aggregator")
@@ -116,66 +114,6 @@ _STANDING = """SELECT
     EXISTS(SELECT 1 FROM accepted WHERE round=:round AND client_id=:client),
     COALESCE((SELECT admitted FROM rounds WHERE round=:round), 0),
     (SELECT value FROM meta WHERE key='epoch')"""
-_SEGMENT_NAME = re.compile(r"r(-?\d+)-(-?\d+|a)-([0-9a-f]+)\.seg")
-
-
-def digest(payload: bytes) -> bytes:
-    """The checksum a spooled payload is verified against when it is read back.
-
-    It guards against torn or missing bytes after an OS crash on our own disk, not against an
-    adversary, so CRC-32 (0.25 ms per MB here) rather than a cryptographic hash (blake2b: 1.1 ms
-    per MB, the largest single cost of spooling a 1 MB update; bench/spool.py).
-    """
-    return zlib.crc32(payload).to_bytes(4, "big")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    version: int
-    fingerprint: str
-    weights: dict[str, np.ndarray]
-    strategy_state: dict[str, np.ndarray]
-
-
-class ReceiptRow(NamedTuple):
-    """A receipt as the ``receipts`` table records it."""
-
-    at: float
-    round: int
-    client_id: str
-    update_id: str | None
-    status: str
-    reason: str
-    bytes: int
-
-
-@dataclass(frozen=True)
-class SpooledUpdate:
-    update_id: str
-    client_id: str
-    num_samples: int
-    payload: bytes
-
-
-@dataclass
-class _Segment:
-    """A segment file this Store instance writes (its only writer): the next append goes at ``offset``."""
-
-    round: int
-    name: str
-    fd: int
-    offset: int
-
-
-@dataclass(frozen=True)
-class _Written:
-    """Where ``_append`` put a payload: the row to commit refers to it."""
-
-    segment: _Segment
-    offset: int
-    nbytes: int
-    digest: bytes
-
 
 class Store:
     def __init__(self, path: Path | str, *, readonly: bool = False, fsync: bool = True) -> None:
@@ -192,8 +130,8 @@ class Store:
         self.spool_dir = self.path.with_name(self.path.name + ".spool")
         self.readonly = readonly
         self._token = secrets.token_hex(8)  # names this instance's segment files
-        self._segments: dict[tuple[int, int | None], _Segment] = {}  # open for appending, by (round, shard)
-        self._unsynced: dict[str, _Segment] = {}  # written since the last sync
+        self._segments: dict[tuple[int, int | None], Segment] = {}  # open for appending, by (round, shard)
+        self._unsynced: dict[str, Segment] = {}  # written since the last sync
         self._new_files = False  # a segment file was created since the last sync (the folder needs an fsync)
         self._new_folder = False  # the spool folder's entry in its parent is not known durable yet (its parent needs an fsync)
         self._folder_ready = False  # this instance made sure the spool folder exists
@@ -264,7 +202,7 @@ class Store:
 
     # -- durability of the deferred writes
     def sync(self) -> None:
-        """Make every deferred write of this instance durable (admit, spool, record_receipt).
+        """Make every deferred write of this instance durable (admit, spool, record_receipts).
 
         Publish a receipt only after this returns. Order: fdatasync each segment written since
         the last sync, fsync the spool folder if a segment was created, then one durable SQLite
@@ -314,10 +252,10 @@ class Store:
     def _files_pending(self) -> bool:
         return bool(self._unsynced or self._new_files or self._new_folder)
 
-    def _take_plan(self, wal: Path | None) -> _SyncPlan:
+    def _take_plan(self, wal: Path | None) -> SyncPlan:
         """What the next sync of the files must cover (segments through duplicated descriptors, which
         the plan closes), now forgotten here: the plan is run here or on the sync thread."""
-        plan = _SyncPlan(
+        plan = SyncPlan(
             files=[os.dup(segment.fd) for segment in self._unsynced.values()],
             folders=[*([self.spool_dir.parent] if self._new_folder else []), *([self.spool_dir] if self._new_files or self._new_folder else [])],
             wal=wal,
@@ -335,7 +273,7 @@ class Store:
                 os.close(segment.fd)
                 del self._segments[key]
 
-    def _append(self, round_no: int, shard: int | None, payload: bytes) -> _Written:
+    def _append(self, round_no: int, shard: int | None, payload: bytes) -> Written:
         """Write ``payload`` at the end of this instance's segment of (round, shard), not yet fsync'd.
 
         The segment's offset is not advanced here: ``_insert_accepted`` does it once a row refers
@@ -349,9 +287,9 @@ class Store:
         while view:
             written = os.pwrite(segment.fd, view, at)
             view, at = view[written:], at + written
-        return _Written(segment, segment.offset, len(payload), checksum)
+        return Written(segment, segment.offset, len(payload), checksum)
 
-    def _open_segment(self, round_no: int, shard: int | None) -> _Segment:
+    def _open_segment(self, round_no: int, shard: int | None) -> Segment:
         if not self._folder_ready:  # created here or by another process that may not have synced it yet
             self.spool_dir.mkdir(mode=0o700, exist_ok=True)
             self._folder_ready = self._new_folder = True
@@ -363,7 +301,7 @@ class Store:
         except FileExistsError:  # ours, closed after a sync and appended to again
             fd = os.open(self.spool_dir / name, os.O_WRONLY | os.O_CLOEXEC)
             offset = os.fstat(fd).st_size
-        segment = self._segments[(round_no, shard)] = _Segment(round_no, name, fd, offset)
+        segment = self._segments[(round_no, shard)] = Segment(round_no, name, fd, offset)
         return segment
 
     def _delete_released_segments(self, also: int | None = None) -> None:
@@ -377,7 +315,7 @@ class Store:
         if also is not None:
             closed.add(also)
         for entry in os.scandir(self.spool_dir):
-            match = _SEGMENT_NAME.fullmatch(entry.name)
+            match = SEGMENT_NAME.fullmatch(entry.name)
             if match and int(match[1]) in closed:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
@@ -444,26 +382,29 @@ class Store:
         self._delete_released_segments(also=round_no)
 
     # -- rounds
-    def open_round(self, round_no: int, base_version: int, deadline: float | None) -> None:
-        """Record that ``round_no`` is open (re-opening after a restart keeps its first opening time).
+    def open_round(self, round_no: int, base_version: int, deadline: float | None) -> bool:
+        """Record that ``round_no`` is open (re-opening after a restart keeps its first opening time);
+        whether it was open before (an aggregator resuming it).
 
         ``admitted`` is recounted here: the triggers keep it from then on, and a store written
         before the column existed, or rows spooled before the round was recorded, count too.
         """
         with self._durable() as db:
+            resumed = db.execute("SELECT 1 FROM rounds WHERE round=?", (round_no,)).fetchone() is not None
             db.execute(
                 "INSERT INTO rounds (round, base_version, opened, deadline) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(round) DO UPDATE SET deadline=excluded.deadline, closing=0",
                 (round_no, base_version, time.time(), deadline),
             )
             db.execute("UPDATE rounds SET admitted=(SELECT COUNT(*) FROM accepted WHERE round=?) WHERE round=?", (round_no, round_no))
+        return resumed
 
     def mark_closing(self, round_no: int) -> None:
         """No admission into ``round_no`` after this commits (its partial sums are being merged)."""
         with self._durable() as db:
             db.execute("UPDATE rounds SET closing=1 WHERE round=?", (round_no,))
 
-    def extend_round(self, round_no: int, deadline: float) -> None:
+    def extend_round(self, round_no: int, deadline: float | None) -> None:
         with self._durable() as db:
             db.execute("UPDATE rounds SET deadline=?, extensions=extensions+1 WHERE round=?", (deadline, round_no))
 
@@ -530,7 +471,7 @@ class Store:
 
     def _insert_accepted(
         self, db: sqlite3.Connection, update_id: str, client_id: str, round_no: int, base_version: int, num_samples: int,
-        shard: int | None, written: _Written,
+        shard: int | None, written: Written,
     ) -> None:
         """Insert the row (inside the caller's transaction) pointing at the bytes ``_append`` wrote."""
         db.execute(
@@ -557,7 +498,7 @@ class Store:
         columns = 'update_id, client_id, num_samples, payload, segment, "offset", bytes, digest'
         rows = self._db.execute(f"SELECT {columns} FROM accepted WHERE {where} ORDER BY received", params).fetchall()
         out: list[SpooledUpdate] = []
-        with _SegmentReader(self.spool_dir) as reader:
+        with SegmentReader(self.spool_dir) as reader:
             for update_id, client_id, num_samples, legacy, segment, offset, nbytes, checksum in rows:
                 if legacy is not None:  # written before segments: inside SQLite, whose commit is atomic
                     out.append(SpooledUpdate(update_id, client_id, num_samples, legacy))
@@ -608,10 +549,6 @@ class Store:
         return [(r[0], r[1]) for r in rows]
 
     # -- receipts
-    def record_receipt(self, *, round_no: int, client_id: str, update_id: str | None, status: str, reason: str, nbytes: int) -> None:
-        """Record a receipt (deferred: ``sync()`` before publishing it)."""
-        self.record_receipts([ReceiptRow(time.time(), round_no, client_id, update_id, status, reason, nbytes)])
-
     def record_receipts(self, rows: list[ReceiptRow]) -> None:
         """Record a batch of receipts in one transaction (deferred: ``sync()`` before publishing them)."""
         if not rows:
@@ -628,80 +565,6 @@ class Store:
     def bytes_by_round(self) -> dict[int, int]:
         """Update bytes received per round (every receipt, accepted or not): the fleet's upload traffic."""
         return dict(self._db.execute("SELECT round, SUM(bytes) FROM receipts GROUP BY round").fetchall())
-
-
-@dataclass
-class _SyncPlan:
-    """What one sync of the files makes durable (``sync`` runs it at once, ``sync_soon`` on its thread); it closes ``files``."""
-
-    files: list[int]  # duplicated descriptors of the segments written since the last sync
-    folders: list[Path]  # folders whose new entries must be durable
-    wal: Path | None  # the WAL, when rows were committed since the last sync
-    database: Path
-
-    def run(self) -> None:
-        try:
-            for fd in self.files:
-                os.fdatasync(fd)
-        finally:
-            for fd in self.files:
-                os.close(fd)
-        for folder in self.folders:
-            _fsync_folder(folder)
-        if self.wal is not None:
-            try:
-                fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = os.open(self.database, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the folder's entries (files created or renamed in it) durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _SegmentReader:
-    """Reads payloads back from segment files, each opened once per ``spooled`` call."""
-
-    def __init__(self, folder: Path) -> None:
-        self._folder = folder
-        self._fds: dict[str, int | None] = {}
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        for fd in self._fds.values():
-            if fd is not None:
-                os.close(fd)
-
-    def read(self, name: str, offset: int | None, nbytes: int) -> bytes | None:
-        """Up to ``nbytes`` at ``offset`` (fewer at the end of the file); None if the file is missing."""
-        if name not in self._fds:
-            fd = None
-            if _SEGMENT_NAME.fullmatch(name):  # a name from the database, never a path
-                with contextlib.suppress(FileNotFoundError):
-                    fd = os.open(self._folder / name, os.O_RDONLY | os.O_CLOEXEC)
-            self._fds[name] = fd
-        fd = self._fds[name]
-        if fd is None or offset is None:
-            return None
-        chunks, at, left = [], offset, nbytes
-        while left > 0:
-            chunk = os.pread(fd, left, at)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            at, left = at + len(chunk), left - len(chunk)
-        return b"".join(chunks)
 
 
 class _Transaction:

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.clipping import l2_norm
-from aggregator.fold import WeightedSum
+from aggregator.aggregation.clipping import l2_norm
+from aggregator.aggregation.fold import WeightedSum
 from fedge_contract.tensors import ModelSpec
 
 

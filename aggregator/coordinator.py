@@ -1,0 +1,276 @@
+"""The aggregator: one coordinator that runs a fleet's rounds, built from small parts.
+
+    Coordinator                    the round loop below, and nothing else
+     +-- GlobalModel   (model.py)          weights, version, strategy, checkpoints, evaluation
+     +-- RoundPolicy   (rounds/)           what a round is: sync rounds, the FedBuff buffer
+     +-- IngestSource  (ingest/, workers/) where updates are validated and folded: this
+     |                                     connection, or N worker processes
+     +-- StoreThread   (store/)            the SQLite ledger and spool, on a thread of its own
+     +-- Announcer     (announce.py)       GlobalModel and RoundStatus to the fleet
+     +-- FleetView, metrics, dashboard (observability/)
+
+The loop, for every mode and every source::
+
+    rnd = policy.open(version)          # a restart resumes the round the store holds
+    source.open(rnd)                    # re-fold what the store spooled for it
+    announce(rnd); collect(rnd)         # events until the round is complete or its deadline closes it
+    close(rnd)                          # receipts out, sum gathered, strategy, checkpoint, then the next
+
+One task owns all round state, so no locks are needed. The order of effects follows DESIGN.md:
+an accepted update is spooled before its receipt; a new model's checkpoint is committed before
+it is published. Nothing here blocks the event loop: the store's calls run on its thread, and
+whole-model work (the strategy, encoding, evaluation, re-folding) on worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+
+from aggregator.aggregation.defence import Defence
+from aggregator.announce import Announcer
+from aggregator.config import AggregatorConfig
+from aggregator.errors import LedgerMismatch
+from aggregator.ingest.pipeline import Answered, Ingest
+from aggregator.ingest.source import IngestSource, LocalIngest
+from aggregator.ingest.validation import limits_for
+from aggregator.model import GlobalModel, load_task
+from aggregator.observability.dashboard import DashboardServer, fleet_state
+from aggregator.observability.fleet import FleetView
+from aggregator.observability.metrics import AggregatorMetrics, MetricsServer
+from aggregator.rounds import DeadlineAction, Round, RoundPolicy, make_policy
+from aggregator.store import Store, StoreAccess, StoreThread, call
+from fedge_contract import ReceiptStatus, RoundState, Topics
+from fedge_contract.mqtt import Connection
+from fedge_contract.supervisor import Supervisor
+from fedge_contract.tensors import ModelSpec
+from fedge_runtime.loop_stall import LoopStallMonitor
+
+if TYPE_CHECKING:
+    from fedge_tasks import Task
+
+log = logging.getLogger("fedge.aggregator")
+
+# Seconds a resumed or re-announced round stays open at least: devices that were cut off (the
+# aggregator restarted, the broker restarted) need their reconnect backoff to come back and resend.
+RESEND_GRACE = 20.0
+
+
+def ingest_source(config: AggregatorConfig, ingest: Ingest, db: StoreAccess, spec: ModelSpec, *, answered: Answered) -> IngestSource:
+    """This process's own ingest (``ingest.workers`` 0), or worker processes' (``ingest`` then holds the merged sum)."""
+    if config.ingest.workers:
+        from aggregator.workers.source import WorkerIngest
+
+        return WorkerIngest(config, ingest, db, spec, answered=answered)
+    return LocalIngest(ingest, db, Topics(config.fleet), inbox_limit=config.ingest.inbox_limit, chunk_timeout=config.ingest.chunk_timeout)
+
+
+class Coordinator:
+    """Runs ``config.rounds.rounds`` rounds of one fleet (resuming from the store), then publishes the final model."""
+
+    def __init__(self, config: AggregatorConfig, *, task: Task | None = None, policy: RoundPolicy | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.topics = Topics(config.fleet)
+        self.clock = clock
+        self.policy = policy or make_policy(config.rounds)
+        self.counters: collections.Counter[str] = collections.Counter()  # receipts by status (and reason), bytes in
+        self.metrics = AggregatorMetrics()  # Prometheus; served only with monitoring.metrics_port
+        self.fleet = FleetView(config.fleet, self.metrics)
+        self.defence = Defence(config)  # norm bound, weight cap, robust rule, DP
+        self.metrics_server: MetricsServer | None = None
+        self.dashboard_server: DashboardServer | None = None
+        self.stall = LoopStallMonitor()  # the event loop's longest stall (Prometheus, bench/loop_stall)
+        self.epoch: int | None = None  # this aggregator's hold on the store (Store.take_over)
+        self._task = task
+        self._collecting: Round | None = None  # the round whose model is out, until it closes
+        self._announcer: Announcer | None = None
+
+    # ------------------------------------------------------------------ lifetime
+    async def run(self) -> None:
+        # importing torch and building the model take seconds: off the loop, like every whole-model step
+        model = await asyncio.to_thread(lambda: GlobalModel(self.config, load_task(self.config, self._task), self.policy.task_extra()))
+        self.model = model
+        self.limits = limits_for(self.config, model.spec)  # what an update may be: size, samples, senders
+        async with contextlib.AsyncExitStack() as stack:
+            failures = await stack.enter_async_context(Supervisor("aggregator"))  # a part that fails stops the aggregator
+            await stack.enter_async_context(self.stall)
+            self.db = await stack.enter_async_context(StoreThread(self.config.store, fsync=self.config.ingest.durability == "disk"))
+            self.epoch = await model.resume(self.db)
+            self.metrics.model_version.set(model.version)
+            self.metrics.watch_stall(lambda: self.stall.longest)
+            await self._serve_http(stack)
+            source = self._make_source(failures)
+            conn = await stack.enter_async_context(Connection(
+                self.config.broker,
+                self.config.mqtt_client_id,
+                subscriptions=[self.topics.all_presence, *source.subscriptions],
+                persistent=True,
+                session_expiry=self.config.session_expiry,
+                on_connect=self._on_reconnect,
+                max_buffered=source.inbox_limit,
+            ))
+            self.conn = conn
+            self.metrics.watch_published(lambda: conn.bytes_published)
+            self._announcer = Announcer(self.config, model, conn, self.metrics, self.clock)
+            source.bind(conn, self.epoch)
+            self.source = await stack.enter_async_context(source)
+            await self._serve()
+
+    def _make_source(self, failures: Supervisor) -> IngestSource:
+        ingest = Ingest(
+            fleet=self.config.fleet, spec=self.model.spec, limits=self.limits, defence=self.defence,
+            db=self.db, send=self._publish_soon, answered=self._count_receipt, log=log, loop=asyncio.get_running_loop(),
+            on_failure=failures.fail,
+        )
+        return ingest_source(self.config, ingest, self.db, self.model.spec, answered=self._count_receipt)
+
+    async def _serve_http(self, stack: contextlib.AsyncExitStack) -> None:
+        monitoring = self.config.monitoring
+        if monitoring.metrics_port is not None:
+            server = MetricsServer(self.metrics.exposition, monitoring.metrics_host, monitoring.metrics_port)
+            self.metrics_server = await stack.enter_async_context(server)
+        if monitoring.dashboard_port is not None:
+            dashboard = DashboardServer(self._dashboard_state, monitoring.metrics_host, monitoring.dashboard_port)
+            self.dashboard_server = await stack.enter_async_context(dashboard)
+
+    @property
+    def announcer(self) -> Announcer:
+        if self._announcer is None:
+            raise RuntimeError("the aggregator is not connected yet")
+        return self._announcer
+
+    def _publish_soon(self, topic: str, payload: bytes) -> None:
+        self.conn.publish_soon(topic, payload)
+
+    # ------------------------------------------------------------------ rounds
+    async def _serve(self) -> None:
+        while not self.model.done:
+            rnd = await self.policy.open(self.model.version, self.clock(), self.db)
+            if await self._open(rnd):  # a restart: devices cut off meanwhile need time to come back and resend
+                rnd.extend_to(self.clock() + RESEND_GRACE)
+            await self.announcer.announce(rnd)
+            await self._collect(rnd)
+            await self._close(rnd)
+        await self.announcer.final()
+        await self.source.drain()  # receipts decided since the last round closed (none, unless a worker's report was late)
+        await self.conn.flush()  # everything queued is out before the aggregator exits
+
+    async def _open(self, rnd: Round) -> bool:
+        """Record the round open and re-fold what the store spooled for it; whether it is resumed (open before a restart)."""
+        resumed = await call(self.db, Store.open_round, rnd.number, rnd.base_version, rnd.deadline)
+        for accepted in await self.source.open(rnd):  # a restart mid-round: re-fold what was accepted
+            rnd.record(accepted)
+        if rnd.accepted:
+            log.info("round %d: re-folded %d spooled updates", rnd.number, rnd.accepted)
+        return resumed
+
+    async def _collect(self, rnd: Round) -> None:
+        self._collecting = rnd
+        try:
+            while not rnd.complete:
+                deadline = rnd.deadline
+                if deadline is not None and deadline <= self.clock():
+                    if rnd.at_deadline(self.clock()) is DeadlineAction.CLOSE:
+                        log.info("round %d: deadline with %d/%d updates, closing", rnd.number, rnd.accepted, rnd.target)
+                        return
+                    log.warning("round %d: deadline with %d < min %d updates, extended", rnd.number, rnd.accepted, rnd.min_updates)
+                    await call(self.db, Store.extend_round, rnd.number, rnd.deadline)
+                    await self.announcer.announce(rnd)
+                    continue
+                try:
+                    async with asyncio.timeout(None if deadline is None else deadline - self.clock()):
+                        event = await self.source.next_event()
+                except TimeoutError:
+                    continue
+                await self._handle(event, rnd)
+        finally:
+            self._collecting = None
+
+    async def _handle(self, event: Any, rnd: Round) -> None:
+        if await self._presence(event):
+            pass
+        else:
+            outcome = await self.source.handle(event, rnd)
+            for accepted in outcome.accepted:
+                rnd.record(accepted)
+                self.announcer.accepted()
+            if outcome.reannounce:  # updates a dead worker had taken off the broker: agents resend on a re-announcement
+                await self.announcer.announce(rnd)
+        self.announcer.status_if_due(rnd, self.source.idle())
+
+    async def _presence(self, event: Any) -> bool:
+        """Take ``event`` if it is a device's presence (the fleet view's, whatever the source)."""
+        if not isinstance(event, aiomqtt.Message):
+            return False
+        topic = str(event.topic)
+        client = self.topics.client_of(topic)
+        if client is None or topic != self.topics.presence(client):
+            return False
+        self.fleet.on_presence(client, event.payload if isinstance(event.payload, bytes) else b"")
+        return True
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        """A message that arrived while the source gathered a round's sum (presence; anything else is ignored)."""
+        if not await self._presence(message):
+            log.debug("ignored %s while closing a round", message.topic)
+
+    async def _close(self, rnd: Round) -> None:
+        await self.source.drain()
+        await self.conn.flush()  # receipts and throttled statuses go out before the round's state changes
+        await self.announcer.publish_status(rnd, RoundState.AGGREGATING)
+        started = self.clock()
+        total = await self.source.gather(rnd, self._on_message)
+        if rnd.accepted != self.source.counted():
+            raise LedgerMismatch(f"round {rnd.number}: {rnd.accepted} updates reported accepted, {self.source.counted()} folded")
+        mean = await asyncio.to_thread(total.mean)
+        await self.model.commit(self.db, rnd.number, await self.model.step(mean), rnd.accepted)
+        version = self.model.version
+        metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": total.total_weight}
+        metrics.update(rnd.metrics())
+        metrics.update(self.defence.metrics(version))
+        metrics.update(await self.model.evaluate())
+        metrics["aggregate_seconds"] = self.clock() - started
+        await call(self.db, Store.set_round_metrics, rnd.number, metrics)
+        self.announcer.last_metrics = metrics
+        self.metrics.round_closed(version, metrics)
+        log.info("round %d closed: v%d from %d updates %s", rnd.number, version, rnd.accepted,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("accuracy", "loss")),
+                 extra={"round": rnd.number, "version": version, "accepted": rnd.accepted})
+
+    # ------------------------------------------------------------------ callbacks
+    def _count_receipt(self, status: ReceiptStatus, reason: str, nbytes: int) -> None:
+        """Every update answered, here or by an ingest worker: the counters and Prometheus metrics."""
+        self.counters["bytes_in"] += nbytes
+        self.counters[status.value] += 1
+        self.metrics.receipt(status.value, reason, nbytes)
+        if status is not ReceiptStatus.ACCEPTED:
+            self.counters[f"{status.value}:{reason.split(':', 1)[0]}"] += 1
+
+    async def _on_reconnect(self) -> None:
+        """Re-announce the open round after a reconnect (not on the first connect), with a grace period.
+
+        A broker that crashed before its autosave lost our session, so updates published before
+        we re-subscribed were dropped, and it may have lost the retained model too. The
+        re-announcement restores the retained state, and agents treat it as "resend what has no
+        receipt yet" (the aggregator dedupes by update id); the grace keeps the round open while
+        their reconnect backoff brings them back.
+        """
+        rnd = self._collecting
+        if self.conn.connections > 1 and rnd is not None:
+            rnd.extend_to(self.clock() + RESEND_GRACE)
+            log.info("reconnected: re-announcing round %d", rnd.number)
+            await self.announcer.announce(rnd)
+
+    async def _dashboard_state(self) -> dict[str, Any]:
+        rounds = await call(self.db, Store.rounds)
+        bytes_up = await call(self.db, Store.bytes_by_round)
+        status = self._announcer.status if self._announcer is not None else None
+        return fleet_state(self.config.fleet, status, self.fleet.devices, rounds, bytes_up, self.clock())

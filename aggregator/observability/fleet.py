@@ -1,0 +1,36 @@
+"""The fleet as the aggregator sees it: each device's last retained presence.
+
+Devices publish their presence (online or offline, eligible or why not, their readings) retained,
+with a last will that says offline. The coordinator hands every presence message here; the
+dashboard's fleet table and the online gauge read from it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aggregator.observability.metrics import AggregatorMetrics
+from fedge_contract import DecodeError, Presence
+
+log = logging.getLogger("fedge.aggregator")
+
+
+class FleetView:
+    def __init__(self, fleet: str, metrics: AggregatorMetrics) -> None:
+        self.fleet = fleet
+        self.metrics = metrics
+        self.online: set[str] = set()
+        self.devices: dict[str, Presence] = {}  # last presence of each device
+
+    def on_presence(self, client: str, payload: bytes) -> None:
+        try:
+            presence = Presence.from_bytes(payload, fleet=self.fleet)
+        except DecodeError as exc:
+            if payload:  # an empty retained message clears presence: not an error
+                log.warning("bad presence from %s: %s", client, exc)
+            self.online.discard(client)
+            self.devices.pop(client, None)
+        else:
+            (self.online.add if presence.state == "online" else self.online.discard)(client)
+            self.devices[client] = presence
+        self.metrics.online_agents(len(self.online))

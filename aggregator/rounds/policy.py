@@ -1,0 +1,117 @@
+"""What a round is, as the coordinator sees it: a small protocol that each round mode implements.
+
+The coordinator (aggregator/coordinator.py) runs every mode with one loop::
+
+    rnd = await policy.open(version, now, db)     # what the store knows that the mode needs
+    announce(rnd); collect until rnd.complete or its deadline says close; close(rnd)
+
+A mode is a ``RoundPolicy`` (a factory of rounds and what it announces) and its ``Round``s
+(the state of one open round, its admission rules, its deadline). Each mode keeps all its rules
+in its own module: synchronous rounds in ``rounds/sync.py``, the FedBuff buffer in
+``rounds/buffered.py``. Ingest (in this process or in worker processes) asks the round for an
+``Admission`` and never decides itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fedge_contract import Update
+
+if TYPE_CHECKING:
+    from aggregator.store import Store, StoreAccess
+
+
+class DeadlineAction(enum.Enum):
+    CLOSE = "close"
+    EXTEND = "extend"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An update the round admitted (from this process's ingest or a worker's report)."""
+
+    client_id: str
+    update_id: str
+    base_version: int
+
+    @classmethod
+    def of(cls, update: Update) -> Accepted:
+        return cls(update.client_id, update.update_id, update.base_version)
+
+
+class Admission(Protocol):
+    """How one round decides and persists the admission of an update (ingest calls it)."""
+
+    @property
+    def number(self) -> int: ...
+
+    @property
+    def base_version(self) -> int: ...
+
+    def precheck(self, update: Update) -> None:
+        """Raise a Rejection if the update is already known to be refused (may be out of date)."""
+
+    def commit(self, update: Update, payload: bytes) -> float:
+        """Admit and spool atomically, or raise a Rejection; returns the update's weight factor."""
+
+
+class Round(Protocol):
+    """One open round (sync) or buffer (async): numbers, progress, admission, deadline, metrics."""
+
+    @property
+    def number(self) -> int: ...
+
+    @property
+    def base_version(self) -> int: ...
+
+    @property
+    def accepted(self) -> int: ...
+
+    @property
+    def target(self) -> int: ...
+
+    @property
+    def min_updates(self) -> int: ...
+
+    @property
+    def deadline(self) -> float | None:
+        """Unix seconds at which ``at_deadline`` decides; None: no deadline (the round waits for its target)."""
+
+    @property
+    def complete(self) -> bool:
+        """Close now: the round has what it waits for."""
+
+    def admission(self, store: Store, *, shard: int | None = None, epoch: int | None = None) -> Admission:
+        """This round's admission, against ``store`` (a Store: the ledger every ingest process shares)."""
+
+    def factor(self, update: Accepted) -> float:
+        """The weight factor of an admitted update when it is (re-)folded (1 in sync mode)."""
+
+    def record(self, accepted: Accepted) -> None:
+        """Count an admitted update."""
+
+    def at_deadline(self, now: float) -> DeadlineAction:
+        """The deadline passed: close, or extend (which moves ``deadline``)."""
+
+    def extend_to(self, until: float) -> None:
+        """Stay open at least until ``until`` (a grace for devices coming back after a restart or reconnect)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Mode-specific figures stored with the closed round."""
+
+
+class RoundPolicy(Protocol):
+    """A round mode: the rounds it opens and what it adds to the announcement."""
+
+    @property
+    def mode(self) -> str: ...
+
+    def task_extra(self) -> Mapping[str, Any]:
+        """Fields the GlobalModel's task carries for agents (async: mode and max_staleness)."""
+
+    async def open(self, version: int, now: float, db: StoreAccess) -> Round:
+        """The round that trains on ``version`` (``db``: what the store knows that the mode needs)."""
