@@ -101,7 +101,11 @@ class HeldStats:
     fell_back: int = 0  # catch-ups from the keyframe after a refused delta (malformed, hash mismatch)
     failed: int = 0  # versions given up on
     bytes: int = 0  # downloaded for catch-up and the task (keyframes, retained deltas, chunks, global/task)
-    refusals: list[str] = field(default_factory=list)  # the reason of every refusal, in order
+    refusals: list[str] = field(default_factory=list)  # the reason of each refusal, oldest first (the last 64)
+
+    def refused(self, error: DecodeError) -> None:
+        self.refusals.append(error.reason.value)
+        del self.refusals[:-64]  # an agent runs for months: keep the recent ones
 
 
 # ---------------------------------------------------------------------- persistence
@@ -245,7 +249,7 @@ class Follower:
         return None
 
     async def _refused(self, message: Announced, error: DecodeError, task: TaskConfig | None) -> list[Ready | Failed]:
-        self.stats.refusals.append(error.reason.value)
+        self.stats.refused(error)
         gap = error.reason is Reason.BASE_MISMATCH
         plan = self.rebuilder.recovery(message, error)
         own_copy = False
@@ -365,7 +369,7 @@ class Follower:
         if not isinstance(episode.target, GlobalDelta) or task_id(task) != episode.target.task_id:
             # the task moved on since this announcement: the next one names (or carries) the new task
             error = DecodeError(Reason.BAD_VALUE, f"global/task holds another task than v{episode.target.model_version} names")
-            self.stats.refusals.append(error.reason.value)
+            self.stats.refused(error)
             log.warning("catch-up to v%d: %s; waiting for the next announcement", episode.target.model_version, error)
             return await self._fail(episode.target, error)
         self.task = episode.task = task
@@ -397,7 +401,7 @@ class Follower:
         """What the episode fetched did not work: the next plan (the keyframe), or give up."""
         episode = self._episode
         assert episode is not None
-        self.stats.refusals.append(error.reason.value)
+        self.stats.refused(error)
         plan = None if episode.plan is None else self.rebuilder.recovery(episode.target, error, episode.plan)
         if plan is None:
             log.error("catch-up to v%d failed (%s); waiting for the next announcement", episode.target.model_version, error)
