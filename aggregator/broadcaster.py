@@ -67,6 +67,7 @@ from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.messages import _Reader
 from fedge_contract.mqtt import Connection
 from fedge_contract.tensors import ModelSpec
+from fedge_contract.transfer import chunk_base, send_chunked
 
 __all__ = ["HEADER_FORMAT", "BroadcastState", "Broadcaster", "Sent"]
 
@@ -267,15 +268,12 @@ class Broadcaster:
             return len(payload)
         manifest = await asyncio.to_thread(  # hashing every chunk of a large message: off the loop
             Manifest.of, payload, fleet=self.topics.fleet, kind=kind, chunk_size=self.max_message_bytes, model_version=version)
-        base = {"global": self.topics.global_chunks, "keyframe": self.topics.keyframe_chunks, "delta": self.topics.global_delta}[kind](version)
+        base = chunk_base(self.topics, manifest)
         self._chunk_sets[base] = max(manifest.count, self._chunk_sets.get(base, 0))
-        for index in range(manifest.count):
-            start = index * manifest.chunk_size
-            await self.conn.publish(f"{base}/{index}", payload[start : start + manifest.chunk_size], retain=True)
-        head = manifest.to_bytes()
-        await self.conn.publish(topic, head, retain=True)
-        self._sizes[topic] = len(payload) + len(head)
-        return len(payload) + len(head)
+        await send_chunked(self.conn, self.topics, manifest, payload, topic=topic, retain=True)
+        sent = len(payload) + len(manifest.to_bytes())
+        self._sizes[topic] = sent
+        return sent
 
     async def _clear_stale(self) -> int:
         count = 0

@@ -53,7 +53,8 @@ class WireTap(Subscriber):
         self._retained = 0  # catch-up material since the last announcement: the broadcaster publishes it first
         self.finished = asyncio.Event()
         self.progress = asyncio.Queue[RoundStatus]()
-        topics = [f"{self.topics.prefix}/#"] if updates else [self.topics.global_model, f"{self.topics.global_model}/#", self.topics.status]
+        # ``global/#`` matches ``global`` too (MQTT's multi-level wildcard includes the parent level)
+        topics = [f"{self.topics.prefix}/#"] if updates else [f"{self.topics.global_model}/#", self.topics.status]
         super().__init__(address, f"fedge-wiretap-{fleet}", topics)
 
     def bytes_down(self, round_no: int) -> int:
