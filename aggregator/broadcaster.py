@@ -63,6 +63,7 @@ from fedge_contract.broadcast import (
 from fedge_contract.broadcast.held import apply_delta, decode_full, held_digest, join_weights
 from fedge_contract.broadcast.records import Broadcast, Keyframe, broadcast_from_plain, keyframe_from_plain
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES, Manifest
+from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.messages import _Reader
 from fedge_contract.mqtt import Connection
@@ -165,9 +166,10 @@ class Broadcaster:
     def held_hash(self) -> bytes:
         return self.encoder.held_hash
 
-    def about(self, round: int, deadline: float | None, task: TaskConfig, *, final: bool = False) -> Announcement:
+    def about(self, round: int, deadline: float | None, task: TaskConfig, *, final: bool = False,
+              cohort: Participation | None = None) -> Announcement:
         """The announcement fields of the current version (``publish``/``announce`` decide whether the task goes inline)."""
-        return Announcement(self.topics.fleet, round, deadline, task, self.spec.fingerprint, final)
+        return Announcement(self.topics.fleet, round, deadline, task, self.spec.fingerprint, final, cohort=cohort)
 
     def begin(self, weights: Mapping[str, np.ndarray], version: int, *, devices_hold: bool) -> Step:
         """The first version this broadcaster publishes (see BroadcastEncoder.begin).

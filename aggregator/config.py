@@ -48,7 +48,7 @@ from aggregator.rounds.buffered import BufferPlan, staleness_function
 from aggregator.rounds.sync import RoundPlan
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 from fedge_contract.codecs import parse_chain
-from fedge_contract.mqtt import BrokerAddress
+from fedge_contract.mqtt import MAX_RETURN_DELAY, BrokerAddress
 from fedge_contract.topics import check_name
 from fedge_runtime.settings import Loader, Merged, SettingsError, convert
 
@@ -74,12 +74,19 @@ class RoundSettings:
     buffer_size: int = field(default=10, metadata={"help": "async: accepted updates per new model version"})
     max_staleness: int = field(default=10, metadata={"help": "async: oldest base version accepted, in versions behind the newest"})
     staleness: str = field(default="sqrt", metadata={"help": "async: staleness weight: sqrt (1/sqrt(1+s)), constant, poly:<a>"})
+    # A round resumed after a restart, or re-announced after a broker reconnect, stays open at least
+    # this long: devices that were cut off need their reconnect backoff to come back and resend.
+    resend_grace: float = field(default=MAX_RETURN_DELAY, metadata={
+        "help": "seconds a resumed or re-announced round stays open at least, for devices reconnecting "
+                "(default: the longest the agents' reconnect schedule takes)"})
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 = run forever)")
         if self.mode not in MODES:
             raise ValueError(f"mode must be sync or async, got {self.mode!r}")
+        if not self.resend_grace >= 0:
+            raise ValueError(f"resend_grace must be >= 0, got {self.resend_grace}")
         _ = self.plan, self.buffer_plan  # each validates its numbers
         staleness_function(self.staleness)
 

@@ -46,6 +46,7 @@ from aggregator.observability.dashboard import DashboardServer, fleet_state
 from aggregator.observability.fleet import FleetView
 from aggregator.observability.metrics import AggregatorMetrics, MetricsServer
 from aggregator.rounds import DeadlineAction, Round, RoundPolicy, make_policy
+from aggregator.rounds.sync import SyncRound
 from aggregator.store import Store, StoreAccess, StoreThread, call
 from fedge_contract import ReceiptStatus, RoundState, Topics
 from fedge_contract.mqtt import Connection
@@ -57,11 +58,6 @@ if TYPE_CHECKING:
     from fedge_tasks import Task
 
 log = logging.getLogger("fedge.aggregator")
-
-# Seconds a resumed or re-announced round stays open at least: devices that were cut off (the
-# aggregator restarted, the broker restarted) need their reconnect backoff to come back and resend.
-RESEND_GRACE = 20.0
-
 
 def ingest_source(config: AggregatorConfig, ingest: Ingest, db: StoreAccess, spec: ModelSpec, *, answered: Answered) -> IngestSource:
     """This process's own ingest (``ingest.workers`` 0), or worker processes' (``ingest`` then holds the merged sum)."""
@@ -155,13 +151,24 @@ class Coordinator:
         while not self.model.done:
             rnd = await self.policy.open(self.model.version, self.clock(), self.db)
             if await self._open(rnd):  # a restart: devices cut off meanwhile need time to come back and resend
-                rnd.extend_to(self.clock() + RESEND_GRACE)
-            await self.announcer.announce(rnd)
+                await self._announce_with_grace(rnd)
+            else:
+                await self.announcer.announce(rnd)
             await self._collect(rnd)
             await self._close(rnd)
         await self.announcer.final()
-        await self.source.drain()  # receipts decided since the last round closed (none, unless a worker's report was late)
+        await self._answer_leftovers()
+        await self.source.drain()  # receipts decided since the last round closed
         await self.conn.flush()  # everything queued is out before the aggregator exits
+
+    async def _answer_leftovers(self) -> None:
+        """Answer the updates that already arrived after the last round closed (issue 19: they stayed in the
+        agents' outboxes): each gets ``stale``, or ``duplicate`` if it was accepted, as in any closed round."""
+        over = SyncRound.admitting(self.model.version + 1, self.model.version, target=1)  # a round the store never opened
+        while not self.source.idle():
+            event = await self.source.next_event()
+            if not self._presence(event):
+                await self.source.handle(event, over)
 
     async def _open(self, rnd: Round) -> bool:
         """Record the round open and re-fold what the store spooled for it; whether it is resumed (open before a restart)."""
@@ -195,9 +202,7 @@ class Coordinator:
             self._collecting = None
 
     async def _handle(self, event: Any, rnd: Round) -> None:
-        if await self._presence(event):
-            pass
-        else:
+        if not self._presence(event):
             outcome = await self.source.handle(event, rnd)
             for accepted in outcome.accepted:
                 rnd.record(accepted)
@@ -206,7 +211,7 @@ class Coordinator:
                 await self.announcer.announce(rnd)
         self.announcer.status_if_due(rnd, self.source.idle())
 
-    async def _presence(self, event: Any) -> bool:
+    def _presence(self, event: Any) -> bool:
         """Take ``event`` if it is a device's presence (the fleet view's, whatever the source)."""
         if not isinstance(event, aiomqtt.Message):
             return False
@@ -219,7 +224,7 @@ class Coordinator:
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         """A message that arrived while the source gathered a round's sum (presence; anything else is ignored)."""
-        if not await self._presence(message):
+        if not self._presence(message):
             log.debug("ignored %s while closing a round", message.topic)
 
     async def _close(self, rnd: Round) -> None:
@@ -230,15 +235,14 @@ class Coordinator:
         total = await self.source.gather(rnd, self._on_message)
         if rnd.accepted != self.source.counted():
             raise LedgerMismatch(f"round {rnd.number}: {rnd.accepted} updates reported accepted, {self.source.counted()} folded")
-        mean = await asyncio.to_thread(total.mean)
-        await self.model.commit(self.db, rnd.number, await self.model.step(mean), rnd.accepted)
-        version = self.model.version
+        weights = await self.model.step(await asyncio.to_thread(total.mean))
+        version = self.model.version + 1
         metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": total.total_weight}
         metrics.update(rnd.metrics())
         metrics.update(self.defence.metrics(version))
-        metrics.update(await self.model.evaluate())
+        metrics.update(await self.model.evaluate(weights))
         metrics["aggregate_seconds"] = self.clock() - started
-        await call(self.db, Store.set_round_metrics, rnd.number, metrics)
+        await self.model.commit(self.db, rnd.number, weights, rnd.accepted, metrics)
         self.announcer.last_metrics = metrics
         self.metrics.round_closed(version, metrics)
         log.info("round %d closed: v%d from %d updates %s", rnd.number, version, rnd.accepted,
@@ -265,9 +269,16 @@ class Coordinator:
         """
         rnd = self._collecting
         if self.conn.connections > 1 and rnd is not None:
-            rnd.extend_to(self.clock() + RESEND_GRACE)
             log.info("reconnected: re-announcing round %d", rnd.number)
-            await self.announcer.announce(rnd)
+            await self._announce_with_grace(rnd)
+
+    async def _announce_with_grace(self, rnd: Round) -> None:
+        """Announce ``rnd`` and keep it open ``resend_grace`` s after the announcement is out (the deadline it
+        carries includes the grace too), so devices coming back on their reconnect schedule can resend."""
+        grace = self.config.rounds.resend_grace
+        rnd.extend_to(self.clock() + grace)
+        await self.announcer.announce(rnd)
+        rnd.extend_to(self.clock() + grace)
 
     async def _dashboard_state(self) -> dict[str, Any]:
         rounds = await call(self.db, Store.rounds)

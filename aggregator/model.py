@@ -88,17 +88,19 @@ class GlobalModel:
         """The next weights (the strategy on a worker thread); ``commit`` makes them the model."""
         return await asyncio.to_thread(self.strategy.apply, self.weights, mean_delta)
 
-    async def commit(self, db: StoreAccess, round_no: int, weights: dict[str, np.ndarray], accepted: int) -> None:
-        """Checkpoint ``weights`` as the next version (atomically with the round's close), then hold them."""
+    async def commit(self, db: StoreAccess, round_no: int, weights: dict[str, np.ndarray], accepted: int,
+                     metrics: Mapping[str, float]) -> None:
+        """Checkpoint ``weights`` as the next version (atomically with the round's close and figures), then hold them."""
         version = self.version + 1
-        await call(db, Store.close_round, round_no, version, self.spec.fingerprint, weights, self.strategy.state(), accepted)
+        await call(db, Store.close_round, round_no, version, self.spec.fingerprint, weights, self.strategy.state(), accepted,
+                   metrics)
         self.weights, self.version = weights, version
 
-    async def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy and loss of the current weights (none without server-side data)."""
+    async def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        """Held-out accuracy and loss of ``weights`` (none without server-side data)."""
         if self.eval_data is None:
             return {}
-        return await asyncio.to_thread(self._evaluate, self.weights)
+        return await asyncio.to_thread(self._evaluate, weights)
 
     def _evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
         from fedge_tasks.loops import evaluate

@@ -13,6 +13,8 @@
   topics are emptied once it is answered; a global model that arrives as a manifest is fetched
   chunk by chunk and used only when complete and verified (fedge_contract/chunks.py).
 - conditions: when the gate's eligibility flips, re-publishes presence (conditions, why not).
+- settle: on the final model, waits briefly for the last receipts, then drops what is still
+  unanswered; every update dropped unanswered is a WARNING and counted in presence (edge_agent/settle.py).
 
 The agent's own files (the outbox's writes, reads and removes, the residual, the state) are read
 and written on a thread, one operation at a time in the order the loop asked for them
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -45,10 +48,14 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import FingerprintMismatch, TrainingFailed
 from edge_agent.held_model import Failed, Follower, HeldFiles, HeldStats, Ready, initial_rebuilder
 from edge_agent.outbox import Outbox
+from edge_agent.participation import EvalOutcome, Evaluations
+from edge_agent.participation import plan as participation_plan
 from edge_agent.residuals import Residuals
+from edge_agent.secure_rounds import is_secure, secure_aggregation
 from edge_agent.seeds import training_seed
+from edge_agent.settle import Settlement
 from edge_agent.state import AgentState
-from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, train_in_child
+from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, evaluate_in_child, train_in_child
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.broadcast import decode_announcement
@@ -60,6 +67,7 @@ from fedge_contract.tensors import ModelSpec
 from fedge_contract.transfer import WAKE_TOPIC, ChunkReceiver, Received, Refused, clear_chunks, send_chunked
 
 if TYPE_CHECKING:
+    from edge_agent.evaluator import LocalEvaluator
     from edge_agent.trainer import LocalTrainer, LocalUpdate
     from fedge_tasks import Task
 
@@ -132,6 +140,17 @@ class Agent:
         self._chunked: dict[str, int] = {}  # update id -> chunks published retained (cleared once answered)
         self._to_clear: dict[str, int] = {}  # the same, for answered updates whose chunks the upload task clears
         self._disk = asyncio.Lock()  # one file operation at a time, in the order asked (see the module docstring)
+        self._settlement = Settlement(config.client_id, self._outbox, self._state, self._state_path, on_disk=self._on_disk,
+                                      forget=self._answered, announce=self._presence_if_connected, grace=config.final_receipt_grace)
+        self._evaluator: LocalEvaluator | None = None  # in-thread federated evaluation, made on first use
+        self.evaluations = Evaluations(config.client_id, self.topics, evaluate=self._evaluate, publish=self._publish_eval,
+                                       wait_eligible=self.gate.wait_eligible)  # edge_agent/participation.py
+        # On the final model: the outbox settled (receipts, else dropped and counted) and its evaluation reported, if asked.
+        self._final_settled = asyncio.Event()
+        self._final_evaluated = asyncio.Event()
+        # Secure rounds (issue 17): the delta goes to a protocol session instead of the outbox.
+        self._secure = secure_aggregation(fleet=config.fleet, client_id=config.client_id, state_dir=config.state_dir,
+                                          max_message_bytes=config.max_message_bytes, seed=config.seed, on_change=self._presence_if_connected)
 
     def stop(self) -> None:
         self._stop.set()
@@ -144,11 +163,11 @@ class Agent:
     async def run(self) -> None:
         """Serve until ``stop()`` (or the final model, with ``exit_when_final``)."""
         await self._load_task()
-        offline = Presence(self.config.fleet, self.config.client_id, "offline", AGENT_VERSION)
+        offline = Presence(self.config.fleet, self.config.client_id, "offline", AGENT_VERSION, dropped=self._settlement.dropped)
         async with Connection(
             self.config.broker,
             f"fedge-agent-{self.config.client_id}",
-            subscriptions=[self.topics.global_model, self.topics.receipt(self.config.client_id)],
+            subscriptions=[self.topics.global_model, self.topics.receipt(self.config.client_id), *self._secure.subscriptions()],
             persistent=True,
             will=aiomqtt.Will(self.topics.presence(self.config.client_id), offline.to_bytes(), qos=QOS, retain=True),
             on_connect=self._on_connect,
@@ -157,6 +176,7 @@ class Agent:
             session_expiry=self.config.session_expiry,
         ) as conn:
             self._conn = conn
+            self._secure.attach(conn, self._spec)
             limits = ChunkLimits(max_size=self.config.max_model_bytes, max_concurrent=1, timeout=self.config.chunk_timeout)
             self._fetch = ChunkReceiver(conn, self.topics, limits, bad_chunk="skip")
             self._follower = await self._make_follower(conn)
@@ -166,6 +186,9 @@ class Agent:
                     group.create_task(self._train_loop(), name="train"),
                     group.create_task(self._upload_loop(), name="upload"),
                     group.create_task(self._watch_conditions(), name="conditions"),
+                    group.create_task(self._settlement.run(self._final_settled.set), name="settle"),
+                    group.create_task(self.evaluations.run(), name="evaluate"),
+                    group.create_task(self._exit_when_final(), name="exit-when-final"),
                     group.create_task(self._keep_held(), name="held"),
                 ]
                 await self._stop.wait()
@@ -177,6 +200,7 @@ class Agent:
             if conn.connected.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
+                        offline = dataclasses.replace(offline, dropped=self._settlement.dropped)
                         await conn.publish(self.topics.presence(self.config.client_id), offline.to_bytes(), retain=True)
 
     async def _load_task(self) -> None:
@@ -189,7 +213,7 @@ class Agent:
         from fedge_tasks.runtime import limit_torch_threads
 
         limit_torch_threads(self.config.torch_threads)
-        task = self._task or load_task(self.config.task, self.config.task_options)
+        task = self._task = self._task or load_task(self.config.task, self.config.task_options)
         self._trainer = await asyncio.to_thread(LocalTrainer, task, self.config.client_id, self.config.seed)
         self._spec = self._trainer.spec
         from fedge_tasks.weights import get_weights
@@ -216,7 +240,7 @@ class Agent:
 
     def _device(self) -> dict[str, Any]:
         device = getattr(self.gate, "device", None)
-        return dict(device()) if callable(device) else {}
+        return {**(dict(device()) if callable(device) else {}), **self._secure.presence_fields()}
 
     # ------------------------------------------------------------------ connection
     async def _on_connect(self) -> None:
@@ -228,9 +252,14 @@ class Agent:
         why_not = self.stats.last_error or self.gate.why_not()
         presence = Presence(
             self.config.fleet, self.config.client_id, "online", AGENT_VERSION,
-            eligible=not why_not, why_not=why_not, device=self._device(),
+            eligible=not why_not, why_not=why_not, device=self._device(), dropped=self._settlement.dropped,
         )
         await self._conn.publish(self.topics.presence(self.config.client_id), presence.to_bytes(), retain=True)
+
+    async def _presence_if_connected(self) -> None:
+        conn: Connection | None = getattr(self, "_conn", None)  # None before run() connects
+        if conn is not None and conn.connected.is_set():  # else the next connection publishes it
+            await self._publish_presence()
 
     async def _dispatch(self) -> None:
         while True:
@@ -256,6 +285,8 @@ class Agent:
             elif self._fetch.owns(topic):
                 for outcome in await self._fetch.handle(topic, payload):
                     await self._on_fetched(outcome)
+            elif self._secure.owns(topic):
+                await self._secure.on_message(topic, payload)
             else:
                 await self._on_receipt(payload)
 
@@ -316,9 +347,11 @@ class Agent:
         """A version the held model reached (persisted, then trained on), or one it could not (said why)."""
         if isinstance(outcome, Failed):
             await self._refuse_global(outcome.error)
-            if outcome.announcement.final and self.config.exit_when_final:
+            if outcome.announcement.final:  # training is over all the same: settle the outbox, nothing to evaluate
                 log.info("%s: training finished at model v%d (not held here)", self.config.client_id, outcome.announcement.model_version)
-                self.stop()
+                self._latest = None
+                self._settlement.on_model(final=True)
+                self._final_evaluated.set()
             return
         self._held_changed.set()
         await self._on_model(outcome.model, b"")
@@ -338,13 +371,19 @@ class Agent:
         if self.stats.last_error:
             self.stats.last_error = ""
             await self._publish_presence()
-        for update_id in await self._on_disk(self._outbox.drop_before, model.round - (staleness_window(model) or 0)):
-            log.info("%s: dropped update %s, its round is over", self.config.client_id, update_id)
-            self._answered(update_id)
+        await self._secure.on_announcement(model)
+        await self._settlement.round_over(model.round - (staleness_window(model) or 0))
+        self._settlement.on_model(final=model.final)
         if model.final:
             log.info("%s: training finished at model v%d", self.config.client_id, model.model_version)
-            if self.config.exit_when_final:
-                self.stop()
+            self._latest = None  # no more training: a model being trained is superseded
+            if self._abort is not None:
+                self._abort.set()
+            self._offer_eval(model, payload, then=self._final_evaluated.set)
+            return
+        self._offer_eval(model, payload)
+        if not participation_plan(model, self.config.client_id).train:
+            log.info("%s: round %d's cohort does not invite this device", self.config.client_id, model.round)
             return
         if model.model_version > self._state.trained_version:
             self._latest = model
@@ -354,6 +393,38 @@ class Agent:
                 self._abort.set()  # sync mode: the model being trained is superseded
         else:
             await self._resend_round(model.round)
+
+    async def _exit_when_final(self) -> None:
+        """With ``exit_when_final``: stop once the final model's outbox is settled and its evaluation reported."""
+        if not self.config.exit_when_final:
+            return
+        await self._final_settled.wait()
+        await self._final_evaluated.wait()
+        self.stop()
+
+    def _offer_eval(self, model: GlobalModel, payload: bytes, *, then: Callable[[], None] | None = None) -> None:
+        """Evaluate ``model`` if the announcement asks this device to (then ``then``); else ``then`` at once."""
+        if participation_plan(model, self.config.client_id).evaluate:
+            self.evaluations.offer(model, payload, then=then)
+        elif then is not None:
+            then()
+
+    async def _evaluate(self, model: GlobalModel, payload: bytes) -> EvalOutcome | None:
+        if self.config.isolate_training:
+            return await evaluate_in_child(self._job(), payload or model.to_bytes())  # empty: built from the held model
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._evaluate_here, model)
+
+    def _evaluate_here(self, model: GlobalModel) -> EvalOutcome | None:
+        """Worker thread: federated evaluation with a model of its own (the trainer's stays untouched)."""
+        if self._evaluator is None:
+            from edge_agent.evaluator import LocalEvaluator
+
+            assert self._task is not None
+            self._evaluator = LocalEvaluator(self._task, self.config.client_id)
+        return self._evaluator.run(model)
+
+    async def _publish_eval(self, topic: str, payload: bytes) -> None:
+        await self._conn.publish(topic, payload)
 
     async def _resend_round(self, round_no: int) -> None:
         """A model we already trained on was announced again (round extended, or the aggregator
@@ -382,6 +453,7 @@ class Agent:
             return
         self._answered(receipt.update_id)
         removed: bool = await self._on_disk(self._outbox.remove, receipt.update_id)
+        self._settlement.answered()
         if removed:
             level = logging.INFO if receipt.status in (ReceiptStatus.ACCEPTED, ReceiptStatus.DUPLICATE) else logging.WARNING
             log.log(level, "%s: update %s %s %s", self.config.client_id, receipt.update_id, receipt.status.value, receipt.reason,
@@ -417,6 +489,14 @@ class Agent:
                     self._new_model.set()  # interrupted by the device's conditions: try again when eligible
                 continue
             await self._emulate_slow_device(local.result.seconds)
+            if is_secure(model):  # a secure round: the delta goes to the protocol session, never out in the clear
+                await self._secure.submit(model, local.delta, local.result.num_samples)
+                await self._on_disk(self._mark_trained, model)
+                log.info("%s: trained secure round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round,
+                         model.model_version, local.result.num_samples, local.result.loss,
+                         extra={"client": self.config.client_id, "round": model.round})
+                self.stats.trained_versions.append(model.model_version)
+                continue
             update, payload, residual = await loop.run_in_executor(self._executor, self._encode_update, model, local)
             await self._on_disk(self._persist_update, model, update, payload, residual)
             log.info("%s: trained round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round, model.model_version,
@@ -514,6 +594,10 @@ class Agent:
         self._outbox.put(update_id=update.update_id, round_no=update.round, base_version=update.base_version, payload=payload)
         if residual is not None:  # after the outbox: a crash in between re-adds, never loses, what was left out
             self._residuals.save(self._spec, residual)
+        self._mark_trained(model)
+
+    def _mark_trained(self, model: GlobalModel) -> None:
+        """Disk thread: this version is trained on (its delta is queued, in the outbox or the secure input)."""
         self._state.trained_version = model.model_version
         self._state.fingerprint = model.fingerprint
         self._state.save(self._state_path)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.attack import ATTACKS
+from fedge_contract import reconnect
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.topics import check_name
@@ -35,8 +36,9 @@ class AgentConfig:
     seed: int = field(default=0, metadata={"help": "seeds local shuffling: f(seed, client id, round)"})
     keepalive: int = field(default=30, metadata={"help": "MQTT keepalive, seconds"})
     session_expiry: int = field(default=24 * 3600, metadata=_CODE_ONLY)  # seconds the broker keeps receipts and the newest model for us
-    backoff_base: float = field(default=0.5, metadata=_CODE_ONLY)  # reconnect delay ~ U(0, min(cap, base * 2**attempt))
-    backoff_cap: float = field(default=30.0, metadata=_CODE_ONLY)
+    # reconnect delay ~ U(0, min(cap, max(base, 0.5 * seconds offline))): see fedge_contract/reconnect.py
+    backoff_base: float = field(default=reconnect.FIRST_WINDOW, metadata=_CODE_ONLY)
+    backoff_cap: float = field(default=reconnect.CAP, metadata=_CODE_ONLY)
     max_model_bytes: int = field(default=256 * 1024 * 1024, metadata=_CODE_ONLY)  # largest global model accepted, whole or in chunks
     # An update above this goes out in chunks with a manifest (fedge_contract/chunks.py); keep it a
     # few KiB below the broker's max_packet_size. The aggregator chunks the global model by its own.
@@ -47,6 +49,9 @@ class AgentConfig:
     torch_threads: int = field(default=1, metadata={"group": _RESOURCES, "help": "threads the training uses"})
     exit_when_final: bool = field(default=False, metadata={
         "action": "store_true", "help": "exit once the aggregator publishes its final model"})
+    # On the final model, receipts may still come for the last round's updates (the aggregator sends
+    # its queued ones before it exits): seconds to wait for them before dropping the rest (edge_agent/settle.py).
+    final_receipt_grace: float = field(default=5.0, metadata=_CODE_ONLY)
     # Train in a child process that exits after each round, so the waiting agent never holds torch
     # (~40 MiB instead of ~260). The simulation hosts many agents in one process: False there.
     isolate_training: bool = field(default=True, metadata={
@@ -76,6 +81,8 @@ class AgentConfig:
             raise ValueError("slowdown must be >= 1 and emulated_train_seconds >= 0")
         if self.max_message_bytes < MIN_MESSAGE_BYTES or not self.chunk_timeout > 0:
             raise ValueError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got {self.max_message_bytes}; chunk_timeout > 0")
+        if not self.final_receipt_grace >= 0:
+            raise ValueError(f"final_receipt_grace must be >= 0, got {self.final_receipt_grace}")
         if self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
         if not 0 <= self.train_nice <= 19:

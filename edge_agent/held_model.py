@@ -69,7 +69,7 @@ def training_model(announcement: Announced, held: Held, task: TaskConfig) -> Glo
     return GlobalModel(
         fleet=announcement.fleet, model_version=held.version, round=announcement.round, deadline=announcement.deadline,
         task=task, fingerprint=announcement.fingerprint, tensors=encode_weights(dict(held.weights), _FLOAT32),
-        final=announcement.final, held_hash=held.digest,
+        final=announcement.final, held_hash=held.digest, cohort=announcement.cohort,
     )
 
 

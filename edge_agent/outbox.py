@@ -8,6 +8,7 @@ update id) and a network outage loses no work.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +61,13 @@ class Outbox:
 
     def drop_before(self, round_no: int) -> list[str]:
         """Forget updates of rounds that are over (their round will never accept them)."""
+        return [pending.update_id for pending in self.drop(lambda pending: pending.round < round_no)]
+
+    def drop(self, which: Callable[[PendingUpdate], bool]) -> list[PendingUpdate]:
+        """Forget the updates ``which`` selects; returns them (their files are gone)."""
         dropped = []
         for pending in self.pending():
-            if pending.round < round_no:
+            if which(pending):
                 pending.path.unlink(missing_ok=True)
-                dropped.append(pending.update_id)
+                dropped.append(pending)
         return dropped

@@ -13,6 +13,7 @@ from edge_agent.files import atomic_write
 class AgentState:
     trained_version: int = -1  # newest global version this device trained on and queued an update for
     fingerprint: str = ""  # architecture of the models seen
+    dropped_updates: int = 0  # updates dropped unanswered, ever (their round was over): shown in presence
 
     @classmethod
     def load(cls, path: Path) -> AgentState:
@@ -20,7 +21,8 @@ class AgentState:
             return cls()
         try:
             data = json.loads(path.read_text())
-            return cls(trained_version=int(data["trained_version"]), fingerprint=str(data.get("fingerprint", "")))
+            return cls(trained_version=int(data["trained_version"]), fingerprint=str(data.get("fingerprint", "")),
+                       dropped_updates=max(0, int(data.get("dropped_updates", 0))))
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             # A corrupt state file costs at most one retraining: never refuse to start over it.
             return cls()

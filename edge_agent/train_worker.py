@@ -27,6 +27,7 @@ import msgpack
 import numpy as np
 
 from edge_agent.errors import FingerprintMismatch, TrainingFailed
+from edge_agent.participation import EvalOutcome
 from fedge_contract.frames import HEADER as _HEADER
 from fedge_contract.frames import pack_frame, read_frame
 from fedge_contract.messages import pack_weights, unpack_weights
@@ -111,6 +112,14 @@ async def train_in_child(job: TrainJob, model_payload: bytes, stop: StopSignal) 
     return ChildUpdate(unpack_weights(reply["delta"]), outcome)
 
 
+async def evaluate_in_child(job: TrainJob, model_payload: bytes) -> EvalOutcome | None:
+    """Evaluate the global model on this device's held-out split in a child (federated evaluation); None: no such data."""
+    reply = await _run_child({"kind": "evaluate", "model": model_payload, **_job_dict(job)}, None)
+    if not reply.get("evaluated"):
+        return None
+    return EvalOutcome(int(reply["num_samples"]), float(reply["loss"]), float(reply["accuracy"]), float(reply["seconds"]))
+
+
 def _job_dict(job: TrainJob) -> dict[str, Any]:
     data = dataclasses.asdict(job)
     data["task_options"] = dict(job.task_options)
@@ -163,8 +172,11 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 
 def _child_main(stdin_fd: int, stdout: BinaryIO) -> int:
-    (length,) = _HEADER.unpack(_read_exact(stdin_fd, _HEADER.size))
-    request = msgpack.unpackb(_read_exact(stdin_fd, length), raw=False)
+    try:
+        (length,) = _HEADER.unpack(_read_exact(stdin_fd, _HEADER.size))
+        request = msgpack.unpackb(_read_exact(stdin_fd, length), raw=False)
+    except EOFError:
+        return 0  # the agent died before its job was sent: nothing to do, nobody to tell
     logging.basicConfig(level=str(request.get("log_level", "warning")).upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[train] %(message)s")
     for entry in reversed(request.get("sys_path", [])):
@@ -184,9 +196,24 @@ def _child_main(stdin_fd: int, stdout: BinaryIO) -> int:
     except Exception as exc:  # the parent turns this into a clear TrainingFailed
         log.debug("training failed", exc_info=True)
         reply = {"ok": False, "kind": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    stdout.write(pack_frame(reply))
-    stdout.flush()
+    try:
+        stdout.write(pack_frame(reply))
+        stdout.flush()
+    except BrokenPipeError:
+        _orphaned(stdout)
     return 0
+
+
+def _orphaned(stdout: BinaryIO) -> None:
+    """The agent is gone (killed mid-training): its answer has no reader. One debug line, no traceback.
+
+    The reply's descriptor is pointed at /dev/null, so the buffered bytes that closing it at exit
+    flushes cannot raise a second BrokenPipeError ("Exception ignored ...") either.
+    """
+    log.debug("the agent is gone: nobody reads this training's result")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stdout.fileno())
+    os.close(devnull)
 
 
 def _serve(request: dict[str, Any], stdin_fd: int) -> dict[str, Any]:
@@ -202,6 +229,8 @@ def _serve(request: dict[str, Any], stdin_fd: int) -> dict[str, Any]:
 
     limit_torch_threads(int(request["torch_threads"]))
     task = load_task(request["task"], request["task_options"])
+    if request["kind"] == "evaluate":
+        return _evaluate(task, request)
     before = psutil.Process().memory_info().rss
     trainer = LocalTrainer(task, request["client_id"], int(request["seed"]))
     data_mib = (psutil.Process().memory_info().rss - before) / 2**20
@@ -232,6 +261,17 @@ def _serve(request: dict[str, Any], stdin_fd: int) -> dict[str, Any]:
         "num_samples": result.num_samples, "loss": result.loss, "accuracy": result.accuracy,
         "seconds": result.seconds, "batches": result.batches, "peak_rss_mib": peak,
     }
+
+
+def _evaluate(task: Any, request: dict[str, Any]) -> dict[str, Any]:
+    from edge_agent.evaluator import LocalEvaluator
+    from fedge_contract import GlobalModel
+
+    model = GlobalModel.from_bytes(request["model"], max_bytes=int(request["max_model_bytes"]), fleet=request["fleet"])
+    outcome = LocalEvaluator(task, request["client_id"]).run(model)
+    if outcome is None:
+        return {"ok": True, "evaluated": False}
+    return {"ok": True, "evaluated": True, **dataclasses.asdict(outcome)}
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ from aggregator.errors import AggregatorError
 from broker.errors import BrokerError
 from edge_agent.errors import AgentError
 from fedge.errors import CommandError
+from fedge.failures import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_STORAGE, EXIT_USAGE, storage_failure
 from fedge.peak_memory import report_at_exit
 from fedge.running import run_until_stopped as _run
 from fedge_contract.errors import ContractError
@@ -96,7 +97,7 @@ def chaos_options(args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedge", description="Federated learning for fleets of edge devices over MQTT.")
+    parser = argparse.ArgumentParser(prog="fedge", description="Federated learning for fleets of edge devices over MQTT.", epilog=EXIT_CODES_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--min", dest="min_updates", type=int, help="updates needed to close at the deadline (default: the target)")
     group.add_argument("--deadline", type=float, default=60.0, help="seconds a round stays open before closing or extending")
     aggregator_settings().add_flags(p, include=_passed_to_aggregator)  # the aggregator's own flags, passed on to it
+    p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="another option for the task, e.g. min_samples=5 (digits over 100 devices at alpha 0.5)")
     p.add_argument("--stragglers", type=float, default=0.0, help="fraction of agents made --slowdown times slower (default 0)")
     p.add_argument("--slowdown", type=float, default=5.0, help="how much slower the stragglers are (default 5)")
     p.add_argument("--emulated-train-seconds", type=float, default=0.0,
@@ -159,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "training is serialised here, so stragglers only matter when this dominates)")
     _chaos_flags(p)
     p.add_argument("--out", type=Path, help="report folder (default runs/sim-<time>)")
-    p.add_argument("--agent-procs", "--hosts", type=int, default=1, help="processes hosting the agents (each its own MQTT connections)")
+    p.add_argument("--agent-procs", "--hosts", type=int,
+                   help="processes hosting the agents, each agent with its own MQTT connection "
+                        "(default 1; synthetic: one per 2,500 agents)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines, only the final table")
     group = p.add_argument_group("synthetic load (measure the transport and the aggregator, not learning)")
     group.add_argument("--synthetic", action="store_true",
@@ -220,11 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        return 130
-    except USER_ERRORS as exc:
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        failure = storage_failure(exc, getattr(args, "store", None))  # a full, read-only or broken store (fedge/failures.py)
+        if failure is None and not isinstance(exc, USER_ERRORS):
+            raise  # a bug: keep its traceback
         log.debug("fatal", exc_info=True)
-        print(f"fedge {args.command}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
-        return 2
+        print(f"fedge {args.command}: error: {failure or ' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        return EXIT_STORAGE if failure else EXIT_USAGE
 
 
 def _run_broker(args: argparse.Namespace) -> int:
@@ -249,6 +257,7 @@ def _run_aggregator(args: argparse.Namespace) -> int:
     from fedge_runtime.allocator import keep_large_buffers
 
     config = aggregator_config(args)
+    args.store = config.store  # the store as resolved (flag, FEDGE_STORE or the file): a failing one is named by it
     keep_large_buffers()
     return _run(Coordinator(config).run())
 
@@ -352,7 +361,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 def simulation_options(args: argparse.Namespace) -> Any:
     """The SimulationOptions of `fedge simulate`'s arguments; the aggregator settings among them are validated here."""
-    from fedge.simulate.runner import SimulationOptions
+    from fedge.simulate.runner import SimulationOptions, default_agent_procs
+    from fedge_tasks.base import parse_options
 
     passed = _aggregator_passthrough(args)
     training = {key.partition(".")[2]: passed.pop(key) for key in list(passed) if key.startswith("training.")}
@@ -377,7 +387,7 @@ def simulation_options(args: argparse.Namespace) -> Any:
         emulated_train_seconds=args.emulated_train_seconds,
         chaos=chaos_options(args),
         out=args.out,
-        agent_procs=args.agent_procs,
+        agent_procs=args.agent_procs or default_agent_procs(args.agents, args.synthetic),
         quiet=args.quiet,
         log_level=args.log_level,
         log_json=args.log_json,
@@ -385,5 +395,6 @@ def simulation_options(args: argparse.Namespace) -> Any:
         params=args.params,
         downloads=args.downloads,
         workers=int(workers) if workers is not None else None,
+        task_extra=parse_options(args.task_opt),
     ))
     return options

@@ -7,7 +7,8 @@
 
 Bad settings raise ``fedge_runtime.settings.SettingsError``; the programs raise their own roots
 (``AgentError``, ``AggregatorError``, ``ContractError``, ``TaskLoadError``). ``fedge.cli.main``
-prints each of them, and ``OSError``, as one line; anything else is a bug and keeps its traceback.
+prints each of them, and ``OSError``, as one line (exit code 2); a store that cannot be used is
+one line too, with exit code 74 (``fedge.failures``); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

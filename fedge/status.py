@@ -76,6 +76,9 @@ def _summary(view: FleetView, now: float) -> Text:
             parts = [f"{name} {metrics[name]:.4f}" for name in ("accuracy", "loss") if name in metrics]
             text.append("  last " + ", ".join(parts))
     text.append(f"\ndevices {len(view.devices)}: {online} online, {eligible} eligible")
+    dropped = sum(p.dropped for p in view.devices.values())
+    if dropped:  # updates devices trained but threw away unanswered (their round was over): issue 19
+        text.append(f", {dropped} update{'s' if dropped != 1 else ''} dropped unanswered", style="yellow")
     return text
 
 
@@ -83,12 +86,13 @@ def _device_table(view: FleetView) -> Table:
     table = Table(show_edge=False)
     for column in ("device", "state", "eligible", "why not", "readings", "version"):
         table.add_column(column)
+    table.add_column("dropped", justify="right")  # updates dropped unanswered, ever
     for client in sorted(view.devices):
         p = view.devices[client]
         eligible = {True: "yes", False: "no", None: "?"}[p.eligible]
         readings = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(p.device.items()))
         style = "" if p.state == "online" else "dim"
-        table.add_row(client, p.state, eligible, p.why_not, readings, p.agent_version, style=style)
+        table.add_row(client, p.state, eligible, p.why_not, readings, p.agent_version, str(p.dropped), style=style)
     return table
 
 

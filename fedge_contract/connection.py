@@ -1,7 +1,8 @@
 """The one MQTT connection every fedge program owns: self-healing, supervised, with backpressure.
 
 A network problem (the broker away, a dropped connection, a timed-out ack) is healed: reconnect
-after a capped full-jitter backoff, publish again (every fedge message is idempotent). Anything
+on the schedule of ``fedge_contract.reconnect`` (a jittered wait that grows with the time offline),
+publish again (every fedge message is idempotent). Anything
 else (an ``on_connect`` that raises, a bug in a background publish or a Subscriber's handler) is
 the connection's failure: it stops for good, every pending and later operation raises
 ``ConnectionFailed``, the owner's body is interrupted and its ``async with`` raises the error.
@@ -12,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
@@ -26,31 +26,13 @@ from fedge_contract._backpressure import Inbox, PausableReader
 from fedge_contract.aio import First, Second, race
 from fedge_contract.errors import ConnectionFailed, ConnectionLost
 from fedge_contract.mqtt_client import QOS, BrokerAddress, aiomqtt_client
+from fedge_contract.reconnect import Backoff
 from fedge_contract.supervisor import Supervisor
 
 log = logging.getLogger("fedge.mqtt")
 
 # What the network does to a connection: healed by reconnecting. Anything else is a failure.
 _NETWORK_ERRORS = (aiomqtt.MqttError, ConnectionLost)
-
-
-@dataclass
-class Backoff:
-    """Capped full-jitter exponential backoff (AWS architecture blog, "Exponential Backoff and Jitter").
-
-    A fleet that lost its broker reconnects spread out over ``[0, min(cap, base * 2**n)]``
-    instead of all at once. ``rng`` is injectable so tests are deterministic.
-    """
-
-    base: float = 0.5
-    cap: float = 30.0
-    rng: random.Random = field(default_factory=random.Random)
-
-    def delays(self) -> Iterator[float]:
-        attempt = 0
-        while True:
-            yield self.rng.uniform(0.0, min(self.cap, self.base * 2**attempt))
-            attempt = min(attempt + 1, 32)
 
 
 class Connection:
@@ -79,6 +61,7 @@ class Connection:
         on_connect: Callable[[], Awaitable[None]] | None = None,
         backoff: Backoff | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
         keepalive: int = 30,
         session_expiry: int = 3600,
         publish_timeout: float = 30.0,
@@ -94,6 +77,7 @@ class Connection:
         self.on_connect = on_connect
         self.backoff = backoff or Backoff()
         self.sleep = sleep
+        self.clock = clock
         self.keepalive = keepalive
         self.session_expiry = session_expiry
         self.publish_timeout = publish_timeout
@@ -111,7 +95,7 @@ class Connection:
         self._client: aiomqtt.Client | None = None
         self._unsubscribed: set[str] = set()  # dropped from `subscriptions`, not yet confirmed by the broker
         self._dropped = asyncio.Event()  # set when the current connection ends (a new one per connection)
-        self._delays = self.backoff.delays()
+        self._connected_at: float | None = None  # clock() when the current connection was made
         self._supervisor: Supervisor | None = None
         self._ended = asyncio.Event()  # failed for good, or being left: waiting callers give up
 
@@ -168,7 +152,7 @@ class Connection:
 
     # ------------------------------------------------------------------ the connection loop
     async def _run(self) -> None:
-        self._delays = self.backoff.delays()
+        offline_since = self.clock()  # the end of the last stable connection (the backoff's outage)
         while True:
             try:
                 await self._connect_once()
@@ -180,7 +164,11 @@ class Connection:
                 self._dropped.set()
                 self._client = None
                 self._reader = None  # the next connection reads through a new one, not paused
-            await self.sleep(next(self._delays))
+            now = self.clock()
+            if self._connected_at is not None and now - self._connected_at >= self.backoff.stable_after:
+                offline_since = now  # a connection that lived: a new outage starts
+            self._connected_at = None
+            await self.sleep(self.backoff.delay(now - offline_since))
 
     async def _connect_once(self) -> None:
         """One connection, from handshake to drop, ended early if its socket closes.
@@ -215,7 +203,7 @@ class Connection:
             self._client = client  # no await since the sync: later changes go to this client directly
             self._dropped = asyncio.Event()
             self.connections += 1
-            self._delays = self.backoff.delays()
+            self._connected_at = self.clock()
             self.connected.set()
             log.info("connected to %s as %s", self.address, self.identifier)
             if self.on_connect is not None:

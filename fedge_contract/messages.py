@@ -18,7 +18,9 @@ from typing import Any, ClassVar, TypeVar, cast
 import msgpack
 
 from fedge_contract.codecs import EncodedTensor, check_shape
+from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
+from fedge_contract.packing import Piece, assemble, pieces
 from fedge_contract.tensors import WIRE_DTYPES
 
 SCHEMA_VERSION = 1
@@ -181,26 +183,36 @@ class GlobalModel:
     # With delta broadcasts (fedge_contract.broadcast): the hash of the model these tensors decode
     # to. Absent (None) from a plain full broadcast, whose bytes are then exactly as before.
     held_hash: bytes | None = None
+    # Cohort selection and federated evaluation (fedge_contract.cohort): who trains this round, who
+    # evaluates this model. Absent (None): every device trains, nobody is asked to evaluate.
+    cohort: Participation | None = None
 
     def to_bytes(self) -> bytes:
-        held = {} if self.held_hash is None else {"held_hash": self.held_hash}
-        packed: bytes = msgpack.packb(
-            {
-                "schema": SCHEMA_VERSION,
-                "type": self.TYPE,
-                "fleet": self.fleet,
-                "final": self.final,
-                "model_version": self.model_version,
-                "round": self.round,
-                "deadline": self.deadline,
-                "task": self.task.to_wire(),
-                "fingerprint": self.fingerprint,
-                **held,
-                "tensors": [t.to_wire() for t in self.tensors],
-            },
-            use_bin_type=True,
-        )
+        packed: bytes = msgpack.packb(self._wire(), use_bin_type=True)
         return packed
+
+    def to_buffer(self) -> bytearray:
+        """``to_bytes()``'s bytes, assembled a piece at a time (fedge_contract.packing): for a large model
+        packed by a thread beside an event loop, which a single copy of the whole would stall."""
+        return assemble(pieces(self._wire()))
+
+    def _wire(self) -> dict[str, Any]:
+        held = {} if self.held_hash is None else {"held_hash": self.held_hash}
+        cohort = {} if self.cohort is None else {"cohort": self.cohort.to_wire()}
+        return {
+            "schema": SCHEMA_VERSION,
+            "type": self.TYPE,
+            "fleet": self.fleet,
+            "final": self.final,
+            "model_version": self.model_version,
+            "round": self.round,
+            "deadline": self.deadline,
+            "task": self.task.to_wire(),
+            "fingerprint": self.fingerprint,
+            **held,
+            **cohort,
+            "tensors": [t.to_wire() for t in self.tensors],
+        }
 
     @classmethod
     def from_bytes(cls, payload: bytes, *, max_bytes: int, fleet: str | None = None) -> GlobalModel:
@@ -215,6 +227,7 @@ class GlobalModel:
             tensors=_tensors(reader.take("tensors", list), cls.TYPE),
             final=reader.take("final", bool, default=False),
             held_hash=take_held_hash(reader, "held_hash") if "held_hash" in reader.obj else None,
+            cohort=Participation.from_wire(reader.obj["cohort"]) if "cohort" in reader.obj else None,
         )
 
 
@@ -391,11 +404,14 @@ class Presence:
     eligible: bool | None = None
     why_not: str = ""
     device: Mapping[str, Any] = field(default_factory=dict)
+    # Updates this device dropped unanswered because their round was over, ever (issue 19). Optional
+    # both ways: older agents send none (read as 0), older readers ignore the key.
+    dropped: int = 0
 
     def to_bytes(self) -> bytes:
         return _json_bytes(self.TYPE, self.fleet, {
             "client_id": self.client_id, "state": self.state, "agent_version": self.agent_version,
-            "eligible": self.eligible, "why_not": self.why_not, "device": dict(self.device),
+            "eligible": self.eligible, "why_not": self.why_not, "device": dict(self.device), "dropped": self.dropped,
         })
 
     @classmethod
@@ -412,6 +428,7 @@ class Presence:
             eligible=reader.take("eligible", bool, default=None, nullable=True),
             why_not=reader.take("why_not", str, default=""),
             device=_scalars(reader.take("device", dict, default={}), "presence.device", (bool, float, str)),
+            dropped=reader.nonneg_int("dropped", default=0),
         )
 
 
@@ -465,10 +482,21 @@ class RoundStatus:
 
 def pack_weights(weights: Mapping[str, Any]) -> bytes:
     """Raw float32 tensors as a msgpack list: the checkpoint format (never pickle)."""
-    from fedge_contract.codecs import encode_weights, parse_chain
+    return b"".join(weight_pieces(weights))
 
-    packed: bytes = msgpack.packb([t.to_wire() for t in encode_weights(weights, parse_chain("none"))], use_bin_type=True)
-    return packed
+
+def weight_pieces(weights: Mapping[str, Any]) -> list[Piece]:
+    """``pack_weights``'s bytes as pieces (fedge_contract.packing): a writer that streams (the store's
+    incremental blob I/O) takes them without one copy of the whole model, the tensors' own memory
+    included (the codec ``none``'s bytes are the little-endian float32 array as it is)."""
+    import numpy as np
+
+    wire = []
+    for name, array in weights.items():
+        values = np.ascontiguousarray(array, dtype="<f4")
+        data = values.reshape(-1).data.cast("B")
+        wire.append({"name": name, "dtype": "f32", "shape": [int(d) for d in values.shape], "codec": "none", "data": data})
+    return pieces(wire)
 
 
 def unpack_weights(blob: bytes) -> dict[str, Any]:

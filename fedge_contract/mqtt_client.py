@@ -28,6 +28,7 @@ from paho.mqtt.properties import Properties
 from fedge_contract import _aiomqtt_compat as compat
 from fedge_contract.aio import Second, race
 from fedge_contract.errors import ConnectionLost
+from fedge_contract.reconnect import CONNECT_TIMEOUT
 
 QOS = 1
 
@@ -114,7 +115,7 @@ def aiomqtt_client(
     session_expiry: int = 3600,
     keepalive: int = 30,
     will: aiomqtt.Will | None = None,
-    timeout: float = 10.0,
+    timeout: float = CONNECT_TIMEOUT,
     receive_maximum: int | None = None,
     queue: asyncio.Queue[aiomqtt.Message] | None = None,
 ) -> aiomqtt.Client:

@@ -69,6 +69,14 @@ class Topics:
     def presence(self, client_id: str) -> str:
         return f"{self.prefix}/presence/{check_name('client id', client_id)}"
 
+    def evals(self, client_id: str) -> str:
+        """A device's reports of federated evaluation (fedge_contract/evaluation.py): ``fl/<fleet>/evals/<client_id>``."""
+        return f"{self.prefix}/evals/{check_name('client id', client_id)}"
+
+    @property
+    def all_evals(self) -> str:
+        return f"{self.prefix}/evals/+"
+
     # Large messages travel in chunks (fedge_contract/chunks.py), retained on sub-topics of the
     # message's own topic: the version or update id in the topic keeps chunk sets apart.
     def global_chunks(self, version: int) -> str:
@@ -123,9 +131,9 @@ class Topics:
         return None
 
     def client_of(self, topic: str) -> str | None:
-        """The client id in an ``updates/<id>`` or ``presence/<id>`` topic of this fleet, else None."""
+        """The client id in an ``updates/<id>``, ``presence/<id>``, ``receipts/<id>`` or ``evals/<id>`` topic of this fleet, else None."""
         parts = topic.split("/")
         fleet_topic = len(parts) == 4 and parts[0] == "fl" and parts[1] == self.fleet
-        if fleet_topic and parts[2] in ("updates", "presence", "receipts") and _NAME.match(parts[3]):
+        if fleet_topic and parts[2] in ("updates", "presence", "receipts", "evals") and _NAME.match(parts[3]):
             return parts[3]
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import typing
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -24,17 +25,57 @@ class TaskLoadError(Exception):
 class Task(Protocol):
     """What fedge needs from a user's federated task.
 
-    ``train_data`` runs on the device and returns that device's own samples; ``eval_data`` runs on
-    the aggregator and returns a held-out set (or None to skip evaluation). Both return a
-    ``torch.utils.data.Dataset`` of ``(input, target)`` pairs. A task may also define
-    ``loss(outputs, targets)``; the default is cross-entropy.
+    ``train_data`` runs on the device and returns that device's own samples, a
+    ``torch.utils.data.Dataset`` of ``(input, target)`` pairs.
+
+    Optional methods:
+
+    - ``eval_data(client_id=None)``: held-out data. Called without a client id on the aggregator
+      (its own held-out set; None or no method: the aggregator does not evaluate); called with a
+      client id on a device asked to evaluate (federated evaluation: that device's own held-out
+      split; None: this device has none). A task whose ``eval_data`` takes no argument evaluates
+      on the aggregator only. Use ``server_eval_data`` and ``device_eval_data`` to call it.
+    - ``loss(outputs, targets)``; the default is cross-entropy.
+    - ``suggested_training()``: local training settings the aggregator starts from.
     """
 
     def build_model(self) -> Any: ...
 
     def train_data(self, client_id: str) -> Any: ...
 
-    def eval_data(self) -> Any: ...
+    # Optional (see above): declared for type checkers; ``load_task`` does not require it.
+    def eval_data(self, client_id: str | None = None) -> Any: ...
+
+
+def is_task(obj: object) -> bool:
+    """Whether ``obj`` has what every task must have (``build_model``, ``train_data``); the rest is optional."""
+    return all(callable(getattr(obj, name, None)) for name in ("build_model", "train_data"))
+
+
+def server_eval_data(task: object) -> Any | None:
+    """The aggregator's held-out set: ``task.eval_data()``, or None when the task has none."""
+    method = getattr(task, "eval_data", None)
+    return method() if callable(method) else None
+
+
+def device_eval_data(task: object, client_id: str) -> Any | None:
+    """``client_id``'s own held-out split: ``task.eval_data(client_id)``, or None when the task has none for devices."""
+    method = getattr(task, "eval_data", None)
+    if not callable(method) or not evaluates_on_devices(task):
+        return None
+    return method(client_id)
+
+
+def evaluates_on_devices(task: object) -> bool:
+    """Whether ``task.eval_data`` takes a client id (federated evaluation)."""
+    method = getattr(task, "eval_data", None)
+    if not callable(method):
+        return False
+    try:
+        inspect.signature(method).bind("client")
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def load_task(spec: str, options: Mapping[str, str] | None = None) -> Task:
@@ -52,7 +93,7 @@ def load_task(spec: str, options: Mapping[str, str] | None = None) -> Task:
         obj = getattr(module, attr)
     except AttributeError:
         raise TaskLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if isinstance(obj, Task) and not isinstance(obj, type):
+    if is_task(obj) and not isinstance(obj, type):
         if options:
             raise TaskLoadError(f"task {spec!r} is an instance: it takes no options, got {sorted(options)}")
         return obj
@@ -62,8 +103,8 @@ def load_task(spec: str, options: Mapping[str, str] | None = None) -> Task:
         task = obj(**_coerce(obj, options))
     except TypeError as exc:
         raise TaskLoadError(f"task {spec!r} refused its options {options}: {exc}") from exc
-    if not isinstance(task, Task):
-        raise TaskLoadError(f"task {spec!r} returned {type(task).__name__}, which lacks build_model/train_data/eval_data")
+    if not is_task(task):
+        raise TaskLoadError(f"task {spec!r} returned {type(task).__name__}, which lacks build_model/train_data")
     return task
 
 

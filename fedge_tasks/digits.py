@@ -2,7 +2,9 @@
 
 Pixels are scaled to [0, 1]; a fixed stratified 80/20 split (seed 0) gives the held-out set; the
 training split is divided across ``clients`` devices by a Dirichlet(``alpha``) label skew (numpy
-seed ``seed``). A device's shard is chosen by the integer its client id ends with
+seed ``seed``), and the held-out set across the same devices in the same label proportions (each
+device's own held-out split, for federated evaluation). A device's shard is chosen by the integer
+its client id ends with
 (``agent-7`` holds shard 7 modulo ``clients``): on real hardware a task would read the device's
 own files instead.
 """
@@ -21,7 +23,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedge_tasks.base import TaskLoadError
-from fedge_tasks.partition import dirichlet_partition
+from fedge_tasks.partition import dirichlet_partition, split_like
 
 _TRAILING_INT = re.compile(r"(\d+)$")
 
@@ -72,8 +74,15 @@ def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=8)
-def _partition(clients: int, alpha: float, seed: int) -> tuple[np.ndarray, ...]:
-    return tuple(dirichlet_partition(load_split()[1], clients, alpha, seed))
+def _partition(clients: int, alpha: float, seed: int, min_samples: int = 10) -> tuple[np.ndarray, ...]:
+    return tuple(dirichlet_partition(load_split()[1], clients, alpha, seed, min_size=min_samples))
+
+
+@functools.lru_cache(maxsize=8)
+def _held_out(clients: int, alpha: float, seed: int, min_samples: int) -> tuple[np.ndarray, ...]:
+    """The test split divided across devices with each device's own label skew (its training shard's)."""
+    _, y_train, _, y_test = load_split()
+    return tuple(split_like(list(_partition(clients, alpha, seed, min_samples)), y_train, y_test))
 
 
 @dataclass(frozen=True)
@@ -83,15 +92,25 @@ class DigitsTask:
     seed: int = 0  # partition seed
     hidden: int = 128
     init_seed: int = 0  # seed of the initial global weights
+    min_samples: int = 10  # every device's training shard holds at least this many (100 devices at alpha 0.5 need 5)
 
     def build_model(self) -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            return torch.nn.Sequential(
-                torch.nn.Linear(64, self.hidden),  # (B, 64) -> (B, hidden)
-                torch.nn.ReLU(),
-                torch.nn.Linear(self.hidden, 10),  # -> (B, 10) logits
-            )
+        """The MLP with torch's default initialisation drawn from a generator of its own, seeded with ``init_seed``.
+
+        Not ``torch.manual_seed``: the global generator is shared by every thread of the process, and an
+        aggregator and in-process agents building their models at the same time drew each other's
+        numbers (a different v0 from run to run). The draws are the ones ``manual_seed(init_seed)``
+        then ``nn.Linear`` made, in the same order, so the weights are the same as before.
+        """
+        generator = torch.Generator().manual_seed(self.init_seed)
+        first = torch.nn.utils.skip_init(torch.nn.Linear, 64, self.hidden)  # (B, 64) -> (B, hidden)
+        second = torch.nn.utils.skip_init(torch.nn.Linear, self.hidden, 10)  # -> (B, 10) logits
+        with torch.no_grad():
+            for layer in (first, second):  # nn.Linear.reset_parameters, with our generator
+                torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                bound = 1 / math.sqrt(layer.in_features)
+                layer.bias.uniform_(-bound, bound, generator=generator)
+        return torch.nn.Sequential(first, torch.nn.ReLU(), second)
 
     def suggested_training(self) -> dict[str, float | int]:
         """Local training that reaches ~0.95 in 30 FedAvg rounds on 20 clients (Dirichlet 0.5, seeds 0-2)."""
@@ -105,9 +124,21 @@ class DigitsTask:
 
     def train_data(self, client_id: str) -> TensorDataset:
         x, y, _, _ = load_split()
-        idx = _partition(self.clients, self.alpha, self.seed)[self.shard_of(client_id)]
+        idx = _partition(self.clients, self.alpha, self.seed, self.min_samples)[self.shard_of(client_id)]
         return TensorDataset(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
 
-    def eval_data(self) -> TensorDataset:
+    def eval_data(self, client_id: str | None = None) -> TensorDataset | None:
+        """The aggregator's held-out set (no client id), or a device's share of it.
+
+        A device's share follows its training shard's labels (``split_like``), and the shares of
+        all ``clients`` devices are exactly the aggregator's set: federated evaluation over every
+        device equals the server's. With many devices a share is small (360 test samples over 100
+        devices: ~3.6 each), and a device with none reports nothing (None).
+        """
         _, _, x, y = load_split()
+        if client_id is not None:
+            idx = _held_out(self.clients, self.alpha, self.seed, self.min_samples)[self.shard_of(client_id)]
+            if len(idx) == 0:
+                return None
+            x, y = x[idx], y[idx]
         return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))

@@ -32,3 +32,25 @@ def dirichlet_partition(
         if min(len(s) for s in shards) >= min_size:
             return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
     raise ValueError(f"could not give every one of {num_clients} clients {min_size} samples with alpha={alpha}")
+
+
+def split_like(shards: list[np.ndarray], labels: np.ndarray, other_labels: np.ndarray) -> list[np.ndarray]:
+    """Split every index of ``other_labels`` across the clients of ``shards`` (a partition of
+    ``labels``): each class goes to the clients in proportion to their share of that class in
+    ``shards`` (largest remainder; a class no client holds is split evenly).
+
+    Each client's part then has its own label skew, and the parts together are exactly
+    ``other_labels``: deterministic, no randomness.
+    """
+    parts: list[list[int]] = [[] for _ in shards]
+    for cls in np.unique(other_labels):
+        idx = np.flatnonzero(other_labels == cls)
+        held = np.array([np.count_nonzero(labels[s] == cls) for s in shards], dtype=np.float64)
+        if held.sum() == 0:
+            held[:] = 1.0
+        exact = held / held.sum() * len(idx)
+        take = np.floor(exact).astype(int)
+        take[np.argsort(-(exact - take), kind="stable")[: len(idx) - int(take.sum())]] += 1
+        for part, chunk in zip(parts, np.split(idx, np.cumsum(take)[:-1]), strict=True):
+            part.extend(chunk.tolist())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]

@@ -56,7 +56,8 @@ def fleet_state(
         "target": status.target if status else None,
         "deadline": status.deadline if status else None,
         "devices": [
-            {"client_id": client, "state": p.state, "eligible": p.eligible, "why_not": p.why_not, "device": dict(p.device)}
+            {"client_id": client, "state": p.state, "eligible": p.eligible, "why_not": p.why_not, "dropped": p.dropped,
+             "device": dict(p.device)}
             for client, p in sorted(devices.items())
         ],
         "rounds": history,
@@ -110,7 +111,8 @@ svg text{font-size:10px;fill:#667}
 <span id="eligible">0</span> eligible</div></section>
 <section><h2>Accuracy per round</h2><svg id="accuracy-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
 <section><h2>Upload bytes per round</h2><svg id="bytes-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
-<section class="wide"><h2>Devices</h2><table><thead><tr><th>device</th><th>state</th><th>eligible</th><th>why not</th><th>readings</th></tr></thead>
+<section class="wide"><h2>Devices</h2><table><thead><tr>
+<th>device</th><th>state</th><th>eligible</th><th>why not</th><th>dropped</th><th>readings</th></tr></thead>
 <tbody id="devices"></tbody></table></section>
 </main>
 <script>
@@ -179,6 +181,7 @@ function render(s) {
     cell(row, d.state);
     cell(row, d.eligible === null ? "?" : (d.eligible ? "yes" : "no"), d.eligible === null ? "" : (d.eligible ? "yes" : "no"));
     cell(row, d.why_not);
+    cell(row, String(d.dropped));
     cell(row, Object.keys(d.device).sort()
       .map(k => k + "=" + (typeof d.device[k] === "number" ? +d.device[k].toPrecision(3) : d.device[k])).join(" "));
   }

@@ -2,7 +2,8 @@
 
 Devices publish their presence (online or offline, eligible or why not, their readings) retained,
 with a last will that says offline. The coordinator hands every presence message here; the
-dashboard's fleet table and the online gauge read from it.
+dashboard's fleet table, the online gauge and the fleet's count of updates devices dropped
+unanswered (a device's ``dropped``, issue 19) read from it.
 """
 
 from __future__ import annotations
@@ -34,3 +35,4 @@ class FleetView:
             (self.online.add if presence.state == "online" else self.online.discard)(client)
             self.devices[client] = presence
         self.metrics.online_agents(len(self.online))
+        self.metrics.dropped_updates(sum(p.dropped for p in self.devices.values()))

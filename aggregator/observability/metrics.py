@@ -62,6 +62,9 @@ class AggregatorMetrics:
         self.round_accepted = Gauge("fedge_round_accepted_updates", "Updates accepted into the open round", registry=r)
         self.round_target = Gauge("fedge_round_target_updates", "Updates that close the open round", registry=r)
         self.online = Gauge("fedge_online_agents", "Agents whose retained presence says online", registry=r)
+        self.dropped = Gauge("fedge_agent_dropped_updates",
+                             "Updates the fleet's devices dropped unanswered because their round was over (sum of their presence's count)",
+                             registry=r)
         self.round_seconds = Histogram("fedge_round_duration_seconds", "Seconds from a round's opening to its new model",
                                        buckets=ROUND_SECONDS_BUCKETS, registry=r)
         self.accuracy = Gauge("fedge_eval_accuracy", "Held-out accuracy of the latest model (if evaluated)", registry=r)
@@ -110,6 +113,9 @@ class AggregatorMetrics:
 
     def online_agents(self, count: int) -> None:
         self.online.set(count)
+
+    def dropped_updates(self, count: int) -> None:
+        self.dropped.set(count)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

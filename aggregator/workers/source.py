@@ -31,6 +31,7 @@ robust rules (median, trimmed mean, Krum) and the adaptive norm bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ class WorkerIngest:
         self._conn: Connection | None = None
         self._epoch: int | None = None
         self._pool: WorkerPool | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._running = contextlib.AsyncExitStack()  # the pool and the pump, left in reverse order
         self._current: Round | None = None  # the round being collected or gathered
         self._closing = False
         self._open_frame: dict[str, Any] | None = None  # what a worker that becomes ready is told
@@ -110,29 +111,27 @@ class WorkerIngest:
         self._conn, self._epoch = conn, epoch
 
     async def __aenter__(self) -> Self:
+        """Start the workers and the pump of the coordinator's own messages; return once every worker is ready."""
         assert self._conn is not None
-        self._pump = asyncio.create_task(self._pump_messages(self._conn), name="coordinator-messages")
-        try:
-            self._pool = await WorkerPool(self.config.ingest.workers, self._setup, self.events).__aenter__()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.ingest.close)
+            pump = asyncio.create_task(self._pump_messages(self._conn), name="coordinator-messages")
+            stack.push_async_callback(cancel_and_wait, [pump])
+            self._pool = await stack.enter_async_context(WorkerPool(self.config.ingest.workers, self._setup, self.events))
             while not all(w.ready for w in self.workers.values()):
                 event = await self.events.get()
                 if isinstance(event, WorkerEvent):
                     await self._on_worker(event)
-        except BaseException:
-            await self.__aexit__(None, None, None)
-            raise
+            self._running = stack.pop_all()
         log.info("%d ingest workers ready on %s", self.config.ingest.workers, self.ingest.topics.all_updates)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        """Stop the workers (asked, then killed), the pump and the coordinator's receipts."""
         try:
-            if self._pool is not None:
-                await self._pool.__aexit__(None, None, None)
+            await self._running.aclose()
         finally:
             self._pool = None
-            if self._pump is not None:
-                await cancel_and_wait([self._pump])
-            self.ingest.close()
 
     async def _pump_messages(self, conn: Connection) -> None:
         while True:

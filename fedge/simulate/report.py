@@ -24,6 +24,10 @@ class RoundRow:
     bytes_down: int  # announcements (GlobalModel or GlobalDelta, chunks included) for this round x agents subscribed
     updates_published: int
     seconds: float  # from the round's opening to the next round's (or the end)
+    selection_bytes: int = 0  # the announcement's cohort field (fedge_contract/cohort.py), per announcement
+    trained: int | None = None  # synthetic: devices that made an update for this round (None: not counted)
+    evals: int | None = None  # synthetic: evaluation reports sent for this round's model
+    train_seconds: float | None = None  # devices' training seconds in the updates published for this round
     # delta broadcasts: catch-up material the aggregator put on retained topics this round (keyframes,
     # retained deltas, the task); stored once on the broker, downloaded only by devices that catch up
     bytes_retained: int = 0

@@ -67,6 +67,7 @@ class SimulationOptions:
     params: int = 1_000_000
     downloads: str = "host"  # synthetic: who downloads the global model, each host once or every agent
     workers: int | None = None  # passed to `fedge aggregator --workers` when given
+    task_extra: dict[str, str] = field(default_factory=dict)  # more task options (e.g. digits' min_samples=5 for 100 devices)
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.rounds < 1:
@@ -110,12 +111,21 @@ class SimulationOptions:
             opts: dict[str, Any] = {"params": self.params, "init_seed": self.seed}
         else:
             opts = {"clients": self.agents, "alpha": self.alpha, "seed": self.seed, "init_seed": self.seed}
-        return [f"--task-opt={k}={v}" for k, v in opts.items()]
+        return [f"--task-opt={k}={v}" for k, v in {**opts, **self.task_extra}.items()]
 
     @property
     def global_subscribers(self) -> int:
         """Connections that download each global model: every agent, or one per synthetic host."""
         return self.agent_procs if self.synthetic and self.downloads == "host" else self.agents
+
+
+SYNTHETIC_AGENTS_PER_HOST = 2500  # 10,000 connections in 4 processes: ~50 s to connect, ~300-400 MiB each (README, bench/participation)
+
+
+def default_agent_procs(agents: int, synthetic: bool) -> int:
+    """Host processes when --hosts is not given: one for trained agents (they share one torch), a
+    few for synthetic ones (each holds its agents' connections and sessions on one event loop)."""
+    return max(1, -(-agents // SYNTHETIC_AGENTS_PER_HOST)) if synthetic else 1
 
 
 def _flags(training: dict[str, Any]) -> list[str]:
@@ -337,9 +347,11 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
     rows = []
     for number in sorted(stored):
         traffic = tap.rounds[number]
+        trained = evals = None
         if options.synthetic:  # what the hosts published (the tap does not copy updates in this mode)
             published = [ledger["rounds"].get(str(number), {}) for ledger in hosts.values()]
-            updates, bytes_up = sum(p.get("updates", 0) for p in published), sum(p.get("bytes", 0) for p in published)
+            updates, bytes_up = int(sum(p.get("updates", 0) for p in published)), int(sum(p.get("bytes", 0) for p in published))
+            trained, evals = int(sum(p.get("trained", 0) for p in published)), int(sum(p.get("evals", 0) for p in published))
         else:
             updates, bytes_up = traffic.updates, traffic.bytes_up
         metrics = stored[number]["metrics"]
@@ -348,7 +360,8 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
             RoundRow(
                 round=number, accuracy=metrics.get("accuracy", float("nan")), loss=metrics.get("loss", float("nan")),
                 participants=int(stored[number]["accepted"]), bytes_up=bytes_up, bytes_down=tap.bytes_down(number),
-                updates_published=updates, seconds=seconds, bytes_retained=traffic.retained_bytes,
+                updates_published=updates, seconds=seconds, selection_bytes=traffic.selection_bytes, trained=trained, evals=evals,
+                train_seconds=None if options.synthetic else traffic.train_seconds, bytes_retained=traffic.retained_bytes,
             )
         )
     peaks = {"orchestrator": peak_rss_mib()}

@@ -47,7 +47,9 @@ import numpy as np
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
 from fedge_contract.aio import race
 from fedge_contract.codecs import EncodedTensor, encode_weights, parse_chain
+from fedge_contract.cohort import Participation
 from fedge_contract.errors import CodecError
+from fedge_contract.evaluation import EvalReport
 from fedge_contract.mqtt import QOS, Backoff, BrokerAddress, Connection, Subscriber
 
 log = logging.getLogger("fedge.synthetic")
@@ -68,11 +70,19 @@ class RoundInfo:
     codec: str
     fingerprint: str
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    fleet: str = ""
+    cohort: Participation | None = None  # who trains, who evaluates (fedge_contract/cohort.py)
 
     @classmethod
     def of(cls, model: GlobalModel) -> RoundInfo:
         return cls(model.round, model.model_version, model.final, model.task.codec, model.fingerprint,
-                   tuple((t.name, t.shape) for t in model.tensors))
+                   tuple((t.name, t.shape) for t in model.tensors), model.fleet, model.cohort)
+
+    def invites(self, client_id: str) -> bool:
+        return self.cohort is None or self.cohort.invites(client_id, fleet=self.fleet, round_no=self.round)
+
+    def asks_eval(self, client_id: str) -> bool:
+        return self.cohort is not None and self.cohort.asks_eval(client_id, fleet=self.fleet, model_version=self.version)
 
 
 class DeltaPool:
@@ -114,26 +124,46 @@ class DeltaPool:
 class Ledger:
     """What a host's agents published and heard back, per round (written to JSON for the report)."""
 
-    rounds: dict[int, dict[str, int]] = field(default_factory=lambda: collections.defaultdict(_round_counts))
+    rounds: dict[int, dict[str, float]] = field(default_factory=lambda: collections.defaultdict(_round_counts))
     receipts: collections.Counter[str] = field(default_factory=collections.Counter)
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)  # refusals by reason code (not_invited, ...)
     superseded: int = 0  # updates still without a receipt when a newer round opened (published or not)
+
+    def trained(self, round_no: int) -> None:
+        """A device made an update for this round (a real device would have spent its training on it)."""
+        self.rounds[round_no]["trained"] += 1
+
+    def saw_model(self, round_no: int, at: float) -> None:
+        """An agent received the round's announcement at wall-clock ``at`` (the fan-out's spread)."""
+        counts = self.rounds[round_no]
+        counts["model_first"] = min(counts["model_first"] or at, at)
+        counts["model_last"] = max(counts["model_last"], at)
 
     def published(self, round_no: int, nbytes: int) -> None:
         self.rounds[round_no]["updates"] += 1
         self.rounds[round_no]["bytes"] += nbytes
 
-    def answered(self, round_no: int, status: ReceiptStatus, nbytes: int) -> None:
+    def evaluated(self, round_no: int) -> None:
+        self.rounds[round_no]["evals"] += 1
+
+    def answered(self, round_no: int, status: ReceiptStatus, nbytes: int, reason: str = "") -> None:
         self.receipts[status.value] += 1
+        self.rounds[round_no][status.value] += 1
         if status is ReceiptStatus.ACCEPTED:
-            self.rounds[round_no]["accepted"] += 1
             self.rounds[round_no]["accepted_bytes"] += nbytes
+        elif reason:
+            self.reasons[reason.split(":", 1)[0]] += 1
+            if reason.startswith("not_invited"):
+                self.rounds[round_no]["uninvited"] += 1
 
     def to_json(self) -> dict[str, Any]:
-        return {"rounds": {str(k): v for k, v in sorted(self.rounds.items())}, "receipts": dict(self.receipts), "superseded": self.superseded}
+        return {"rounds": {str(k): v for k, v in sorted(self.rounds.items())}, "receipts": dict(self.receipts),
+                "reasons": dict(self.reasons), "superseded": self.superseded}
 
 
-def _round_counts() -> dict[str, int]:
-    return {"updates": 0, "bytes": 0, "accepted": 0, "accepted_bytes": 0}
+def _round_counts() -> dict[str, float]:
+    return dict.fromkeys(("trained", "updates", "bytes", "accepted", "accepted_bytes", "stale", "rejected", "duplicate",
+                          "uninvited", "evals", "model_first", "model_last"), 0)
 
 
 @dataclass
@@ -176,6 +206,8 @@ class SyntheticAgent:
         self.connected = asyncio.Event()  # set on the first connection
         self.done = asyncio.Event()  # the final model was announced
         self._version = -1  # newest model version answered
+        self._evaluated = -1  # newest model version evaluated
+        self._evals: list[RoundInfo] = []  # evaluations asked for and not reported yet
         self._pending: _Pending | None = None
         self._wake = asyncio.Event()
 
@@ -185,13 +217,17 @@ class SyntheticAgent:
         if self._pending is not None and self._pending.info.round < info.round:
             self._pending = None  # its round is over (sync mode): never publish it
             self.ledger.superseded += 1
+        if info.asks_eval(self.client_id) and info.version > self._evaluated:
+            self._evaluated = info.version
+            self._evals.append(info)
         if info.final:
             self.done.set()
-        elif info.version > self._version:
+        elif info.version > self._version and info.invites(self.client_id):
             self._version = info.version
             rng = random.Random(f"{self.seed}:{self.client_id}:{info.round}")
             self._pending = _Pending(new_update_id(), info, num_samples=rng.randint(20, 200))
-        elif self._pending is not None:
+            self.ledger.trained(info.round)
+        elif self._pending is not None and self._pending.info.version == info.version:
             self._pending.published = False  # re-announced (round extended, aggregator reconnected): resend
         self._wake.set()
 
@@ -204,7 +240,7 @@ class SyntheticAgent:
         pending = self._pending
         if pending is not None and receipt.update_id == pending.update_id:
             self._pending = None
-            self.ledger.answered(pending.info.round, receipt.status, pending.nbytes)
+            self.ledger.answered(pending.info.round, receipt.status, pending.nbytes, receipt.reason)
             if receipt.status is ReceiptStatus.REJECTED:
                 log.error("%s: update rejected: %s", self.client_id, receipt.reason)
 
@@ -253,17 +289,33 @@ class SyntheticAgent:
                 except DecodeError as exc:
                     log.error("%s: refusing global model: %s", self.client_id, exc)
                     continue
-                if not info.final:
+                self.ledger.saw_model(info.round, time.time())
+                if not info.final and info.invites(self.client_id):
                     await self.pool.prepare(info)
                 self.on_model(info)
             else:
                 self._on_receipt(payload)
 
+    def _eval_report(self, info: RoundInfo) -> bytes:
+        """A plausible evaluation, seeded by device and version: accuracy climbs with the version."""
+        rng = random.Random(f"{self.seed}:{self.client_id}:eval:{info.version}")
+        accuracy = min(1.0, max(0.0, 0.5 + 0.4 * (1 - 0.9**info.version) + rng.gauss(0, 0.05)))
+        return EvalReport(self.fleet, self.client_id, info.version, rng.randint(5, 50), max(0.0, 2.0 * (1 - accuracy)), accuracy).to_bytes()
+
+    async def _report_evals(self) -> None:
+        while self._evals:
+            info = self._evals.pop(0)
+            await self._conn.publish(self.topics.evals(self.client_id), self._eval_report(info))
+            self.ledger.evaluated(info.round)
+
     async def _upload(self) -> None:
-        """Publish the pending update whenever it is new or must be resent; return on the final model."""
-        while not self.done.is_set():
+        """Publish evaluations asked for and the pending update whenever it is new or must be resent; return on the final model."""
+        while True:
             await self._wake.wait()
             self._wake.clear()
+            await self._report_evals()
+            if self.done.is_set():
+                return
             pending = self._pending
             if pending is None or pending.published or self.done.is_set():
                 continue

@@ -21,6 +21,8 @@ import collections
 import time
 from dataclasses import dataclass, field
 
+import msgpack
+
 from fedge_contract import DecodeError, RoundState, RoundStatus, Topics, Update
 from fedge_contract.broadcast import decode_announcement
 from fedge_contract.chunks import Manifest, is_manifest
@@ -37,6 +39,9 @@ class RoundTraffic:
     retained_bytes: int = 0  # catch-up material published this round (keyframes, retained deltas, the task), stored once
     opened_at: float | None = None
     closed_at: float | None = None
+    selection_bytes: int = 0  # the largest cohort field announced for the round (an extension re-announces a larger one)
+    train_seconds: float = 0.0  # devices' training time, as their updates report it (resends counted once per update id)
+    update_ids: set[str] = field(default_factory=set)
 
 
 class WireTap(Subscriber):
@@ -88,6 +93,9 @@ class WireTap(Subscriber):
             self.final_global_bytes += len(payload) * self.subscribers
         else:
             self._announced(model.round, len(payload))
+            if model.cohort is not None:
+                traffic = self.rounds[model.round]
+                traffic.selection_bytes = max(traffic.selection_bytes, len(msgpack.packb({"cohort": model.cohort.to_wire()})))
 
     def _announced(self, round_no: int, nbytes: int) -> None:
         traffic = self.rounds[round_no]
@@ -108,12 +116,16 @@ class WireTap(Subscriber):
 
     def _on_update(self, payload: bytes) -> None:
         try:
-            round_no = Update.from_bytes(payload, max_bytes=_MAX).round
+            update = Update.from_bytes(payload, max_bytes=_MAX)
         except DecodeError:
             self.unattributed_bytes += len(payload)
             return
-        self.rounds[round_no].updates += 1
-        self.rounds[round_no].bytes_up += len(payload)
+        traffic = self.rounds[update.round]
+        traffic.updates += 1
+        traffic.bytes_up += len(payload)
+        if update.update_id not in traffic.update_ids:
+            traffic.update_ids.add(update.update_id)
+            traffic.train_seconds += float(update.metrics.get("train_seconds", 0.0))
 
     def _on_status(self, payload: bytes, now: float) -> None:
         status = RoundStatus.from_bytes(payload)

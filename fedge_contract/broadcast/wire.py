@@ -16,6 +16,8 @@ final), plus:
   itself only when the broadcaster sends it (the first announcement after a start, a changed
   task); a device that does not hold the named task fetches it from ``global/task``.
 - ``final`` only when true (False is the default when absent): every byte of envelope counts.
+- ``cohort`` as a GlobalModel carries it (fedge_contract.cohort): who trains this round, who
+  evaluates; absent when every device trains.
 
 Its ``type`` is ``global_delta``, not ``global``: an agent that predates delta broadcasts refuses it
 with ``wrong_type`` instead of mistaking a delta for weights. Old full-model GlobalModels decode as
@@ -32,6 +34,7 @@ import msgpack
 
 from fedge_contract.broadcast.task import take_task, task_id
 from fedge_contract.codecs import EncodedTensor
+from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.messages import SCHEMA_VERSION, GlobalModel, TaskConfig, _header, _tensors, _unpack, take_held_hash
 
@@ -55,6 +58,7 @@ class GlobalDelta:
     tensors: tuple[EncodedTensor, ...]
     final: bool = False
     task_id: bytes = field(default=b"")  # computed from ``task`` when left empty
+    cohort: Participation | None = None  # who trains, who evaluates (None: every device trains)
 
     def __post_init__(self) -> None:
         if not self.task_id:
@@ -83,6 +87,7 @@ class GlobalDelta:
                 **({} if self.task is None else {"task": self.task.to_wire()}),
                 "fingerprint": self.fingerprint,
                 "held_hash": self.held_hash,
+                **({} if self.cohort is None else {"cohort": self.cohort.to_wire()}),
                 "tensors": [t.to_wire() for t in self.tensors],
             },
             use_bin_type=True,
@@ -121,6 +126,7 @@ class GlobalDelta:
             tensors=tensors,
             final=reader.take("final", bool, default=False),
             task_id=ident,
+            cohort=Participation.from_wire(reader.obj["cohort"]) if "cohort" in reader.obj else None,
         )
 
     def with_task(self, task: TaskConfig) -> GlobalDelta:

@@ -19,6 +19,7 @@ from fedge_contract import GlobalModel, TaskConfig
 from fedge_contract.broadcast import Announcement, BroadcastEncoder, BroadcastPolicy, GlobalTask, Rebuilder, Step, decode_announcement
 from fedge_contract.chunks import Manifest, is_manifest
 from fedge_contract.codecs import decode_weights
+from fedge_contract.cohort import Participation
 from fedge_contract.topics import Topics
 from tests.contract.broadcast.helpers import FLEET, MAX, SPEC, initial, same_bits, walk
 
@@ -249,7 +250,8 @@ def test_the_starting_point_is_the_kept_model_else_the_own_build() -> None:
 def test_training_model_names_the_held_version() -> None:
     rebuilder = Rebuilder.from_build(SPEC, initial())
     assert rebuilder.held is not None
-    announcement = GlobalModel(FLEET, 0, 7, 123.0, TASK, SPEC.fingerprint, (), final=True, held_hash=rebuilder.held.digest)
+    cohort = Participation(eval_threshold=5)
+    announcement = GlobalModel(FLEET, 0, 7, 123.0, TASK, SPEC.fingerprint, (), final=True, held_hash=rebuilder.held.digest, cohort=cohort)
     model = training_model(announcement, rebuilder.held, TASK)
-    assert (model.round, model.deadline, model.final, model.task) == (7, 123.0, True, TASK)
+    assert (model.round, model.deadline, model.final, model.task, model.cohort) == (7, 123.0, True, TASK, cohort)
     assert GlobalModel.from_bytes(model.to_bytes(), max_bytes=MAX) == model

@@ -1,4 +1,5 @@
-"""What an agent remembers across restarts: the last version trained on, the fingerprint."""
+"""What an agent remembers across restarts: the last version trained on, the fingerprint, the count
+of updates it dropped unanswered."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ def test_missing_file_gives_defaults(tmp_path: Path) -> None:
 
 def test_save_and_load(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    AgentState(trained_version=12, fingerprint="0123abcd").save(path)
-    assert json.loads(path.read_text()) == {"trained_version": 12, "fingerprint": "0123abcd"}
-    assert AgentState.load(path) == AgentState(12, "0123abcd")
+    AgentState(trained_version=12, fingerprint="0123abcd", dropped_updates=3).save(path)
+    assert json.loads(path.read_text()) == {"trained_version": 12, "fingerprint": "0123abcd", "dropped_updates": 3}
+    assert AgentState.load(path) == AgentState(12, "0123abcd", 3)
     assert os.listdir(tmp_path) == ["state.json"]  # atomic write: no temp file left
 
 
@@ -36,6 +37,14 @@ def test_missing_fingerprint_is_empty(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text('{"trained_version": 4}')
     assert AgentState.load(path) == AgentState(4, "")
+
+
+def test_a_state_from_before_the_dropped_count_counts_none(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text('{"trained_version": 4, "fingerprint": "ab"}')
+    assert AgentState.load(path).dropped_updates == 0
+    path.write_text('{"trained_version": 4, "fingerprint": "ab", "dropped_updates": -5}')
+    assert AgentState.load(path) == AgentState(4, "ab", 0)
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,8 @@ def test_fleet_state_has_no_nan_and_skips_open_rounds() -> None:
     status = RoundStatus(fleet="f", round=3, model_version=2, state=RoundState.AGGREGATING, accepted=4, target=4,
                          min_updates=1, deadline=None, rounds_total=5, last_metrics={})
     devices = {"b": Presence(fleet="f", client_id="b", state="offline"),
-               "a": Presence(fleet="f", client_id="a", state="online", eligible=False, why_not="battery 12% < 20%", device={"battery": 12.0})}
+               "a": Presence(fleet="f", client_id="a", state="online", eligible=False, why_not="battery 12% < 20%", device={"battery": 12.0},
+                             dropped=3)}
     rounds = [
         {"round": 1, "closed": 10.0, "accepted": 4, "metrics": {"accuracy": float("nan"), "loss": 0.5}},
         {"round": 2, "closed": 20.0, "accepted": 3, "metrics": {}},
@@ -71,7 +72,7 @@ def test_fleet_state_has_no_nan_and_skips_open_rounds() -> None:
     assert (state["round"], state["state"], state["rounds_total"], state["deadline"]) == (3, "aggregating", 5, None)
     assert [d["client_id"] for d in state["devices"]] == ["a", "b"]
     assert state["devices"][0] == {"client_id": "a", "state": "online", "eligible": False, "why_not": "battery 12% < 20%",
-                                   "device": {"battery": 12.0}}
+                                   "dropped": 3, "device": {"battery": 12.0}}
     assert state["rounds"] == [
         {"round": 1, "accuracy": None, "loss": 0.5, "accepted": 4, "bytes_up": 100},
         {"round": 2, "accuracy": None, "loss": None, "accepted": 3, "bytes_up": 0},

@@ -68,6 +68,8 @@ async def test_metrics_of_a_real_round(broker_address: BrokerAddress, fleet: str
     assert samples[("fedge_round_target_updates", ())] == 2
     assert samples[("fedge_rounds_closed_total", ())] == 1
     assert samples[("fedge_online_agents", ())] == 2
+    assert samples[("fedge_agent_dropped_updates", ())] == 0  # the devices' own count, from their presence (issue 19)
+    assert samples[("fedge_event_loop_longest_stall_seconds", ())] >= 0
     assert samples[("fedge_round_duration_seconds_count", ())] == 1
     assert samples[("fedge_update_bytes_received_total", (("status", "rejected"),))] == len(b"not an update")
     assert samples[("fedge_update_bytes_received_total", (("status", "accepted"),))] > 0
@@ -103,3 +105,16 @@ def test_registries_are_per_instance() -> None:
     first.receipt("accepted", "", 5)
     assert b'fedge_updates_total{reason="",status="accepted"} 1.0' in first.exposition()
     assert b"fedge_updates_total{" not in second.exposition()
+
+
+def test_the_fleet_view_sums_what_devices_dropped() -> None:
+    from aggregator.observability.fleet import FleetView
+    from fedge_contract import Presence
+
+    metrics = AggregatorMetrics()
+    fleet = FleetView("f", metrics)
+    fleet.on_presence("a", Presence(fleet="f", client_id="a", state="online", dropped=2).to_bytes())
+    fleet.on_presence("b", Presence(fleet="f", client_id="b", state="offline", dropped=1).to_bytes())
+    fleet.on_presence("a", Presence(fleet="f", client_id="a", state="online", dropped=3).to_bytes())  # a's count grew
+    assert _samples(metrics.exposition())[("fedge_agent_dropped_updates", ())] == 4
+    assert _samples(metrics.exposition())[("fedge_online_agents", ())] == 1

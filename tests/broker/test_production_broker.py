@@ -84,6 +84,7 @@ async def test_a_device_publishes_only_as_itself_and_reads_only_its_own_topics(p
         forged = {
             topics.update("agent-1"): b"update as agent-1",
             topics.presence("agent-1"): b"presence as agent-1",
+            topics.evals("agent-1"): b"an evaluation as agent-1",
             topics.global_model: b"a global model",
             topics.status: b"a status",
             topics.receipt("agent-1"): b"a receipt for agent-1",
@@ -96,13 +97,14 @@ async def test_a_device_publishes_only_as_itself_and_reads_only_its_own_topics(p
                 async with make_client(production.accounts["agent-0"], "mallory", persistent=False) as mallory:
                     await mallory.publish(topic, payload, qos=1)
         async with make_client(production.accounts["agent-0"], "mallory", persistent=False) as mallory:
-            await mallory.publish(topics.update("agent-0"), b"sentinel", qos=1)  # allowed: its own topic
+            await mallory.publish(topics.evals("agent-0"), b"own evaluation", qos=1)  # allowed: its own topics
+            await mallory.publish(topics.update("agent-0"), b"sentinel", qos=1)
         seen = []
         async for message in observer.messages:  # one publisher, one subscriber: delivered in order
             seen.append((str(message.topic), message.payload))
             if message.payload == b"sentinel":
                 break
-        assert seen == [(topics.update("agent-0"), b"sentinel")]
+        assert seen == [(topics.evals("agent-0"), b"own evaluation"), (topics.update("agent-0"), b"sentinel")]
 
         # the aggregator answers both devices; agent-1 gets only its own receipt
         await observer.publish(topics.receipt("agent-0"), b"for agent-0", qos=1)
@@ -191,6 +193,8 @@ def test_provisioned_folder_is_complete_and_keys_are_private(tmp_path):
     acl = (folder.path / "acl").read_text()
     assert "pattern write fl/f1/updates/%u" in acl and "pattern read fl/f1/receipts/%u" in acl
     assert "pattern write fl/f1/updates/%u/#" in acl and "pattern read fl/f1/global/#" in acl  # chunked messages
+    assert "pattern write fl/f1/secagg/up/+/%u" in acl and "pattern read fl/f1/secagg/down/+/%u" in acl  # secure aggregation
+    assert "pattern write fl/f1/evals/%u" in acl  # federated evaluation reports
     folder.remove_account("dev-1")
     assert folder.accounts() == [AGGREGATOR_USER]
     with pytest.raises(RuntimeError):

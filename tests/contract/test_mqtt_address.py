@@ -1,11 +1,9 @@
-"""Broker URLs, client certificates, reconnect backoff and the aiomqtt version check (the parts of
-fedge_contract.mqtt that need no broker)."""
+"""Broker URLs, client certificates and the aiomqtt version check (the parts of fedge_contract.mqtt
+that need no broker; the reconnect schedule is tests/contract/test_reconnect.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import random
 import re
 import ssl
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedge_contract._aiomqtt_compat import SUPPORTED, check_version
-from fedge_contract.mqtt import Backoff, BrokerAddress, make_client
+from fedge_contract.mqtt import BrokerAddress, make_client
 
 
 @pytest.mark.parametrize(
@@ -62,43 +60,6 @@ def test_str_hides_the_password() -> None:
 def test_parse_rejects(url: str) -> None:
     with pytest.raises(ValueError):
         BrokerAddress.parse(url)
-
-
-def test_backoff_delays_are_bounded_and_capped() -> None:
-    backoff = Backoff(base=0.5, cap=30.0, rng=random.Random(0))
-    delays = list(itertools.islice(backoff.delays(), 40))
-    for n, delay in enumerate(delays):
-        assert 0.0 <= delay <= min(30.0, 0.5 * 2**n)
-    assert max(delays) <= 30.0
-    assert len(set(delays)) == len(delays)  # jittered, not constant
-    again = list(itertools.islice(Backoff(0.5, 30.0, random.Random(0)).delays(), 40))
-    assert again == delays  # the injected rng makes it reproducible
-
-
-class _Upper:
-    """An rng that always draws the top of the interval: exposes the exponential envelope."""
-
-    def uniform(self, low: float, high: float) -> float:
-        assert low == 0.0
-        return high
-
-
-def test_backoff_envelope_doubles_then_caps() -> None:
-    backoff = Backoff(base=0.5, cap=30.0, rng=_Upper())  # type: ignore[arg-type]
-    assert list(itertools.islice(backoff.delays(), 9)) == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
-
-
-def test_backoff_survives_many_attempts() -> None:
-    backoff = Backoff(base=1.0, cap=5.0, rng=_Upper())  # type: ignore[arg-type]
-    delays = list(itertools.islice(backoff.delays(), 2000))  # no overflow once 2**n is huge
-    assert delays[-1] == 5.0
-
-
-def test_each_delays_call_restarts_from_base() -> None:
-    backoff = Backoff(base=0.5, cap=30.0, rng=_Upper())  # type: ignore[arg-type]
-    first = backoff.delays()
-    assert [next(first) for _ in range(4)] == [0.5, 1.0, 2.0, 4.0]
-    assert next(backoff.delays()) == 0.5
 
 
 def test_port_zero_is_refused() -> None:

@@ -60,4 +60,17 @@ def test_aggregator_unit_keeps_its_store_in_the_state_directory():
     service = parse("fedge-aggregator.service")["Service"]
     assert service["StateDirectory"] == "fedge-aggregator"
     assert "--store /var/lib/fedge-aggregator/" in service["ExecStart"]
-    assert service["Restart"] == "always"
+
+
+def test_aggregator_unit_restarts_after_a_failure_but_not_after_its_last_round_or_bad_flags():
+    """Issue 19: a store it could not use ends it with exit code 74 (fedge/failures.py): systemd restarts it,
+    without a tight loop and not forever; exit 0 (its rounds are done) and 2 (bad flags) are not restarted."""
+    from fedge.failures import EXIT_INTERRUPTED, EXIT_STORAGE, EXIT_USAGE
+
+    unit = parse("fedge-aggregator.service")
+    service = unit["Service"]
+    assert service["Restart"] == "on-failure"
+    assert 5 <= int(service["RestartSec"]) <= 60
+    assert service["RestartPreventExitStatus"].split() == [str(EXIT_USAGE)] and str(EXIT_STORAGE) not in service["RestartPreventExitStatus"]
+    assert service["SuccessExitStatus"].split() == [str(EXIT_INTERRUPTED)]  # systemctl stop: SIGTERM, exit 130
+    assert unit["Unit"]["StartLimitIntervalSec"] == "10min" and int(unit["Unit"]["StartLimitBurst"]) * int(service["RestartSec"]) <= 600

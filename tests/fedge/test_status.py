@@ -33,7 +33,7 @@ async def test_status_once_shows_round_and_devices_from_retained_topics(broker_a
     devices = [
         Presence(fleet, "phone-1", "online", "0.1.0", eligible=True, device={"battery": 87.0, "charging": True}),
         Presence(fleet, "phone-2", "online", "0.1.0", eligible=False, why_not="battery 12% < 30%", device={"battery": 12.0}),
-        Presence(fleet, "pi-3", "offline"),
+        Presence(fleet, "pi-3", "offline", dropped=2),
     ]
     async with asyncio.timeout(60):
         async with raw_peer(broker_address, f"{fleet}-publisher") as peer:
@@ -51,12 +51,14 @@ async def test_status_once_shows_round_and_devices_from_retained_topics(broker_a
     assert "round 4/30" in text and "model v3" in text and "state open" in text
     assert "accepted 2/5 (min 3)" in text
     assert "accuracy 0.8125" in text
-    assert "devices 3: 2 online, 1 eligible" in text
+    assert "devices 3: 2 online, 1 eligible, 2 updates dropped unanswered" in text  # issue 19: counted, never silent
     for client in ("phone-1", "phone-2", "pi-3"):
         assert client in text
     assert "battery 12% < 30%" in text
     assert "charging=True" in text
     assert f"unreadable {topics.presence('broken')}" in text  # a bad payload is shown, not fatal
+    [pi_row] = [line for line in text.splitlines() if "pi-3" in line]
+    assert pi_row.split()[-1] == "2"  # its own count, in the dropped column
 
 
 async def test_status_once_on_an_empty_fleet_says_so(broker_address: BrokerAddress, fleet: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ import pytest
 from aggregator import Aggregator
 from aggregator.store import Store
 from edge_agent import Agent
-from tests.integration.fleet import agent_config, aggregator_config, run_fleet
+from fedge_contract import Topics
+from fedge_contract.aio import cancel_and_wait
+from tests.integration.fleet import agent_config, aggregator_config, raw_peer, run_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -58,3 +61,24 @@ async def test_a_store_of_another_fleet_is_refused(broker_address, fleet, tmp_pa
 
     with pytest.raises(StoreMismatch, match="fleet"):
         await Aggregator(aggregator_config(broker_address, f"{fleet}-other", store, rounds=2)).run()
+
+
+async def test_a_resumed_round_stays_open_for_devices_coming_back(broker_address, fleet, tmp_path):
+    """Issue 19: a restarted aggregator reopened its round with the deadline it computed before announcing it
+    ("deadline in 3s") while the agents were still in their reconnect backoff. A resumed round now stays open
+    ``resend_grace`` seconds after its announcement, whatever its own deadline."""
+    topics = Topics(fleet)
+    store = tmp_path / "agg.sqlite"
+    settings = dict(rounds=1, target=3, min_updates=1, deadline=0.5, resend_grace=60.0, evaluate=False)
+    async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.status) as peer:
+        first = asyncio.create_task(Aggregator(aggregator_config(broker_address, fleet, store, **settings)).run())
+        fresh = await peer.wait_open(topics, version=0)
+        assert fresh.deadline is not None and fresh.deadline - time.time() < 5  # a new round keeps its own deadline
+        await cancel_and_wait([first])  # the aggregator dies mid-round
+
+        second = asyncio.create_task(Aggregator(aggregator_config(broker_address, fleet, store, **settings)).run())
+        try:
+            resumed = await peer.wait_open(topics, version=0)
+            assert resumed.deadline is not None and resumed.deadline - time.time() > 50
+        finally:
+            await cancel_and_wait([second])

@@ -56,3 +56,39 @@ async def test_follows_rounds_with_the_rounds_codec_resends_until_its_receipt_an
     assert ledger.rounds[1]["accepted"] == 1 and ledger.rounds[1]["accepted_bytes"] == len(first.to_bytes())
     assert ledger.rounds[2]["updates"] == 1 and ledger.superseded == 1  # round 2's update never got its receipt
     assert dict(ledger.receipts) == {"accepted": 1}
+
+
+async def test_only_invited_synthetic_agents_send_and_asked_ones_report_evaluations(broker_address, fleet):
+    from fedge_contract.cohort import EVAL_ALL, InviteSet, Participation
+    from fedge_contract.evaluation import EvalReport
+
+    topics = Topics(fleet)
+    ledger = Ledger()
+    cohort = Participation(InviteSet.of(["agent-2"], fleet=fleet, round_no=1, bits=16), EVAL_ALL)
+    announcement = GlobalModel(
+        fleet=fleet, model_version=0, round=1, deadline=None, task=TaskConfig(codec="q8+zstd"),
+        fingerprint=SPEC.fingerprint, tensors=encode_weights(WEIGHTS, parse_chain("none")), cohort=cohort,
+    )
+    async with asyncio.timeout(30), raw_peer(broker_address, f"{fleet}-agg", topics.all_updates, topics.all_evals) as peer:
+        agents = [SyntheticAgent(f"agent-{i}", broker_address, fleet, DeltaPool(2), downloads="all", ledger=ledger) for i in (1, 2)]
+        running = [asyncio.create_task(a.run()) for a in agents]
+        await asyncio.gather(*(a.connected.wait() for a in agents))
+        await peer.client.publish(topics.global_model, announcement.to_bytes(), qos=1, retain=True)
+        updates, evals = [], []
+        async for message in peer.client.messages:
+            assert isinstance(message.payload, bytes)
+            if "/evals/" in str(message.topic):
+                evals.append(EvalReport.from_bytes(message.payload, fleet=fleet))
+            else:
+                updates.append(Update.from_bytes(message.payload, max_bytes=2**20, fleet=fleet))
+            if len(evals) == 2 and updates:
+                break
+        assert [u.client_id for u in updates] == ["agent-2"]
+        assert sorted(e.client_id for e in evals) == ["agent-1", "agent-2"] and {e.model_version for e in evals} == {0}
+        refusal = Receipt(fleet, "agent-2", updates[0].update_id, ReceiptStatus.REJECTED, "not_invited: test", 1, 0)
+        await peer.client.publish(topics.receipt("agent-2"), refusal.to_bytes(), qos=1)
+        await peer.client.publish(topics.global_model, model(fleet, 2, final=True), qos=1, retain=True)
+        await asyncio.gather(*running)
+    assert ledger.rounds[1]["trained"] == 1 and ledger.rounds[1]["evals"] == 2
+    assert ledger.rounds[1]["uninvited"] == 1 and ledger.reasons["not_invited"] == 1
+    assert ledger.rounds[1]["model_first"] <= ledger.rounds[1]["model_last"] and ledger.rounds[1]["model_first"] > 0

@@ -175,3 +175,33 @@ def test_stratified_split() -> None:
     np.testing.assert_array_equal(again_test, test)
     np.testing.assert_array_equal(again_train, train)
     assert not np.array_equal(stratified_split(labels, 0.2, seed=1)[1], test)
+
+
+def test_digits_initial_weights_do_not_depend_on_other_threads_drawing_random_numbers() -> None:
+    """An aggregator and in-process agents build their models at once (threads): the initial model must not
+    depend on who else draws from torch's global generator meanwhile."""
+    import threading
+
+    reference = DigitsTask().build_model().state_dict()
+    built: list[dict[str, torch.Tensor]] = []
+    stop = threading.Event()
+
+    def noise() -> None:
+        while not stop.is_set():
+            torch.rand(64)
+
+    def build() -> None:
+        for _ in range(20):
+            built.append(DigitsTask().build_model().state_dict())
+
+    drawers = [threading.Thread(target=noise) for _ in range(2)]
+    builders = [threading.Thread(target=build) for _ in range(3)]
+    for thread in drawers + builders:
+        thread.start()
+    for thread in builders:
+        thread.join(60)
+    stop.set()
+    for thread in drawers:
+        thread.join(60)
+    assert len(built) == 60
+    assert all(torch.equal(state[name], reference[name]) for state in built for name in reference)
