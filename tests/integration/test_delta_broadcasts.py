@@ -26,6 +26,7 @@ from fedge.simulate.wiretap import WireTap
 from fedge_contract import GlobalModel, Presence, RoundState, RoundStatus, TaskConfig, Topics, Update
 from fedge_contract.broadcast import BroadcastPolicy, Step, decode_announcement
 from fedge_contract.chunks import Manifest, is_manifest
+from fedge_contract.cohort import InviteSet, Participation
 from fedge_contract.mqtt import BrokerAddress, Connection
 from fedge_contract.tensors import ModelSpec
 from fedge_tasks import load_task
@@ -363,5 +364,27 @@ async def test_an_agent_that_trains_in_a_child_process_trains_from_the_held_mode
             update = (await trained_on(peer, [agent], await coordinator.next_version()))["agent-0"]
             check_held([agent], broadcaster)
             assert update.base_version == 1 and first.base_version == 0 and agent._trainer is None
+            await broadcaster.announce(coordinator.about(final=True))
+        await devices.finish()
+
+
+async def test_a_delta_announcement_carries_the_cohort_a_device_is_not_invited_to(broker_address, fleet, tmp_path):
+    """Participation under delta broadcasts: an uninvited device holds the version but does not train on it."""
+    coordinator = Coordinator(broker_address, fleet, tmp_path, BroadcastPolicy(every=30, ratio=None))
+    devices = Fleet(broker_address, fleet, tmp_path / "agents")
+    topics = Topics(fleet)
+    async with asyncio.timeout(60), raw_peer(broker_address, "updates", topics.all_updates) as peer:
+        async with coordinator.connected(resume=False) as broadcaster:
+            first, second = devices.start(0), devices.start(1)
+            await trained_on(peer, [first, second], 0)
+            step = coordinator.step()
+            with coordinator.db:
+                broadcast_store.save(coordinator.db, broadcaster.state())
+            only_first = Participation(InviteSet.of(["agent-0"], fleet=fleet, round_no=2, bits=8))
+            await broadcaster.publish(step, broadcaster.about(2, None, coordinator.task, cohort=only_first))
+            await trained_on(peer, [first], 1)
+            await trained_on(peer, [first, second], await coordinator.next_version())  # v2: no cohort, both train
+            check_held([first, second], broadcaster)
+            assert first.stats.trained_versions == [0, 1, 2] and second.stats.trained_versions == [0, 2]
             await broadcaster.announce(coordinator.about(final=True))
         await devices.finish()
