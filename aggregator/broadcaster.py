@@ -107,10 +107,6 @@ class BroadcastState:
     header: bytes
     items: Mapping[str, bytes] = field(default_factory=dict)
 
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return tuple(self.items)
-
 
 class Broadcaster:
     """Publishes the versions a BroadcastEncoder makes, and keeps what a restart needs to resume."""
