@@ -59,6 +59,7 @@ class LocalBroker:
     startup_timeout: float = 10.0
     config_file: Path | None = None  # run this config as is instead of the rendered dev config
     tls: bool = False  # the config's listener speaks TLS (only changes ``url``)
+    on_log_line: Callable[[str], None] | None = None  # each line Mosquitto logs, as it comes (``fedge broker serve`` shows them)
     _process: asyncio.subprocess.Process | None = field(default=None, init=False, repr=False)
     _tempdir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
     _log_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -125,6 +126,8 @@ class LocalBroker:
             self.log_lines.append(line)
             del self.log_lines[:-500]
             self._log_changed.set()
+            if self.on_log_line is not None:
+                self.on_log_line(line)
             # Mosquitto says "Opening ipv4 listen socket on port N." then "... running" once it listens.
             if not ready.done() and " running" in line:
                 ready.set_result(None)

@@ -220,23 +220,21 @@ class CpuLoadMeter:
     def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic,
                  process: psutil.Process | None = None) -> None:
         self._psutil = psutil
-        self._process = process  # None: this process, looked up on first use
-        self._me: psutil.Process | None = None
+        self._process = process  # None: this process, a fresh handle each sample (see _own_seconds)
         self.window = window
         self._clock = clock
         self._samples: deque[tuple[float, float, float]] = deque()
         self.cores = psutil.cpu_count() or 1
 
     def _own_seconds(self) -> float:
-        me = self._me = self._me or self._process or psutil.Process()
-        try:
-            times = me.cpu_times()
-            children = me.children(recursive=True)
-        except psutil.Error:
-            # psutil may decide "PID has been reused" (seen on arm64 Debian when its boot-time
-            # reading moved): forget this handle, so the next sample looks the process up afresh.
-            self._me = None
-            raise
+        # Our own process gets a new handle every sample: its PID cannot have been reused while we
+        # run, and a kept handle only adds psutil's reuse check, which compares the start time read
+        # when the handle was made with one read now. Under qemu-user (the arm64 check) that start
+        # time is the *calling thread's*, and samples run on executor threads: a kept handle made
+        # on one thread raised NoSuchProcess ("PID has been reused") on the next.
+        me = self._process or psutil.Process()
+        times = me.cpu_times()
+        children = me.children(recursive=True)
         total = times.user + times.system + times.children_user + times.children_system
         for child in children:
             try:

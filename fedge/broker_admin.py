@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import re
 import signal
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from fedge.running import run_until_stopped
 
 DEFAULT_DIR = Path("fedge-broker")
 _RELOAD = "then make a running broker re-read its accounts and CRL: kill -HUP <mosquitto pid> (or restart it)"
+mosquitto_log = logging.getLogger("fedge.mosquitto")
+_EPOCH = re.compile(r"^\d+: ")  # Mosquitto's own timestamp (log_timestamp): the log record has one
 
 
 def run_broker_action(args: argparse.Namespace) -> int:
@@ -50,19 +54,30 @@ def run_broker_action(args: argparse.Namespace) -> int:
         print(f"device {args.device!r} (a new password if it existed); copy to the device:")
         print(credentials.instructions())
     else:
+        had_password = args.device in broker.password_accounts()
+        certificates = len(broker.ca.issued_to(args.device))
         broker.remove_account(args.device)
-        print(f"device {args.device!r} removed: its password deleted, its certificates revoked in {broker.ca.crl_file}")
+        done = ["its password deleted"] if had_password else []
+        if certificates:
+            done.append(f"its {certificates} certificate(s) revoked in {broker.ca.crl_file}")
+        print(f"device {args.device!r} removed: {', '.join(done)}")
     print(_RELOAD)
     return 0
+
+
+def log_mosquitto_line(line: str) -> None:
+    """Mosquitto's log through fedge's (--log-file, --log-json): who connected, who was refused and why, each reload."""
+    mosquitto_log.info("%s", _EPOCH.sub("", line, count=1))
 
 
 def _serve(broker: BrokerFolder) -> int:
     async def serve() -> None:
         async with LocalBroker(port=broker.port, host=str(broker.settings["host"]), data_dir=broker.path / "data",
-                               config_file=broker.config_file, tls=True) as running:
+                               config_file=broker.config_file, tls=True, on_log_line=log_mosquitto_line) as running:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, running.reload)
-            print(f"mosquitto (pid {running.pid}) serving {broker.url()} with {broker.config_file}; "
-                  "SIGHUP re-reads accounts and ACL, Ctrl-C stops", flush=True)
+            urls = broker.url() if broker.auth != "both" else f"{broker.url()} (passwords) and {broker.certificate_url()} (certificates)"
+            print(f"mosquitto (pid {running.pid}) serving {urls} with {broker.config_file}; "
+                  "SIGHUP re-reads accounts, ACL and CRL, Ctrl-C stops", flush=True)
             await asyncio.Event().wait()
 
     return run_until_stopped(serve())

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.errors import Rejection
-from aggregator.rounds.policy import Accepted, Admission, DeadlineAction
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain
 from aggregator.store import Store, StoreAccess, call
-from fedge_contract import ReceiptStatus, Update
+from fedge_contract import ReceiptStatus, Topics, Update
 
 StalenessFn = Callable[[int], float]
 
@@ -64,7 +64,7 @@ class BufferPlan:
 
 
 @dataclass
-class Buffer:
+class Buffer(Plain):
     """The open buffer on top of version ``base_version``; it produces version ``number``."""
 
     base_version: int
@@ -130,7 +130,7 @@ class Buffer:
         self.staleness_sum += s
         self.staleness_max = max(self.staleness_max, s)
 
-    def at_deadline(self, now: float) -> DeadlineAction:
+    async def on_deadline(self, now: float) -> DeadlineAction:
         raise AssertionError("a FedBuff buffer has no deadline")
 
     def extend_to(self, until: float) -> None:
@@ -189,6 +189,9 @@ class BufferedPolicy:
 
     def task_extra(self) -> Mapping[str, Any]:
         return {"mode": "async", "max_staleness": self.plan.max_staleness}
+
+    def subscriptions(self, topics: Topics) -> list[str]:
+        return []
 
     async def open(self, version: int, now: float, db: StoreAccess) -> Buffer:
         last = self._last

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.errors import Rejection
-from aggregator.rounds.policy import Accepted, Admission, DeadlineAction
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain
 from aggregator.store import Standing, Store, StoreAccess
-from fedge_contract import ReceiptStatus, Update
+from fedge_contract import ReceiptStatus, Topics, Update
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class LedgerAdmission:
 
 
 @dataclass
-class SyncRound:
+class SyncRound(Plain):
     """One open synchronous round: who contributed, and its deadline."""
 
     number: int
@@ -131,6 +131,9 @@ class SyncRound:
         self.extensions += 1
         return DeadlineAction.EXTEND
 
+    async def on_deadline(self, now: float) -> DeadlineAction:
+        return self.at_deadline(now)
+
     def extend_to(self, until: float) -> None:
         self.deadline = max(self.deadline, until)
 
@@ -152,6 +155,9 @@ class SyncPolicy:
 
     def task_extra(self) -> Mapping[str, Any]:
         return {}
+
+    def subscriptions(self, topics: Topics) -> list[str]:
+        return []
 
     async def open(self, version: int, now: float, db: StoreAccess) -> SyncRound:
         return SyncRound(number=version + 1, base_version=version, deadline=now + self.plan.timeout, plan=self.plan)

@@ -18,6 +18,7 @@ from pathlib import Path
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 QEMU_HANDLER = "qemu-aarch64"
 # (what, host, port): Debian's mirror for debootstrap and apt-get, PyPI for torch and the rest
+TORCH_CPU_INDEX = ("download.pytorch.org", 443)  # install.sh's default --torch-index; the check falls back to PyPI without it
 ENDPOINTS = (("Debian's mirror", "deb.debian.org", 80), ("PyPI", "pypi.org", 443), ("PyPI's files", "files.pythonhosted.org", 443))
 TOOLS = {  # program -> the Debian package that brings it
     "debootstrap": "debootstrap",

@@ -105,7 +105,7 @@ def summary(venv: Path, *, top: int = 12) -> dict[str, object]:
         "torch_stack_mib": mib(torch_stack),
         "torch_stack": sorted(torch_stack),
         "fedge_without_torch_stack_mib": mib(fedge_rest),
-        "fedge_without_torch_stack": sorted(fedge_rest),
+        "fedge_without_torch_stack": {name: round(sizes[name] / MIB, 1) for name in sorted(fedge_rest, key=lambda n: -sizes[n])},
         "distributions": sorted(sizes),
         "largest_mib": {name: round(size / MIB, 1) for name, size in largest},
     }

@@ -114,11 +114,13 @@ class Mount:
 
 
 def standard_mounts() -> list[Mount]:
-    """What a booted Pi has that a chroot lacks: /proc (psutil, the agent's probes), /sys read-only, /dev/shm."""
+    """What a booted Pi has that a chroot lacks: /proc (psutil, the agent's probes), /sys read-only, /dev/shm,
+    and /dev/pts (a private instance: apt-get writes its log through a pseudo-terminal and says "E:" without one)."""
     return [
         Mount("/proc", "proc", "proc"),
         Mount("/sys", "sysfs", "sysfs", "ro"),
         Mount("/dev/shm", "tmpfs", "tmpfs", "mode=1777"),
+        Mount("/dev/pts", "devpts", "devpts", "newinstance,ptmxmode=0666,mode=0620"),
     ]
 
 

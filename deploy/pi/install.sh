@@ -104,6 +104,11 @@ PY
 then
   echo "install.sh: warning: $TORCH_SPEC from ${TORCH_INDEX:-PyPI} is a CUDA build with GBs of CUDA libraries this device" \
        "cannot use; the CPU build comes from the default --torch-index https://download.pytorch.org/whl/cpu ($(du -sh "$VENV" | cut -f1) now)" >&2
+  # found by bench/pi_arm64 on an emulated Cortex-A72: its BLAS (NVIDIA's NVPL) uses Armv8.1 atomics on more than one thread
+  if [ "$(uname -m)" = aarch64 ]; then
+    echo "install.sh: warning: on a core older than Armv8.1 (Raspberry Pi 4 and earlier) that build dies of SIGILL when" \
+         "torch uses more than one thread; keep torch_threads = 1 or use the CPU build" >&2
+  fi
 fi
 # fedge's base install is the agent (no extras: those are for aggregator hosts and simulations)
 "${PIP[@]}" "$SOURCE"

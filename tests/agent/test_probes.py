@@ -220,3 +220,28 @@ def test_a_failing_termux_call_is_unknown_power_asked_once_per_ttl(tmp_path, mon
     assert first.power.source == "unknown" and "termux-battery-status failed" in first.unknown["power"]
     assert second.unknown == first.unknown
     assert (tmp_path / "calls").read_text().count("called") == 1  # the failure is cached for termux_ttl too
+
+
+def test_the_cpu_meter_samples_from_any_thread_when_start_times_are_per_thread(monkeypatch):
+    """qemu-user (the arm64 check) answers a process's own start time with the calling thread's. The
+    gate samples on executor threads, so a handle on this process kept from one sample to the next
+    looked like a reused PID on another thread (NoSuchProcess). Faked at psutil's platform layer."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    platform = psutil._psplatform.Process
+    real = platform.create_time
+    started: dict[int, float] = {}  # thread -> the start time the fake reports to it (each thread its own)
+
+    def per_thread(self, *args, **kwargs):
+        value = real(self, *args, **kwargs)
+        return value + started.setdefault(threading.get_ident(), len(started) / 10) if self.pid == os.getpid() else value
+
+    monkeypatch.setattr(platform, "create_time", per_thread)
+    meter = CpuLoadMeter(window=60)
+    with ThreadPoolExecutor(1) as first, ThreadPoolExecutor(1) as second:
+        loads = [pool.submit(meter.sample).result(timeout=30) for pool in (first, second, first, second)]
+    assert sorted(started.values()) == [0.0, 0.1]  # two threads, two start times
+    assert loads[0] is None and all(load is not None for load in loads[1:])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.pi_arm64 import check, prereqs, sizes
-from bench.pi_arm64.emulation import PSUTIL_SHIM, fake_cpu_tree, write_psutil_shim
+from bench.pi_arm64.emulation import FLOAT32_PROBE, FLOAT32_TOLERANCE, PI_CPUS, PSUTIL_SHIM, fake_cpu_tree, write_psutil_shim
 from bench.pi_arm64.userland import Mount, enter_command, standard_mounts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,6 +111,7 @@ def test_entering_the_tree_mounts_in_a_private_namespace_then_chroots():
     assert argv[:5] == ["unshare", "--mount", "--propagation", "private", "--"]
     script = argv[7]
     assert "mount -t proc proc /cache/root/proc" in script and "mount -t sysfs -o ro sysfs /cache/root/sys" in script
+    assert "mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /cache/root/dev/pts" in script
     assert script.index("/cache/root/sys ") < script.index("mount --bind /cache/cpu /cache/root/sys/devices/system/cpu")
     assert 'exec chroot /cache/root "$@"' in script
     assert argv[-4:] == ["fedge", "agent", "--client-id", "pi 0"]  # arguments are passed, never re-split
@@ -148,3 +149,80 @@ def test_torchs_stack_follows_the_extras_it_asks_for(tmp_path):
     needs = sizes.requirements(site)
     assert sizes.closure(needs, "torch") == {"torch", "filelock", "cuda-toolkit", "nvidia-cublas"}
     assert sizes.closure(needs, "cuda-toolkit", frozenset({"cufft"})) == {"cuda-toolkit", "nvidia-cufft"}
+
+
+def test_unknown_readings_are_reported_apart_from_errors(tmp_path):
+    log = tmp_path / "agent.log"
+    log.write_text("2026 INFO fedge.agent fine\n"
+                   "2026 WARNING fedge.probes cannot read the device's cpu_load (NoSuchProcess: gone): treating it as unknown until it reads again\n")
+    assert check.unknown_readings(log) == [
+        "fedge.probes cannot read the device's cpu_load (NoSuchProcess: gone): treating it as unknown until it reads again"]
+    assert check.log_errors(log) == [] and check.unknown_readings(tmp_path / "missing.log") == []
+
+
+def test_the_float32_probe_measures_products_against_float64():
+    """The probe the check runs in the tree, run here natively: a small error, printed as one float."""
+    for threads in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", FLOAT32_PROBE, threads], capture_output=True, text=True, timeout=120, check=True)
+        assert 0.0 < float(done.stdout) < FLOAT32_TOLERANCE / 10
+
+
+def test_a_wrong_float32_product_on_the_agents_one_thread_is_an_error():
+    assert check.errors_in({"float32_max_error": {"threads_1": 5e-7, "threads_2": "the probe exited -4: SIGILL"}}) == []
+    assert check.errors_in({"float32_max_error": {"threads_1": 0.65}})[0].startswith(
+        "float32 products in the tree's torch on one thread: 0.65")
+    assert "the probe exited 1" in check.errors_in({"float32_max_error": {"threads_1": "the probe exited 1: boom"}})[0]
+
+
+def test_each_pi_is_emulated_as_its_own_core(tmp_path):
+    options = check.Options(cache=tmp_path, pi="5")
+    assert options.env()["QEMU_CPU"] == "cortex-a76" and options.env()["PIP_CERT"]
+    assert check.Options(cache=tmp_path).env()["QEMU_CPU"] == "cortex-a72"
+    tree = fake_cpu_tree(tmp_path / "cpu", 2, midr=PI_CPUS["5"].midr)
+    assert (tree / "cpu1" / "regs" / "identification" / "midr_el1").read_text() == "0x00000000414fd0b1\n"
+
+
+def test_the_summary_splits_torchs_stack_from_what_fedge_adds(tmp_path):
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    for name, size, requires in (("torch", 3 * 2**20, ["filelock"]), ("filelock", 2**20, []), ("fedge", 2**20, ["numpy", "torch"]),
+                                 ("numpy", 2 * 2**20, []), ("pip", 2**20, [])):
+        (site / name).mkdir(parents=True)
+        (site / name / "blob").write_bytes(b"\0" * size)
+        info = site / f"{name}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        (info / "RECORD").write_text(f"{name}/blob,sha256=x,{size}\n")
+    summary = sizes.summary(tmp_path / "venv")
+    assert summary["torch_stack"] == ["filelock", "torch"] and summary["torch_stack_mib"] == 4.0
+    assert summary["fedge_without_torch_stack"] == {"numpy": 2.0, "fedge": 1.0} and summary["fedge_without_torch_stack_mib"] == 3.0
+    assert summary["venv_mib"] == 8.0  # every file on disk, pip included (the metadata rounds away)
+
+
+def test_each_run_starts_with_an_empty_broker_and_logs(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "broker").mkdir(parents=True)
+    (run_dir / "broker" / "mosquitto.db").write_bytes(b"retained: finished at v3")  # what broke the second run
+    (run_dir / "logs").mkdir()
+    (run_dir / "logs" / "agent-pi-0.log").write_text("old")
+    (run_dir / "rootfs").mkdir()
+    logs, broker = check.fresh_run_folders(run_dir)
+    assert (logs, broker) == (run_dir / "logs", run_dir / "broker")
+    assert list(logs.iterdir()) == [] and list(broker.iterdir()) == [] and (run_dir / "rootfs").is_dir()
+    assert check.fresh_run_folders(tmp_path / "first") == (tmp_path / "first" / "logs", tmp_path / "first" / "broker")
+
+
+def test_the_aggregator_runs_as_the_fedge_command_with_flags_it_accepts(tmp_path):
+    """The check starts `fedge aggregator` (not the aggregator's classes): its flags must parse."""
+    from fedge.cli import build_parser
+
+    argv = check.aggregator_argv(check.Options(cache=tmp_path, agents=2, rounds=3), "mqtt://127.0.0.1:1883", tmp_path)
+    assert argv[:4] == [sys.executable, "-m", "fedge", "aggregator"]
+    parsed = {name.rsplit(".", 1)[-1]: value for name, value in vars(build_parser().parse_args(argv[3:])).items()}  # "rounds.target" -> "target"
+    assert [str(parsed[name]) for name in ("rounds", "target", "min_updates", "fleet")] == ["3", "2", "2", check.FLEET]
+
+
+def test_an_aggregator_that_fails_or_rounds_that_never_close_are_errors():
+    training = {"agents": [], "updates_accepted": 6, "updates_expected": 6, "rounds_closed": 2, "rounds_expected": 3,
+                "aggregator_exit_code": 2, "aggregator_log": "/run/aggregator.log"}
+    assert check.errors_in({"training": training}) == ["fedge aggregator exited 2: see /run/aggregator.log", "2 of 3 rounds closed"]
+    assert check.errors_in({"training": {**training, "rounds_closed": 3, "aggregator_exit_code": 0}}) == []

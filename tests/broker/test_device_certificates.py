@@ -1,7 +1,11 @@
 """Device certificates against a real Mosquitto with the production config: issued, confined, revoked.
 
 Measured here (Mosquitto 2.0.11): the broker reads crl.pem when it starts and again on SIGHUP;
-between a revocation and the SIGHUP a revoked certificate still connects.
+between a revocation and the SIGHUP a revoked certificate still connects; a connection made
+before the revocation stays open after the SIGHUP (the CRL is checked in the handshake only).
+A certificate from another CA, none, or a password on the certificate listener are refused; the
+ACL confines a certificate device to its own topics whatever client id it claims, alone
+(``--auth certificate``) or beside password devices (``--auth both``).
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,26 +86,45 @@ async def cert_broker(tmp_path: Path) -> AsyncIterator[CertBroker]:
         yield CertBroker(running, folder, port, aggregator)
 
 
-async def test_a_certificate_device_connects_and_uses_only_its_own_topics(cert_broker, tmp_path):
+async def only_its_own_topics_get_through(observer: BrokerAddress, device: BrokerAddress, own: str, victim: str) -> None:
+    """``device`` (a certificate, so its name is its certificate's) publishes as ``victim`` under every client id it
+    likes, then on its own topic ``own``; the observer sees only the last message."""
     topics = Topics(FLEET)
-    device = address(cert_broker.port, cert_broker.folder.add_certificate("dev-0"))
-    cert_broker.folder.add_certificate("dev-1")
-    async with asyncio.timeout(40), make_client(address(cert_broker.port, cert_broker.aggregator), "observer", persistent=False) as observer:
-        await observer.subscribe(f"fl/{FLEET}/#", qos=1)
-        for topic in (topics.update("dev-1"), topics.presence("dev-1"), topics.global_model, topics.status, topics.receipt("dev-0")):
-            # denied: Mosquitto answers "not authorised" and the connection ends (see test_production_broker)
-            with contextlib.suppress(ConnectionLost):
-                async with make_client(device, "mallory", persistent=False) as mallory:
-                    await mallory.publish(topic, b"forged", qos=1)
-        async with make_client(device, "dev-0", persistent=False) as own:
-            await own.publish(topics.update("dev-0"), b"sentinel", qos=1)
+    async with make_client(observer, "observer", persistent=False) as watching:
+        await watching.subscribe(f"fl/{FLEET}/#", qos=1)
+        forgeries = (topics.update(victim), topics.presence(victim), topics.global_model, topics.status, topics.receipt(own))
+        for client_id in ("mallory", victim):
+            for topic in forgeries:
+                # denied: Mosquitto answers "not authorised" and the connection ends (see test_production_broker)
+                with contextlib.suppress(ConnectionLost):
+                    async with make_client(device, client_id, persistent=False) as mallory:
+                        await mallory.publish(topic, b"forged", qos=1)
+        async with make_client(device, own, persistent=False) as honest:
+            await honest.publish(topics.update(own), b"sentinel", qos=1)
         seen = []
-        async for message in observer.messages:
+        async for message in watching.messages:
             if not message.retain:
                 seen.append((str(message.topic), message.payload))
                 if message.payload == b"sentinel":
                     break
-        assert seen == [(topics.update("dev-0"), b"sentinel")]
+        assert seen == [(topics.update(own), b"sentinel")]
+
+
+async def test_a_certificate_device_connects_and_uses_only_its_own_topics(cert_broker, tmp_path):
+    device = address(cert_broker.port, cert_broker.folder.add_certificate("dev-0"))
+    cert_broker.folder.add_certificate("dev-1")
+    async with asyncio.timeout(60):
+        await only_its_own_topics_get_through(address(cert_broker.port, cert_broker.aggregator), device, "dev-0", "dev-1")
+
+
+async def test_with_both_listeners_a_certificate_cannot_act_as_a_password_device(tmp_path):
+    port, cert_port = free_port(), free_port()
+    folder, aggregator = init(tmp_path / "broker", fleet=FLEET, host="127.0.0.1", port=port, bind="127.0.0.1", auth="both",
+                              cert_port=cert_port)
+    folder.add_account("pw-0")
+    device = address(cert_port, folder.add_certificate("ct-0"))
+    async with LocalBroker(port=port, data_dir=folder.path / "data", config_file=folder.config_file, tls=True), asyncio.timeout(60):
+        await only_its_own_topics_get_through(address(port, aggregator), device, "ct-0", "pw-0")
 
 
 async def test_a_revoked_certificate_is_refused_once_the_broker_reloads(cert_broker, tmp_path):
@@ -123,6 +148,26 @@ async def test_a_revoked_certificate_is_refused_once_the_broker_reloads(cert_bro
         assert await connects(again, "dev-0")
         assert not await connects(revoked, "dev-0")
     assert any("certificate verify failed" in line or "revoked" in line for line in cert_broker.broker.log_lines)
+
+
+async def test_a_connected_device_keeps_its_connection_after_revocation_until_it_reconnects(cert_broker, tmp_path):
+    """What README's security section says an operator must know: the CRL is checked in the TLS handshake
+    only, so revoking and reloading cuts off the next connection, not the current one."""
+    topics = Topics(FLEET)
+    folder = cert_broker.folder
+    device = address(cert_broker.port, copied(folder.add_certificate("dev-0"), tmp_path / "dev-0"))
+    observer = address(cert_broker.port, cert_broker.aggregator)
+    async with asyncio.timeout(60), make_client(observer, "observer", persistent=False) as watching:
+        await watching.subscribe(topics.update("dev-0"), qos=1)
+        async with make_client(device, "dev-0", persistent=False) as connected:
+            folder.remove_account("dev-0")
+            await reload(cert_broker.broker)
+            assert not await connects(device, "dev-0-again")  # a new connection with the revoked certificate
+            await connected.publish(topics.update("dev-0"), b"still here", qos=1)  # the open one still works
+            async for message in watching.messages:
+                assert message.payload == b"still here"
+                break
+        assert not await connects(device, "dev-0")  # and once it has left, it cannot come back
 
 
 async def test_a_reissued_certificate_replaces_the_earlier_one(cert_broker, tmp_path):
@@ -172,3 +217,82 @@ async def test_password_and_certificate_devices_train_together_on_their_own_list
             await run_fleet(Aggregator(config), agents)
     with Store(tmp_path / "agg.sqlite") as store:
         assert sorted(r["client_id"] for r in store.receipts() if r["status"] == "accepted") == ["agent-0", "agent-1"]
+
+
+# ------------------------------------------------------------------ as an operator runs it: fedge commands
+FEDGE = [sys.executable, "-m", "fedge"]
+
+
+@contextlib.asynccontextmanager
+async def spawned(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``fedge ARGS`` as a process, killed if still running when the block ends."""
+    process = await asyncio.create_subprocess_exec(*FEDGE, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+class Lines:
+    """A process's output lines as they come; ``wait_for`` wakes at each new one (no polling)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+
+    async def read(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+            self._changed.set()
+
+    async def wait_for(self, text: str, *, after: int = 0) -> None:
+        while not any(text in line for line in self.lines[after:]):
+            self._changed.clear()
+            await self._changed.wait()
+
+
+async def test_an_operator_serves_certificates_trains_over_them_and_revokes_one(tmp_path):
+    """init --auth certificate, add-device --cert, serve; the aggregator and an agent as processes with
+    --cert-file/--key-file train a round; remove-device and a SIGHUP to `fedge broker serve` refuse the
+    device, and serve's log says so."""
+    from fedge.cli import main
+
+    port, folder = free_port(), tmp_path / "broker"
+    assert main(["broker", "init", "--config", str(folder), "--auth", "certificate", "--fleet", FLEET, "--host", "127.0.0.1",
+                 "--port", str(port), "--bind", "127.0.0.1"]) == 0
+    assert main(["broker", "add-device", "pi-1", "--cert", "--config", str(folder)]) == 0
+    device = copied(Credentials("pi-1", None, "", folder / "ca.crt", folder / "devices" / "pi-1" / "pi-1.crt",
+                                folder / "devices" / "pi-1" / "pi-1.key"), tmp_path / "pi-1")
+    hub = folder / "devices" / "fedge-aggregator"
+    url, log = f"mqtts://127.0.0.1:{port}", Lines()
+    async with asyncio.timeout(120), spawned("broker", "serve", "--config", str(folder)) as serve, asyncio.TaskGroup() as tasks:
+        assert serve.stdout is not None and serve.stderr is not None
+        banner = (await serve.stdout.readline()).decode()
+        assert f"serving {url} with" in banner, banner
+        reader = tasks.create_task(log.read(serve.stderr))
+        common = ["--broker", url, "--fleet", FLEET, "--task=digits", "--task-opt=clients=2"]
+        async with spawned("aggregator", *common, "--ca-file", str(hub / "ca.crt"), "--cert-file", str(hub / "fedge-aggregator.crt"),
+                           "--key-file", str(hub / "fedge-aggregator.key"), "--rounds=1", "--target=1", "--min=1",
+                           f"--store={tmp_path / 'agg.sqlite'}") as aggregator, \
+                spawned("agent", *common, "--ca-file", str(device.ca_file), "--cert-file", str(device.cert_file), "--key-file",
+                        str(device.key_file), "--client-id=pi-1", f"--state-dir={tmp_path / 'state'}", "--exit-when-final",
+                        "--policy=always") as agent:
+            codes = [await aggregator.wait(), await agent.wait()]
+            assert codes == [0, 0], [(await p.stderr.read()).decode()[-800:] for p in (aggregator, agent)]  # type: ignore[union-attr]
+        await log.wait_for("u'pi-1')")  # Mosquitto named the device by its certificate: "... as fedge-agent-pi-1 (p5, ..., u'pi-1')"
+
+        assert main(["broker", "remove-device", "pi-1", "--config", str(folder)]) == 0
+        before = len(log.lines)
+        serve.send_signal(signal.SIGHUP)  # to fedge broker serve, which passes it on to Mosquitto
+        await log.wait_for("Reloading config", after=before)
+        before = len(log.lines)
+        assert not await connects(address(port, device), "pi-1")
+        await log.wait_for("certificate verify failed", after=before)
+        serve.send_signal(signal.SIGINT)
+        assert await serve.wait() == 130
+        await reader
+    with Store(tmp_path / "agg.sqlite") as store:
+        assert [r["client_id"] for r in store.receipts() if r["status"] == "accepted"] == ["pi-1"]

@@ -120,6 +120,11 @@ def test_broker_add_device_with_a_certificate_prints_what_to_copy(tmp_path, caps
     assert "mqtts://hub.local:8884" in out and "--cert-file pi-1.crt --key-file pi-1.key" in out and "kill -HUP" in out
     assert (folder / "devices" / "pi-1" / "pi-1.key").exists()
     assert main(["broker", "remove-device", "pi-1", "--config", str(folder)]) == 0
-    assert "certificates revoked" in capsys.readouterr().out and not (folder / "devices" / "pi-1").exists()
+    out = capsys.readouterr().out
+    assert "its 1 certificate(s) revoked" in out and "password" not in out and not (folder / "devices" / "pi-1").exists()
+    assert main(["broker", "add-device", "pi-2", "--config", str(folder)]) == 0
+    assert main(["broker", "remove-device", "pi-2", "--config", str(folder)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "device 'pi-2' removed: its password deleted" in out  # it never had a certificate
     args = build_parser().parse_args(["agent", "--cert-file", "/c.crt", "--key-file", "/c.key"])
     assert LOADER.flag_values(args)["cert_file"] == "/c.crt" and LOADER.flag_values(args)["key_file"] == "/c.key"
