@@ -33,6 +33,7 @@ Run: python -m bench.broadcast [--no-fleet] [--no-sizes] [--sizes 1e6,1e7] [--on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -42,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from fedge_contract import GlobalModel, TaskConfig, Update, new_update_id
@@ -53,6 +53,7 @@ from fedge_contract.broadcast import (
     Rebuilder,
     Step,
     decode_announcement,
+    task_id,
     worst_case_catch_up_bytes,
 )
 from fedge_contract.codecs import decode_weights, encode_weights, parse_chain
@@ -75,6 +76,21 @@ class Setting:
     full: str | None = None  # a full GlobalModel every version in this chain (today's --global-codec)
     policy: BroadcastPolicy | None = None  # delta broadcasts
     build_v0: bool = True  # delta broadcasts: devices build version 0 themselves (a hold) or download it
+    # warm-up: (chain, n): rounds 1..n upload in this chain (the task changes at round n + 1), and
+    # versions 1..n are broadcast in this chain; the rest in ``upload`` / ``policy.chain``
+    upload_warmup: tuple[str, int] | None = None
+    broadcast_warmup: tuple[str, int] | None = None
+
+    def upload_chain(self, round_no: int) -> str:
+        if self.upload_warmup is not None and round_no <= self.upload_warmup[1]:
+            return self.upload_warmup[0]
+        return self.upload
+
+    def broadcast_policy(self, version: int) -> BroadcastPolicy:
+        assert self.policy is not None
+        if self.broadcast_warmup is not None and 1 <= version <= self.broadcast_warmup[1]:
+            return dataclasses.replace(self.policy, chain=self.broadcast_warmup[0])
+        return self.policy
 
     @property
     def broadcast(self) -> str:
@@ -82,7 +98,12 @@ class Setting:
             return f"full {self.full}"
         assert self.policy is not None
         keyframes = f"resets {self.policy.keyframe_chain} every {self.policy.every}" if self.policy.resets else "snapshots"
-        return f"delta {self.policy.chain} ({keyframes}, v0 {'built' if self.build_v0 else 'downloaded'})"
+        warmup = f", {self.broadcast_warmup[0]} for v1-v{self.broadcast_warmup[1]}" if self.broadcast_warmup else ""
+        return f"delta {self.policy.chain} ({keyframes}, v0 {'built' if self.build_v0 else 'downloaded'}{warmup})"
+
+    @property
+    def uploads(self) -> str:
+        return self.upload + (f" ({self.upload_warmup[0]} in rounds 1-{self.upload_warmup[1]})" if self.upload_warmup else "")
 
 
 def delta(chain: str, **kw: Any) -> BroadcastPolicy:
@@ -118,6 +139,8 @@ class Fleet:
     tmp: Path
     down: list[int] = field(default_factory=list)  # bytes of each version's announcement (per device)
     up: list[int] = field(default_factory=list)  # mean bytes of one device's update, per round
+    down_data: list[int] = field(default_factory=list)  # of which tensor data
+    up_data: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from edge_agent.residuals import Residuals
@@ -126,8 +149,8 @@ class Fleet:
         from fedge_tasks.weights import get_weights
 
         self.task = DigitsTask(clients=self.agents, alpha=self.alpha, seed=self.seed, init_seed=self.seed)
-        suggested: dict[str, Any] = dict(self.task.suggested_training())  # as the aggregator's training_config
-        self.training = TaskConfig(**{**suggested, "codec": self.setting.upload})
+        self.suggested: dict[str, Any] = dict(self.task.suggested_training())  # as the aggregator's training_config
+        self.announced_task: bytes | None = None  # the task id devices hold (delta announcements name it, carry it when it changes)
         self.true = get_weights(self.task.build_model())
         self.spec = ModelSpec.of(self.true)
         self.ids = [f"agent-{i}" for i in range(self.agents)]
@@ -140,16 +163,23 @@ class Fleet:
         self.eval_model = self.task.build_model()
         self.eval_data = self.task.eval_data()
         self.steps: list[Step] = []
-        self.task_bytes = len(msgpack.packb({"task": self.training.to_wire()})) - 1  # the key and the map, in a message
+
+    def training(self, round_no: int) -> TaskConfig:
+        """The task of round ``round_no`` (announced with version round_no - 1), as the aggregator's training_config."""
+        return TaskConfig(**{**self.suggested, "codec": self.setting.upload_chain(round_no)})
 
     def announce(self, version: int, final: bool = False) -> bytes:
         """Version ``version``'s announcement, as bytes; every device applies it (and checks its hash)."""
-        about = Announcement(FLEET, version + 1, 1_760_000_000.0 + 30 * version, self.training, self.spec.fingerprint, final)
+        training = self.training(version + 1)
+        inline = task_id(training) != self.announced_task  # as the Broadcaster does: the task when it changes
+        self.announced_task = task_id(training)
+        about = Announcement(FLEET, version + 1, 1_760_000_000.0 + 30 * version, training, self.spec.fingerprint, final, inline)
         if self.encoder is None:
             assert self.setting.full is not None
             tensors = encode_weights(self.true, parse_chain(self.setting.full), np.random.default_rng([self.seed, version]))
-            payload = GlobalModel(FLEET, version, about.round, about.deadline, self.training, self.spec.fingerprint, tensors, final).to_bytes()
+            payload = GlobalModel(FLEET, version, about.round, about.deadline, training, self.spec.fingerprint, tensors, final).to_bytes()
         else:
+            self.encoder.policy = self.setting.broadcast_policy(version)
             if version == 0:
                 step = self.encoder.begin(self.true, 0, devices_hold=self.setting.build_v0)
             else:
@@ -159,6 +189,7 @@ class Fleet:
         for device in self.devices:
             device.accept(decode_announcement(payload, max_bytes=MAX_BYTES, fleet=FLEET))  # raises if the rebuild does not match
         self.down.append(len(payload))
+        self.down_data.append(sum(len(t.data) for t in decode_announcement(payload, max_bytes=MAX_BYTES).tensors))
         return payload
 
     def round(self, number: int) -> None:
@@ -169,11 +200,12 @@ class Fleet:
         from edge_agent.seeds import training_seed
 
         version = number - 1
-        chain = parse_chain(self.setting.upload)
-        total, sizes = WeightedSum(self.spec), []
+        training = self.training(number)
+        chain = parse_chain(training.codec)
+        total, sizes, data = WeightedSum(self.spec), [], []
         for cid, trainer, residuals, device in zip(self.ids, self.trainers, self.residuals, self.devices, strict=True):
             assert device.held is not None and device.held.version == version
-            start = GlobalModel(FLEET, version, number, None, self.training, self.spec.fingerprint,
+            start = GlobalModel(FLEET, version, number, None, training, self.spec.fingerprint,
                                 encode_weights(device.held.weights, _NONE))  # the held model, as the trainer takes it
             local = trainer.run(start, lambda: True)
             assert local is not None
@@ -185,10 +217,12 @@ class Fleet:
             payload = Update(FLEET, cid, new_update_id(), number, version, result.num_samples, tensors,
                              metrics={"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.seconds}).to_bytes()
             sizes.append(len(payload))
+            data.append(sum(len(t.data) for t in tensors))
             update = Update.from_bytes(payload, max_bytes=MAX_BYTES, fleet=FLEET)
             total.add(decode_weights(update.tensors, self.spec), float(update.num_samples))
         self.true = FedAvg().apply(self.true, total.mean())
         self.up.append(round(statistics.fmean(sizes)))
+        self.up_data.append(round(statistics.fmean(data)))
 
     def accuracy(self, weights: Any) -> float:
         from fedge_tasks import evaluate
@@ -216,7 +250,7 @@ def federated_run(setting: Setting, agents: int, rounds: int, seed: int, alpha: 
             true_acc.append(fleet.accuracy(fleet.true))
     reached = next((r for r, a in enumerate(held_acc, start=1) if a >= TARGET_ACCURACY), None)
     row: dict[str, Any] = {
-        "label": setting.label, "upload": setting.upload, "broadcast": setting.broadcast,
+        "label": setting.label, "upload": setting.uploads, "broadcast": setting.broadcast,
         "final_accuracy": round(held_acc[-1], 4), "final_accuracy_true_model": round(true_acc[-1], 4),
         "round_to_090": reached,
         "bytes_per_device": {"up": sum(fleet.up), "down": sum(fleet.down), "total": sum(fleet.up) + sum(fleet.down)},
@@ -228,10 +262,9 @@ def federated_run(setting: Setting, agents: int, rounds: int, seed: int, alpha: 
     if reached is not None:
         up, down = sum(fleet.up[:reached]), sum(fleet.down[: reached + 1])
         row["bytes_to_090"] = {"up": up, "down": down, "total": up + down}
-        # An estimate, not a run: what the total would be if announcements after v0 left out the
-        # task (the same TaskConfig every round, task_bytes of every message) while it is unchanged.
-        row["estimate_to_090_task_sent_once"] = up + down - reached * fleet.task_bytes
-    row["task_bytes"] = fleet.task_bytes
+        # where they go: tensor data (the codec's output) and envelope (everything else in the message)
+        up_data, down_data = sum(fleet.up_data[:reached]), sum(fleet.down_data[: reached + 1])
+        row["bytes_to_090_split"] = {"up_data": up_data, "up_envelope": up - up_data, "down_data": down_data, "down_envelope": down - down_data}
     if fleet.encoder is not None:
         row["catch_up"] = catch_up_bytes(fleet)
     return row
@@ -240,7 +273,7 @@ def federated_run(setting: Setting, agents: int, rounds: int, seed: int, alpha: 
 def catch_up_bytes(fleet: Fleet) -> dict[str, Any]:
     """What a device that holds nothing downloads at the end (keyframe and retained deltas), against the bound."""
     assert fleet.encoder is not None and fleet.setting.policy is not None
-    about = Announcement(FLEET, 0, None, fleet.training, fleet.spec.fingerprint)
+    about = Announcement(FLEET, 0, None, fleet.training(0), fleet.spec.fingerprint, inline_task=False)  # retained copies name the task
     keyframe = fleet.encoder.keyframe
     messages = [(len(keyframe.message(about).to_bytes()), keyframe.nbytes)]
     messages += [(len(b.message(about).to_bytes()), b.nbytes) for b in fleet.encoder.retained]

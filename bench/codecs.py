@@ -13,7 +13,20 @@ Dirichlet 0.5, seed 0) once per chain and reports the final accuracy, the total 
 the bytes uploaded until the test accuracy first reaches 0.90, and that figure's ratio to the
 float32 run's.
 
-Prints JSON, then a markdown table. Run: python -m bench.codecs [--no-sim] [--sizes 1e6,1e7]
+Part 3 (issue 16: both directions) runs chain pairs (upload, broadcast) in one process with
+bench/broadcast.py's harness (digits, 20 devices, 30 rounds, Dirichlet 0.5, the agent's trainer and
+error feedback, the aggregator's fold and FedAvg, delta broadcasts with server-side error feedback
+rebuilt bit for bit by every device) and reports, per device, the bytes up, down and total until
+the model devices hold first scores 0.90 (downloads of versions 0..r, uploads of rounds 1..r),
+where they go (tensor data or envelope), the final accuracy, and the total's ratio to float32 both
+ways. A broadcast ``f32`` is today's full float32 GlobalModel; anything else is a delta chain.
+The goal: at least 50x fewer bytes than float32 both ways, within 1 point of its final accuracy.
+
+Part 4 times delta broadcasts of 1M and 10M-parameter random-walk models: the aggregator's encode
+per version, a device's rebuild, bytes per version (bench/broadcast.py, part 2).
+
+Prints JSON, then markdown tables.
+Run: python -m bench.codecs [--no-sim] [--no-pairs] [--sizes 1e6,1e7] [--pairs UP/DOWN,...] [--pair-seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -40,6 +53,18 @@ CHAINS = [
 TARGET_ACCURACY = 0.90
 TARGET_RATIO = 50.0
 TARGET_MBPS = 200.0
+UPLOAD_DEFAULT = "flat+topk:0.01+q4+zstd"
+# (upload, broadcast): "f32" broadcasts the full float32 model (today), anything else is a delta chain
+PAIRS = [
+    ("none", "f32"),  # float32 both ways: the baseline (first)
+    (UPLOAD_DEFAULT, "f32"),  # before issue 16: compressed uploads, float32 downloads
+    (UPLOAD_DEFAULT, "flat+topk:0.05+q4+zstd"),  # the default upload chain with the default broadcast chain
+    (UPLOAD_DEFAULT, "flat+topk:0.03+q4+zstd"),
+    ("flat+topk:0.02+q4+zstd", "flat+topk:0.05+q4+zstd"),
+    ("flat+topk:0.02+q4+zstd", "flat+topk:0.03+q4+zstd"),
+    ("flat+topk:0.03+q4+zstd", "flat+topk:0.05+q4+zstd"),
+]
+BROADCAST_SIZE_CHAINS = ["flat+topk:0.05+q4+zstd", "flat+topk:0.03+q4+zstd", "flat+q8+zstd"]
 
 
 def digits_delta() -> dict[str, np.ndarray]:
@@ -150,6 +175,35 @@ def accuracy_vs_bytes(chains: list[str], agents: int, rounds: int) -> list[dict[
     return runs
 
 
+def chain_pairs(pairs: list[tuple[str, str]], seeds: list[int], agents: int, rounds: int, alpha: float) -> list[dict[str, Any]]:
+    """Part 3: each (upload, broadcast) pair through bench/broadcast.py's in-process fleet, per seed."""
+    from bench.broadcast import Setting, compare, federated_run
+    from fedge_contract.broadcast import BroadcastPolicy
+
+    if pairs[0] != ("none", "f32"):
+        raise ValueError("the first pair must be none/f32: float32 both ways is what the ratios compare with")
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:
+        runs: list[dict[str, Any]] = []
+        for upload, down in pairs:
+            label = f"{upload} / {down}"
+            setting = Setting(label, upload, full="none") if down == "f32" else Setting(label, upload, policy=BroadcastPolicy(chain=down))
+            run = federated_run(setting, agents, rounds, seed, alpha)
+            run.update(upload=upload, broadcast_chain=down, seed=seed, label="float32" if not runs else label)
+            runs.append(run)
+            print(json.dumps({k: v for k, v in run.items() if k != "accuracy_by_round"}), file=sys.stderr, flush=True)
+        compare(runs)
+        rows += runs
+    return rows
+
+
+def broadcast_sizes(parameters: list[int], chains: list[str], versions: int = 4) -> list[dict[str, Any]]:
+    """Part 4: encode time, device rebuild time and bytes per version of 1M/10M-parameter delta broadcasts."""
+    from bench.broadcast import size_row
+
+    return [size_row(n, chain, versions) for n in parameters for chain in chains]
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "| model | params | chain | bytes/update | ratio | encode MB/s | decode MB/s | enc+dec MB/s |",
@@ -170,6 +224,31 @@ def markdown(result: dict[str, Any]) -> str:
             reach = f"{r['bytes_to_090']:,}" if r["bytes_to_090"] else "never"
             ratio = f"{r['ratio_to_090']:.1f}x" if r["ratio_to_090"] else "-"
             lines.append(f"| `{r['chain']}` | {r['final_accuracy']:.4f} | {r['bytes_up']:,} | {r['round_to_090'] or '-'} | {reach} | {ratio} |")
+    if result.get("pairs"):
+        lines += [
+            "",
+            "| seed | upload | broadcast | final acc | round to 0.90 | up to 0.90 | down to 0.90 | total to 0.90 | vs float32 both ways | "
+            "envelope share |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["pairs"]:
+            got: dict[str, int] = r.get("bytes_to_090") or {}
+            split: dict[str, int] = r.get("bytes_to_090_split") or {}
+            envelope = f"{(split['up_envelope'] + split['down_envelope']) / got['total']:.0%}" if got else "-"
+            ratio = f"{r['ratio_to_090']:.1f}x" if r["ratio_to_090"] else "-"
+            lines.append(
+                f"| {r['seed']} | `{r['upload']}` | `{r['broadcast_chain']}` | {r['final_accuracy']:.3f} | {r['round_to_090'] or '-'} | "
+                f"{got.get('up', 0):,} | {got.get('down', 0):,} | {got.get('total', 0):,} | {ratio} | {envelope} |"
+            )
+    if result.get("broadcast_sizes"):
+        lines += [
+            "",
+            "| params | broadcast chain | bytes/version | vs float32 | encode s | device rebuild s | keyframe bytes |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["broadcast_sizes"]:
+            lines.append(f"| {r['parameters']:,} | `{r['chain']}` | {r['bytes_per_version']:,} | {r['ratio_to_float32']:.1f}x | "
+                         f"{r['encode_seconds']:.3f} | {r['device_rebuild_seconds']:.3f} | {r['keyframe_bytes']:,} |")
     return "\n".join(lines)
 
 
@@ -180,6 +259,11 @@ def main() -> None:
     parser.add_argument("--sim-chains", default=",".join(CHAINS), help="chains to simulate (the first must be none)")
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--no-pairs", action="store_true", help="skip the (upload, broadcast) chain pairs")
+    parser.add_argument("--pairs", default=",".join(f"{u}/{d}" for u, d in PAIRS), help="UPLOAD/BROADCAST,... (the first must be none/f32)")
+    parser.add_argument("--pair-seeds", default="0", help="seeds of the pair runs (comma separated)")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--no-broadcast-sizes", action="store_true", help="skip the 1M/10M broadcast timings")
     args = parser.parse_args()
 
     models = {"digits-mlp": digits_delta()}
@@ -188,11 +272,17 @@ def main() -> None:
     result: dict[str, Any] = {"sizes": sizes_and_speed(models)}
     if not args.no_sim:
         result["simulate"] = accuracy_vs_bytes(args.sim_chains.split(","), args.agents, args.rounds)
+    if not args.no_pairs:
+        pairs = [tuple(p.split("/", 1)) for p in args.pairs.split(",") if p]
+        result["pairs"] = chain_pairs(pairs, [int(s) for s in args.pair_seeds.split(",")], args.agents, args.rounds, args.alpha)  # type: ignore[arg-type]
+    if not args.no_broadcast_sizes:
+        result["broadcast_sizes"] = broadcast_sizes([int(float(s)) for s in args.sizes.split(",") if s], BROADCAST_SIZE_CHAINS)
     big = [r for r in result["sizes"] if r["chain"] == "q8+zstd" and r["parameters"] >= 10_000_000]
     result["targets"] = {
         "q8_zstd_10m_encode_decode_mbps": big[0]["encode_decode_mbps"] if big else None,
         "q8_zstd_10m_meets_200": bool(big and big[0]["encode_decode_mbps"] >= TARGET_MBPS),
         "chains_meeting_50x_at_090_within_1pt": [r["chain"] for r in result.get("simulate", []) if r["meets_target"]],
+        "pairs_meeting_50x_both_ways_within_1pt": sorted({r["label"] for r in result.get("pairs", []) if r["meets_goal"]}),
     }
     print(json.dumps(result, indent=2))
     print()

@@ -1,6 +1,9 @@
 """The agent's event loop: one MQTT connection, three cooperating tasks.
 
 - dispatch: reads the connection's messages (the retained global model, this device's receipts);
+  under delta broadcasts the announcement only makes sense against the model the device holds:
+  edge_agent/held_model.py keeps that model, catches up from the retained topics, and hands the
+  agent a full model to train from once it holds the version (bit for bit, hash checked);
 - training: waits for a model version it has not trained on and for the device to be eligible,
   trains (in a child process that exits afterwards, or with ``isolate_training=False`` in a
   worker thread), writes the encoded delta to the outbox;
@@ -43,6 +46,7 @@ from edge_agent.attack import attacked
 from edge_agent.conditions import AlwaysEligible, Gate
 from edge_agent.config import AgentConfig
 from edge_agent.errors import FingerprintMismatch, TrainingFailed
+from edge_agent.held_model import Failed, Follower, HeldFiles, HeldStats, Ready, initial_rebuilder
 from edge_agent.outbox import Outbox
 from edge_agent.participation import EvalOutcome, Evaluations
 from edge_agent.participation import plan as participation_plan
@@ -54,12 +58,13 @@ from edge_agent.state import AgentState
 from edge_agent.train_worker import ChildUpdate, StopSignal, TrainJob, describe_in_child, evaluate_in_child, train_in_child
 from fedge_contract import DecodeError, GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update, new_update_id
 from fedge_contract.aio import cancel_and_wait
+from fedge_contract.broadcast import decode_announcement
 from fedge_contract.chunks import ChunkLimits, Manifest, is_manifest
 from fedge_contract.codecs import CodecChain, parse_chain
 from fedge_contract.errors import CodecError, Reason
 from fedge_contract.mqtt import QOS, Backoff, Connection
 from fedge_contract.tensors import ModelSpec
-from fedge_contract.transfer import ChunkReceiver, Received, Refused, clear_chunks, send_chunked
+from fedge_contract.transfer import WAKE_TOPIC, ChunkReceiver, Received, Refused, clear_chunks, send_chunked
 
 if TYPE_CHECKING:
     from edge_agent.evaluator import LocalEvaluator
@@ -91,8 +96,9 @@ class AgentStats:
     trained_versions: list[int] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
     bytes_up: int = 0  # update payloads published (resends included)
-    bytes_down: int = 0  # global model payloads received
+    bytes_down: int = 0  # every message received under global/ (announcements, their chunks, catch-up, the task)
     last_error: str = ""
+    held: HeldStats = field(default_factory=HeldStats)  # delta broadcasts: accepted, caught up, fell back, refusals
 
 
 class Agent:
@@ -121,6 +127,10 @@ class Agent:
         self._latest: GlobalModel | None = None
         self._latest_payload = b""
         self._spec = ModelSpec(())  # the task's model, learnt when run() starts
+        self._initial: dict[str, np.ndarray] | None = None  # its version 0, as this device builds it (delta broadcasts)
+        self._follower: Follower | None = None  # the held model under delta broadcasts (created per connection owner)
+        self._held_files: HeldFiles | None = None
+        self._held_changed = asyncio.Event()  # the held model moved on: the keeper writes it (the latest only)
         self._trainer: LocalTrainer | None = None
         self._abort: StopSignal | None = None  # stops the training child (ineligible, superseded)
         self._new_model = asyncio.Event()
@@ -169,6 +179,7 @@ class Agent:
             self._secure.attach(conn, self._spec)
             limits = ChunkLimits(max_size=self.config.max_model_bytes, max_concurrent=1, timeout=self.config.chunk_timeout)
             self._fetch = ChunkReceiver(conn, self.topics, limits, bad_chunk="skip")
+            self._follower = await self._make_follower(conn)
             async with asyncio.TaskGroup() as group:
                 tasks = [
                     group.create_task(self._dispatch(), name="dispatch"),
@@ -178,10 +189,14 @@ class Agent:
                     group.create_task(self._settlement.run(self._final_settled.set), name="settle"),
                     group.create_task(self.evaluations.run(), name="evaluate"),
                     group.create_task(self._exit_when_final(), name="exit-when-final"),
+                    group.create_task(self._keep_held(), name="held"),
                 ]
                 await self._stop.wait()
                 await cancel_and_wait(tasks)
             self._fetch.close()
+            self._follower.close()
+            if self._held_files is not None:  # a stop between two writes: keep the latest held model too
+                await self._on_disk(self._held_files.save, self._follower.rebuilder, self._follower.task)
             if conn.connected.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
@@ -191,7 +206,7 @@ class Agent:
     async def _load_task(self) -> None:
         """Learn the task's model spec; task errors surface here, before connecting."""
         if self.config.isolate_training:
-            self._spec = await describe_in_child(self._job())
+            self._spec, self._initial = await describe_in_child(self._job())
             return
         from edge_agent.trainer import LocalTrainer
         from fedge_tasks import load_task
@@ -201,6 +216,19 @@ class Agent:
         task = self._task = self._task or load_task(self.config.task, self.config.task_options)
         self._trainer = await asyncio.to_thread(LocalTrainer, task, self.config.client_id, self.config.seed)
         self._spec = self._trainer.spec
+        from fedge_tasks.weights import get_weights
+
+        self._initial = get_weights(self._trainer.model)  # before any training: version 0 as this device builds it
+
+    async def _make_follower(self, conn: Connection) -> Follower:
+        """The held model: kept from the last run (state folder), else this device's own build of version 0."""
+        files = HeldFiles(self.config.state_dir, self._spec)
+        kept = await self._on_disk(files.load)
+        rebuilder, task = initial_rebuilder(self._spec, kept, self._initial)
+        self._initial = None  # the rebuilder holds its own copy
+        self._held_files = files
+        return Follower(conn, self.topics, rebuilder, task=task, max_bytes=self.config.max_model_bytes,
+                        timeout=self.config.chunk_timeout, stats=self.stats.held)
 
     def _job(self) -> TrainJob:
         return TrainJob(
@@ -238,12 +266,22 @@ class Agent:
             message = await self._conn.messages.get()
             payload = message.payload if isinstance(message.payload, bytes) else b""
             topic = str(message.topic)
-            if topic == self.topics.global_model and is_manifest(payload):
+            if topic.startswith(self.topics.global_model):
+                self.stats.bytes_down += len(payload)  # what this device downloads, catch-up and chunks included
+            if topic == WAKE_TOPIC:  # a chunk timer of either receiver: both check what stalled
+                for outcome in await self._fetch.handle(topic, payload):
+                    await self._on_fetched(outcome)
+                for held in await self._following().handle(topic, payload):
+                    await self._on_held(held)
+            elif topic == self.topics.global_model and is_manifest(payload):
                 await self._on_global_manifest(payload)
             elif topic == self.topics.global_model:
                 for key in list(self._fetch.keys()):
                     await self._fetch.cancel(key)  # a whole model supersedes the one being fetched
                 await self._on_global(payload)
+            elif self._follower is not None and self._follower.owns(topic):
+                for held in await self._follower.handle(topic, payload):
+                    await self._on_held(held)
             elif self._fetch.owns(topic):
                 for outcome in await self._fetch.handle(topic, payload):
                     await self._on_fetched(outcome)
@@ -277,17 +315,21 @@ class Agent:
         log.error("%s: refusing global model: %s", self.config.client_id, exc)
         await self._publish_presence()
 
+    def _following(self) -> Follower:
+        """The Follower of the held model (it exists while the connection does)."""
+        assert self._follower is not None
+        return self._follower
+
     async def _on_global(self, payload: bytes, *, manifest_version: int | None = None) -> None:
         if not payload:
             return  # retained message cleared
-        self.stats.bytes_down += len(payload)
         try:
-            model = GlobalModel.from_bytes(payload, max_bytes=self.config.max_model_bytes, fleet=self.config.fleet)
+            model = decode_announcement(payload, max_bytes=self.config.max_model_bytes, fleet=self.config.fleet)
             if manifest_version is not None and model.model_version != manifest_version:
                 raise DecodeError(Reason.BAD_VALUE, f"the manifest announced v{manifest_version}, its chunks hold v{model.model_version}")
-            if self._trainer is not None:
+            if self._trainer is not None and isinstance(model, GlobalModel):
                 self._trainer.check(model)  # in-thread training: the trainer knows its model
-            elif model.fingerprint != self._spec.fingerprint:  # isolated: the spec the child reported
+            elif model.fingerprint != self._spec.fingerprint:  # the spec the trainer or the training child reported
                 raise FingerprintMismatch(
                     f"global model v{model.model_version} has architecture {model.fingerprint}, this device's task "
                     f"builds {self._spec.fingerprint}: the agent and the aggregator must run the same task"
@@ -295,6 +337,37 @@ class Agent:
         except (DecodeError, FingerprintMismatch) as exc:
             await self._refuse_global(exc)
             return
+        if isinstance(model, GlobalModel) and model.held_hash is None:
+            await self._on_model(model, payload)  # a plain full model (no delta broadcasts): trained on as it came
+            return
+        for held in await self._following().offer(model):  # delta broadcasts: train from the model held
+            await self._on_held(held)
+
+    async def _on_held(self, outcome: Ready | Failed) -> None:
+        """A version the held model reached (persisted, then trained on), or one it could not (said why)."""
+        if isinstance(outcome, Failed):
+            await self._refuse_global(outcome.error)
+            if outcome.announcement.final:  # training is over all the same: settle the outbox, nothing to evaluate
+                log.info("%s: training finished at model v%d (not held here)", self.config.client_id, outcome.announcement.model_version)
+                self._latest = None
+                self._settlement.on_model(final=True)
+                self._final_evaluated.set()
+            return
+        self._held_changed.set()
+        await self._on_model(outcome.model, b"")
+
+    async def _keep_held(self) -> None:
+        """Write the held model to the state folder whenever it moved on, the latest only (a version that
+        came and went while a write was under way is never written): the next start catches up from it."""
+        while True:
+            await self._held_changed.wait()
+            self._held_changed.clear()
+            follower, files = self._following(), self._held_files
+            assert files is not None
+            await self._on_disk(files.save, follower.rebuilder, follower.task)  # nothing to do if that version is on disk
+
+    async def _on_model(self, model: GlobalModel, payload: bytes) -> None:
+        """A model to train from: ``payload`` is its bytes as they came, or empty (built from the held model)."""
         if self.stats.last_error:
             self.stats.last_error = ""
             await self._publish_presence()
@@ -338,7 +411,7 @@ class Agent:
 
     async def _evaluate(self, model: GlobalModel, payload: bytes) -> EvalOutcome | None:
         if self.config.isolate_training:
-            return await evaluate_in_child(self._job(), payload)
+            return await evaluate_in_child(self._job(), payload or model.to_bytes())  # empty: built from the held model
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._evaluate_here, model)
 
     def _evaluate_here(self, model: GlobalModel) -> EvalOutcome | None:
@@ -408,7 +481,7 @@ class Agent:
             loop = asyncio.get_running_loop()
             local: LocalUpdate | ChildUpdate | None
             if self.config.isolate_training:
-                local = await self._train_isolated(self._latest_payload)
+                local = await self._train_isolated(self._latest_payload or model.to_bytes())
             else:
                 local = await loop.run_in_executor(self._executor, self._train, model)
             if local is None:

@@ -95,10 +95,12 @@ class StopSignal:
 
 
 # ---------------------------------------------------------------------- parent side
-async def describe_in_child(job: TrainJob) -> ModelSpec:
-    """Load the task once in a child: returns its model's spec, surfaces task errors at start."""
+async def describe_in_child(job: TrainJob) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """Load the task once in a child: its model's spec and initial weights (version 0, which a device
+    builds itself under delta broadcasts); surfaces task errors at start."""
     reply = await _run_child({"kind": "describe", **_job_dict(job)}, None)
-    return ModelSpec(tuple(TensorSpec(str(name), tuple(int(d) for d in shape), str(dtype)) for name, shape, dtype in reply["spec"]))
+    spec = ModelSpec(tuple(TensorSpec(str(name), tuple(int(d) for d in shape), str(dtype)) for name, shape, dtype in reply["spec"]))
+    return spec, unpack_weights(reply["initial"])
 
 
 async def train_in_child(job: TrainJob, model_payload: bytes, stop: StopSignal) -> ChildUpdate | None:
@@ -239,8 +241,10 @@ def _serve(request: dict[str, Any], stdin_fd: int) -> dict[str, Any]:
             "raise the limit or give this device less data"
         )
     if request["kind"] == "describe":
+        from fedge_tasks.weights import get_weights
+
         spec = [[t.name, list(t.shape), t.dtype] for t in trainer.spec.tensors]
-        return {"ok": True, "spec": spec, "data_mib": data_mib}
+        return {"ok": True, "spec": spec, "data_mib": data_mib, "initial": pack_weights(get_weights(trainer.model))}
     model = GlobalModel.from_bytes(request["model"], max_bytes=int(request["max_model_bytes"]), fleet=request["fleet"])
 
     def should_continue() -> bool:

@@ -93,6 +93,11 @@ class Topics:
         """The retained keyframe (a full model) that catch-up starts from: ``fl/<fleet>/global/key``."""
         return f"{self.global_model}/key"
 
+    @property
+    def global_task(self) -> str:
+        """The retained task (a GlobalTask) that delta announcements name by its id: ``fl/<fleet>/global/task``."""
+        return f"{self.global_model}/task"
+
     def global_delta(self, version: int) -> str:
         """The retained delta that makes ``version`` from ``version - 1``: ``fl/<fleet>/global/delta/<version>``.
 

@@ -21,13 +21,16 @@ class RoundRow:
     loss: float
     participants: int  # updates folded into this round's model
     bytes_up: int  # update payloads published by agents for this round (resends included)
-    bytes_down: int  # global model payloads for this round x agents subscribed
+    bytes_down: int  # announcements (GlobalModel or GlobalDelta, chunks included) for this round x agents subscribed
     updates_published: int
     seconds: float  # from the round's opening to the next round's (or the end)
     selection_bytes: int = 0  # the announcement's cohort field (fedge_contract/cohort.py), per announcement
     trained: int | None = None  # synthetic: devices that made an update for this round (None: not counted)
     evals: int | None = None  # synthetic: evaluation reports sent for this round's model
     train_seconds: float | None = None  # devices' training seconds in the updates published for this round
+    # delta broadcasts: catch-up material the aggregator put on retained topics this round (keyframes,
+    # retained deltas, the task); stored once on the broker, downloaded only by devices that catch up
+    bytes_retained: int = 0
 
     @property
     def updates_per_s(self) -> float:
@@ -58,6 +61,7 @@ class SimulationReport:
             final_accuracy=self.rounds[-1].accuracy if self.rounds else float("nan"),
             bytes_up=sum(r.bytes_up for r in self.rounds),
             bytes_down=sum(r.bytes_down for r in self.rounds),
+            bytes_retained=sum(r.bytes_retained for r in self.rounds),
             peak_rss_mib_sum=sum(self.peak_rss_mib.values()),
             wall_seconds=self.wall_seconds,
         )

@@ -361,7 +361,7 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
                 round=number, accuracy=metrics.get("accuracy", float("nan")), loss=metrics.get("loss", float("nan")),
                 participants=int(stored[number]["accepted"]), bytes_up=bytes_up, bytes_down=tap.bytes_down(number),
                 updates_published=updates, seconds=seconds, selection_bytes=traffic.selection_bytes, trained=trained, evals=evals,
-                train_seconds=None if options.synthetic else traffic.train_seconds,
+                train_seconds=None if options.synthetic else traffic.train_seconds, bytes_retained=traffic.retained_bytes,
             )
         )
     peaks = {"orchestrator": peak_rss_mib()}

@@ -2,7 +2,16 @@
 
 The simulation's byte counts come from here, from the payloads the broker delivered, not from
 what programs believe they sent: bytes up are the update payloads published in each round,
-bytes down are each GlobalModel payload times the agents subscribed to it.
+bytes down are each announcement on ``global`` times the agents subscribed to it: a GlobalModel,
+or under delta broadcasts a GlobalDelta, whole or as its manifest plus chunks (a chunked
+announcement of version v counts for round v + 1, the round it opens in sync and async mode alike).
+
+Delta broadcasts also put catch-up material on retained topics (``global/key``, ``global/delta/<u>``,
+``global/task`` and their chunks), just before the announcement it goes with. Only a device that
+missed versions downloads it, by subscribing later, so the wire shows its publication, not its
+downloads: it is counted once, for the round of the announcement that follows it, as
+``retained_bytes`` (what the aggregator stored on the broker). What devices really fetched to catch
+up, each agent counts itself (``AgentStats.bytes_down``, ``AgentStats.held``).
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from fedge_contract import DecodeError, GlobalModel, RoundState, RoundStatus, Topics, Update
+from fedge_contract import DecodeError, RoundState, RoundStatus, Topics, Update
+from fedge_contract.broadcast import decode_announcement
+from fedge_contract.chunks import Manifest, is_manifest
 from fedge_contract.mqtt import BrokerAddress, Subscriber
 
 _MAX = 2**31
@@ -24,7 +35,8 @@ _MAX = 2**31
 class RoundTraffic:
     updates: int = 0
     bytes_up: int = 0
-    global_payloads: list[int] = field(default_factory=list)
+    global_payloads: list[int] = field(default_factory=list)  # each announcement's bytes (manifest and chunks included)
+    retained_bytes: int = 0  # catch-up material published this round (keyframes, retained deltas, the task), stored once
     opened_at: float | None = None
     closed_at: float | None = None
     selection_bytes: int = 0  # the largest cohort field announced for the round (an extension re-announces a larger one)
@@ -42,9 +54,12 @@ class WireTap(Subscriber):
         self.rounds: dict[int, RoundTraffic] = collections.defaultdict(RoundTraffic)
         self.final_global_bytes = 0
         self.unattributed_bytes = 0
+        self._chunks: dict[int, int] = collections.defaultdict(int)  # version -> bytes of its announcement's chunks so far
+        self._retained = 0  # catch-up material since the last announcement: the broadcaster publishes it first
         self.finished = asyncio.Event()
         self.progress = asyncio.Queue[RoundStatus]()
-        topics = [f"{self.topics.prefix}/#"] if updates else [self.topics.global_model, self.topics.status]
+        # ``global/#`` matches ``global`` too (MQTT's multi-level wildcard includes the parent level)
+        topics = [f"{self.topics.prefix}/#"] if updates else [f"{self.topics.global_model}/#", self.topics.status]
         super().__init__(address, f"fedge-wiretap-{fleet}", topics)
 
     def bytes_down(self, round_no: int) -> int:
@@ -54,20 +69,50 @@ class WireTap(Subscriber):
         now = time.monotonic()
         if topic == self.topics.global_model:
             self._on_global(payload)
+        elif topic.startswith(f"{self.topics.global_model}/"):
+            self._on_broadcast_part(topic, payload)
         elif topic == self.topics.status:
             self._on_status(payload, now)
         elif topic.startswith(f"{self.topics.prefix}/updates/"):
             self._on_update(payload)
 
     def _on_global(self, payload: bytes) -> None:
-        model = GlobalModel.from_bytes(payload, max_bytes=_MAX)
+        if not payload:
+            return  # a retained announcement being cleared
+        try:
+            if is_manifest(payload):  # a chunked announcement: its chunks came first
+                version = Manifest.from_bytes(payload, max_size=_MAX).model_version
+                assert version is not None
+                self._announced(version + 1, len(payload) + self._chunks.pop(version, 0))
+                return
+            model = decode_announcement(payload, max_bytes=_MAX)
+        except DecodeError:
+            self.unattributed_bytes += len(payload)
+            return
         if model.final:
             self.final_global_bytes += len(payload) * self.subscribers
         else:
-            traffic = self.rounds[model.round]
-            traffic.global_payloads.append(len(payload))
+            self._announced(model.round, len(payload))
             if model.cohort is not None:
+                traffic = self.rounds[model.round]
                 traffic.selection_bytes = max(traffic.selection_bytes, len(msgpack.packb({"cohort": model.cohort.to_wire()})))
+
+    def _announced(self, round_no: int, nbytes: int) -> None:
+        traffic = self.rounds[round_no]
+        traffic.global_payloads.append(nbytes)
+        traffic.retained_bytes += self._retained  # what the broadcaster published just before this announcement
+        self._retained = 0
+
+    def _on_broadcast_part(self, topic: str, payload: bytes) -> None:
+        """A chunk of an announcement (``global/<v>/<i>``) or catch-up material (anything else under ``global/``)."""
+        if not payload:
+            return  # a retired delta or an obsolete chunk being emptied
+        chunk = self.topics.chunk_of(topic)
+        level = topic[len(self.topics.global_model) + 1 :].split("/", 1)[0]
+        if chunk is not None and level.isdigit():
+            self._chunks[int(level)] += len(payload)
+        else:
+            self._retained += len(payload)
 
     def _on_update(self, payload: bytes) -> None:
         try:

@@ -8,6 +8,7 @@ Both sides speak it; it imports no torch and touches no MQTT.
     records.py    Broadcast, Keyframe, Step: what the encoder hands the broadcaster, and their plain form
     encoder.py    BroadcastEncoder: the aggregator's side, server-side error feedback, its state
     rebuilder.py  Rebuilder: a device's side, accept / plan / catch_up, its state
+    task.py       task_id, GlobalTask: the TaskConfig sent once, named by an 8-byte id in each delta
 
 Topics (all retained, all under ``fl/<fleet>/global``, which devices may read: ``global/#``):
 
@@ -15,6 +16,7 @@ Topics (all retained, all under ``fl/<fleet>/global``, which devices may read: `
                                 GlobalModel when the version is a reset or the first of a run
     global/key                  the keyframe: a GlobalModel (with held_hash) of version k
     global/delta/<u>            the GlobalDelta of each version k < u <= v, for catch-up
+    global/task                 the current task (a GlobalTask), named by task_id in the deltas
     global/<v>/<i>              chunks of a large announcement (as before)
     global/key/<k>/<i>          chunks of a large keyframe (manifest kind "keyframe")
     global/delta/<u>/<i>        chunks of a large retained delta (manifest kind "delta")
@@ -30,17 +32,20 @@ from fedge_contract.broadcast.held import HELD_HASH_BYTES, apply_delta, decode_f
 from fedge_contract.broadcast.policy import DEFAULT_BROADCAST_CHAIN, BroadcastPolicy, worst_case_catch_up_bytes
 from fedge_contract.broadcast.rebuilder import CatchUp, Held, Rebuilder
 from fedge_contract.broadcast.records import Announcement, Broadcast, Keyframe, Step
+from fedge_contract.broadcast.task import TASK_ID_BYTES, GlobalTask, task_id
 from fedge_contract.broadcast.wire import GlobalDelta, decode_announcement
 
 __all__ = [
     "DEFAULT_BROADCAST_CHAIN",
     "HELD_HASH_BYTES",
+    "TASK_ID_BYTES",
     "Announcement",
     "Broadcast",
     "BroadcastEncoder",
     "BroadcastPolicy",
     "CatchUp",
     "GlobalDelta",
+    "GlobalTask",
     "Held",
     "Keyframe",
     "Rebuilder",
@@ -49,5 +54,6 @@ __all__ = [
     "decode_announcement",
     "decode_full",
     "held_digest",
+    "task_id",
     "worst_case_catch_up_bytes",
 ]

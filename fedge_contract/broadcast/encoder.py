@@ -92,6 +92,11 @@ class BroadcastEncoder:
         """Take a keyframe at the next version (on demand: many devices catching up, an operator's wish)."""
         self._keyframe_due = True
 
+    @property
+    def keyframe_requested(self) -> bool:
+        """A keyframe was asked for and not taken yet (part of the state)."""
+        return self._keyframe_due
+
     # ------------------------------------------------------------------ versions
     def begin(self, weights: Mapping[str, np.ndarray], version: int, *, devices_hold: bool = False) -> Step:
         """The first broadcast: of a new run, or of an aggregator that has no broadcast state to resume.

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedge_contract.broadcast.task import task_id
 from fedge_contract.broadcast.wire import GlobalDelta
 from fedge_contract.codecs import EncodedTensor
+from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.messages import GlobalModel, TaskConfig, _Reader, _tensors, take_held_hash
 
@@ -29,6 +31,10 @@ class Announcement:
     task: TaskConfig
     fingerprint: str
     final: bool = False
+    # A GlobalDelta carries the task itself, or only its id (fedge_contract.broadcast.task): the
+    # broadcaster inlines it in the first announcement after a start and whenever it changes.
+    inline_task: bool = True
+    cohort: Participation | None = None  # the round's participation (fedge_contract.cohort), as a GlobalModel carries it
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,13 @@ class Broadcast:
         if self.base_version is None:
             return GlobalModel(
                 fleet=about.fleet, model_version=self.version, round=about.round, deadline=about.deadline, task=about.task,
-                fingerprint=about.fingerprint, tensors=self.tensors, final=about.final, held_hash=self.held_hash,
+                fingerprint=about.fingerprint, tensors=self.tensors, final=about.final, held_hash=self.held_hash, cohort=about.cohort,
             )
         return GlobalDelta(
             fleet=about.fleet, model_version=self.version, base_version=self.base_version, round=about.round,
-            deadline=about.deadline, task=about.task, fingerprint=about.fingerprint, held_hash=self.held_hash,
-            keyframe_version=self.keyframe_version, tensors=self.tensors, final=about.final,
+            deadline=about.deadline, task=about.task if about.inline_task else None, fingerprint=about.fingerprint,
+            held_hash=self.held_hash, keyframe_version=self.keyframe_version, tensors=self.tensors, final=about.final,
+            task_id=task_id(about.task), cohort=about.cohort,
         )
 
     def to_plain(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """GlobalDelta: a new model version announced as a delta from the version before it.
 
 It travels where the GlobalModel does (``fl/<fleet>/global``, retained; chunked like it, on
-``global/<version>/<i>``) and carries the same announcement fields (round, deadline, task,
-fingerprint, final), plus:
+``global/<version>/<i>``) and carries the same announcement fields (round, deadline, fingerprint,
+final), plus:
 
 - ``base_version``: the version this delta applies to, ``model_version - 1``. A *hold*
   (``base_version == model_version``, no tensors) says "you hold this version already": the
@@ -12,6 +12,12 @@ fingerprint, final), plus:
 - ``keyframe_version``: the version of the keyframe retained on ``global/key``, so a device that
   cannot apply the delta knows, before it subscribes, whether retained deltas alone get it here.
 - ``tensors``: the delta, encoded by any update codec chain; decoded by the contract's one decoder.
+- ``task_id``: the digest of the round's TaskConfig (fedge_contract.broadcast.task), and ``task``
+  itself only when the broadcaster sends it (the first announcement after a start, a changed
+  task); a device that does not hold the named task fetches it from ``global/task``.
+- ``final`` only when true (False is the default when absent): every byte of envelope counts.
+- ``cohort`` as a GlobalModel carries it (fedge_contract.cohort): who trains this round, who
+  evaluates; absent when every device trains.
 
 Its ``type`` is ``global_delta``, not ``global``: an agent that predates delta broadcasts refuses it
 with ``wrong_type`` instead of mistaking a delta for weights. Old full-model GlobalModels decode as
@@ -21,12 +27,14 @@ keyframe live on ``global/delta/<version>`` (the same message).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import msgpack
 
+from fedge_contract.broadcast.task import take_task, task_id
 from fedge_contract.codecs import EncodedTensor
+from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.messages import SCHEMA_VERSION, GlobalModel, TaskConfig, _header, _tensors, _unpack, take_held_hash
 
@@ -43,12 +51,20 @@ class GlobalDelta:
     base_version: int
     round: int
     deadline: float | None
-    task: TaskConfig
+    task: TaskConfig | None  # None: only named by task_id (the device holds or fetches it)
     fingerprint: str
     held_hash: bytes
     keyframe_version: int
     tensors: tuple[EncodedTensor, ...]
     final: bool = False
+    task_id: bytes = field(default=b"")  # computed from ``task`` when left empty
+    cohort: Participation | None = None  # who trains, who evaluates (None: every device trains)
+
+    def __post_init__(self) -> None:
+        if not self.task_id:
+            if self.task is None:
+                raise ValueError("a GlobalDelta needs its task or the task's id")
+            object.__setattr__(self, "task_id", task_id(self.task))
 
     @property
     def is_hold(self) -> bool:
@@ -61,15 +77,17 @@ class GlobalDelta:
                 "schema": SCHEMA_VERSION,
                 "type": self.TYPE,
                 "fleet": self.fleet,
-                "final": self.final,
+                **({"final": True} if self.final else {}),
                 "model_version": self.model_version,
                 "base_version": self.base_version,
                 "keyframe_version": self.keyframe_version,
                 "round": self.round,
                 "deadline": self.deadline,
-                "task": self.task.to_wire(),
+                "task_id": self.task_id,
+                **({} if self.task is None else {"task": self.task.to_wire()}),
                 "fingerprint": self.fingerprint,
                 "held_hash": self.held_hash,
+                **({} if self.cohort is None else {"cohort": self.cohort.to_wire()}),
                 "tensors": [t.to_wire() for t in self.tensors],
             },
             use_bin_type=True,
@@ -94,19 +112,28 @@ class GlobalDelta:
         if keyframe > version:
             raise DecodeError(Reason.BAD_VALUE, f"{cls.TYPE}.keyframe_version {keyframe} is after version {version}")
         held_hash = take_held_hash(reader, "held_hash")
+        ident, task = take_task(reader, required=False)
         return cls(
             fleet=reader.take("fleet", str),
             model_version=version,
             base_version=base,
             round=reader.nonneg_int("round"),
             deadline=reader.take("deadline", float, nullable=True),
-            task=TaskConfig.from_wire(reader.take("task", dict)),
+            task=task,
             fingerprint=reader.take("fingerprint", str),
             held_hash=held_hash,
             keyframe_version=keyframe,
             tensors=tensors,
             final=reader.take("final", bool, default=False),
+            task_id=ident,
+            cohort=Participation.from_wire(reader.obj["cohort"]) if "cohort" in reader.obj else None,
         )
+
+    def with_task(self, task: TaskConfig) -> GlobalDelta:
+        """This announcement with the task its ``task_id`` names (held by the device, or fetched from ``global/task``)."""
+        if task_id(task) != self.task_id:
+            raise DecodeError(Reason.BAD_VALUE, f"{self.TYPE} v{self.model_version} names another task than the one given")
+        return replace(self, task=task)
 
 
 def decode_announcement(payload: bytes, *, max_bytes: int, fleet: str | None = None) -> GlobalModel | GlobalDelta:

@@ -116,3 +116,19 @@ def test_decode_announcement_takes_either_kind() -> None:
     with pytest.raises(DecodeError) as caught:
         decode_announcement(msgpack.packb([1, 2]), max_bytes=MAX)
     assert caught.value.reason is Reason.WRONG_TYPE
+
+
+def test_a_delta_carries_the_rounds_cohort_as_a_full_model_does() -> None:
+    from fedge_contract.broadcast import Announcement, Broadcast
+    from fedge_contract.cohort import InviteSet, Participation
+
+    cohort = Participation(InviteSet.of(["agent-1", "agent-4"], fleet=FLEET, round_no=6, bits=8), eval_threshold=3)
+    message = delta_message(cohort=cohort)
+    decoded = GlobalDelta.from_bytes(message.to_bytes(), max_bytes=MAX, fleet=FLEET)
+    assert decoded == message and decoded.cohort is not None
+    assert decoded.cohort.invites("agent-4", fleet=FLEET, round_no=6) and not decoded.cohort.invites("agent-2", fleet=FLEET, round_no=6)
+    assert "cohort" not in msgpack.unpackb(delta_message().to_bytes(), raw=False)  # none: every device trains
+    about = Announcement(FLEET, 6, None, TaskConfig(), SPEC.fingerprint, cohort=cohort)
+    broadcast = Broadcast(5, 4, message.tensors, HASH, 2)
+    assert broadcast.message(about).cohort == cohort
+    assert Broadcast(5, None, message.tensors, HASH, 5).message(about).cohort == cohort  # a reset: a GlobalModel
