@@ -1,11 +1,17 @@
-"""What the store hands out: checkpoints, spooled updates, receipt rows and an update's standing in its round."""
+"""What the store hands out: checkpoints, spooled updates, receipt rows, an update's standing in its round, and the
+broadcast state committed with a checkpoint."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
+from fedge_contract.packing import Piece
+
+Item = bytes | tuple[Piece, ...]  # a broadcast state item: its bytes (as loaded), or its msgpack pieces (as packed)
 
 
 @dataclass(frozen=True)
@@ -44,3 +50,23 @@ class Standing:
     client_seen: bool  # the client already contributed to this round
     accepted: int  # updates accepted into this round so far
     closing: bool = False  # the round stopped admitting: it is being aggregated (or is over)
+
+
+@dataclass(frozen=True)
+class BroadcastState:
+    """The delta broadcaster's state (aggregator/broadcasting/), as the store keeps it: ``header`` (small,
+    every version) and ``items`` (immutable, by key).
+
+    An item's bytes never change once written under its key (``keyframe/<k>``, ``delta/<u>``,
+    ``latest/<v>``): the store inserts the keys it does not hold yet and deletes those the header
+    no longer names (``header["items"]``).
+    """
+
+    version: int
+    header: bytes
+    items: Mapping[str, Item] = field(default_factory=dict)
+
+
+def item_bytes(item: Item) -> bytes:
+    """An item's bytes in one piece (a loaded item is that already)."""
+    return item if isinstance(item, bytes) else b"".join(item)

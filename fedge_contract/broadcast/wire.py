@@ -37,6 +37,7 @@ from fedge_contract.codecs import EncodedTensor
 from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.messages import SCHEMA_VERSION, GlobalModel, TaskConfig, _header, _tensors, _unpack, take_held_hash
+from fedge_contract.packing import assemble, pieces
 
 __all__ = ["GlobalDelta", "decode_announcement"]
 
@@ -72,27 +73,32 @@ class GlobalDelta:
         return self.base_version == self.model_version
 
     def to_bytes(self) -> bytes:
-        packed: bytes = msgpack.packb(
-            {
-                "schema": SCHEMA_VERSION,
-                "type": self.TYPE,
-                "fleet": self.fleet,
-                **({"final": True} if self.final else {}),
-                "model_version": self.model_version,
-                "base_version": self.base_version,
-                "keyframe_version": self.keyframe_version,
-                "round": self.round,
-                "deadline": self.deadline,
-                "task_id": self.task_id,
-                **({} if self.task is None else {"task": self.task.to_wire()}),
-                "fingerprint": self.fingerprint,
-                "held_hash": self.held_hash,
-                **({} if self.cohort is None else {"cohort": self.cohort.to_wire()}),
-                "tensors": [t.to_wire() for t in self.tensors],
-            },
-            use_bin_type=True,
-        )
+        packed: bytes = msgpack.packb(self._wire(), use_bin_type=True)
         return packed
+
+    def to_buffer(self) -> bytearray:
+        """``to_bytes()``'s bytes, assembled a piece at a time (fedge_contract.packing): a large delta (a q8
+        chain of a big model) packed by a thread beside an event loop, which one copy of the whole would stall."""
+        return assemble(pieces(self._wire()))
+
+    def _wire(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "type": self.TYPE,
+            "fleet": self.fleet,
+            **({"final": True} if self.final else {}),
+            "model_version": self.model_version,
+            "base_version": self.base_version,
+            "keyframe_version": self.keyframe_version,
+            "round": self.round,
+            "deadline": self.deadline,
+            "task_id": self.task_id,
+            **({} if self.task is None else {"task": self.task.to_wire()}),
+            "fingerprint": self.fingerprint,
+            "held_hash": self.held_hash,
+            **({} if self.cohort is None else {"cohort": self.cohort.to_wire()}),
+            "tensors": [t.to_wire() for t in self.tensors],
+        }
 
     @classmethod
     def from_bytes(cls, payload: bytes, *, max_bytes: int, fleet: str | None = None) -> GlobalDelta:

@@ -10,8 +10,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator import broadcast_store
-from aggregator.broadcaster import Broadcaster, BroadcastState
+from aggregator.store import broadcast as broadcast_store
+from aggregator.broadcasting.broadcaster import Broadcaster
+from aggregator.store import BroadcastState
+from aggregator.store.records import item_bytes
 from fedge_contract import DecodeError, Reason, Topics
 from fedge_contract.broadcast import BroadcastPolicy
 from tests.contract.broadcast.helpers import FLEET, SPEC, initial, same_bits, walk
@@ -23,7 +25,7 @@ POLICY = BroadcastPolicy(chain="flat+topk:0.3+q8+zstd", every=3, ratio=None)
 def broadcaster(versions: int, policy: BroadcastPolicy = POLICY) -> Broadcaster:
     """A broadcaster stepped through ``versions`` versions, never published (no connection needed for that)."""
     rng, true = np.random.default_rng(0), initial()
-    out = Broadcaster(None, TOPICS, SPEC, policy)  # type: ignore[arg-type]
+    out = Broadcaster(None, TOPICS, SPEC, policy)
     out.begin(true, 0, devices_hold=True)
     for version in range(1, versions + 1):
         true = walk(true, rng)
@@ -32,7 +34,7 @@ def broadcaster(versions: int, policy: BroadcastPolicy = POLICY) -> Broadcaster:
 
 
 def resumed(state: BroadcastState, policy: BroadcastPolicy = POLICY) -> Broadcaster:
-    return Broadcaster.from_state(None, TOPICS, SPEC, policy, state)  # type: ignore[arg-type]
+    return Broadcaster.from_state(None, TOPICS, SPEC, policy, state)
 
 
 @pytest.mark.parametrize("versions", [0, 1, 2, 3, 5])  # a hold, deltas, a snapshot keyframe (3), deltas after it
@@ -55,7 +57,7 @@ def test_a_version_writes_its_new_delta_not_the_whole_state(tmp_path: Path) -> N
     db = sqlite3.connect(tmp_path / "store.sqlite")
     broadcast_store.create(db)
     rng, true = np.random.default_rng(0), initial()
-    caster = Broadcaster(None, TOPICS, SPEC, BroadcastPolicy(chain="flat+topk:0.3+q8+zstd", every=30, ratio=None))  # type: ignore[arg-type]
+    caster = Broadcaster(None, TOPICS, SPEC, BroadcastPolicy(chain="flat+topk:0.3+q8+zstd", every=30, ratio=None))
     caster.begin(true, 0, devices_hold=True)
     with db:
         first = broadcast_store.save(db, caster.state())
@@ -65,7 +67,7 @@ def test_a_version_writes_its_new_delta_not_the_whole_state(tmp_path: Path) -> N
         step = caster.advance(true, version)
         with db:
             written.append(broadcast_store.save(db, caster.state()))
-        assert written[-1] == len(caster.state().items[f"delta/{version}"]) and step.broadcast.nbytes < written[-1]
+        assert written[-1] == len(item_bytes(caster.state().items[f"delta/{version}"])) and step.broadcast.nbytes < written[-1]
     assert first > max(written)  # the keyframe once, then one delta per version
     caster.request_keyframe()
     true = walk(true, rng)
@@ -98,7 +100,7 @@ def test_broken_state_is_refused_with_a_reason() -> None:
     other = BroadcastPolicy(chain="flat+q4+zstd")
     assert resumed(state, other).policy == other  # a new policy applies from the next version
     missing = BroadcastState(state.version, state.header, {k: v for k, v in state.items.items() if k != "delta/1"})
-    delta1 = msgpack.unpackb(state.items["delta/1"], raw=False)
+    delta1 = msgpack.unpackb(item_bytes(state.items["delta/1"]), raw=False)
     cases = [
         (_broken(state, header={"format": 2}), Reason.SCHEMA),
         (_broken(state, header={"fingerprint": "0" * 16}), Reason.FINGERPRINT),

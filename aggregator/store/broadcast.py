@@ -1,4 +1,4 @@
-"""Where a Broadcaster's state lives in the aggregator's SQLite store: a proposal the coordinator can call.
+"""Where the delta broadcaster's state lives in the aggregator's SQLite store (aggregator/broadcasting/).
 
 Two tables, written inside the transaction that commits the checkpoint of the same version (the
 caller passes its open sqlite3 connection), so a restarted aggregator finds the broadcast state of
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from aggregator.broadcaster import BroadcastState
+from aggregator.store.records import BroadcastState
+from fedge_contract.packing import steps
 
 __all__ = ["SCHEMA", "create", "load", "save"]
 
@@ -31,18 +32,29 @@ CREATE TABLE IF NOT EXISTS broadcast_items (key TEXT PRIMARY KEY, blob BLOB NOT 
 
 
 def create(db: sqlite3.Connection) -> None:
-    """Create the tables if missing (idempotent; call where the store migrates its schema)."""
+    """Create the tables if missing (idempotent; the store calls it where it migrates its schema)."""
     db.executescript(SCHEMA)
 
 
 def save(db: sqlite3.Connection, state: BroadcastState) -> int:
-    """Write ``state`` in the caller's transaction; returns the bytes of items newly written."""
+    """Write ``state`` in the caller's transaction; returns the bytes of items newly written.
+
+    A new item is written in place a step at a time (SQLite's incremental blob I/O), as checkpoints
+    are: binding a keyframe of a large model as one parameter would copy it whole holding the GIL.
+    """
     held = {key for (key,) in db.execute("SELECT key FROM broadcast_items")}
     written = 0
-    for key, blob in state.items.items():
-        if key not in held:
-            db.execute("INSERT INTO broadcast_items VALUES (?, ?)", (key, blob))
-            written += len(blob)
+    for key, item in state.items.items():
+        if key in held:
+            continue
+        parts = (item,) if isinstance(item, bytes) else item
+        size = sum(len(part) for part in parts)
+        row = db.execute("INSERT INTO broadcast_items VALUES (?, zeroblob(?))", (key, size)).lastrowid
+        assert row is not None
+        with db.blobopen("broadcast_items", "blob", row) as blob:
+            for step in steps(parts):
+                blob.write(step)
+        written += size
     for key in held - set(state.items):
         db.execute("DELETE FROM broadcast_items WHERE key=?", (key,))
     db.execute(

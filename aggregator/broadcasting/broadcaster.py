@@ -17,7 +17,7 @@ deltas, the old keyframe's and the previous announcement's chunks) is emptied on
 How the coordinator drives it, per version (sync rounds and async versions alike)::
 
     step, state = await asyncio.to_thread(lambda: (b.advance(true_weights, version), b.state()))  # CPU only
-    store: commit the checkpoint of ``version`` and ``state`` in ONE transaction (broadcast_store.save)
+    store: commit the checkpoint of ``version`` and ``state`` in ONE transaction (Store.close_round)
     sent = await b.publish(step, b.about(round, deadline, task))
 
 ``advance`` and ``state`` are pure CPU (encode, move held, hash; 0.14 s for 10M parameters), so
@@ -26,7 +26,7 @@ hashes their chunks on a worker thread itself. The first version is ``begin`` in
 (a hold for the task's initial model at version 0).
 
 A restarted aggregator rebuilds it with ``Broadcaster.from_state`` from what the store committed
-with the checkpoint it resumes (``aggregator/broadcast_store.py`` keeps it), then calls
+with the checkpoint it resumes (``aggregator/store/broadcast.py`` keeps it), then calls
 ``republish`` once connected: a crash between the commit and the end of ``publish`` left the broker
 with part of a version, and ``republish`` publishes the stored bytes again (stochastic rounding
 makes a second encode differ, so it never re-encodes) and empties what the state lists as stale.
@@ -44,12 +44,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
 import numpy as np
 
+from aggregator.store.records import BroadcastState, Item, item_bytes
 from fedge_contract import TaskConfig, Topics
 from fedge_contract.broadcast import (
     Announcement,
@@ -67,6 +68,7 @@ from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.messages import _Reader
 from fedge_contract.mqtt import Connection
+from fedge_contract.packing import pieces
 from fedge_contract.tensors import ModelSpec
 from fedge_contract.transfer import chunk_base, send_chunked
 
@@ -94,26 +96,12 @@ class Sent:
         return self.announcement + self.keyframe + self.retained + self.task
 
 
-@dataclass(frozen=True)
-class BroadcastState:
-    """A Broadcaster's state: ``header`` (small, every version) and ``items`` (immutable, by key).
-
-    An item's bytes never change once written under its key (``keyframe/<k>``, ``delta/<u>``,
-    ``latest/<v>``): the store inserts the keys it does not hold yet and deletes those the header
-    no longer names (``header["items"]``).
-    """
-
-    version: int
-    header: bytes
-    items: Mapping[str, bytes] = field(default_factory=dict)
-
-
 class Broadcaster:
     """Publishes the versions a BroadcastEncoder makes, and keeps what a restart needs to resume."""
 
     def __init__(
         self,
-        conn: Connection,
+        conn: Connection | None,
         topics: Topics,
         spec: ModelSpec,
         policy: BroadcastPolicy | None = None,
@@ -121,7 +109,7 @@ class Broadcaster:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         encoder: BroadcastEncoder | None = None,
     ) -> None:
-        self.conn = conn
+        self._conn = conn  # None until ``bind``: versions can be made (``begin``, ``advance``) before the aggregator connects
         self.topics = topics
         self.spec = spec
         self.max_message_bytes = max_message_bytes
@@ -132,9 +120,19 @@ class Broadcaster:
         self._chunk_sets: dict[str, int] = {}  # chunk bases published (global/<v>, global/key/<k>, global/delta/<u>) -> chunks
         self._stale: list[str] = []  # retained topics to empty once the current version is out
         self._sizes: dict[str, int] = {}  # retained topic -> bytes published there (for the catch-up figures)
-        self._items: dict[str, bytes] = {}  # state items packed so far (immutable: packed once, not every version)
+        self._items: dict[str, Item] = {}  # state items packed so far (immutable: packed once, not every version)
         self._lock = asyncio.Lock()
         self.sent: list[Sent] = []  # what each publish in this process sent, oldest first
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            raise RuntimeError("the broadcaster has no connection yet: bind() it before publishing")
+        return self._conn
+
+    def bind(self, conn: Connection) -> None:
+        """The connection to publish on (the aggregator connects after it resumed its model and this state)."""
+        self._conn = conn
 
     # ------------------------------------------------------------------ versions (no I/O)
     @property
@@ -218,12 +216,19 @@ class Broadcaster:
                      sent.version, sent.kind, sent.announcement, keyframe, retained, task, cleared)
             return sent
 
-    async def announce(self, about: Announcement) -> int:
-        """Announce the current version again (new round or deadline, the final model, a reconnect): its bytes."""
+    async def announce(self, about: Announcement) -> Sent:
+        """Announce the current version again (a new round or deadline, the final model): what it sent."""
         async with self._lock:
             about = self._with_task(about)
-            await self._publish_task(about.task)
-            return await self._announce(await _encoded(self.encoder.latest, about), self.encoder.version)
+            task = await self._publish_task(about.task)
+            latest = self.encoder.latest
+            announcement = await self._announce(await _encoded(latest, about), latest.version)
+            return Sent(latest.version, latest.kind, announcement, task=task)
+
+    def clear_retained_deltas(self, versions: range) -> None:
+        """Empty ``global/delta/<u>`` for ``versions`` after the next publish: what an earlier broadcast state (lost,
+        or unusable) may have left there, which no announcement of this one names."""
+        self._stale += [self.topics.global_delta(u) for u in versions]
 
     async def republish(self, about: Announcement) -> Sent:
         """Everything retained again, from the stored bytes: after a restart, or a broker that lost its retained messages."""
@@ -255,13 +260,13 @@ class Broadcaster:
     async def _publish_keyframe(self, keyframe: Keyframe, about: Announcement) -> int:
         return await self._put(self.topics.global_keyframe, await _encoded(keyframe, about), "keyframe", keyframe.version)
 
-    async def _announce(self, payload: bytes, version: int) -> int:
+    async def _announce(self, payload: bytes | bytearray, version: int) -> int:
         return await self._put(self.topics.global_model, payload, "global", version)
 
-    async def _put(self, topic: str, payload: bytes, kind: str, version: int) -> int:
+    async def _put(self, topic: str, payload: bytes | bytearray, kind: str, version: int) -> int:
         """One retained message, or its chunks then its manifest; the bytes published."""
         if len(payload) <= self.max_message_bytes:
-            await self.conn.publish(topic, payload, retain=True)
+            await self.conn.publish(topic, bytes(payload), retain=True)
             self._sizes[topic] = len(payload)
             return len(payload)
         manifest = await asyncio.to_thread(  # hashing every chunk of a large message: off the loop
@@ -298,7 +303,9 @@ class Broadcaster:
         """What the store commits with the checkpoint of ``version`` (see the module docstring).
 
         Items are packed once and reused: a version packs only its new delta (a keyframe of a 10M
-        model is ~37 MB). Pure CPU: call it off the event loop with ``advance`` for large models.
+        model is ~37 MB). An item is its msgpack encoding as pieces (fedge_contract.packing): the
+        large binary values are views of the encoded tensors, not copies, and the store writes
+        them a step at a time. Pure CPU: call it off the event loop with ``advance`` for large models.
         """
         latest, keyframe = self.encoder.latest, self.encoder.keyframe
         items = {f"keyframe/{keyframe.version}": self._item(f"keyframe/{keyframe.version}", keyframe)}
@@ -317,16 +324,16 @@ class Broadcaster:
         }
         return BroadcastState(latest.version, _pack(header), items)
 
-    def _item(self, key: str, record: Broadcast | Keyframe) -> bytes:
+    def _item(self, key: str, record: Broadcast | Keyframe) -> Item:
         packed = self._items.get(key)
         if packed is None:
-            packed = self._items[key] = _pack(record.to_plain())
+            packed = self._items[key] = tuple(pieces(record.to_plain()))
         return packed
 
     @classmethod
     def from_state(
         cls,
-        conn: Connection,
+        conn: Connection | None,
         topics: Topics,
         spec: ModelSpec,
         policy: BroadcastPolicy,
@@ -349,7 +356,7 @@ class Broadcaster:
             blob = state.items.get(key)
             if blob is None:
                 raise DecodeError(Reason.INCOMPLETE, f"broadcast state: item {key!r} is missing")
-            return _unpack_plain(blob, key)
+            return _unpack_plain(item_bytes(blob), key)
 
         keyframe = keyframe_from_plain(item(header.take("keyframe", str)), "broadcast state keyframe")
         retained = [broadcast_from_plain(item(key), key) for key in header.take("retained", list)]
@@ -379,11 +386,12 @@ class Broadcaster:
 _OFF_LOOP_BYTES = 1 << 20  # messages with more tensor data than this are encoded on a worker thread
 
 
-async def _encoded(record: Broadcast | Keyframe, about: Announcement) -> bytes:
-    """The record's message bytes; a large one (a copy of its tensors) off the event loop."""
+async def _encoded(record: Broadcast | Keyframe, about: Announcement) -> bytes | bytearray:
+    """The record's message bytes; a large one off the event loop, assembled a piece at a time
+    (fedge_contract.packing: one msgpack copy of a 100 MB keyframe holds the GIL ~150 ms)."""
     if record.nbytes <= _OFF_LOOP_BYTES:
         return record.message(about).to_bytes()
-    return await asyncio.to_thread(lambda: record.message(about).to_bytes())
+    return await asyncio.to_thread(lambda: record.message(about).to_buffer())
 
 
 def _rebuild(keyframe: Keyframe, retained: list[Broadcast], latest: Broadcast, spec: ModelSpec) -> dict[str, np.ndarray]:
