@@ -4,7 +4,9 @@ What is where:
 - SQLite (``agg.sqlite``, WAL mode): ``meta`` (fleet identity, epoch), ``checkpoints`` (weights
   + strategy state per model version), ``rounds``, ``accepted`` (the admission ledger: one row
   per accepted update, update_id the primary key, naming where its payload lies) and
-  ``receipts`` (one row per receipt sent, for the report and audits);
+  ``receipts`` (one row per receipt sent, for the report and audits), ``broadcast_header`` and
+  ``broadcast_items`` (the delta broadcaster's state, committed with the checkpoint of its
+  version: store/broadcast.py);
 - segment files in the spool folder beside it (``agg.sqlite.spool/``): the raw payloads of the
   open rounds' accepted updates, appended to ``r{round}-{shard|a}-{token}.seg``. ``token`` is
   random per Store instance, so every file has exactly one writer, which tracks its own offset.
@@ -14,13 +16,13 @@ What is where:
   opening deletes. Stores written before segments keep their payloads in ``accepted.payload``,
   which ``spooled`` still reads.
 
-Durability. Round-level writes (claim, take_over, save_initial, open_round, mark_closing,
+Durability. Round-level writes (claim, take_over, save_initial, save_broadcast, open_round, mark_closing,
 extend_round, set_round_metrics, close_round) are durable when they return: the commit runs
 with ``synchronous=FULL`` after this instance's pending segment bytes were fdatasync'd, so a
 checkpoint never lands without the spool of its round. The per-update writes are *deferred*:
 ``spool``/``admit`` append the payload with a plain write (no fsync) and commit the row with
 ``synchronous=NORMAL`` (atomic, survives a process crash, not an OS crash or power cut), and
-``record_receipts`` commits the same way. ``sync()`` makes every deferred write of this instance
+``record_receipts`` and ``add_bytes_down`` commit the same way. ``sync()`` makes every deferred write of this instance
 durable: fdatasync each segment written since the last sync, fsync the spool folder if a segment
 was created, then one tiny commit with ``synchronous=FULL``, which fdatasyncs the whole WAL and
 so every NORMAL commit before it. The contract: **a receipt is published only after sync()
@@ -64,7 +66,8 @@ from typing import Any, Self
 import numpy as np
 
 from aggregator.errors import Superseded
-from aggregator.store.records import Checkpoint, ReceiptRow, SpooledUpdate, Standing
+from aggregator.store import broadcast
+from aggregator.store.records import BroadcastState, Checkpoint, ReceiptRow, SpooledUpdate, Standing
 from aggregator.store.segments import SEGMENT_NAME, Segment, SegmentReader, SyncPlan, Written, digest
 from fedge_contract.messages import unpack_weights, weight_pieces
 from fedge_contract.packing import steps
@@ -101,6 +104,7 @@ _ADDED_COLUMNS = (
     ("accepted", "segment", "TEXT"),  # the segment file holding the payload (NULL: legacy ``payload`` column, or released)
     ("accepted", "offset", "INTEGER"),  # where the payload starts in its segment (``bytes`` long)
     ("accepted", "digest", "BLOB"),  # CRC-32 of the payload (4 bytes, big-endian)
+    ("rounds", "bytes_down", "INTEGER NOT NULL DEFAULT 0"),  # what one device downloaded for the round's announcements
 )
 _ADDED_INDEXES = """
 CREATE INDEX IF NOT EXISTS accepted_round_client ON accepted(round, client_id);
@@ -158,7 +162,7 @@ class Store:
             for table, column, declaration in _ADDED_COLUMNS:
                 if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {declaration}')
-        self._db.executescript(_ADDED_INDEXES)
+        self._db.executescript(_ADDED_INDEXES + broadcast.SCHEMA)
 
     def __enter__(self) -> Self:
         return self
@@ -348,9 +352,23 @@ class Store:
             return None
         return Checkpoint(row[0], row[1], unpack_weights(row[2]), unpack_weights(row[3]))
 
-    def save_initial(self, fingerprint: str, weights: Mapping[str, np.ndarray]) -> None:
+    def save_initial(self, fingerprint: str, weights: Mapping[str, np.ndarray], broadcast_state: BroadcastState | None = None) -> None:
+        """Durably: version 0's checkpoint, and the broadcast state of version 0 when delta broadcasts are on."""
         with self._durable() as db:
             _insert_checkpoint(db, 0, fingerprint, weights, {})
+            if broadcast_state is not None:
+                broadcast.save(db, broadcast_state)
+
+    # -- the delta broadcaster's state (store/broadcast.py): committed with the checkpoint of its version
+    def save_broadcast(self, state: BroadcastState) -> None:
+        """Durably, alone: a broadcast state that begins afresh at the checkpoint a restart resumed
+        (its own state was missing or broken), before its keyframe is published."""
+        with self._durable() as db:
+            broadcast.save(db, state)
+
+    def broadcast_state(self, version: int) -> BroadcastState | None:
+        """The broadcast state committed with the checkpoint of ``version`` (None: none, or another version's)."""
+        return broadcast.load(self._db, version)
 
     def close_round(
         self,
@@ -361,9 +379,11 @@ class Store:
         strategy_state: Mapping[str, np.ndarray],
         accepted: int,
         metrics: Mapping[str, float] | None = None,
+        broadcast_state: BroadcastState | None = None,
     ) -> None:
         """Atomically and durably: the new checkpoint, the round marked closed with its ``metrics``
-        (a reader never sees a closed round without them), its spool released.
+        (a reader never sees a closed round without them), its spool released, and with delta
+        broadcasts the broadcast state of the new version (so a restart resumes both at one version).
 
         Then the round's segment files are deleted (a crash before that: the next opening does it).
         """
@@ -373,6 +393,8 @@ class Store:
             if metrics is not None:
                 db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
             db.execute("UPDATE accepted SET segment=NULL, payload=NULL WHERE round=?", (round_no,))
+            if broadcast_state is not None:
+                broadcast.save(db, broadcast_state)
         for key, segment in list(self._segments.items()):
             if segment.round == round_no:
                 os.close(segment.fd)
@@ -412,9 +434,18 @@ class Store:
         with self._durable() as db:
             db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
 
+    def add_bytes_down(self, round_no: int, nbytes: int) -> None:
+        """Count an announcement of ``round_no``: what each device downloads for it (deferred, like receipts)."""
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET bytes_down = bytes_down + ? WHERE round=?", (nbytes, round_no))
+        self._deferred = True
+
     def rounds(self) -> list[dict[str, Any]]:
-        cols = ["round", "base_version", "opened", "deadline", "closed", "accepted", "extensions", "metrics"]
-        rows = self._db.execute(f"SELECT {', '.join(cols)} FROM rounds ORDER BY round").fetchall()
+        """Every round; ``bytes_down`` is 0 in a store written before it was counted."""
+        cols = ["round", "base_version", "opened", "deadline", "closed", "accepted", "extensions", "metrics", "bytes_down"]
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}  # a read-only store is never migrated
+        select = ", ".join(col if col in have else f"0 AS {col}" for col in cols)
+        rows = self._db.execute(f"SELECT {select} FROM rounds ORDER BY round").fetchall()
         out = [dict(zip(cols, row, strict=True)) for row in rows]
         for row in out:
             row["metrics"] = json.loads(row["metrics"])
@@ -565,6 +596,10 @@ class Store:
     def bytes_by_round(self) -> dict[int, int]:
         """Update bytes received per round (every receipt, accepted or not): the fleet's upload traffic."""
         return dict(self._db.execute("SELECT round, SUM(bytes) FROM receipts GROUP BY round").fetchall())
+
+    def receipts_by_round(self) -> dict[int, int]:
+        """Receipts sent per round (updates received, accepted or not): with ``bytes_by_round``, the mean upload per device."""
+        return dict(self._db.execute("SELECT round, COUNT(*) FROM receipts GROUP BY round").fetchall())
 
 
 def _insert_checkpoint(
