@@ -447,12 +447,16 @@ class RoundStatus:
     deadline: float | None
     rounds_total: int | None = None
     last_metrics: Mapping[str, float] = field(default_factory=dict)
+    # Traffic (issue 16), optional both ways: written only when known, None when absent (older aggregators)
+    bytes_up: int | None = None  # update bytes received while the round is open, from every device
+    bytes_down: int | None = None  # bytes each device downloads for the round's model announcement
 
     def to_bytes(self) -> bytes:
+        traffic = {key: value for key, value in (("bytes_up", self.bytes_up), ("bytes_down", self.bytes_down)) if value is not None}
         return _json_bytes(self.TYPE, self.fleet, {
             "round": self.round, "model_version": self.model_version, "state": self.state.value,
             "accepted": self.accepted, "target": self.target, "min": self.min_updates,
-            "deadline": self.deadline, "rounds_total": self.rounds_total, "last_metrics": dict(self.last_metrics),
+            "deadline": self.deadline, "rounds_total": self.rounds_total, "last_metrics": dict(self.last_metrics), **traffic,
         })
 
     @classmethod
@@ -474,6 +478,8 @@ class RoundStatus:
             deadline=reader.take("deadline", float, nullable=True),
             rounds_total=reader.take("rounds_total", int, default=None, nullable=True),
             last_metrics=_scalars(reader.take("last_metrics", dict, default={}), "status.last_metrics", (float,)),
+            bytes_up=reader.nonneg_int("bytes_up", default=None, nullable=True),
+            bytes_down=reader.nonneg_int("bytes_down", default=None, nullable=True),
         )
 
 
