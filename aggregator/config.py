@@ -17,6 +17,8 @@ defaults, and generates the flags from the fields' metadata. A TOML file::
     codec = "flat+topk:0.01+q4+zstd"
     [defence]
     clip_norm = "auto:3"
+    [broadcast]
+    chain = "flat+topk:0.05+q4+zstd"
     [monitoring]
     metrics_port = 9100
 
@@ -24,7 +26,8 @@ Environment: ``FEDGE_<KEY>`` for a top-level key, ``FEDGE_<SECTION>_<KEY>`` in a
 (``FEDGE_ROUNDS_TARGET``). Sections: ``rounds`` (round mode, target, deadline; FedBuff's buffer),
 ``training`` (what agents are told to do, over the task's suggestion), ``strategy`` (the server
 optimiser), ``defence`` (hostile updates: allowlist, caps, norm bound, robust rule, DP), ``ingest``
-(limits, durability, chunking, worker processes) and ``monitoring`` (Prometheus, dashboard).
+(limits, durability, chunking, worker processes), ``broadcast`` (how each version reaches devices:
+delta broadcasts and their keyframes) and ``monitoring`` (Prometheus, dashboard).
 
 Each dataclass validates its own fields; ``AggregatorConfig`` checks the combinations (what
 ingest workers or differential privacy cannot be combined with).
@@ -46,6 +49,8 @@ from aggregator.aggregation.robust import AGGREGATIONS
 from aggregator.aggregation.strategies import STRATEGIES, StrategyConfig
 from aggregator.rounds.buffered import BufferPlan, staleness_function
 from aggregator.rounds.sync import RoundPlan
+from fedge_contract.broadcast import DEFAULT_BROADCAST_CHAIN, BroadcastPolicy
+from fedge_contract.broadcast.policy import SNAPSHOT_CHAIN
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 from fedge_contract.codecs import parse_chain
 from fedge_contract.mqtt import MAX_RETURN_DELAY, BrokerAddress
@@ -53,7 +58,7 @@ from fedge_contract.topics import check_name
 from fedge_runtime.settings import Loader, Merged, SettingsError, convert
 
 __all__ = [
-    "LOADER", "AggregatorConfig", "ClipNorm", "DefenceSettings", "IngestSettings", "MonitoringSettings", "RoundSettings",
+    "LOADER", "AggregatorConfig", "BroadcastSettings", "ClipNorm", "DefenceSettings", "IngestSettings", "MonitoringSettings", "RoundSettings",
     "TrainingSettings", "build", "config_of",
 ]
 
@@ -249,6 +254,41 @@ class IngestSettings:
 
 
 @dataclass(frozen=True)
+class BroadcastSettings:
+    """How each new model version reaches devices (issue 16; README: delta broadcasts).
+
+    On (the default): a delta from the version devices hold, in ``chain``, with server-side error
+    feedback, plus the retained keyframe and deltas a device catches up from. Off: the whole model
+    every version, in ``global_codec`` (for agents that predate delta broadcasts).
+    """
+
+    # On by default: bench/codecs (digits, 20 devices, 30 rounds) measured 922 bytes per version
+    # instead of 38,889, ~33x fewer bytes both ways to 0.90 instead of 1.2x (README: delta broadcasts).
+    deltas: bool = field(default=True, metadata={
+        "flag": "--delta-broadcasts",
+        "help": "broadcast each version as a delta from the model devices hold (with server-side error feedback); "
+                "--no-delta-broadcasts: the whole model every version, in --global-codec (agents older than delta broadcasts)"})
+    chain: str = field(default=DEFAULT_BROADCAST_CHAIN, metadata={
+        "flag": "--broadcast-chain", "help": "codec chain of the broadcast deltas (any chain updates may use)"})
+    keyframe_chain: str = field(default=SNAPSHOT_CHAIN, metadata={
+        "flag": "--keyframe-chain",
+        "help": "codec of keyframes: lossless (flat+zstd, zstd, none) = snapshots only catching-up devices download; "
+                "lossy (flat+q8+zstd, f16+zstd) = resets every device downloads"})
+    every: int = field(default=BroadcastPolicy.every, metadata={
+        "flag": "--keyframe-every", "metavar": "K", "help": "a keyframe at least every K versions"})
+    ratio: float | None = field(default=BroadcastPolicy.ratio, metadata={
+        "flag": "--keyframe-ratio",
+        "help": "a keyframe sooner, once the deltas retained since the last one weigh this times the keyframe (none: only every K)"})
+
+    def __post_init__(self) -> None:
+        _ = self.policy  # validates the chains and numbers
+
+    @property
+    def policy(self) -> BroadcastPolicy:
+        return BroadcastPolicy(chain=self.chain, keyframe_chain=self.keyframe_chain, every=self.every, ratio=self.ratio)
+
+
+@dataclass(frozen=True)
 class MonitoringSettings:
     """What the aggregator serves besides MQTT (off unless a port is set)."""
 
@@ -272,7 +312,8 @@ class AggregatorConfig:
     task: str = field(default="digits", metadata={"help": "MODULE:OBJECT of a fedge task, or a built-in name (digits, synthetic)"})
     task_options: Mapping[str, str] = field(default_factory=dict, metadata={"flag": "--task-opt", "help": "option passed to the task (repeatable)"})
     store: Path = field(default=Path("fedge-aggregator.sqlite"), metadata={"help": "SQLite store (checkpoints, rounds, the spool)"})
-    global_codec: str = field(default="none", metadata={"help": "codec of the broadcast model, e.g. f16+zstd"})
+    global_codec: str = field(default="none", metadata={
+        "help": "codec of the whole model broadcast every version without delta broadcasts (--no-delta-broadcasts), e.g. f16+zstd"})
     evaluate: bool = field(default=True, metadata={
         "flag": "--no-eval", "action": "store_false", "show_default": False,
         "help": "skip evaluating each model on the task's held-out data"})
@@ -285,6 +326,8 @@ class AggregatorConfig:
         "help": "server optimiser (fedavg, fedavgm, fedadam, fedyogi, fedadagrad; FedProx = fedavg with --mu)"})
     defence: DefenceSettings = field(default_factory=DefenceSettings, metadata={"help": "hostile updates (see README: security)"})
     ingest: IngestSettings = field(default_factory=IngestSettings, metadata={"help": "ingest"})
+    broadcast: BroadcastSettings = field(default_factory=BroadcastSettings, metadata={
+        "help": "broadcasts: how each model version reaches devices (see README: delta broadcasts)"})
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings, metadata={"help": "monitoring"})
 
     def __post_init__(self) -> None:
@@ -296,6 +339,9 @@ class AggregatorConfig:
         if self.strategy.name not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy.name!r} (known: {', '.join(STRATEGIES)}; FedProx = fedavg with --mu)")
         parse_chain(self.global_codec)
+        if self.broadcast.deltas and self.global_codec != "none":
+            raise ValueError(f"global_codec {self.global_codec!r} is the codec of whole-model broadcasts: with delta broadcasts "
+                             "(the default) set the broadcast chain (--broadcast-chain), or turn them off (--no-delta-broadcasts)")
         self._check_privacy()
         self._check_workers()
 
