@@ -1,26 +1,27 @@
-"""What the aggregator tells the fleet: the retained GlobalModel of each round and its RoundStatus.
+"""What the aggregator tells the fleet: each round's model announcement and its RoundStatus.
 
-The GlobalModel is encoded off the loop (a large model costs a whole copy, and its codec more)
-and published whole, or in chunks above ``max_message_bytes`` (ingest/chunked.py). RoundStatus
-is published when a round changes state and, while updates are accepted, at most once per burst
-and every ``STATUS_INTERVAL`` under sustained load: one status per update would cost a publish
-per update.
+The model goes out through a channel (aggregator/broadcasting/): each version as a delta from the
+model devices hold (delta broadcasts, the default), or the whole model in ``global_codec``. The
+Announcer gives it the round's side of the announcement (``Announced``: round, deadline, final,
+cohort) and counts what each device downloaded for it: in the round's row of the store
+(``rounds.bytes_down``), in RoundStatus and in Prometheus. RoundStatus is published when a round
+changes state and, while updates are accepted, at most once per burst and every ``STATUS_INTERVAL``
+under sustained load: one status per update would cost a publish per update.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
 
+from aggregator.broadcasting import Announced, ModelChannel
 from aggregator.config import AggregatorConfig
-from aggregator.ingest.chunked import publish_global
 from aggregator.model import GlobalModel as ModelState
 from aggregator.observability.metrics import AggregatorMetrics
 from aggregator.rounds.policy import Round
-from fedge_contract import GlobalModel, RoundState, RoundStatus, Topics
-from fedge_contract.codecs import encode_weights, parse_chain
+from aggregator.store import Store, StoreAccess, call
+from fedge_contract import RoundState, RoundStatus, Topics
 from fedge_contract.mqtt import Connection
 
 log = logging.getLogger("fedge.aggregator")
@@ -30,51 +31,62 @@ STATUS_INTERVAL = 0.5  # seconds: RoundStatus at most this stale while updates k
 
 class Announcer:
     def __init__(self, config: AggregatorConfig, model: ModelState, conn: Connection, metrics: AggregatorMetrics,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, channel: ModelChannel | None = None, db: StoreAccess | None = None) -> None:
         self.config = config
         self.topics = Topics(config.fleet)
         self.model = model
         self.conn = conn
         self.metrics = metrics
         self.clock = clock
-        self.chain = parse_chain(config.global_codec)
+        if channel is None:  # whole models in global_codec (a caller without delta broadcasts)
+            from aggregator.broadcasting.full import FullModels
+
+            channel = FullModels(config, model, metrics)
+            channel.bind(conn)
+        self.channel = channel
+        self.db = db  # where each round's bytes down are counted (None: not counted)
         self.status: RoundStatus | None = None  # the last status published (the dashboard's)
         self.last_metrics: Mapping[str, float] = {}  # the newest model's, in every status
-        self.bytes_out = 0  # global model payloads published
+        self.bytes_out = 0  # what each device downloaded for every announcement so far
+        self._round: int | None = None  # the round the traffic figures are about
+        self._bytes_up = 0  # update bytes received while that round is open
+        self._bytes_down = 0  # bytes each device downloads for that round's latest announcement
         self._dirty = False  # accepted updates not yet in a published RoundStatus
         self._status_at = 0.0  # time.monotonic() of the last RoundStatus published for accepted updates
 
     async def announce(self, rnd: Round) -> None:
         """The round's model (retained), then its status: open."""
         self.metrics.round_opened(rnd.number, self.model.version, rnd.accepted, rnd.target)
-        payload = await self._model_bytes(rnd)
-        await publish_global(self.conn, self.topics, self.model.version, payload, self.config.ingest.max_message_bytes)
+        if rnd.number != self._round:
+            self._round, self._bytes_up = rnd.number, 0
+        nbytes = await self.channel.announce(self._announced(rnd))
+        await self._count_down(rnd.number, nbytes)
         await self.publish_status(rnd, RoundState.OPEN)
         deadline = f"deadline in {rnd.deadline - self.clock():.0f}s" if rnd.deadline is not None else "no deadline"
-        log.info("round %d open on v%d: target %d, min %d, %s (%d bytes)",
-                 rnd.number, self.model.version, rnd.target, rnd.min_updates, deadline, len(payload))
+        log.info("round %d open on v%d: target %d, min %d, %s (%d bytes to each device)",
+                 rnd.number, self.model.version, rnd.target, rnd.min_updates, deadline, nbytes)
 
     async def final(self) -> None:
         """The final model (``final: true``, retained) and the finished status."""
-        payload = await self._model_bytes(None)
-        await publish_global(self.conn, self.topics, self.model.version, payload, self.config.ingest.max_message_bytes)
+        version = self.model.version
+        nbytes = await self.channel.announce(Announced(version, None, final=True))
+        self.bytes_out += nbytes
         await self.publish_status(None, RoundState.FINISHED)
-        log.info("finished: model v%d after %d rounds", self.model.version, self.model.version)
+        log.info("finished: model v%d after %d rounds", version, version)
 
-    async def _model_bytes(self, rnd: Round | None) -> bytearray:
-        model = self.model
-        weights, version, training, fingerprint = model.weights, model.version, model.training, model.spec.fingerprint
+    def _announced(self, rnd: Round) -> Announced:
+        """The round's side of its announcement (the round's participation goes in ``cohort``: None, every device trains)."""
+        return Announced(rnd.number, rnd.deadline)
 
-        def encode() -> bytearray:
-            return GlobalModel(
-                fleet=self.config.fleet, model_version=version, round=rnd.number if rnd else version,
-                deadline=rnd.deadline if rnd else None, task=training, fingerprint=fingerprint,
-                tensors=encode_weights(weights, self.chain), final=rnd is None,
-            ).to_buffer()  # a piece at a time: a 100 MB model packed at once stalled the loop ~150 ms
+    async def _count_down(self, round_no: int, nbytes: int) -> None:
+        self._bytes_down = nbytes
+        self.bytes_out += nbytes
+        if self.db is not None:  # every announcement is downloaded again by each subscribed device
+            await call(self.db, Store.add_bytes_down, round_no, nbytes)
 
-        payload = await asyncio.to_thread(encode)
-        self.bytes_out += len(payload)
-        return payload
+    def received(self, nbytes: int) -> None:
+        """An update of ``nbytes`` was answered (whatever its receipt): bytes up of the open round."""
+        self._bytes_up += nbytes
 
     def accepted(self) -> None:
         """An update was accepted: the status is due (``status_if_due``)."""
@@ -106,6 +118,8 @@ class Announcer:
             deadline=rnd.deadline if rnd else None,
             rounds_total=rounds.rounds or None,
             last_metrics=self.last_metrics,
+            bytes_up=self._bytes_up if rnd else None,
+            bytes_down=self._bytes_down if rnd else None,
         )
         self.metrics.accepted(status.accepted)
         self.status = status

@@ -6,7 +6,8 @@
      +-- IngestSource  (ingest/, workers/) where updates are validated and folded: this
      |                                     connection, or N worker processes
      +-- StoreThread   (store/)            the SQLite ledger and spool, on a thread of its own
-     +-- Announcer     (announce.py)       GlobalModel and RoundStatus to the fleet
+     +-- Announcer     (announce.py)       each round's model and RoundStatus to the fleet, the model
+     |    +-- ModelChannel (broadcasting/)  as delta broadcasts (the default) or whole models
      +-- FleetView, metrics, dashboard (observability/)
 
 The loop, for every mode and every source::
@@ -14,7 +15,8 @@ The loop, for every mode and every source::
     rnd = policy.open(version)          # a restart resumes the round the store holds
     source.open(rnd)                    # re-fold what the store spooled for it
     announce(rnd); collect(rnd)         # events until the round is complete or its deadline closes it
-    close(rnd)                          # receipts out, sum gathered, strategy, checkpoint, then the next
+    close(rnd)                          # receipts out, sum gathered, strategy, broadcast prepared,
+                                        # checkpoint (with the broadcast state), then the next
 
 One task owns all round state, so no locks are needed. The order of effects follows DESIGN.md:
 an accepted update is spooled before its receipt; a new model's checkpoint is committed before
@@ -36,6 +38,7 @@ import aiomqtt
 
 from aggregator.aggregation.defence import Defence
 from aggregator.announce import Announcer
+from aggregator.broadcasting import ModelChannel, model_channel
 from aggregator.config import AggregatorConfig
 from aggregator.errors import LedgerMismatch
 from aggregator.ingest.pipeline import Answered, Ingest
@@ -89,18 +92,21 @@ class Coordinator:
         self._task = task
         self._collecting: Round | None = None  # the round whose model is out, until it closes
         self._announcer: Announcer | None = None
+        self.channel: ModelChannel | None = None  # how each version reaches devices (made with the model)
 
     # ------------------------------------------------------------------ lifetime
     async def run(self) -> None:
         # importing torch and building the model take seconds: off the loop, like every whole-model step
         model = await asyncio.to_thread(lambda: GlobalModel(self.config, load_task(self.config, self._task), self.policy.task_extra()))
         self.model = model
+        self.channel = channel = model_channel(self.config, model, self.metrics, self.fleet)
         self.limits = limits_for(self.config, model.spec)  # what an update may be: size, samples, senders
         async with contextlib.AsyncExitStack() as stack:
             failures = await stack.enter_async_context(Supervisor("aggregator"))  # a part that fails stops the aggregator
             await stack.enter_async_context(self.stall)
             self.db = await stack.enter_async_context(StoreThread(self.config.store, fsync=self.config.ingest.durability == "disk"))
-            self.epoch = await model.resume(self.db)
+            self.epoch = await model.resume(self.db, channel.initial)
+            await channel.resume(self.db)  # the broadcast state committed with the checkpoint resumed
             self.metrics.model_version.set(model.version)
             self.metrics.watch_stall(lambda: self.stall.longest)
             await self._serve_http(stack)
@@ -116,7 +122,8 @@ class Coordinator:
             ))
             self.conn = conn
             self.metrics.watch_published(lambda: conn.bytes_published)
-            self._announcer = Announcer(self.config, model, conn, self.metrics, self.clock)
+            channel.bind(conn)
+            self._announcer = Announcer(self.config, model, conn, self.metrics, self.clock, channel=channel, db=self.db)
             source.bind(conn, self.epoch)
             self.source = await stack.enter_async_context(source)
             await self._serve()
@@ -256,12 +263,14 @@ class Coordinator:
                 raise LedgerMismatch(f"round {rnd.number}: {rnd.accepted} updates reported accepted, {self.source.counted()} folded")
         weights = await self.model.step(await asyncio.to_thread(total.mean))
         version = self.model.version + 1
+        assert self.channel is not None
+        prepared = await self.channel.prepare(weights, version)  # its broadcast (off the loop), committed with it
         metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": total.total_weight}
         metrics.update(rnd.metrics())
         metrics.update(self.defence.metrics(version))
-        metrics.update(await self.model.evaluate(weights))
+        metrics.update(await self.model.evaluate(weights, prepared.held))
         metrics["aggregate_seconds"] = self.clock() - started
-        await self.model.commit(self.db, rnd.number, weights, rnd.accepted, metrics)
+        await self.model.commit(self.db, rnd.number, weights, rnd.accepted, metrics, prepared.state)
         self.announcer.last_metrics = metrics
         self.metrics.round_closed(version, metrics)
         log.info("round %d closed: v%d from %d updates %s", rnd.number, version, rnd.accepted,
@@ -273,6 +282,8 @@ class Coordinator:
         """Every update answered, here or by an ingest worker: the counters and Prometheus metrics."""
         self.counters["bytes_in"] += nbytes
         self.counters[status.value] += 1
+        if self._announcer is not None:
+            self._announcer.received(nbytes)
         self.metrics.receipt(status.value, reason, nbytes)
         if status is not ReceiptStatus.ACCEPTED:
             self.counters[f"{status.value}:{reason.split(':', 1)[0]}"] += 1
@@ -287,6 +298,8 @@ class Coordinator:
         their reconnect backoff brings them back.
         """
         rnd = self._collecting
+        if self.conn.connections > 1 and self.channel is not None:
+            self.channel.lost_retained()  # the next announcement puts every retained broadcast back
         if self.conn.connections > 1 and rnd is not None:
             log.info("reconnected: re-announcing round %d", rnd.number)
             await self._announce_with_grace(rnd)
@@ -303,5 +316,6 @@ class Coordinator:
     async def _dashboard_state(self) -> dict[str, Any]:
         rounds = await call(self.db, Store.rounds)
         bytes_up = await call(self.db, Store.bytes_by_round)
+        received = await call(self.db, Store.receipts_by_round)
         status = self._announcer.status if self._announcer is not None else None
-        return fleet_state(self.config.fleet, status, self.fleet.devices, rounds, bytes_up, self.clock())
+        return fleet_state(self.config.fleet, status, self.fleet.devices, rounds, bytes_up, self.clock(), received)

@@ -1,5 +1,10 @@
 """The global model the aggregator owns: its weights and version, the strategy that steps it, and
-its checkpoints (resume from the store; each new version committed before it is announced).
+its checkpoints (resume from the store; each new version committed before it is announced, with
+the broadcast state of that version when delta broadcasts are on: aggregator/broadcasting/).
+
+The weights here are the *true* model. Under delta broadcasts devices hold a model that trails it
+by what the last broadcast could not carry (server-side error feedback); ``evaluate`` scores the
+held model as the round's ``accuracy``/``loss`` (what the fleet runs) and the true one beside it.
 
 Every step that touches a whole model (loading a checkpoint, the strategy's step, writing the
 checkpoint, evaluating) runs off the event loop: on the store's thread or a worker thread. A
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +26,7 @@ import numpy as np
 from aggregator.aggregation.strategies import Strategy, make_strategy
 from aggregator.config import AggregatorConfig
 from aggregator.errors import StoreMismatch
-from aggregator.store import Checkpoint, Store, StoreAccess, call
+from aggregator.store import BroadcastState, Checkpoint, Store, StoreAccess, call
 from fedge_contract import TaskConfig
 from fedge_contract.tensors import ModelSpec
 
@@ -63,9 +68,9 @@ class GlobalModel:
         rounds = self.config.rounds.rounds
         return rounds > 0 and self.version >= rounds
 
-    async def resume(self, db: StoreAccess) -> int:
+    async def resume(self, db: StoreAccess, initial: Callable[[Mapping[str, np.ndarray]], Awaitable[BroadcastState | None]] | None = None) -> int:
         """Claim the store for this fleet and model, take a new epoch, and load the newest checkpoint
-        (or record version 0); the epoch fences out an earlier aggregator's workers."""
+        (or record version 0, with ``initial``'s broadcast state of it); the epoch fences out an earlier aggregator's workers."""
         fingerprint = self.spec.fingerprint
         for key, value in (("fleet", self.config.fleet), ("fingerprint", fingerprint)):
             other = await call(db, Store.claim, key, value)
@@ -76,7 +81,8 @@ class GlobalModel:
         epoch = await call(db, Store.take_over)
         checkpoint: Checkpoint | None = await call(db, Store.latest_checkpoint)
         if checkpoint is None:
-            await call(db, Store.save_initial, fingerprint, self.weights)
+            state = await initial(self.weights) if initial is not None else None
+            await call(db, Store.save_initial, fingerprint, self.weights, state)
             log.info("initialised model v0 (%d parameters, fingerprint %s)", self.spec.num_parameters, fingerprint)
             return epoch
         self.strategy.load_state(checkpoint.strategy_state)
@@ -89,20 +95,26 @@ class GlobalModel:
         return await asyncio.to_thread(self.strategy.apply, self.weights, mean_delta)
 
     async def commit(self, db: StoreAccess, round_no: int, weights: dict[str, np.ndarray], accepted: int,
-                     metrics: Mapping[str, float]) -> None:
-        """Checkpoint ``weights`` as the next version (atomically with the round's close and figures), then hold them."""
+                     metrics: Mapping[str, float], broadcast_state: BroadcastState | None = None) -> None:
+        """Checkpoint ``weights`` as the next version (atomically with the round's close, its figures and the
+        version's broadcast state), then hold them."""
         version = self.version + 1
         await call(db, Store.close_round, round_no, version, self.spec.fingerprint, weights, self.strategy.state(), accepted,
-                   metrics)
+                   metrics, broadcast_state)
         self.weights, self.version = weights, version
 
-    async def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
-        """Held-out accuracy and loss of ``weights`` (none without server-side data)."""
+    async def evaluate(self, weights: Mapping[str, np.ndarray], held: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+        """Held-out accuracy and loss of ``weights`` (none without server-side data); with ``held`` (the model
+        devices hold under delta broadcasts) those are the held model's, and ``true_accuracy``/``true_loss`` the true one's."""
         if self.eval_data is None:
             return {}
-        return await asyncio.to_thread(self._evaluate, weights)
+        if held is None:
+            return await asyncio.to_thread(self._evaluate, weights)
+        figures = await asyncio.to_thread(self._evaluate, held)
+        true = await asyncio.to_thread(self._evaluate, weights)
+        return {**figures, **{f"true_{name}": value for name, value in true.items()}}
 
-    def _evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+    def _evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
         from fedge_tasks.loops import evaluate
         from fedge_tasks.weights import set_weights
 

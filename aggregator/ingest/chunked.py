@@ -121,8 +121,9 @@ class ChunkedUpdates:
         return self.receiver
 
 
-async def publish_global(conn: Connection, topics: Topics, version: int, payload: bytes | bytearray, max_message_bytes: int) -> None:
-    """Publish the global model (retained): whole up to ``max_message_bytes``, else in chunks.
+async def publish_global(conn: Connection, topics: Topics, version: int, payload: bytes | bytearray, max_message_bytes: int) -> int:
+    """Publish the global model (retained): whole up to ``max_message_bytes``, else in chunks; the bytes
+    a subscriber downloads (the message, or its chunks and manifest).
 
     After a chunked version is out, the previous version's chunks are cleared. The previous set is
     not remembered (a restarted aggregator could not know it): the model's architecture is fixed,
@@ -131,7 +132,7 @@ async def publish_global(conn: Connection, topics: Topics, version: int, payload
     """
     if len(payload) <= max_message_bytes:
         await conn.publish(topics.global_model, bytes(payload), retain=True)
-        return
+        return len(payload)
     # hashing every chunk and the whole of a large model takes long: off the event loop
     manifest = await asyncio.to_thread(Manifest.of, payload, fleet=topics.fleet, kind="global", chunk_size=max_message_bytes,
                                        model_version=version)
@@ -139,3 +140,4 @@ async def publish_global(conn: Connection, topics: Topics, version: int, payload
     log.info("published global model v%d in %d chunks of %d bytes", version, manifest.count, manifest.chunk_size)
     if version > 0:
         await clear_chunks(conn, topics.global_chunks(version - 1), manifest.count + 1)
+    return len(payload) + len(manifest.to_bytes())

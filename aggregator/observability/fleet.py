@@ -3,12 +3,14 @@
 Devices publish their presence (online or offline, eligible or why not, their readings) retained,
 with a last will that says offline. The coordinator hands every presence message here; the
 dashboard's fleet table, the online gauge and the fleet's count of updates devices dropped
-unanswered (a device's ``dropped``, issue 19) read from it.
+unanswered (a device's ``dropped``, issue 19) read from it, and parts that react to what devices
+report ``watch`` it (delta broadcasts count catch-up failures: aggregator/broadcasting/failures.py).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from aggregator.observability.metrics import AggregatorMetrics
 from fedge_contract import DecodeError, Presence
@@ -22,6 +24,11 @@ class FleetView:
         self.metrics = metrics
         self.online: set[str] = set()
         self.devices: dict[str, Presence] = {}  # last presence of each device
+        self._watchers: list[Callable[[str, Presence | None], None]] = []
+
+    def watch(self, watcher: Callable[[str, Presence | None], None]) -> None:
+        """Call ``watcher(client, presence)`` after every presence (None: cleared or unreadable)."""
+        self._watchers.append(watcher)
 
     def on_presence(self, client: str, payload: bytes) -> None:
         try:
@@ -36,3 +43,5 @@ class FleetView:
             self.devices[client] = presence
         self.metrics.online_agents(len(self.online))
         self.metrics.dropped_updates(sum(p.dropped for p in self.devices.values()))
+        for watcher in self._watchers:
+            watcher(client, self.devices.get(client))

@@ -69,6 +69,7 @@ class AggregatorMetrics:
                                        buckets=ROUND_SECONDS_BUCKETS, registry=r)
         self.accuracy = Gauge("fedge_eval_accuracy", "Held-out accuracy of the latest model (if evaluated)", registry=r)
         self.loss = Gauge("fedge_eval_loss", "Held-out loss of the latest model (if evaluated)", registry=r)
+        self._broadcast_metrics(r)
         self._published = _Published(lambda: 0)
         r.register(self._published)
         self._stall = _Gauge("fedge_event_loop_longest_stall_seconds",
@@ -76,6 +77,48 @@ class AggregatorMetrics:
                              lambda: 0.0)
         r.register(self._stall)
         self._opened: float | None = None
+
+    def _broadcast_metrics(self, r: CollectorRegistry) -> None:
+        """Bytes down next to bytes up (``fedge_update_bytes_received``): what each version cost to reach the fleet."""
+        self.broadcast_bytes = Counter(
+            "fedge_broadcast_bytes",
+            "Bytes of model broadcasts published, by kind: announcement (what every device downloads), keyframe, retained "
+            "(deltas kept for catch-up) and task (these three only devices that catch up download)", ["kind"], registry=r)
+        self.announcement_bytes = Gauge("fedge_broadcast_announcement_bytes",
+                                        "Bytes each device downloads for the latest announcement (a delta, or the whole model)", registry=r)
+        self.catch_up_bytes = Gauge("fedge_broadcast_catch_up_bytes",
+                                    "Delta broadcasts: what a device that holds nothing downloads now (the keyframe and retained deltas)",
+                                    registry=r)
+        self.catch_up_worst = Gauge("fedge_broadcast_catch_up_worst_bytes",
+                                    "Delta broadcasts: the most a device can download to catch up under the keyframe policy", registry=r)
+        self.keyframes = Counter("fedge_broadcast_keyframes", "Delta broadcasts: keyframes taken", registry=r)
+        self.keyframe_requests = Counter("fedge_broadcast_keyframe_requests",
+                                         "Delta broadcasts: keyframes requested because devices reported catch-up failures", registry=r)
+        self.encode_seconds = Gauge("fedge_broadcast_encode_seconds",
+                                    "Delta broadcasts: seconds to encode the latest version (delta, held model, hash, state)", registry=r)
+        self.failing = Gauge("fedge_broadcast_devices_failing",
+                             "Delta broadcasts: devices whose presence reports a catch-up failure since the current keyframe", registry=r)
+
+    def broadcast_sent(self, *, announcement: int, keyframe: int = 0, retained: int = 0, task: int = 0) -> None:
+        for kind, nbytes in (("announcement", announcement), ("keyframe", keyframe), ("retained", retained), ("task", task)):
+            self.broadcast_bytes.labels(kind=kind).inc(nbytes)
+        self.announcement_bytes.set(announcement)
+
+    def broadcast_catch_up(self, now: int, worst: int) -> None:
+        self.catch_up_bytes.set(now)
+        self.catch_up_worst.set(worst)
+
+    def broadcast_keyframe(self) -> None:
+        self.keyframes.inc()
+
+    def broadcast_keyframe_requested(self) -> None:
+        self.keyframe_requests.inc()
+
+    def broadcast_prepared(self, seconds: float) -> None:
+        self.encode_seconds.set(seconds)
+
+    def broadcast_failing(self, devices: int) -> None:
+        self.failing.set(devices)
 
     def watch_published(self, read: Callable[[], int]) -> None:
         """Report ``read()`` as the bytes published (the current connection's count)."""
