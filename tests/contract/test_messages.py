@@ -180,6 +180,19 @@ def test_round_status_round_trip() -> None:
     assert RoundStatus.from_bytes(idle.to_bytes()) == idle
 
 
+def test_round_status_traffic_is_optional_both_ways() -> None:
+    """bytes_up/bytes_down (issue 16): an old status reads as None, ours writes them only when known, and a reader
+    that ignores unknown fields (as every fedge reader does) reads ours as before."""
+    traffic = RoundStatus(FLEET, 3, 2, RoundState.OPEN, 1, 5, 1, None, bytes_up=2_136, bytes_down=922)
+    assert RoundStatus.from_bytes(traffic.to_bytes()) == traffic
+    assert b"bytes_" not in RoundStatus(FLEET, 3, 2, RoundState.OPEN, 1, 5, 1, None).to_bytes()
+    old = RoundStatus.from_bytes(js(status_doc()))
+    assert old.bytes_up is None and old.bytes_down is None
+    assert RoundStatus.from_bytes(js(status_doc(bytes_down=0))).bytes_down == 0
+    assert reason_of(RoundStatus.from_bytes, js(status_doc(bytes_down=-1))) is Reason.BAD_VALUE
+    assert reason_of(RoundStatus.from_bytes, js(status_doc(bytes_up="922"))) is Reason.WRONG_TYPE
+
+
 def test_pack_weights_round_trip() -> None:
     weights = {"a": np.array([[1.5, -2.0]], np.float32), "b": np.zeros((0,), np.float32)}
     back = unpack_weights(pack_weights(weights))
