@@ -20,6 +20,7 @@ from pathlib import Path
 from aggregator.store import Store
 from edge_agent.outbox import Outbox
 from fedge_contract import DecodeError, GlobalModel, Receipt, ReceiptStatus, RoundStatus, Topics, Update
+from fedge_contract.broadcast import GlobalDelta, decode_announcement
 from fedge_contract.mqtt import BrokerAddress, Subscriber
 from tests.integration.fleet import DIGITS_5
 
@@ -38,7 +39,8 @@ class Observer(Subscriber):
         self.receipts: list[Receipt] = []
         self.updates: dict[str, bytes] = {}  # update id -> payload as published (first copy)
         self.statuses: list[RoundStatus] = []
-        self.globals: list[GlobalModel] = []
+        self.globals: list[GlobalModel | GlobalDelta] = []  # every announcement (delta broadcasts: GlobalDelta)
+        self.global_bytes: list[int] = []  # and its size
         self._changed = asyncio.Event()
         super().__init__(address, f"observer-{fleet}", [f"{self.topics.prefix}/#"])
 
@@ -53,7 +55,8 @@ class Observer(Subscriber):
         elif topic == self.topics.status:
             self.statuses.append(RoundStatus.from_bytes(payload))
         elif topic == self.topics.global_model:
-            self.globals.append(GlobalModel.from_bytes(payload, max_bytes=_MAX))
+            self.globals.append(decode_announcement(payload, max_bytes=_MAX))
+            self.global_bytes.append(len(payload))
         self._changed.set()
 
     async def until(self, predicate: Callable[[Observer], bool]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -16,10 +17,22 @@ from typing import Any
 from aggregator import Aggregator
 from aggregator.config import AggregatorConfig, config_of
 from edge_agent import Agent, AgentConfig
-from fedge_contract import Receipt, RoundState, RoundStatus, Topics
+from fedge_contract import GlobalModel, Receipt, RoundState, RoundStatus, Topics
+from fedge_contract.broadcast import GlobalDelta, decode_announcement, held_digest
+from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.mqtt import BrokerAddress, Client, make_client
+from fedge_contract.tensors import ModelSpec
 
 DIGITS_5 = {"clients": "5", "alpha": "0.5"}
+
+
+@functools.cache
+def digits_spec() -> ModelSpec:
+    """The shapes of the digits model (what an update must have; a delta announcement's tensors are the encoded delta)."""
+    from fedge_tasks import load_task
+    from fedge_tasks.weights import get_weights
+
+    return ModelSpec.of(get_weights(load_task("digits", DIGITS_5).build_model()))
 
 
 def aggregator_config(address: BrokerAddress, fleet: str, store: Path, **overrides: Any) -> AggregatorConfig:
@@ -58,6 +71,25 @@ class RawPeer:
             if str(message.topic) == topic and isinstance(message.payload, bytes) and message.payload:
                 return message.payload
         raise AssertionError("connection closed")
+
+    async def announcement(self, topics: Topics) -> GlobalModel | GlobalDelta:
+        """The next announcement on ``global`` (a GlobalModel, or a GlobalDelta under delta broadcasts)."""
+        return decode_announcement(await self.next_payload(topics.global_model), max_bytes=10**8)
+
+    async def first_model(self, topics: Topics, task_options: dict[str, str] = DIGITS_5) -> GlobalModel:
+        """Version 0 as a peer that trains sees it: a whole GlobalModel (--no-delta-broadcasts), or under delta
+        broadcasts a hold, whose weights the peer builds from the task as every device does (checked by its hash)."""
+        announced = await self.announcement(topics)
+        if isinstance(announced, GlobalModel):
+            return announced
+        from fedge_tasks import load_task
+        from fedge_tasks.weights import get_weights
+
+        weights = get_weights(load_task("digits", task_options).build_model())  # as every device builds version 0
+        assert announced.is_hold and announced.task is not None
+        assert held_digest(weights, ModelSpec.of(weights)) == announced.held_hash, "the peer's build is not the aggregator's version 0"
+        return GlobalModel(announced.fleet, 0, announced.round, announced.deadline, announced.task, announced.fingerprint,
+                           encode_weights(weights, parse_chain("none")), held_hash=announced.held_hash)
 
     async def wait_open(self, topics: Topics, *, version: int) -> RoundStatus:
         """The status that opens the round trained on ``version`` (needs a subscription to status)."""

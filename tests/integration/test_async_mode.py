@@ -37,7 +37,7 @@ async def test_receipts_and_staleness_weights(broker_address, fleet, tmp_path):
     async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.global_model, f"{topics.prefix}/receipts/+") as peer:
         serving = asyncio.create_task(Aggregator(config).run())
         try:
-            v0 = GlobalModel.from_bytes(await peer.next_payload(topics.global_model), max_bytes=10**8)
+            v0 = await peer.first_model(topics)
             assert (v0.model_version, v0.round, v0.deadline) == (0, 1, None)
             assert v0.task.extra["mode"] == "async" and v0.task.extra["max_staleness"] == 1
 
@@ -72,7 +72,7 @@ async def test_buffer_survives_a_restart(broker_address, fleet, tmp_path):
     config = aggregator_config(broker_address, fleet, tmp_path / "agg.sqlite", mode="async", buffer_size=2, rounds=1, evaluate=False)
     async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.global_model, f"{topics.prefix}/receipts/+") as peer:
         first = asyncio.create_task(Aggregator(config).run())
-        v0 = GlobalModel.from_bytes(await peer.next_payload(topics.global_model), max_bytes=10**8)
+        v0 = await peer.first_model(topics)
         await peer.client.publish(topics.update("a"), update_payload(v0, "a", "u1", 0, 1.0), qos=1)
         assert (await peer.receipts(1))["u1"].status is ReceiptStatus.ACCEPTED
         await cancel_and_wait([first])

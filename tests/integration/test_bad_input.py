@@ -71,7 +71,7 @@ async def test_hostile_updates_are_refused_and_the_model_is_untouched(broker_add
     subscriptions = (topics.global_model, topics.receipt("mallory"), topics.receipt("agent-0"), topics.update("agent-0"))
     async with asyncio.timeout(90), raw_peer(broker_address, "mallory", *subscriptions) as mallory:
         serving = asyncio.create_task(attacked.run())
-        v0 = GlobalModel.from_bytes(await mallory.next_payload(topics.global_model), max_bytes=10**8)
+        v0 = await mallory.first_model(topics)
 
         # round 1 is open and no agent runs yet: every hostile payload gets its receipt
         cases = _hostile_payloads(v0, attacked.limits.max_bytes)
@@ -87,7 +87,7 @@ async def test_hostile_updates_are_refused_and_the_model_is_untouched(broker_add
             for agent in agents:
                 group.create_task(agent.run())
             replayed = await mallory.next_payload(topics.update("agent-0"))
-            v1 = GlobalModel.from_bytes(await mallory.next_payload(topics.global_model), max_bytes=10**8)
+            v1 = await mallory.announcement(topics)
             assert v1.model_version == 1
             # round 2: a replay of agent-0's accepted round-1 update, and an update for the old version
             await mallory.client.publish(topics.update("agent-0"), replayed, qos=1)

@@ -19,8 +19,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator.store import broadcast as broadcast_store
 from aggregator.broadcasting.broadcaster import Broadcaster
+from aggregator.store import broadcast as broadcast_store
 from edge_agent import Agent
 from fedge.simulate.wiretap import WireTap
 from fedge_contract import GlobalModel, Presence, RoundState, RoundStatus, TaskConfig, Topics, Update

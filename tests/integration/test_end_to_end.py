@@ -9,7 +9,7 @@ import pytest
 from aggregator import Aggregator
 from aggregator.store import Store
 from edge_agent import Agent
-from fedge_contract import GlobalModel, Presence, ReceiptStatus, Topics
+from fedge_contract import Presence, ReceiptStatus, Topics
 from fedge_contract.aio import cancel_and_wait
 from tests.integration.fleet import agent_config, aggregator_config, raw_peer, run_fleet
 
@@ -42,10 +42,10 @@ async def test_five_agents_three_rounds_accuracy_rises(broker_address, fleet, tm
     all_ids = {r.update_id for agent in agents for r in agent.stats.receipts}
     assert all_ids == {uid for ids in accepted for uid in ids}
 
-    # the retained global model is the final version, marked final
+    # the retained announcement is the final version, marked final
     topics = Topics(fleet)
     async with raw_peer(broker_address, "observer", topics.global_model) as peer:
-        final = GlobalModel.from_bytes(await peer.next_payload(topics.global_model), max_bytes=10**8)
+        final = await peer.announcement(topics)
     assert final.final and final.model_version == 3
 
 

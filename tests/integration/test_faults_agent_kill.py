@@ -16,8 +16,6 @@ from tests.integration.fleet import agent_config, aggregator_config
 
 pytestmark = pytest.mark.integration
 
-MODEL_BYTES = 38_000  # the digits model's GlobalModel payload is ~38.5 KB
-
 
 async def run_with_killed_agent(broker, broker_address, fleet, tmp_path, fault_proxy, *, kill_when: str) -> tuple[Observer, set[str]]:
     """Agents 0 and 1 in-process, agent 2 a real process behind a proxy link; agent 2 is SIGKILLed and restarted.
@@ -40,8 +38,9 @@ async def run_with_killed_agent(broker, broker_address, fleet, tmp_path, fault_p
         async with owned(await spawn_agent(link.url, fleet, "agent-2", tmp_path, tmp_path / "logs" / "agent-2.log", *flags)) as procs:
             if kill_when == "upload":
                 await link.wait_for(lambda s: s.cuts == 1)
-            else:  # the model has reached the device: it is training (or has just finished)
-                await link.wait_for(lambda s: s.bytes_down >= MODEL_BYTES)
+            else:  # the announcement has reached the device (a hold of v0 under delta broadcasts): it is training (or has just finished)
+                await observer.until(lambda o: bool(o.global_bytes))
+                await link.wait_for(lambda s: s.bytes_down >= observer.global_bytes[0])
             await sigkill(procs[0])
             pending = outbox_ids(tmp_path / "agent-2")
             link.heal()

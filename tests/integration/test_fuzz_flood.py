@@ -12,7 +12,7 @@ import pytest
 from aggregator import Aggregator
 from aggregator.store import Store
 from edge_agent import Agent
-from fedge_contract import GlobalModel, Receipt, ReceiptStatus, Topics
+from fedge_contract import Receipt, ReceiptStatus, Topics
 from fedge_contract.tensors import ModelSpec
 from tests.contract.test_fuzz_corpus import REASONS, corpus
 from tests.integration.fleet import agent_config, aggregator_config, raw_peer, run_fleet
@@ -31,7 +31,7 @@ async def test_flood_of_hostile_payloads_changes_nothing(broker_address, fleet, 
     attacked = Aggregator(aggregator_config(broker_address, fleet, tmp_path / "attacked.sqlite", **settings))
     async with asyncio.timeout(120), raw_peer(broker_address, "mallory", topics.global_model, f"fl/{fleet}/receipts/+") as mallory:
         serving = asyncio.create_task(attacked.run())
-        v0 = GlobalModel.from_bytes(await mallory.next_payload(topics.global_model), max_bytes=10**8)
+        v0 = await mallory.first_model(topics)
         spec = ModelSpec.of({t.name: np.zeros(t.shape, np.float32) for t in v0.tensors})
         cases = corpus(spec, fleet=fleet, max_bytes=attacked.limits.max_bytes)
         for client, payload in cases.values():

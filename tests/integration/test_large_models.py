@@ -30,7 +30,9 @@ UNCOMPRESSED = {"codec": "none"}
 
 def _fleet(address, fleet, root, *, agents=3, chunked: bool, **overrides):
     chunking = {"max_message_bytes": SMALL} if chunked else {}
-    settings = {"rounds": 2, "target": agents, "min_updates": agents, "training": UNCOMPRESSED, **chunking, **overrides}
+    # whole models every version: their chunks (delta broadcasts' chunked keyframes: test_broadcasts_wired.py)
+    settings = {"rounds": 2, "target": agents, "min_updates": agents, "training": UNCOMPRESSED, "broadcast": {"deltas": False},
+                **chunking, **overrides}
     aggregator = Aggregator(aggregator_config(address, fleet, root / "agg.sqlite", **settings))
     return aggregator, [Agent(agent_config(address, fleet, root / "agents", i, **chunking)) for i in range(agents)]
 

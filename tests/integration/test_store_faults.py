@@ -11,7 +11,7 @@ import pytest
 
 from aggregator import Aggregator
 from aggregator.store import Store
-from fedge_contract import GlobalModel, Topics, Update
+from fedge_contract import Topics, Update
 from fedge_contract.codecs import encode_weights, parse_chain
 from tests.integration.fleet import aggregator_config, raw_peer
 
@@ -28,7 +28,7 @@ async def test_receipts_the_full_disk_refuses_stop_the_aggregator(broker_address
                                               evaluate=False))
     async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.global_model, topics.receipt("a")) as peer:
         serving = asyncio.create_task(aggregator.run())
-        model = GlobalModel.from_bytes(await peer.next_payload(topics.global_model), max_bytes=10**8)
+        model = await peer.first_model(topics)
         delta = {t.name: np.zeros(t.shape, np.float32) for t in model.tensors}
         update = Update(fleet, "a", "u1", model.round, model.model_version, 10, encode_weights(delta, parse_chain("none")))
         await peer.client.publish(topics.update("a"), update.to_bytes(), qos=1)

@@ -10,7 +10,7 @@ import pytest
 from aggregator import Aggregator
 from aggregator.store import Checkpoint, Store
 from edge_agent import Agent
-from fedge_contract import GlobalModel, Topics
+from fedge_contract import Topics
 from tests.integration.fleet import agent_config, aggregator_config, raw_peer
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ async def run(broker_address, fleet: str, root, rounds: int) -> Checkpoint:
         serving = group.create_task(Aggregator(config).run())
         # agents start once this run announced its model: the retained one may still be the
         # previous run's final model, on which they would exit
-        while GlobalModel.from_bytes(await peer.next_payload(topics.global_model), max_bytes=10**8).final:
+        while (await peer.announcement(topics)).final:
             pass
         for i in range(5):
             group.create_task(Agent(agent_config(broker_address, fleet, root, i)).run())

@@ -15,18 +15,19 @@ import pytest
 from aggregator import Aggregator
 from aggregator.store import Store
 from fedge_contract import GlobalModel, ReceiptStatus, Topics, Update
+from fedge_contract.broadcast import GlobalDelta
 from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.mqtt import BrokerAddress
 from tests.integration.faults import Observer
-from tests.integration.fleet import aggregator_config, raw_peer
+from tests.integration.fleet import aggregator_config, digits_spec, raw_peer
 
 pytestmark = pytest.mark.integration
 
 
-def payload(model: GlobalModel, client: str, update_id: str, *, seed: int, num_samples: int = 10) -> bytes:
-    """A deterministic update to ``model`` (seeded N(0, 0.01) delta)."""
+def payload(model: GlobalModel | GlobalDelta, client: str, update_id: str, *, seed: int, num_samples: int = 10) -> bytes:
+    """A deterministic update to the announced ``model`` (seeded N(0, 0.01) delta of the digits model's shapes)."""
     rng = np.random.default_rng(seed)
-    delta = {t.name: rng.normal(0.0, 0.01, t.shape).astype(np.float32) for t in model.tensors}
+    delta = {t.name: rng.normal(0.0, 0.01, t.shape).astype(np.float32) for t in digits_spec().tensors}
     return Update(model.fleet, client, update_id, model.round, model.model_version, num_samples,
                   encode_weights(delta, parse_chain("none"))).to_bytes()
 
@@ -57,7 +58,7 @@ async def feed(address: BrokerAddress, fleet: str, *, rounds: int, clients: int)
         assert {r.status for r in observer.receipts} == {ReceiptStatus.ACCEPTED}, observer.receipts
 
 
-def model_of(observer: Observer, version: int) -> GlobalModel | None:
+def model_of(observer: Observer, version: int) -> GlobalModel | GlobalDelta | None:
     return next((m for m in observer.globals if m.model_version == version and not m.final), None)
 
 
