@@ -10,9 +10,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator.store import broadcast as broadcast_store
 from aggregator.broadcasting.broadcaster import Broadcaster
 from aggregator.store import BroadcastState
+from aggregator.store import broadcast as broadcast_store
 from aggregator.store.records import item_bytes
 from fedge_contract import DecodeError, Reason, Topics
 from fedge_contract.broadcast import BroadcastPolicy
