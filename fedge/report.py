@@ -2,8 +2,9 @@
 
 Everything comes from the store (``Store.rounds()`` and ``Store.receipts()``), so the report works
 for any aggregator, not only simulations: accuracy and loss per model version, updates folded per
-round, and every receipt by status. ``report.html`` embeds the PNGs, so the one file can be mailed
-or attached to a ticket.
+round, every receipt by status, and bytes per device per round: up (the mean update received) next
+to down (what each device downloaded for the round's announcements, ``rounds.bytes_down``).
+``report.html`` embeds the PNGs, so the one file can be mailed or attached to a ticket.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class RunData:
 
     def metric(self, name: str) -> list[float]:
         return [float(r["metrics"].get(name, math.nan)) for r in self.rounds]
+
+    def up_per_device(self, round_no: int) -> float:
+        """The mean update received in ``round_no`` (bytes), NaN when none was."""
+        count = sum(self.receipts.get(round_no, collections.Counter()).values())
+        return self.bytes_received.get(round_no, 0) / count if count else math.nan
 
 
 def find_store(path: Path) -> Path:
@@ -124,6 +130,14 @@ def plot_run(run: RunData, out: Path) -> dict[str, Path]:
         ax.legend()
     ax.grid(alpha=0.3, axis="y")
     save("receipts", "receipts by status per round", fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar([n - 0.2 for n in numbers], [run.up_per_device(n) for n in numbers], width=0.4, label="up (mean update)")
+    ax.bar([n + 0.2 for n in numbers], [r.get("bytes_down", 0) for r in run.rounds], width=0.4, label="down (announcements)")
+    ax.set(xlabel="round", ylabel="bytes per device")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    save("bytes", "bytes per device per round", fig)
     return made
 
 
@@ -141,9 +155,11 @@ def render_html(run: RunData, plots: dict[str, Path]) -> str:
         rows.append(
             "<tr>" + _cell(r["round"]) + _cell(r["base_version"]) + _cell(r["accepted"]) + _cell(r["extensions"])
             + _cell(seconds, "{:.2f}") + _cell(r["metrics"].get("accuracy"), "{:.4f}") + _cell(r["metrics"].get("loss"), "{:.4f}")
-            + "".join(_cell(counts[s]) for s in STATUSES) + _cell(run.bytes_received.get(r["round"], 0), "{:,}") + "</tr>"
+            + "".join(_cell(counts[s]) for s in STATUSES) + _cell(run.bytes_received.get(r["round"], 0), "{:,}")
+            + _cell(run.up_per_device(r["round"]), "{:,.0f}") + _cell(r.get("bytes_down", 0), "{:,}") + "</tr>"
         )
-    headers = ["round", "base version", "folded", "extensions", "seconds", "accuracy", "loss", *STATUSES, "bytes received"]
+    headers = ["round", "base version", "folded", "extensions", "seconds", "accuracy", "loss", *STATUSES, "bytes received",
+               "up per device", "down per device"]
     images = "\n".join(
         f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(title)}</figcaption></figure>"

@@ -71,6 +71,10 @@ def _summary(view: FleetView, now: float) -> Text:
         total = f"/{status.rounds_total}" if status.rounds_total else ""
         text.append(f"  round {status.round}{total}  model v{status.model_version}  state {status.state.value}\n")
         text.append(f"accepted {status.accepted}/{status.target} (min {status.min_updates})  deadline {_deadline(status, now)}")
+        if status.bytes_up is not None or status.bytes_down is not None:  # aggregators since issue 16
+            up = f"up {status.bytes_up:,} B" if status.bytes_up is not None else "up ?"
+            down = f"down {status.bytes_down:,} B per device" if status.bytes_down is not None else "down ?"
+            text.append(f"\ntraffic this round: {up} (all updates), {down} (the model's announcement)")
         metrics = status.last_metrics
         if "accuracy" in metrics or "loss" in metrics:
             parts = [f"{name} {metrics[name]:.4f}" for name in ("accuracy", "loss") if name in metrics]

@@ -2,7 +2,9 @@
 
 ``GET /`` is a single HTML page (inline CSS and JS, no CDN: fleets often run offline) that
 fetches ``GET /api/state`` once a second and redraws a fleet table, the round counter and
-progress, and two small SVG charts (accuracy and upload bytes per round). ``fleet_state`` is a
+progress, and two small SVG charts: accuracy per round, and bytes per device per round, up (the
+mean update received) next to down (what each device downloaded for the round's announcements:
+a delta under delta broadcasts, else the whole model). ``fleet_state`` is a
 pure function of what the aggregator already knows (its last published RoundStatus, the last
 presence of each device, the store's rounds and receipts), so the page shows exactly what the
 broker's retained status says, plus history. Served by ``HttpServer`` like the metrics; off
@@ -32,8 +34,11 @@ def fleet_state(
     rounds: Iterable[Mapping[str, Any]],
     bytes_up: Mapping[int, int],
     now: float,
+    received: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
-    """The dashboard's view: the open round, every device, and one row per closed round."""
+    """The dashboard's view: the open round, every device, and one row per closed round (``bytes_up``: the
+    update bytes received per round, ``received``: how many updates, for the mean per device)."""
+    received = received or {}
     history = [
         {
             "round": row["round"],
@@ -41,6 +46,8 @@ def fleet_state(
             "loss": _number(row["metrics"].get("loss")),
             "accepted": row["accepted"],
             "bytes_up": bytes_up.get(row["round"], 0),
+            "bytes_up_per_device": bytes_up.get(row["round"], 0) // received[row["round"]] if received.get(row["round"]) else None,
+            "bytes_down": row.get("bytes_down", 0),  # per device: the round's announcements
         }
         for row in rounds
         if row.get("closed") is not None
@@ -55,6 +62,7 @@ def fleet_state(
         "accepted": status.accepted if status else 0,
         "target": status.target if status else None,
         "deadline": status.deadline if status else None,
+        "bytes_down": status.bytes_down if status else None,  # per device, the open round's announcement
         "devices": [
             {"client_id": client, "state": p.state, "eligible": p.eligible, "why_not": p.why_not, "dropped": p.dropped,
              "device": dict(p.device)}
@@ -105,12 +113,15 @@ svg text{font-size:10px;fill:#667}
 <section><h2>Round</h2>
 <div><span class="big" id="round">-</span><span id="total"></span> &nbsp; model v<span id="version">-</span> &nbsp; <span id="state">-</span></div>
 <div class="bar"><div id="progress"></div></div>
-<div>updates <span id="accepted">0</span>/<span id="target">-</span> &nbsp; deadline <span id="deadline">-</span></div>
+<div>updates <span id="accepted">0</span>/<span id="target">-</span> &nbsp; deadline <span id="deadline">-</span>
+&nbsp; model download <span id="down">-</span> per device</div>
 </section>
 <section><h2>Fleet</h2><div><span class="big" id="online">0</span> online of <span id="count">0</span> devices,
 <span id="eligible">0</span> eligible</div></section>
 <section><h2>Accuracy per round</h2><svg id="accuracy-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
-<section><h2>Upload bytes per round</h2><svg id="bytes-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
+<section><h2>Bytes per device per round: <span style="color:#10b981">up</span> (mean update)
+<span style="color:#3b82f6">down</span> (announcement)</h2>
+<svg id="bytes-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
 <section class="wide"><h2>Devices</h2><table><thead><tr>
 <th>device</th><th>state</th><th>eligible</th><th>why not</th><th>dropped</th><th>readings</th></tr></thead>
 <tbody id="devices"></tbody></table></section>
@@ -130,11 +141,12 @@ function human(n) {
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
   return (i ? n.toFixed(1) : String(n)) + " " + units[i];
 }
-// A chart of (round, value) points: a line (accuracy) or bars (bytes); values are numbers only.
-function chart(svg, points, kind, format, fixedMax) {
+// A chart of (round, value) points: a line (accuracy) or bars (bytes; with ``beside``, a second bar per round);
+// values are numbers only.
+function chart(svg, points, kind, format, fixedMax, beside) {
   svg.replaceChildren();
   const W = 400, H = 180, L = 48, B = 20, T = 8, R = 8;
-  const pts = points.filter(p => typeof p[1] === "number");
+  const pts = points.concat(beside || []).filter(p => typeof p[1] === "number");
   const max = fixedMax || Math.max(1, ...pts.map(p => p[1]));
   const n = Math.max(1, points.length);
   const x = i => L + (W - L - R) * (kind === "bar" ? i / n : (n === 1 ? 0.5 : i / (n - 1)));
@@ -145,8 +157,11 @@ function chart(svg, points, kind, format, fixedMax) {
   }
   if (!pts.length) { svg.appendChild(svgEl("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, "no rounds yet")); return; }
   if (kind === "bar") {
-    const w = Math.max(1, (W - L - R) / n - 2);
-    points.forEach((p, i) => svg.appendChild(svgEl("rect", {x: x(i) + 1, y: y(p[1]), width: w, height: H - B - y(p[1]), fill: "#10b981"})));
+    const w = Math.max(1, (W - L - R) / n - 2) / (beside ? 2 : 1);
+    const bars = (series, shift, colour) => series.forEach((p, i) => { if (typeof p[1] === "number")
+      svg.appendChild(svgEl("rect", {x: x(i) + 1 + shift, y: y(p[1]), width: w, height: H - B - y(p[1]), fill: colour})); });
+    bars(points, 0, "#10b981");
+    if (beside) bars(beside, w, "#3b82f6");
   } else {
     const d = points.map((p, i) => typeof p[1] === "number" ? [x(i), y(p[1])] : null).filter(Boolean);
     svg.appendChild(svgEl("polyline", {points: d.map(q => q.join(",")).join(" "), fill: "none", stroke: "#3b82f6", "stroke-width": 2}));
@@ -186,7 +201,9 @@ function render(s) {
       .map(k => k + "=" + (typeof d.device[k] === "number" ? +d.device[k].toPrecision(3) : d.device[k])).join(" "));
   }
   chart($("accuracy-chart"), s.rounds.map(r => [r.round, r.accuracy]), "line", v => v.toFixed(2), 1);
-  chart($("bytes-chart"), s.rounds.map(r => [r.round, r.bytes_up]), "bar", human);
+  $("down").textContent = typeof s.bytes_down === "number" ? human(s.bytes_down) : "-";
+  chart($("bytes-chart"), s.rounds.map(r => [r.round, r.bytes_up_per_device]), "bar", human, 0,
+        s.rounds.map(r => [r.round, r.bytes_down]));
 }
 async function poll() {
   try {

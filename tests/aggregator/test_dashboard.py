@@ -51,6 +51,10 @@ async def test_api_state_of_a_real_round(broker_address: BrokerAddress, fleet: s
     assert row["round"] == 1 and row["accepted"] == 2
     assert 0 < row["accuracy"] <= 1 and row["loss"] > 0
     assert row["bytes_up"] == sum(r["bytes"] for r in receipts if r["round"] == 1) > 0
+    # bytes down next to bytes up, per device: round 1's announcement is version 0, a hold (no tensors)
+    assert row["bytes_up_per_device"] == row["bytes_up"] // len([r for r in receipts if r["round"] == 1])
+    assert 200 < row["bytes_down"] < 500
+    assert state["bytes_down"] == status.bytes_down and 0 < state["bytes_down"] < 2_000  # round 2's: a delta
     # the page is self-contained: inline script and style, nothing fetched from elsewhere
     assert b'id="round"' in page and b"/api/state" in page
     assert b"<script src" not in page and b"<link" not in page and b"http://" not in page.replace(b"http://www.w3.org/2000/svg", b"")
@@ -58,24 +62,24 @@ async def test_api_state_of_a_real_round(broker_address: BrokerAddress, fleet: s
 
 def test_fleet_state_has_no_nan_and_skips_open_rounds() -> None:
     status = RoundStatus(fleet="f", round=3, model_version=2, state=RoundState.AGGREGATING, accepted=4, target=4,
-                         min_updates=1, deadline=None, rounds_total=5, last_metrics={})
+                         min_updates=1, deadline=None, rounds_total=5, last_metrics={}, bytes_down=922)
     devices = {"b": Presence(fleet="f", client_id="b", state="offline"),
                "a": Presence(fleet="f", client_id="a", state="online", eligible=False, why_not="battery 12% < 20%", device={"battery": 12.0},
                              dropped=3)}
     rounds = [
-        {"round": 1, "closed": 10.0, "accepted": 4, "metrics": {"accuracy": float("nan"), "loss": 0.5}},
-        {"round": 2, "closed": 20.0, "accepted": 3, "metrics": {}},
+        {"round": 1, "closed": 10.0, "accepted": 4, "metrics": {"accuracy": float("nan"), "loss": 0.5}, "bytes_down": 318},
+        {"round": 2, "closed": 20.0, "accepted": 3, "metrics": {}},  # a row without the column: an old store
         {"round": 3, "closed": None, "accepted": 4, "metrics": {}},
     ]
-    state = fleet_state("f", status, devices, rounds, {1: 100, 3: 7}, now=25.0)
+    state = fleet_state("f", status, devices, rounds, {1: 100, 3: 7}, now=25.0, received={1: 4, 3: 1})
     json.dumps(state, allow_nan=False)  # raises on NaN
-    assert (state["round"], state["state"], state["rounds_total"], state["deadline"]) == (3, "aggregating", 5, None)
+    assert (state["round"], state["state"], state["rounds_total"], state["deadline"], state["bytes_down"]) == (3, "aggregating", 5, None, 922)
     assert [d["client_id"] for d in state["devices"]] == ["a", "b"]
     assert state["devices"][0] == {"client_id": "a", "state": "online", "eligible": False, "why_not": "battery 12% < 20%",
                                    "dropped": 3, "device": {"battery": 12.0}}
     assert state["rounds"] == [
-        {"round": 1, "accuracy": None, "loss": 0.5, "accepted": 4, "bytes_up": 100},
-        {"round": 2, "accuracy": None, "loss": None, "accepted": 3, "bytes_up": 0},
+        {"round": 1, "accuracy": None, "loss": 0.5, "accepted": 4, "bytes_up": 100, "bytes_up_per_device": 25, "bytes_down": 318},
+        {"round": 2, "accuracy": None, "loss": None, "accepted": 3, "bytes_up": 0, "bytes_up_per_device": None, "bytes_down": 0},
     ]
     assert fleet_state("f", None, {}, [], {}, now=0.0)["state"] == "starting"
 

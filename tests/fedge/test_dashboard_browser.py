@@ -148,7 +148,11 @@ async def test_dashboard_in_headless_chromium(broker_address: BrokerAddress, fle
                                                "document.querySelectorAll('#bytes-chart rect').length, "
                                                "+document.getElementById('round').textContent]")
                     circles, bars, shown = charted
-                    assert circles == bars and shown - 1 <= circles <= shown  # a point and a bar per closed round (the shown one may be closing)
+                    # a point and two bars (up, down) per closed round (the shown one may be closing)
+                    assert 2 * circles == bars and shown - 1 <= circles <= shown
+                    down = await page.until("document.getElementById('down').textContent !== '-' && document.getElementById('down').textContent")
+                    value, unit = down.split()
+                    assert float(value) > 0 and (unit == "B" or (unit == "KiB" and float(value) < 2))  # a delta, not the 38 KiB model
                     shot = await page.call("Page.captureScreenshot", format="png")
                     SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))  # noqa: ASYNC240 - a test's one screenshot
             finally:

@@ -27,7 +27,7 @@ def test_report_of_a_simulation(run_dir: Path, tmp_path: Path) -> None:
     result = run_fedge("report", str(run_dir), "--out", str(out), timeout=60)
     assert result.returncode == 0, result.stderr
     assert str(out / "report.html") in result.stdout
-    for name in ("accuracy", "loss", "participants", "receipts"):
+    for name in ("accuracy", "loss", "participants", "receipts", "bytes"):
         assert (out / f"report-{name}.png").read_bytes().startswith(PNG_MAGIC)
     page = (out / "report.html").read_text()
     with Store(run_dir / "aggregator.sqlite") as store:
@@ -38,9 +38,13 @@ def test_report_of_a_simulation(run_dir: Path, tmp_path: Path) -> None:
     assert rows == ["1", "2"]
     for r in rounds:
         assert f"<td>{r['metrics']['accuracy']:.4f}</td>" in page
-    assert page.count("data:image/png;base64,") == 4  # self-contained: the plots are embedded
+    assert page.count("data:image/png;base64,") == 5  # self-contained: the plots are embedded
     assert f"final accuracy {rounds[-1]['metrics']['accuracy']:.4f}" in page
     assert accepted == sum(r["accepted"] for r in rounds)
+    # bytes down next to bytes up: round 1 announced version 0 (a hold), round 2 a delta, each far below the model's 38,889
+    assert 200 < rounds[0]["bytes_down"] < 500 and 300 < rounds[1]["bytes_down"] < 2_000
+    for r in rounds:
+        assert f"<td>{r['bytes_down']:,}</td></tr>" in page
 
 
 def test_report_without_a_store_is_a_clear_error(tmp_path: Path) -> None:
