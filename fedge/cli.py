@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-root", type=Path, required=True)
     p.add_argument("--synthetic", action="store_true", help="synthetic agents (fedge/simulate/synthetic.py)")
     p.add_argument("--downloads", choices=["host", "all"], default="host")
-    p.add_argument("--ledger", type=Path, help="synthetic: write what the agents published here (JSON)")
+    p.add_argument("--ledger", type=Path, help="write what the agents published (synthetic) or downloaded here (JSON)")
     _task_flags(p)
     p.add_argument("--seed", type=int, default=0)
     _common(p)

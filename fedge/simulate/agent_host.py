@@ -2,7 +2,9 @@
 
 One process shares one torch import (~220 MiB) across the fleet it hosts; each agent is still a
 full Agent (own client id, own persistent session, own outbox), so the broker and the aggregator
-see exactly what N devices would produce.
+see exactly what N devices would produce. With ``--ledger`` the host writes, when its agents are
+done, what each of them downloaded (``device_ledger``): the simulation report sums the catch-up
+bytes of delta broadcasts from it, which only the devices know.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 from edge_agent import Agent, AgentConfig
 from fedge_contract.mqtt import BrokerAddress
@@ -61,4 +67,19 @@ async def host_agents(args: argparse.Namespace) -> int:
                 group.create_task(agent.run(), name=agent.config.client_id)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+        if args.ledger is not None:
+            write_ledger(args.ledger, agents)
     return 0
+
+
+def device_ledger(agent: Agent) -> dict[str, Any]:
+    """One agent's traffic: bytes up and down (everything under ``global/``), and its delta broadcast counters
+    (``catch_up_bytes``: what it fetched to catch up or fall back, and the task)."""
+    stats = agent.stats
+    held = asdict(stats.held)
+    return {"bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "catch_up_bytes": held.pop("bytes"), **held,
+            "trained_versions": len(stats.trained_versions)}
+
+
+def write_ledger(path: Path, agents: list[Agent]) -> None:
+    path.write_text(json.dumps({"devices": {agent.config.client_id: device_ledger(agent) for agent in agents}}, indent=1))

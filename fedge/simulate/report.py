@@ -47,6 +47,9 @@ class SimulationReport:
     final_global_bytes: int = 0
     unattributed_bytes: int = 0
     hosts: dict[str, Any] = field(default_factory=dict)  # synthetic load: each host's receipts, connect time and RSS
+    # trained agents: what each device counted itself when it exited (agent_host.device_ledger): bytes up and
+    # down, and under delta broadcasts what it fetched to catch up (only devices know that)
+    devices: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +65,9 @@ class SimulationReport:
             bytes_up=sum(r.bytes_up for r in self.rounds),
             bytes_down=sum(r.bytes_down for r in self.rounds),
             bytes_retained=sum(r.bytes_retained for r in self.rounds),
+            # each device's catch-up bytes summed (keyframes, retained deltas, the task), from the devices' own counts
+            catch_up_bytes=sum(d["catch_up_bytes"] for d in self.devices.values()) if self.devices else float("nan"),
+            devices_caught_up=sum(1 for d in self.devices.values() if d["caught_up"]) if self.devices else float("nan"),
             peak_rss_mib_sum=sum(self.peak_rss_mib.values()),
             wall_seconds=self.wall_seconds,
         )
@@ -87,9 +93,11 @@ def write_report(report: SimulationReport, out: Path, console: Console) -> None:
     console.print(table)
     t = report.totals
     quality = f"final accuracy [bold]{t['final_accuracy']:.4f}[/]" if math.isfinite(t["final_accuracy"]) else "no evaluation"
+    caught_up = t["catch_up_bytes"]
+    catch_up = f" (+{caught_up:,} B to catch up, {t['devices_caught_up']} devices)" if math.isfinite(caught_up) and caught_up else ""
     console.print(
         f"{quality}; {t['seconds_per_round']:.2f} s per round, {t['updates_per_s']:.1f} updates/s; "
-        f"uploaded {t['bytes_up']:,} B, downloaded {t['bytes_down']:,} B; "
+        f"uploaded {t['bytes_up']:,} B, downloaded {t['bytes_down']:,} B{catch_up}; "
         f"wall {t['wall_seconds']:.1f} s; peak memory {t['peak_rss_mib_sum']:.0f} MiB over {len(report.peak_rss_mib)} processes"
     )
     console.print(f"report: {out / 'report.json'}, {out / 'report.png'}")
@@ -111,7 +119,7 @@ def _plot(report: SimulationReport, path: Path) -> None:
     codec = report.options["training"].get("codec") or TaskConfig().codec  # the contract's default when not set
     acc_ax.set_title(f"{report.options['agents']} agents, alpha {report.options['alpha']}, codec {codec}")
     bytes_ax.bar([r - 0.2 for r in rounds], [r.bytes_up / 1024 for r in report.rounds], width=0.4, label="up (updates)")
-    bytes_ax.bar([r + 0.2 for r in rounds], [r.bytes_down / 1024 for r in report.rounds], width=0.4, label="down (global model)")
+    bytes_ax.bar([r + 0.2 for r in rounds], [r.bytes_down / 1024 for r in report.rounds], width=0.4, label="down (announcements)")
     bytes_ax.set_ylabel("KiB per round")
     bytes_ax.set_xlabel("round")
     bytes_ax.legend()

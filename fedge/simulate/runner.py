@@ -140,6 +140,8 @@ def aggregator_argv(options: SimulationOptions, broker_url: str, store: Path) ->
         f"--deadline={options.deadline}", f"--strategy={options.strategy}", f"--global-codec={options.global_codec}",
         f"--store={store}", *options.strategy_flags, *_flags(options.training),
         *([f"--workers={options.workers}"] if options.workers is not None else []),
+        # synthetic agents read only whole GlobalModels (the shapes and the codec): they rebuild no held model
+        *(["--no-delta-broadcasts"] if options.synthetic else []),
     )
 
 
@@ -277,9 +279,10 @@ class _AgentSpawner:
         for p in range(min(procs, len(ids))):
             group = ids[p::procs]
             urls = [self.proxy.link(i).url for i in group] if self.proxy else []
+            name = f"{prefix}-{p}"
             await self.children.spawn(
-                f"{prefix}-{p}", "_agent-host", f"--broker={self.broker_url}", f"--fleet={FLEET}",
-                f"--client-ids={','.join(group)}", f"--state-root={self.out / 'agents'}",
+                name, "_agent-host", f"--broker={self.broker_url}", f"--fleet={FLEET}",
+                f"--client-ids={','.join(group)}", f"--state-root={self.out / 'agents'}", f"--ledger={self.out / 'agents' / (name + '.json')}",
                 *([f"--broker-urls={','.join(urls)}"] if urls else []),
                 "--task=digits", *options.task_options(), f"--seed={options.seed}",
                 f"--slow-ids={','.join(slow)}", f"--slowdown={options.slowdown}",
@@ -344,6 +347,7 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
     with Store(out / "aggregator.sqlite", readonly=True) as store:
         stored = {row["round"]: row for row in store.rounds()}
     hosts = _host_ledgers(out) if options.synthetic else {}
+    devices = {} if options.synthetic else {client: row for ledger in _host_ledgers(out).values() for client, row in ledger["devices"].items()}
     rows = []
     for number in sorted(stored):
         traffic = tap.rounds[number]
@@ -378,6 +382,7 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
         final_global_bytes=tap.final_global_bytes,
         unattributed_bytes=tap.unattributed_bytes,
         hosts={name: {k: v for k, v in ledger.items() if k != "rounds"} for name, ledger in hosts.items()},
+        devices=devices,
     )
 
 
