@@ -8,6 +8,7 @@ Its layers, one sub-package each (the coordinator, aggregator/coordinator.py, co
     aggregation/    the fold, defences (norm bound, robust rules, DP) and server strategies
     store/          the SQLite ledger, the spool's segment files, the thread that owns them
     observability/  Prometheus metrics, the dashboard, the fleet's presence
+    broadcasting/   how each version reaches devices: delta broadcasts (the default) or whole models
     model.py        the global model and its checkpoints;  announce.py  what the fleet is told
 
 Exports are lazy so that tools reading the store (reports, the simulation's orchestrator) do not

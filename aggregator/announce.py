@@ -31,19 +31,14 @@ STATUS_INTERVAL = 0.5  # seconds: RoundStatus at most this stale while updates k
 
 class Announcer:
     def __init__(self, config: AggregatorConfig, model: ModelState, conn: Connection, metrics: AggregatorMetrics,
-                 clock: Callable[[], float], *, channel: ModelChannel | None = None, db: StoreAccess | None = None) -> None:
+                 clock: Callable[[], float], *, channel: ModelChannel, db: StoreAccess | None = None) -> None:
         self.config = config
         self.topics = Topics(config.fleet)
         self.model = model
         self.conn = conn
         self.metrics = metrics
         self.clock = clock
-        if channel is None:  # whole models in global_codec (a caller without delta broadcasts)
-            from aggregator.broadcasting.full import FullModels
-
-            channel = FullModels(config, model, metrics)
-            channel.bind(conn)
-        self.channel = channel
+        self.channel = channel  # delta broadcasts or whole models (aggregator/broadcasting/), bound to ``conn``
         self.db = db  # where each round's bytes down are counted (None: not counted)
         self.status: RoundStatus | None = None  # the last status published (the dashboard's)
         self.last_metrics: Mapping[str, float] = {}  # the newest model's, in every status

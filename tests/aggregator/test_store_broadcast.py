@@ -19,11 +19,17 @@ from tests.contract.broadcast.helpers import FLEET, SPEC, initial, walk
 POLICY = BroadcastPolicy(chain="flat+topk:0.3+q8+zstd", every=30, ratio=None)
 
 
-def test_the_state_commits_with_the_checkpoint_of_its_version(tmp_path: Path) -> None:
-    path = tmp_path / "agg.sqlite"
+def begun() -> tuple[np.random.Generator, dict[str, np.ndarray], Broadcaster]:
+    """A seeded walk, its version 0, and a broadcaster begun there (a hold), never connected."""
     rng, true = np.random.default_rng(0), initial()
     caster = Broadcaster(None, Topics(FLEET), SPEC, POLICY)
     caster.begin(true, 0, devices_hold=True)
+    return rng, true, caster
+
+
+def test_the_state_commits_with_the_checkpoint_of_its_version(tmp_path: Path) -> None:
+    path = tmp_path / "agg.sqlite"
+    rng, true, caster = begun()
     with Store(path) as store:
         store.save_initial(SPEC.fingerprint, true, caster.state())
         assert store.broadcast_state(0) == BroadcastState(0, caster.state().header, {k: item_bytes(v) for k, v in caster.state().items.items()})
@@ -41,9 +47,7 @@ def test_the_state_commits_with_the_checkpoint_of_its_version(tmp_path: Path) ->
 def test_a_failed_checkpoint_leaves_the_previous_state(tmp_path: Path) -> None:
     """One transaction: a close that fails (here: the version's checkpoint exists already) writes no broadcast state."""
     path = tmp_path / "agg.sqlite"
-    rng, true = np.random.default_rng(0), initial()
-    caster = Broadcaster(None, Topics(FLEET), SPEC, POLICY)
-    caster.begin(true, 0, devices_hold=True)
+    rng, true, caster = begun()
     with Store(path) as store:
         store.save_initial(SPEC.fingerprint, true, caster.state())
         store.open_round(1, 0, None)
