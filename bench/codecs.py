@@ -25,14 +25,26 @@ The goal: at least 50x fewer bytes than float32 both ways, within 1 point of its
 Part 4 times delta broadcasts of 1M and 10M-parameter random-walk models: the aggregator's encode
 per version, a device's rebuild, bytes per version (bench/broadcast.py, part 2).
 
+Part 5 (issue 16, end to end) runs the same chain pairs through ``fedge simulate`` (digits, 20
+devices, 30 rounds, Dirichlet 0.5; a real broker, the aggregator and the agents as processes):
+``--codec UP`` with ``--broadcast-chain DOWN`` (delta broadcasts, the default) or
+``--no-delta-broadcasts`` for a float32 broadcast (``f32``). Bytes come from the wire tap (each
+announcement and update as the broker carried it) per device; "to 0.90" counts, up to the first
+round r whose model (the held model, what devices run) scores >= 0.90, the uploads of rounds
+1..r and the downloads of versions 0..r (the announcements of rounds 1..r+1, or the final one),
+plus what devices fetched to catch up (their own counts; none in a clean run). The ratio compares
+with float32 both ways of the same seed.
+
 Prints JSON, then markdown tables.
 Run: python -m bench.codecs [--no-sim] [--no-pairs] [--sizes 1e6,1e7] [--pairs UP/DOWN,...] [--pair-seeds 0,1,2]
+     [--sim-pairs] [--sim-pair-seeds 0,1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,6 +209,67 @@ def chain_pairs(pairs: list[tuple[str, str]], seeds: list[int], agents: int, rou
     return rows
 
 
+def simulated_pair(upload: str, down: str, seed: int, agents: int, rounds: int, alpha: float) -> dict[str, Any]:
+    """One ``fedge simulate`` run of the pair, its bytes per device (see part 5 in the module docstring)."""
+    broadcast = ["--no-delta-broadcasts"] if down == "f32" else [f"--broadcast-chain={down}"]
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-pairs-") as tmp:
+        out = Path(tmp) / "run"
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "fedge", "simulate", f"--agents={agents}", f"--rounds={rounds}", f"--alpha={alpha}", f"--seed={seed}",
+             f"--codec={upload}", *broadcast, f"--out={out}", "--quiet"],
+            check=True, capture_output=True, stdin=subprocess.DEVNULL,
+        )
+        seconds = time.perf_counter() - started
+        report = json.loads((out / "report.json").read_text())
+        from aggregator.store import Store
+
+        with Store(out / "aggregator.sqlite", readonly=True) as store:
+            true_accuracy = store.rounds()[-1]["metrics"].get("true_accuracy")
+    rows = report["rounds"]
+    up = [row["bytes_up"] / agents for row in rows]
+    downs = [row["bytes_down"] / agents for row in rows] + [report["final_global_bytes"] / agents]  # versions 0 .. rounds
+    catch_up = report["totals"].get("catch_up_bytes") or 0
+    accuracy = [row["accuracy"] for row in rows]
+    reached = next((r for r, a in enumerate(accuracy, start=1) if a is not None and a >= TARGET_ACCURACY), None)
+    all_down = sum(downs) + catch_up / agents
+    run: dict[str, Any] = {
+        "upload": upload, "broadcast_chain": down, "seed": seed, "final_accuracy": round(accuracy[-1], 4),
+        "final_accuracy_true_model": round(true_accuracy, 4) if true_accuracy is not None else None,
+        "round_to_090": reached,
+        "bytes_per_device": {"up": round(sum(up)), "down": round(all_down), "total": round(sum(up) + all_down)},
+        "down_per_version": {"v0": round(downs[0]), "mean_after_v0": round(statistics.fmean(downs[1:])), "max": round(max(downs))},
+        "up_per_round_mean": round(statistics.fmean(up)),
+        "catch_up_bytes_all_devices": catch_up,
+        "bytes_retained": report["totals"].get("bytes_retained", 0),
+        "accuracy_by_round": [round(a, 4) for a in accuracy],
+        "wall_seconds": round(seconds, 1),
+    }
+    if reached is not None:
+        to_up, to_down = sum(up[:reached]), sum(downs[: reached + 1]) + catch_up / agents
+        run["bytes_to_090"] = {"up": round(to_up), "down": round(to_down), "total": round(to_up + to_down)}
+    return run
+
+
+def simulated_pairs(pairs: list[tuple[str, str]], seeds: list[int], agents: int, rounds: int, alpha: float) -> list[dict[str, Any]]:
+    """Part 5: each (upload, broadcast) pair through ``fedge simulate``, per seed; ratios to float32 both ways of that seed."""
+    from bench.broadcast import compare
+
+    if pairs[0] != ("none", "f32"):
+        raise ValueError("the first pair must be none/f32: float32 both ways is what the ratios compare with")
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:
+        runs = []
+        for upload, down in pairs:
+            run = simulated_pair(upload, down, seed, agents, rounds, alpha)
+            run["label"] = "float32" if not runs else f"{upload} / {down}"
+            runs.append(run)
+            print(json.dumps({k: v for k, v in run.items() if k != "accuracy_by_round"}), file=sys.stderr, flush=True)
+        compare(runs)  # the in-process harness's ratios, gaps and goal (bench/broadcast.py)
+        rows += runs
+    return rows
+
+
 def broadcast_sizes(parameters: list[int], chains: list[str], versions: int = 4) -> list[dict[str, Any]]:
     """Part 4: encode time, device rebuild time and bytes per version of 1M/10M-parameter delta broadcasts."""
     from bench.broadcast import size_row
@@ -240,6 +313,22 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['seed']} | `{r['upload']}` | `{r['broadcast_chain']}` | {r['final_accuracy']:.3f} | {r['round_to_090'] or '-'} | "
                 f"{got.get('up', 0):,} | {got.get('down', 0):,} | {got.get('total', 0):,} | {ratio} | {envelope} |"
             )
+    if result.get("simulated_pairs"):
+        lines += [
+            "",
+            "| seed | upload | broadcast | final acc (true) | round to 0.90 | up to 0.90 | down to 0.90 | total to 0.90 | "
+            "vs float32 both ways | down/version | 30 rounds total |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["simulated_pairs"]:
+            got = r.get("bytes_to_090") or {}
+            ratio = f"{r['ratio_to_090']:.1f}x" if r["ratio_to_090"] else "-"
+            true = f" ({r['final_accuracy_true_model']:.3f})" if r["final_accuracy_true_model"] is not None else ""
+            lines.append(
+                f"| {r['seed']} | `{r['upload']}` | `{r['broadcast_chain']}` | {r['final_accuracy']:.3f}{true} | {r['round_to_090'] or '-'} | "
+                f"{got.get('up', 0):,} | {got.get('down', 0):,} | {got.get('total', 0):,} | {ratio} | "
+                f"{r['down_per_version']['mean_after_v0']:,} | {r['bytes_per_device']['total']:,} |"
+            )
     if result.get("broadcast_sizes"):
         lines += [
             "",
@@ -264,17 +353,26 @@ def main() -> None:
     parser.add_argument("--pair-seeds", default="0", help="seeds of the pair runs (comma separated)")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--no-broadcast-sizes", action="store_true", help="skip the 1M/10M broadcast timings")
+    parser.add_argument("--sim-pairs", action="store_true", help="part 5: the chain pairs through fedge simulate (minutes per run)")
+    parser.add_argument("--sim-pair-seeds", default="0", help="seeds of the simulated pair runs (comma separated)")
+    parser.add_argument("--no-sizes-speed", action="store_true", help="skip part 1 (sizes and speed of each update chain)")
     args = parser.parse_args()
 
-    models = {"digits-mlp": digits_delta()}
-    for size in (int(float(s)) for s in args.sizes.split(",") if s):
-        models[f"random-{size / 1e6:g}M"] = random_delta(size)
-    result: dict[str, Any] = {"sizes": sizes_and_speed(models)}
+    result: dict[str, Any] = {"sizes": []}
+    if not args.no_sizes_speed:
+        models = {"digits-mlp": digits_delta()}
+        for size in (int(float(s)) for s in args.sizes.split(",") if s):
+            models[f"random-{size / 1e6:g}M"] = random_delta(size)
+        result["sizes"] = sizes_and_speed(models)
     if not args.no_sim:
         result["simulate"] = accuracy_vs_bytes(args.sim_chains.split(","), args.agents, args.rounds)
     if not args.no_pairs:
         pairs = [tuple(p.split("/", 1)) for p in args.pairs.split(",") if p]
         result["pairs"] = chain_pairs(pairs, [int(s) for s in args.pair_seeds.split(",")], args.agents, args.rounds, args.alpha)  # type: ignore[arg-type]
+    if args.sim_pairs:
+        pairs = [tuple(p.split("/", 1)) for p in args.pairs.split(",") if p]
+        result["simulated_pairs"] = simulated_pairs(pairs, [int(s) for s in args.sim_pair_seeds.split(",")],  # type: ignore[arg-type]
+                                                    args.agents, args.rounds, args.alpha)
     if not args.no_broadcast_sizes:
         result["broadcast_sizes"] = broadcast_sizes([int(float(s)) for s in args.sizes.split(",") if s], BROADCAST_SIZE_CHAINS)
     big = [r for r in result["sizes"] if r["chain"] == "q8+zstd" and r["parameters"] >= 10_000_000]
@@ -283,6 +381,8 @@ def main() -> None:
         "q8_zstd_10m_meets_200": bool(big and big[0]["encode_decode_mbps"] >= TARGET_MBPS),
         "chains_meeting_50x_at_090_within_1pt": [r["chain"] for r in result.get("simulate", []) if r["meets_target"]],
         "pairs_meeting_50x_both_ways_within_1pt": sorted({r["label"] for r in result.get("pairs", []) if r["meets_goal"]}),
+        "simulated_pairs_meeting_50x_both_ways_within_1pt": sorted({f"{r['label']} (seed {r['seed']})"
+                                                                    for r in result.get("simulated_pairs", []) if r["meets_goal"]}),
     }
     print(json.dumps(result, indent=2))
     print()

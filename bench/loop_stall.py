@@ -11,15 +11,22 @@ queries go through the store's thread). The global model goes out in the aggrega
 8 MiB chunks. Two scenarios:
 
 - ``round_1m``: a 1M-parameter model (4 MB), 20 devices, ``q8+zstd`` updates, 3 rounds;
+- ``round_10m``: a 10M-parameter model (40 MB), 2 devices, small top-k updates, 3 rounds;
 - ``checkpoint_100mb``: a 25M-parameter model (100 MB float32 checkpoint per version), 2 devices
   with small top-k updates, 2 rounds: what stalls here is whole-model work (strategy, checkpoint,
   encoding and publishing the global model).
+
+The model goes out as the aggregator's default broadcasts (delta broadcasts: a hold and its
+lossless keyframe at v0, then a delta per version, each committed with its checkpoint), or with
+``--broadcast full`` as the whole float32 model every version. Printed beside the stalls: what each
+version's announcement weighed, the keyframe, and the last version's broadcast encode time (the
+aggregator's ``fedge_broadcast_encode_seconds``: delta, held model, hash and state, off the loop).
 
 Printed per scenario: the longest stall while serving (from the moment the dashboard serves, i.e.
 the store is open, to the exit), the start-up's apart (importing torch and building the model, before
 anything is served), the count of stalls over 50 ms, seconds per round,
 what the aggregator's own monitor (its Prometheus gauge) saw. Prints JSON.
-Run: python -m bench.loop_stall [--only round_1m|checkpoint_100mb]
+Run: python -m bench.loop_stall [--only round_1m|round_10m|checkpoint_100mb] [--broadcast deltas|full]
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from aggregator import Aggregator, config_of
+from aggregator.broadcasting.deltas import DeltaBroadcasts
 from broker import LocalBroker
 from fedge_contract import RoundState, RoundStatus, Topics, Update, new_update_id
 from fedge_contract.aio import cancel_and_wait
@@ -59,6 +67,7 @@ class Scenario:
 
 SCENARIOS = {
     "round_1m": Scenario(params=1_000_000, devices=20, rounds=3, codec="q8+zstd"),
+    "round_10m": Scenario(params=10_000_000, devices=2, rounds=3, codec="flat+topk:0.01+q4+zstd"),
     "checkpoint_100mb": Scenario(params=25_000_000, devices=2, rounds=2, codec="flat+topk:0.001+q8+zstd"),
 }
 
@@ -83,13 +92,13 @@ async def _poll_dashboard(aggregator: Aggregator, stall: LoopStallMonitor, start
         await asyncio.sleep(0.1)
 
 
-async def run_scenario(name: str, scenario: Scenario, folder: Path) -> dict[str, Any]:
+async def run_scenario(name: str, scenario: Scenario, folder: Path, broadcast: str = "deltas") -> dict[str, Any]:
     model_bytes = scenario.params * 4
     async with LocalBroker(data_dir=folder / "broker") as broker:
         config = config_of(
             broker.url, fleet=FLEET, task="synthetic", task_options={"params": str(scenario.params)}, rounds=scenario.rounds,
             target=scenario.devices, min_updates=scenario.devices, deadline=600.0, store=folder / "agg.sqlite",
-            training={"codec": scenario.codec}, dashboard_port=0, evaluate=False,
+            training={"codec": scenario.codec}, dashboard_port=0, evaluate=False, broadcast={"deltas": broadcast == "deltas"},
         )
         aggregator = Aggregator(config)
         host = await asyncio.create_subprocess_exec(
@@ -123,6 +132,22 @@ async def run_scenario(name: str, scenario: Scenario, folder: Path) -> dict[str,
         "seconds_per_round": round(seconds / scenario.rounds, 2),
         "goal_ms": 50,
         "met": stall.longest < 0.05,
+        "broadcast": broadcast_figures(aggregator),
+    }
+
+
+def broadcast_figures(aggregator: Aggregator) -> dict[str, Any]:
+    """What the announcements weighed (each device downloads one per version) and the broadcast's encode time."""
+    announced = aggregator.metrics.registry.get_sample_value("fedge_broadcast_bytes_total", {"kind": "announcement"})
+    channel = aggregator.channel
+    if not isinstance(channel, DeltaBroadcasts):
+        return {"kind": "full", "announcement_bytes_total": announced}
+    sent = channel.broadcaster.sent
+    return {
+        "kind": "deltas", "announcement_bytes_per_version": {s.version: s.announcement for s in sent},
+        "keyframe_bytes": max(s.keyframe for s in sent),
+        "encode_seconds_last_version": round(aggregator.metrics.registry.get_sample_value("fedge_broadcast_encode_seconds") or 0.0, 3),
+        "catch_up_worst_bytes": aggregator.metrics.registry.get_sample_value("fedge_broadcast_catch_up_worst_bytes"),
     }
 
 
@@ -147,13 +172,13 @@ async def devices(name: str, broker_url: str) -> None:
                     await client.publish(topics.update(f"dev-{i}"), update.to_bytes(), qos=1)
 
 
-async def main(only: str | None) -> None:
+async def main(only: str | None, broadcast: str) -> None:
     out: dict[str, Any] = {}
     for name, scenario in SCENARIOS.items():
         if only and name != only:
             continue
         with tempfile.TemporaryDirectory(prefix="fedge-stall-") as folder:
-            out[name] = await run_scenario(name, scenario, Path(folder))
+            out[name] = await run_scenario(name, scenario, Path(folder), broadcast)
     print(json.dumps(out, indent=1))
 
 
@@ -162,5 +187,7 @@ if __name__ == "__main__":
     parser.add_argument("--only", choices=sorted(SCENARIOS))
     parser.add_argument("--devices", choices=sorted(SCENARIOS), help=argparse.SUPPRESS)  # the child that plays the devices
     parser.add_argument("--broker", help=argparse.SUPPRESS)
+    parser.add_argument("--broadcast", choices=["deltas", "full"], default="deltas",
+                        help="delta broadcasts (the default) or the whole model every version (--no-delta-broadcasts)")
     args = parser.parse_args()
-    asyncio.run(devices(args.devices, args.broker) if args.devices else main(args.only))
+    asyncio.run(devices(args.devices, args.broker) if args.devices else main(args.only, args.broadcast))
