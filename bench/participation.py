@@ -202,7 +202,7 @@ def training_in_process(agents: int, target: int, rounds: int, over_select: floa
     stale. Uncompressed deltas. Shows what the wired aggregator should reach."""
     from aggregator.aggregation.fold import WeightedSum
     from aggregator.aggregation.strategies import FedAvg
-    from aggregator.cohort import Candidate, CohortPolicy, CohortSelector
+    from aggregator.rounds.cohort import Candidate, CohortPolicy, CohortSelector
     from edge_agent.trainer import LocalTrainer
     from fedge_contract import GlobalModel, TaskConfig
     from fedge_contract.codecs import encode_weights, parse_chain
@@ -258,7 +258,7 @@ def training_in_process(agents: int, target: int, rounds: int, over_select: floa
 
 def federated_vs_server(store: Path, agents: int, fraction: float) -> dict[str, Any]:
     """Each version of a finished run: server accuracy, and what the devices asked by the hash rule report."""
-    from aggregator.federated_eval import reduce_reports
+    from aggregator.observability.federated_eval import reduce_reports
     from edge_agent.evaluator import LocalEvaluator
     from fedge_contract import GlobalModel, TaskConfig
     from fedge_contract.codecs import encode_weights, parse_chain

@@ -1,4 +1,4 @@
-"""Cohort selection (aggregator/cohort.py): reproducible, fair over time, eligible devices first,
+"""Cohort selection (aggregator/rounds/cohort.py): reproducible, fair over time, eligible devices first,
 extensions invite only new devices, state survives a restart, an honest sampling rate."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.cohort import Candidate, CohortPolicy, CohortSelector, candidates, check_invited, extension_size
+from aggregator.rounds.cohort import Candidate, CohortPolicy, CohortSelector, candidates, check_invited, extension_size
 from aggregator.errors import Rejection
 from fedge_contract import Presence, ReceiptStatus
 
@@ -177,7 +177,7 @@ def test_candidates_from_presence_and_extension_size():
 def test_privacy_accounting_from_the_selections_rates():
     pytest.importorskip("opacus")
     from aggregator.aggregation.privacy import PrivacyParams
-    from aggregator.cohort_privacy import epsilon_announced, epsilon_over_rounds
+    from aggregator.aggregation.privacy import epsilon_announced, epsilon_over_rounds
 
     selector = CohortSelector(CohortPolicy(target=200, seed=0))
     devices = [Candidate(f"agent-{i}") for i in range(10_000)]
