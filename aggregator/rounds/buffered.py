@@ -136,6 +136,12 @@ class Buffer:
     def extend_to(self, until: float) -> None:
         """A buffer has no deadline: it waits for its updates however long they take."""
 
+    async def extend(self, db: StoreAccess) -> None:
+        raise AssertionError("a FedBuff buffer has no deadline")
+
+    def invitation(self) -> None:
+        return None  # every device trains whenever it can
+
     def metrics(self) -> dict[str, float]:
         return {"staleness_mean": self.staleness_sum / max(self.accepted, 1), "staleness_max": float(self.staleness_max)}
 
@@ -189,6 +195,12 @@ class BufferedPolicy:
 
     def task_extra(self) -> Mapping[str, Any]:
         return {"mode": "async", "max_staleness": self.plan.max_staleness}
+
+    async def check_in(self, version: int, now: float, db: StoreAccess) -> None:
+        return None
+
+    def sampling(self) -> None:
+        return None
 
     async def open(self, version: int, now: float, db: StoreAccess) -> Buffer:
         last = self._last
