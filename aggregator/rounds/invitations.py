@@ -2,12 +2,13 @@
 
 The selection rule is pure (rounds/cohort.py); this is its place in the round loop:
 
-- **Check-in.** A round selects once ``ceil(target x over_select)`` devices are online, or once at
-  least ``target`` are and none joined for ``SETTLE`` seconds (a fleet smaller than the cohort),
-  or after ``checkin`` seconds with whoever is there. Without it the first round of every run
-  would select from an empty fleet view: the aggregator opens it before the retained presence of
-  the devices has arrived. The devices' retained presence *is* their check-in: nothing is sent
-  per device beyond what they already publish.
+- **Check-in.** A round selects once at least ``target`` devices are online and none came online
+  for ``SETTLE`` seconds, or after ``checkin`` seconds with whoever is there. Without it the first
+  round of every run would select from an empty fleet view: the aggregator opens it before the
+  retained presence of the devices has arrived, and that burst must end before the draw, or the
+  same fleet would give different cohorts. Later rounds find the fleet settled and select at once.
+  The devices' retained presence *is* their check-in: nothing is sent per device beyond what they
+  already publish.
 - **Selection** at the round's opening, from the fleet view's devices (``FleetView``: each one's
   last presence, with its eligibility). The invited set and the selector's state are written to
   the store in one durable transaction *before* the announcement: admission (rounds/sync.py)
@@ -70,7 +71,7 @@ class Invitations:
         if self._waiting is None or self._waiting[0] != round_no:
             self._waiting = (round_no, now)
         ends = self._waiting[1] + self.checkin
-        if online >= self.policy.size or now >= ends:
+        if now >= ends:
             return None
         if online >= self.policy.target:
             settled = self._joined + SETTLE
@@ -97,8 +98,9 @@ class Invitations:
         return extended
 
     def announced(self, selection: Selection) -> InviteSet:
-        """The announcement's set, its precision set by the devices known (fedge_contract/cohort.py)."""
-        population = max(len(self.fleet.devices), len(selection.invited), 1)
+        """The announcement's set, its precision set by the pool it was drawn from (fedge_contract/cohort.py):
+        a function of the stored selection alone, so a resumed round announces the very same bytes."""
+        population = max(selection.pool, len(selection.invited), 1)
         return InviteSet.of(selection.invited, fleet=self.fleet.fleet, round_no=selection.round,
                             bits=invite_bits(population, self.policy.false_invites))
 
