@@ -239,6 +239,8 @@ class Coordinator:
                 self.announcer.accepted()
             if outcome.reannounce:  # updates a dead worker had taken off the broker: agents resend on a re-announcement
                 await self.announcer.announce(rnd)
+        elif await rnd.invite_newcomers(self.db, self.clock()):  # a round short of its cohort invites who checked in
+            await self.announcer.announce(rnd)
         self.announcer.status_if_due(rnd, self.source.idle())
 
     async def _take(self, event: Any) -> bool:

@@ -139,6 +139,9 @@ class Buffer:
     async def extend(self, db: StoreAccess) -> None:
         raise AssertionError("a FedBuff buffer has no deadline")
 
+    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
+        return False
+
     def invitation(self) -> None:
         return None  # every device trains whenever it can
 

@@ -14,6 +14,10 @@ The selection rule is pure (rounds/cohort.py); this is its place in the round lo
   the store in one durable transaction *before* the announcement: admission (rounds/sync.py)
   reads the set in its ledger transaction, in this process or an ingest worker's, and a restarted
   aggregator restores the state and announces the same cohort for the round it resumes.
+- **Newcomers.** A round that opened with fewer devices than its cohort (few had checked in when
+  the check-in time was up) invites the devices that come online meanwhile, at most every
+  ``TOP_UP_EVERY`` seconds, each top-up re-announced: an aggregator started before its fleet
+  trains as soon as the devices arrive. A round with its full cohort never does this.
 - **Extension.** At a deadline short of ``min_updates`` the round invites enough new devices that
   the invited ones still expected (online, no update yet) are ``over_select`` x the updates
   missing; written to the store before the re-announcement.
@@ -31,6 +35,7 @@ from fedge_contract import Presence
 from fedge_contract.cohort import InviteSet, invite_bits
 
 SETTLE = 0.5  # seconds without a device joining before a fleet smaller than the cohort is taken as complete
+TOP_UP_EVERY = 1.0  # seconds: a round short of its cohort looks for newcomers (and is re-announced) at most this often
 
 
 class Fleet(Protocol):
@@ -53,6 +58,7 @@ class Invitations:
         self._waiting: tuple[int, float] | None = None  # (round, when its check-in began)
         self._online = 0  # online devices at the last check-in call
         self._joined: float | None = None  # when a device last came online (check-in)
+        self._topped = float("-inf")  # when a short round last looked for newcomers
 
     async def selector(self, db: StoreAccess) -> CohortSelector:
         if self._selector is None:
@@ -93,6 +99,22 @@ class Invitations:
         devices = self.fleet.devices
         outstanding = sum(1 for c in selection.invited - contributed if (p := devices.get(c)) is not None and p.state == "online")
         extended = selector.extend(selection.round, candidates(devices), extension_size(self.policy, accepted, outstanding))
+        if extended is not selection:
+            await call(db, Store.invite, extended.round, sorted(extended.invited - selection.invited), selector.to_state())
+        return extended
+
+    async def top_up(self, selection: Selection, now: float, db: StoreAccess) -> Selection:
+        """A round that selected fewer devices than its cohort (few were online when it opened) invites online
+        newcomers, at most every TOP_UP_EVERY seconds (each top-up is a re-announcement)."""
+        missing = self.policy.size - len(selection.invited)
+        if missing <= 0 or now - self._topped < TOP_UP_EVERY:
+            return selection
+        self._topped = now
+        online = [c for c in candidates(self.fleet.devices) if c.online and c.client_id not in selection.invited]
+        if not online:
+            return selection
+        selector = await self.selector(db)
+        extended = selector.extend(selection.round, online, missing)
         if extended is not selection:
             await call(db, Store.invite, extended.round, sorted(extended.invited - selection.invited), selector.to_state())
         return extended

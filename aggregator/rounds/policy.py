@@ -113,6 +113,9 @@ class Round(Protocol):
     async def extend(self, db: StoreAccess) -> None:
         """``at_deadline`` extended the round: what the mode does before it is re-announced (a cohort invites more)."""
 
+    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
+        """Devices checked in (presence) while the round is open: whether it invited some (it is then re-announced)."""
+
     def invitation(self) -> InviteSet | None:
         """Who the announcement invites to train (None: every device)."""
 

@@ -151,6 +151,12 @@ class SyncRound:
         if self.selection is not None and self.invitations is not None:
             self.selection = await self.invitations.extend(self.selection, self.clients, self.accepted, db)
 
+    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
+        if self.selection is None or self.invitations is None:
+            return False
+        before, self.selection = self.selection, await self.invitations.top_up(self.selection, now, db)
+        return self.selection is not before
+
     def invitation(self) -> InviteSet | None:
         if self.selection is None or self.invitations is None:
             return None

@@ -107,3 +107,20 @@ async def test_an_extension_replaces_dropouts_with_new_devices(tmp_path: Path):
         assert len(new) == 8 and all(fleet.devices[c].state == "online" for c in new)  # 6 missing x 1.3
         assert store.invited(1) == sorted(rnd.selection.invited)
         assert rnd.metrics()["invited"] == 21.0
+
+
+async def test_a_round_short_of_its_cohort_invites_newcomers_at_most_every_second(tmp_path: Path):
+    fleet = Fleet()
+    fleet.online("d0", "d1")
+    with Store(tmp_path / "s.sqlite") as store:
+        db = InlineStore(store)
+        rnd = await policy(fleet, target=4).open(0, 0.0, db)  # a cohort of 6, two online
+        assert rnd.selection is not None and rnd.selection.invited == {"d0", "d1"}
+        fleet.online("d2", "d3")
+        fleet.offline("d9")
+        assert await rnd.invite_newcomers(db, 10.0) and rnd.selection.invited == {"d0", "d1", "d2", "d3"}
+        fleet.online("d4", "d5", "d6")
+        assert not await rnd.invite_newcomers(db, 10.5)  # within a second of the last top-up
+        assert await rnd.invite_newcomers(db, 11.0) and len(rnd.selection.invited) == 6
+        assert store.invited(1) == sorted(rnd.selection.invited)
+        assert not await rnd.invite_newcomers(db, 20.0)  # full: never again
