@@ -189,13 +189,14 @@ class Coordinator:
             await self.source.handle(event, over)
 
     async def _final_evaluations(self) -> None:
-        """Wait, at most a round's deadline, for the reports of the online devices the final announcement asked."""
+        """Wait, at most a round's deadline, for the reports of the online devices the final announcement asked
+        (a device that goes offline first, such as an agent with no held-out data exiting on the final model, is not awaited)."""
         evaluations = self.evaluations
         if evaluations is None:
             return
         version, ends = self.model.version, self.clock() + self.config.rounds.deadline
         awaited = evaluations.awaited(version, self.fleet.devices)
-        while awaited - evaluations.reported(version) and self.clock() < ends:
+        while (awaited - evaluations.reported(version)) & self.fleet.online and self.clock() < ends:
             await self._between_rounds(ends)
         await evaluations.flush(self.db)
 
