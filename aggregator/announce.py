@@ -69,17 +69,17 @@ class Announcer:
         await self.publish_status(None, RoundState.FINISHED)
         log.info("finished: model v%d after %d rounds", self.model.version, self.model.version)
 
-    async def _model_bytes(self, rnd: Round | None) -> bytes:
+    async def _model_bytes(self, rnd: Round | None) -> bytearray:
         model = self.model
         weights, version, training, fingerprint = model.weights, model.version, model.training, model.spec.fingerprint
         cohort = self._participation(rnd, version)
 
-        def encode() -> bytes:
+        def encode() -> bytearray:
             return GlobalModel(
                 fleet=self.config.fleet, model_version=version, round=rnd.number if rnd else version,
                 deadline=rnd.deadline if rnd else None, task=training, fingerprint=fingerprint,
                 tensors=encode_weights(weights, self.chain), final=rnd is None, cohort=cohort,
-            ).to_bytes()
+            ).to_buffer()  # a piece at a time: a 100 MB model packed at once stalled the loop ~150 ms
 
         payload = await asyncio.to_thread(encode)
         self.bytes_out += len(payload)

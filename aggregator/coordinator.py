@@ -112,7 +112,8 @@ class Coordinator:
             conn = await stack.enter_async_context(Connection(
                 self.config.broker,
                 self.config.mqtt_client_id,
-                subscriptions=[self.topics.all_presence, *([self.topics.all_evals] if self.evaluations else []), *source.subscriptions],
+                subscriptions=[self.topics.all_presence, *([self.topics.all_evals] if self.evaluations else []), *source.subscriptions,
+                               *self.policy.subscriptions(self.topics)],
                 persistent=True,
                 session_expiry=self.config.session_expiry,
                 on_connect=self._on_reconnect,
@@ -162,8 +163,11 @@ class Coordinator:
                 await self._announce_with_grace(rnd)
             else:
                 await self.announcer.announce(rnd)
-            await self._collect(rnd)
-            await self._close(rnd)
+            try:
+                await self._collect(rnd)
+                await self._close(rnd)
+            finally:
+                await rnd.close()
         await self.announcer.final()
         await self._final_evaluations()
         await self._answer_leftovers()
@@ -215,13 +219,15 @@ class Coordinator:
             while not rnd.complete:
                 deadline = rnd.deadline
                 if deadline is not None and deadline <= self.clock():
-                    if rnd.at_deadline(self.clock()) is DeadlineAction.CLOSE:
+                    action = await rnd.on_deadline(self.clock())
+                    if action is DeadlineAction.CLOSE:
                         log.info("round %d: deadline with %d/%d updates, closing", rnd.number, rnd.accepted, rnd.target)
                         return
-                    log.warning("round %d: deadline with %d < min %d updates, extended", rnd.number, rnd.accepted, rnd.min_updates)
-                    await rnd.extend(self.db)  # a cohort invites more devices (stored before it is announced)
-                    await call(self.db, Store.extend_round, rnd.number, rnd.deadline)
-                    await self.announcer.announce(rnd)
+                    if action is DeadlineAction.EXTEND:
+                        log.warning("round %d: deadline with %d < min %d updates, extended", rnd.number, rnd.accepted, rnd.min_updates)
+                        await rnd.extend(self.db)  # a cohort invites more devices (stored before it is announced)
+                        await call(self.db, Store.extend_round, rnd.number, rnd.deadline)
+                        await self.announcer.announce(rnd)
                     continue
                 try:
                     async with asyncio.timeout(None if deadline is None else deadline - self.clock()):
@@ -233,16 +239,26 @@ class Coordinator:
             self._collecting = None
 
     async def _handle(self, event: Any, rnd: Round) -> None:
-        if not await self._take(event):
+        if await self._take(event):
+            if await rnd.invite_newcomers(self.db, self.clock()):  # a round short of its cohort invites who checked in
+                await self.announcer.announce(rnd)
+        elif isinstance(event, aiomqtt.Message) and rnd.owns(str(event.topic)):
+            await self._round_message(event, rnd)
+        else:
             outcome = await self.source.handle(event, rnd)
             for accepted in outcome.accepted:
                 rnd.record(accepted)
                 self.announcer.accepted()
             if outcome.reannounce:  # updates a dead worker had taken off the broker: agents resend on a re-announcement
                 await self.announcer.announce(rnd)
-        elif await rnd.invite_newcomers(self.db, self.clock()):  # a round short of its cohort invites who checked in
-            await self.announcer.announce(rnd)
         self.announcer.status_if_due(rnd, self.source.idle())
+
+    async def _round_message(self, message: aiomqtt.Message, rnd: Round) -> None:
+        """A message of the round's own protocol (secure aggregation's phases); each refusal is answered with a receipt."""
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        for receipt in await rnd.on_message(str(message.topic), payload, self.clock()):
+            self._count_receipt(receipt.status, receipt.reason, len(payload))
+            self.conn.publish_soon(self.topics.receipt(receipt.client_id), receipt.to_bytes())
 
     async def _take(self, event: Any) -> bool:
         """Take ``event`` if it is the coordinator's own, whatever the source: a device's presence (the fleet
@@ -274,9 +290,11 @@ class Coordinator:
         await self.conn.flush()  # receipts and throttled statuses go out before the round's state changes
         await self.announcer.publish_status(rnd, RoundState.AGGREGATING)
         started = self.clock()
-        total = await self.source.gather(rnd, self._on_message)
-        if rnd.accepted != self.source.counted():
-            raise LedgerMismatch(f"round {rnd.number}: {rnd.accepted} updates reported accepted, {self.source.counted()} folded")
+        total = rnd.own_sum()
+        if total is None:  # updates were folded by the ingest (this process or its workers): check them against the ledger
+            total = await self.source.gather(rnd, self._on_message)
+            if rnd.accepted != self.source.counted():
+                raise LedgerMismatch(f"round {rnd.number}: {rnd.accepted} updates reported accepted, {self.source.counted()} folded")
         weights = await self.model.step(await asyncio.to_thread(total.mean))
         version = self.model.version + 1
         metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": total.total_weight}
@@ -315,6 +333,7 @@ class Coordinator:
         if self.conn.connections > 1 and rnd is not None:
             log.info("reconnected: re-announcing round %d", rnd.number)
             await self._announce_with_grace(rnd)
+            await rnd.on_reconnect()
 
     async def _announce_with_grace(self, rnd: Round) -> None:
         """Announce ``rnd`` and keep it open ``resend_grace`` s after the announcement is out (the deadline it

@@ -14,7 +14,8 @@
     data/                   the broker's persistence
 
 Devices are accounts whose username is their client id; the ACL's ``%u`` patterns then confine
-each one to its own topics. An account authenticates with a password (random, shown once, stored
+each one to its own topics (its updates, presence and receipts, and in secure-aggregation rounds its
+own protocol messages, key list and bundle). An account authenticates with a password (random, shown once, stored
 only hashed) or a client certificate from the fleet's CA (its common name is the client id, which
 Mosquitto's ``use_identity_as_username`` makes the username). ``auth`` chooses the listeners:
 

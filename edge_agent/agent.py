@@ -47,6 +47,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.participation import EvalOutcome, Evaluations
 from edge_agent.participation import plan as participation_plan
 from edge_agent.residuals import Residuals
+from edge_agent.secure_rounds import is_secure, secure_aggregation
 from edge_agent.seeds import training_seed
 from edge_agent.settle import Settlement
 from edge_agent.state import AgentState
@@ -137,6 +138,9 @@ class Agent:
         # On the final model: the outbox settled (receipts, else dropped and counted) and its evaluation reported, if asked.
         self._final_settled = asyncio.Event()
         self._final_evaluated = asyncio.Event()
+        # Secure rounds (issue 17): the delta goes to a protocol session instead of the outbox.
+        self._secure = secure_aggregation(fleet=config.fleet, client_id=config.client_id, state_dir=config.state_dir,
+                                          max_message_bytes=config.max_message_bytes, seed=config.seed, on_change=self._presence_if_connected)
 
     def stop(self) -> None:
         self._stop.set()
@@ -153,7 +157,7 @@ class Agent:
         async with Connection(
             self.config.broker,
             f"fedge-agent-{self.config.client_id}",
-            subscriptions=[self.topics.global_model, self.topics.receipt(self.config.client_id)],
+            subscriptions=[self.topics.global_model, self.topics.receipt(self.config.client_id), *self._secure.subscriptions()],
             persistent=True,
             will=aiomqtt.Will(self.topics.presence(self.config.client_id), offline.to_bytes(), qos=QOS, retain=True),
             on_connect=self._on_connect,
@@ -162,6 +166,7 @@ class Agent:
             session_expiry=self.config.session_expiry,
         ) as conn:
             self._conn = conn
+            self._secure.attach(conn, self._spec)
             limits = ChunkLimits(max_size=self.config.max_model_bytes, max_concurrent=1, timeout=self.config.chunk_timeout)
             self._fetch = ChunkReceiver(conn, self.topics, limits, bad_chunk="skip")
             async with asyncio.TaskGroup() as group:
@@ -207,7 +212,7 @@ class Agent:
 
     def _device(self) -> dict[str, Any]:
         device = getattr(self.gate, "device", None)
-        return dict(device()) if callable(device) else {}
+        return {**(dict(device()) if callable(device) else {}), **self._secure.presence_fields()}
 
     # ------------------------------------------------------------------ connection
     async def _on_connect(self) -> None:
@@ -242,6 +247,8 @@ class Agent:
             elif self._fetch.owns(topic):
                 for outcome in await self._fetch.handle(topic, payload):
                     await self._on_fetched(outcome)
+            elif self._secure.owns(topic):
+                await self._secure.on_message(topic, payload)
             else:
                 await self._on_receipt(payload)
 
@@ -291,6 +298,7 @@ class Agent:
         if self.stats.last_error:
             self.stats.last_error = ""
             await self._publish_presence()
+        await self._secure.on_announcement(model)
         await self._settlement.round_over(model.round - (staleness_window(model) or 0))
         self._settlement.on_model(final=model.final)
         if model.final:
@@ -408,6 +416,14 @@ class Agent:
                     self._new_model.set()  # interrupted by the device's conditions: try again when eligible
                 continue
             await self._emulate_slow_device(local.result.seconds)
+            if is_secure(model):  # a secure round: the delta goes to the protocol session, never out in the clear
+                await self._secure.submit(model, local.delta, local.result.num_samples)
+                await self._on_disk(self._mark_trained, model)
+                log.info("%s: trained secure round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round,
+                         model.model_version, local.result.num_samples, local.result.loss,
+                         extra={"client": self.config.client_id, "round": model.round})
+                self.stats.trained_versions.append(model.model_version)
+                continue
             update, payload, residual = await loop.run_in_executor(self._executor, self._encode_update, model, local)
             await self._on_disk(self._persist_update, model, update, payload, residual)
             log.info("%s: trained round %d on v%d (%d samples, loss %.4f)", self.config.client_id, model.round, model.model_version,
@@ -505,6 +521,10 @@ class Agent:
         self._outbox.put(update_id=update.update_id, round_no=update.round, base_version=update.base_version, payload=payload)
         if residual is not None:  # after the outbox: a crash in between re-adds, never loses, what was left out
             self._residuals.save(self._spec, residual)
+        self._mark_trained(model)
+
+    def _mark_trained(self, model: GlobalModel) -> None:
+        """Disk thread: this version is trained on (its delta is queued, in the outbox or the secure input)."""
         self._state.trained_version = model.model_version
         self._state.fingerprint = model.fingerprint
         self._state.save(self._state_path)

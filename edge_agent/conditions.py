@@ -75,7 +75,7 @@ class PolicyGate:
         self._reasons: tuple[str, ...] = ("not measured yet",)
         self._snapshot: DeviceSnapshot | None = None
         self._eligible = asyncio.Event()
-        self._waiters: list[asyncio.Future[None]] = []
+        self._changed = asyncio.Event()  # eligibility flipped (or a reading started/stopped failing) since wait_change last returned
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -125,10 +125,7 @@ class PolicyGate:
         if bool(was) != bool(reasons):
             log.info("device %s", "eligible" if not reasons else "not eligible: " + "; ".join(reasons))
         if bool(was) != bool(reasons) or notify:
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._changed.set()
 
     def eligible(self) -> bool:
         return not self._reasons
@@ -144,7 +141,11 @@ class PolicyGate:
         return self._snapshot.as_dict() if self._snapshot is not None else {}
 
     async def wait_change(self) -> None:
-        """Return after the next flip between eligible and not eligible, or a change in which readings fail."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
+        """Return once eligibility flipped, or the readings that fail changed, since the last return.
+
+        Changes in between coalesce and none is missed: the caller reads the state when this returns.
+        A flip while the caller was busy (publishing the previous one) used to be lost, and a device
+        replugged meanwhile stayed "not eligible" in its presence (seen under load in test_gating).
+        """
+        await self._changed.wait()
+        self._changed.clear()

@@ -1,4 +1,4 @@
-"""Small asyncio helpers both programs need: racing two awaitables, clean shutdown.
+"""Small asyncio helpers both programs need: racing two awaitables, clean shutdown, metered work on a thread.
 
 ``race(first, second)`` is "wait for whichever comes first, cancel the other": a publish against
 the connection dropping, a queue against a control channel, a main task against a signal. Written
@@ -10,14 +10,16 @@ cancelled; ``race`` does each of these once, right.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 U = TypeVar("U")
+R = TypeVar("R")
 
-__all__ = ["First", "Second", "cancel_and_wait", "race"]
+__all__ = ["First", "Second", "ThreadMeter", "cancel_and_wait", "race"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,3 +129,20 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, recancel_afte
         pending = still
     if interrupted:
         raise asyncio.CancelledError
+
+
+class ThreadMeter:
+    """Runs CPU-bound calls (secure aggregation's crypto) on a worker thread, so the event loop keeps
+    serving the connection, and adds up their CPU time (``time.thread_time``) in ``seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    async def run(self, function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        def timed() -> R:
+            start = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.thread_time() - start
+        return await asyncio.to_thread(timed)

@@ -65,7 +65,7 @@ class Busy(ContractError):
     """The reassembler holds as many messages (or bytes) as its limits allow: try again later."""
 
 
-def digest_of(algorithm: str, *parts: bytes) -> bytes:
+def digest_of(algorithm: str, *parts: bytes | bytearray | memoryview) -> bytes:
     hasher = HASHES[algorithm]()
     for part in parts:
         hasher.update(part)
@@ -77,6 +77,14 @@ def split(payload: bytes, chunk_size: int) -> list[bytes]:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return [payload[i : i + chunk_size] for i in range(0, len(payload), chunk_size)]
+
+
+def _views(payload: bytes | bytearray, chunk_size: int) -> list[memoryview]:
+    """``split``'s pieces as views (hashing them copies nothing)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    view = memoryview(payload)
+    return [view[i : i + chunk_size] for i in range(0, len(view), chunk_size)]
 
 
 def _topic_level(reader: _Reader, key: str) -> str:
@@ -112,7 +120,7 @@ class Manifest:
     update_id: str | None = None  # kind update
 
     @classmethod
-    def of(cls, payload: bytes, *, fleet: str, kind: str, chunk_size: int, hash: str = "sha256", model_version: int | None = None,
+    def of(cls, payload: bytes | bytearray, *, fleet: str, kind: str, chunk_size: int, hash: str = "sha256", model_version: int | None = None,
            client_id: str | None = None, update_id: str | None = None) -> Manifest:
         """The manifest of ``payload`` cut into ``chunk_size`` pieces (see ``split``)."""
         if kind not in KINDS or not payload:
@@ -121,7 +129,7 @@ class Manifest:
             raise ValueError("a global, keyframe or delta manifest names its model_version, an update manifest its client_id and update_id")
         return cls(
             fleet=fleet, kind=kind, size=len(payload), chunk_size=chunk_size, hash=hash,
-            chunks=tuple(digest_of(hash, piece) for piece in split(payload, chunk_size)), digest=digest_of(hash, payload),
+            chunks=tuple(digest_of(hash, piece) for piece in _views(payload, chunk_size)), digest=digest_of(hash, payload),
             model_version=model_version, client_id=client_id, update_id=update_id,
         )
 

@@ -20,6 +20,7 @@ import msgpack
 from fedge_contract.codecs import EncodedTensor, check_shape
 from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
+from fedge_contract.packing import Piece, assemble, pieces
 from fedge_contract.tensors import WIRE_DTYPES
 
 SCHEMA_VERSION = 1
@@ -187,26 +188,31 @@ class GlobalModel:
     cohort: Participation | None = None
 
     def to_bytes(self) -> bytes:
+        packed: bytes = msgpack.packb(self._wire(), use_bin_type=True)
+        return packed
+
+    def to_buffer(self) -> bytearray:
+        """``to_bytes()``'s bytes, assembled a piece at a time (fedge_contract.packing): for a large model
+        packed by a thread beside an event loop, which a single copy of the whole would stall."""
+        return assemble(pieces(self._wire()))
+
+    def _wire(self) -> dict[str, Any]:
         held = {} if self.held_hash is None else {"held_hash": self.held_hash}
         cohort = {} if self.cohort is None else {"cohort": self.cohort.to_wire()}
-        packed: bytes = msgpack.packb(
-            {
-                "schema": SCHEMA_VERSION,
-                "type": self.TYPE,
-                "fleet": self.fleet,
-                "final": self.final,
-                "model_version": self.model_version,
-                "round": self.round,
-                "deadline": self.deadline,
-                "task": self.task.to_wire(),
-                "fingerprint": self.fingerprint,
-                **held,
-                **cohort,
-                "tensors": [t.to_wire() for t in self.tensors],
-            },
-            use_bin_type=True,
-        )
-        return packed
+        return {
+            "schema": SCHEMA_VERSION,
+            "type": self.TYPE,
+            "fleet": self.fleet,
+            "final": self.final,
+            "model_version": self.model_version,
+            "round": self.round,
+            "deadline": self.deadline,
+            "task": self.task.to_wire(),
+            "fingerprint": self.fingerprint,
+            **held,
+            **cohort,
+            "tensors": [t.to_wire() for t in self.tensors],
+        }
 
     @classmethod
     def from_bytes(cls, payload: bytes, *, max_bytes: int, fleet: str | None = None) -> GlobalModel:
@@ -476,10 +482,21 @@ class RoundStatus:
 
 def pack_weights(weights: Mapping[str, Any]) -> bytes:
     """Raw float32 tensors as a msgpack list: the checkpoint format (never pickle)."""
-    from fedge_contract.codecs import encode_weights, parse_chain
+    return b"".join(weight_pieces(weights))
 
-    packed: bytes = msgpack.packb([t.to_wire() for t in encode_weights(weights, parse_chain("none"))], use_bin_type=True)
-    return packed
+
+def weight_pieces(weights: Mapping[str, Any]) -> list[Piece]:
+    """``pack_weights``'s bytes as pieces (fedge_contract.packing): a writer that streams (the store's
+    incremental blob I/O) takes them without one copy of the whole model, the tensors' own memory
+    included (the codec ``none``'s bytes are the little-endian float32 array as it is)."""
+    import numpy as np
+
+    wire = []
+    for name, array in weights.items():
+        values = np.ascontiguousarray(array, dtype="<f4")
+        data = values.reshape(-1).data.cast("B")
+        wire.append({"name": name, "dtype": "f32", "shape": [int(d) for d in values.shape], "codec": "none", "data": data})
+    return pieces(wire)
 
 
 def unpack_weights(blob: bytes) -> dict[str, Any]:

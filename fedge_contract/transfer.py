@@ -53,16 +53,18 @@ def chunk_base(topics: Topics, manifest: Manifest) -> str:
     return topics.update_chunks(manifest.client_id, manifest.update_id)
 
 
-async def send_chunked(conn: Connection, topics: Topics, manifest: Manifest, payload: bytes, *, topic: str, retain: bool) -> None:
+async def send_chunked(conn: Connection, topics: Topics, manifest: Manifest, payload: bytes | bytearray, *, topic: str,
+                       retain: bool) -> None:
     """Publish ``payload``'s chunks (retained), then ``manifest`` on ``topic``.
 
     Chunks are cut one at a time, so the sender holds the payload plus one chunk. Republishing
     the same message is idempotent: the same bytes land on the same retained topics.
     """
     base = chunk_base(topics, manifest)
+    view = memoryview(payload)
     for index in range(manifest.count):
         start = index * manifest.chunk_size
-        await conn.publish(f"{base}/{index}", payload[start : start + manifest.chunk_size], retain=True)
+        await conn.publish(f"{base}/{index}", bytes(view[start : start + manifest.chunk_size]), retain=True)
     await conn.publish(topic, manifest.to_bytes(), retain=retain)
 
 

@@ -121,7 +121,7 @@ class ChunkedUpdates:
         return self.receiver
 
 
-async def publish_global(conn: Connection, topics: Topics, version: int, payload: bytes, max_message_bytes: int) -> None:
+async def publish_global(conn: Connection, topics: Topics, version: int, payload: bytes | bytearray, max_message_bytes: int) -> None:
     """Publish the global model (retained): whole up to ``max_message_bytes``, else in chunks.
 
     After a chunked version is out, the previous version's chunks are cleared. The previous set is
@@ -130,7 +130,7 @@ async def publish_global(conn: Connection, topics: Topics, version: int, payload
     hold nothing costs one small publish each.
     """
     if len(payload) <= max_message_bytes:
-        await conn.publish(topics.global_model, payload, retain=True)
+        await conn.publish(topics.global_model, bytes(payload), retain=True)
         return
     # hashing every chunk and the whole of a large model takes long: off the event loop
     manifest = await asyncio.to_thread(Manifest.of, payload, fleet=topics.fleet, kind="global", chunk_size=max_message_bytes,

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.errors import Rejection
-from aggregator.rounds.policy import Accepted, Admission, DeadlineAction
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain
 from aggregator.store import Store, StoreAccess, call
-from fedge_contract import ReceiptStatus, Update
+from fedge_contract import ReceiptStatus, Topics, Update
 
 StalenessFn = Callable[[int], float]
 
@@ -64,7 +64,7 @@ class BufferPlan:
 
 
 @dataclass
-class Buffer:
+class Buffer(Plain):
     """The open buffer on top of version ``base_version``; it produces version ``number``."""
 
     base_version: int
@@ -130,20 +130,11 @@ class Buffer:
         self.staleness_sum += s
         self.staleness_max = max(self.staleness_max, s)
 
-    def at_deadline(self, now: float) -> DeadlineAction:
+    async def on_deadline(self, now: float) -> DeadlineAction:
         raise AssertionError("a FedBuff buffer has no deadline")
 
     def extend_to(self, until: float) -> None:
         """A buffer has no deadline: it waits for its updates however long they take."""
-
-    async def extend(self, db: StoreAccess) -> None:
-        raise AssertionError("a FedBuff buffer has no deadline")
-
-    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
-        return False
-
-    def invitation(self) -> None:
-        return None  # every device trains whenever it can
 
     def metrics(self) -> dict[str, float]:
         return {"staleness_mean": self.staleness_sum / max(self.accepted, 1), "staleness_max": float(self.staleness_max)}
@@ -204,6 +195,9 @@ class BufferedPolicy:
 
     def sampling(self) -> None:
         return None
+
+    def subscriptions(self, topics: Topics) -> list[str]:
+        return []
 
     async def open(self, version: int, now: float, db: StoreAccess) -> Buffer:
         last = self._last

@@ -6,6 +6,10 @@ The coordinator (aggregator/coordinator.py) runs every mode with one loop::
     rnd = await policy.open(version, now, db)     # what the store knows that the mode needs
     announce(rnd); collect until rnd.complete or its deadline says close (or extend); close(rnd)
 
+A round may speak a protocol of its own beside updates (secure aggregation's phases: ``owns``,
+``on_message``, ``on_deadline`` that returns CONTINUE, ``own_sum``); rounds without one inherit
+``Plain``'s answers.
+
 A mode is a ``RoundPolicy`` (a factory of rounds and what it announces) and its ``Round``s
 (the state of one open round, its admission rules, its deadline). Each mode keeps all its rules
 in its own module: synchronous rounds in ``rounds/sync.py``, the FedBuff buffer in
@@ -20,16 +24,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fedge_contract import Update
+from fedge_contract import Receipt, Topics, Update
 
 if TYPE_CHECKING:
+    from aggregator.aggregation.defence import Collector
     from aggregator.store import Store, StoreAccess
     from fedge_contract.cohort import InviteSet
 
 
 class DeadlineAction(enum.Enum):
-    CLOSE = "close"
-    EXTEND = "extend"
+    CLOSE = "close"  # close the round now
+    EXTEND = "extend"  # the deadline moved: announce the round again
+    CONTINUE = "continue"  # the round handled its own timer (a phase of its protocol): keep collecting
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class Round(Protocol):
 
     @property
     def deadline(self) -> float | None:
-        """Unix seconds at which ``at_deadline`` decides; None: no deadline (the round waits for its target)."""
+        """Unix seconds at which ``on_deadline`` decides; None: no deadline (the round waits for its target)."""
 
     @property
     def complete(self) -> bool:
@@ -104,14 +110,14 @@ class Round(Protocol):
     def record(self, accepted: Accepted) -> None:
         """Count an admitted update."""
 
-    def at_deadline(self, now: float) -> DeadlineAction:
-        """The deadline passed: close, or extend (which moves ``deadline``)."""
+    async def on_deadline(self, now: float) -> DeadlineAction:
+        """The deadline passed: close, extend (which moves ``deadline``), or continue (a phase of the round's protocol ended)."""
 
     def extend_to(self, until: float) -> None:
         """Stay open at least until ``until`` (a grace for devices coming back after a restart or reconnect)."""
 
     async def extend(self, db: StoreAccess) -> None:
-        """``at_deadline`` extended the round: what the mode does before it is re-announced (a cohort invites more)."""
+        """``on_deadline`` extended the round: what the mode does before it is re-announced (a cohort invites more)."""
 
     async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
         """Devices checked in (presence) while the round is open: whether it invited some (it is then re-announced)."""
@@ -122,12 +128,59 @@ class Round(Protocol):
     def metrics(self) -> dict[str, float]:
         """Mode-specific figures stored with the closed round."""
 
+    # A round may speak a protocol of its own beside updates (secure aggregation's phases):
+    def owns(self, topic: str) -> bool:
+        """Whether a message on ``topic`` is the round's own (its protocol's), not an update for the ingest."""
+
+    async def on_message(self, topic: str, payload: bytes, now: float) -> list[Receipt]:
+        """One message the round ``owns``; the receipts that refuse it (none: taken)."""
+
+    def own_sum(self) -> Collector | None:
+        """The round's sum when the round computed it itself (secure aggregation); None: the ingest source's."""
+
+    async def on_reconnect(self) -> None:
+        """The connection came back (the broker may have lost retained messages): publish the round's own again."""
+
+    async def close(self) -> None:
+        """The round is over, or the aggregator stops: release what the round holds."""
+
+
+class Plain:
+    """What a round without a protocol of its own (sync rounds, the FedBuff buffer) answers to the hooks above."""
+
+    def owns(self, topic: str) -> bool:
+        return False
+
+    async def on_message(self, topic: str, payload: bytes, now: float) -> list[Receipt]:
+        raise AssertionError(f"{type(self).__name__} owns no topic, not {topic!r}")
+
+    def own_sum(self) -> Collector | None:
+        return None
+
+    async def on_reconnect(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def extend(self, db: StoreAccess) -> None:
+        return None
+
+    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
+        return False
+
+    def invitation(self) -> InviteSet | None:
+        return None  # every device is invited
+
 
 class RoundPolicy(Protocol):
     """A round mode: the rounds it opens and what it adds to the announcement."""
 
     @property
     def mode(self) -> str: ...
+
+    def subscriptions(self, topics: Topics) -> list[str]:
+        """Topics the rounds' own protocol needs beside updates and presence (none for most modes)."""
 
     def task_extra(self) -> Mapping[str, Any]:
         """Fields the GlobalModel's task carries for agents (async: mode and max_staleness)."""

@@ -20,9 +20,9 @@ from typing import Any
 from aggregator.errors import Rejection
 from aggregator.rounds.cohort import Selection
 from aggregator.rounds.invitations import Invitations
-from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Sampling
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain, Sampling
 from aggregator.store import Standing, Store, StoreAccess
-from fedge_contract import ReceiptStatus, Update
+from fedge_contract import ReceiptStatus, Topics, Update
 from fedge_contract.cohort import InviteSet
 from fedge_contract.errors import Reason
 
@@ -96,7 +96,7 @@ class LedgerAdmission:
 
 
 @dataclass
-class SyncRound:
+class SyncRound(Plain):
     """One open synchronous round: who contributed, its deadline, and whom it invited (with a cohort)."""
 
     number: int
@@ -143,6 +143,9 @@ class SyncRound:
         self.extensions += 1
         return DeadlineAction.EXTEND
 
+    async def on_deadline(self, now: float) -> DeadlineAction:
+        return self.at_deadline(now)
+
     def extend_to(self, until: float) -> None:
         self.deadline = max(self.deadline, until)
 
@@ -186,6 +189,9 @@ class SyncPolicy:
 
     def task_extra(self) -> Mapping[str, Any]:
         return {}
+
+    def subscriptions(self, topics: Topics) -> list[str]:
+        return []
 
     async def check_in(self, version: int, now: float, db: StoreAccess) -> float | None:
         if self.invitations is None:

@@ -232,3 +232,20 @@ def test_client_certificate_from_the_file_the_environment_or_flags(tmp_path):
     assert (broker.ca_file, broker.cert_file, broker.key_file) == ("/etc/fedge/ca.crt", "/etc/fedge/pi-7.crt", "/etc/fedge/pi-7.key")
     broker = settings.load({"key_file": "/flag.key"}, config_file=config, environ={"FEDGE_CERT_FILE": "/env.crt"}).agent.broker
     assert (broker.cert_file, broker.key_file) == ("/env.crt", "/flag.key")
+
+
+async def test_flips_while_nobody_waits_are_not_lost(tmp_path):
+    """The agent publishes its presence after each flip; a flip back that happens while it publishes must
+    still wake it, or its presence keeps saying "not eligible" although the device is plugged in again."""
+    root = battery_device(tmp_path, "Charging", 60, mains_online=True, temp_mc=35000)
+    probe = DeviceProbe(sysfs=root, procfs=root, termux=False, psutil_battery=False)
+    policy = Policy(require_charging=True, max_cpu_load=None, max_temperature_c=70.0)
+    async with asyncio.timeout(30), PolicyGate(policy, probe, sample_seconds=3600) as gate:
+        assert await gate.refresh() is True
+        battery_device(tmp_path, "Discharging", 60, mains_online=False, temp_mc=35000)
+        assert await gate.refresh() is False  # unplugged: nobody is waiting yet
+        await gate.wait_change()  # the flip is not lost
+        battery_device(tmp_path, "Charging", 60, mains_online=True, temp_mc=35000)
+        assert await gate.refresh() is True  # replugged while the agent would be publishing
+        await gate.wait_change()  # returns at once: the second flip is not lost either
+        assert gate.eligible()

@@ -193,6 +193,7 @@ def test_provisioned_folder_is_complete_and_keys_are_private(tmp_path):
     acl = (folder.path / "acl").read_text()
     assert "pattern write fl/f1/updates/%u" in acl and "pattern read fl/f1/receipts/%u" in acl
     assert "pattern write fl/f1/updates/%u/#" in acl and "pattern read fl/f1/global/#" in acl  # chunked messages
+    assert "pattern write fl/f1/secagg/up/+/%u" in acl and "pattern read fl/f1/secagg/down/+/%u" in acl  # secure aggregation
     assert "pattern write fl/f1/evals/%u" in acl  # federated evaluation reports
     folder.remove_account("dev-1")
     assert folder.accounts() == [AGGREGATOR_USER]

@@ -552,3 +552,22 @@ json_values = st.recursive(
 @given(st.sampled_from(list(receipt_doc())), json_values)
 def test_fuzz_one_receipt_field(field: str, value: Any) -> None:
     _decodes_or_decode_error(Receipt.from_bytes, js(receipt_doc(**{field: value})))
+
+
+def test_pieces_and_buffers_hold_the_same_bytes_as_packb() -> None:
+    """fedge_contract.packing: a large message assembled a piece at a time is byte for byte msgpack's own."""
+    import msgpack
+
+    from fedge_contract.codecs import encode_weights, parse_chain
+    from fedge_contract.messages import pack_weights, unpack_weights, weight_pieces
+    from fedge_contract.packing import STEP, steps
+
+    rng = np.random.default_rng(0)
+    weights = {"big": rng.standard_normal((1500, 1000)).astype(np.float32), "small": np.ones(5, np.float32),
+               "wide": np.arange(6, dtype=np.float64).reshape(2, 3)}
+    expected = msgpack.packb([t.to_wire() for t in encode_weights(weights, parse_chain("none"))], use_bin_type=True)
+    assert pack_weights(weights) == expected == b"".join(weight_pieces(weights))
+    assert all(len(step) <= STEP for step in steps(weight_pieces(weights)))
+    assert all(np.array_equal(unpack_weights(expected)[k], np.asarray(v, np.float32)) for k, v in weights.items())
+    model = GlobalModel("f", 3, 4, None, TaskConfig(), "fp", encode_weights(weights, parse_chain("none")))
+    assert bytes(model.to_buffer()) == model.to_bytes()

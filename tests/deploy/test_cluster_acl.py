@@ -4,7 +4,8 @@ The expected rules are derived from production.acl (rendered as `fedge broker in
 for fleet "default"), so the EMQX and Mosquitto ACLs cannot drift apart. Then both are evaluated
 on probe requests, first-match for EMQX and allow-list for Mosquitto, against decisions written
 by hand from DESIGN.md: a device writes only its own updates (and their chunks) and presence,
-reads the global model (and its chunks), the status and its own receipts.
+reads the global model (and its chunks), the status and its own receipts; in secure-aggregation rounds it
+writes only its own protocol messages and reads only the broadcasts and its own key list and bundle.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from broker.provision import AGGREGATOR_USER
+from fedge_contract.secagg import KeyAdvert, MaskedInput, Reveal, Shares
+from fedge_contract.secagg.topics import SecAggTopics
 from fedge_contract.topics import Topics
 
 ACL_CONF = Path(__file__).resolve().parents[2] / "deploy" / "cluster" / "emqx" / "acl.conf"
@@ -250,6 +253,42 @@ def probes() -> list[Probe]:
         Probe(AGGREGATOR_USER, "publish", t.status, True),
         Probe(AGGREGATOR_USER, "subscribe", other.all_updates, False),
         Probe(AGGREGATOR_USER, "publish", other.global_model, False),
+    ]
+    return device + aggregator + secagg_probes()
+
+
+def secagg_probes() -> list[Probe]:
+    """Secure aggregation: a device writes only its own protocol messages and reads only its own key list and bundle."""
+    s, me, you = SecAggTopics(FLEET), "pi-7", "pi-8"
+    device = [Probe(me, "publish", s.device(kind, me), True) for kind in (KeyAdvert, Shares, MaskedInput, Reveal)]
+    device += [Probe(me, "publish", s.device(kind, you), False) for kind in (KeyAdvert, Shares, MaskedInput, Reveal)]
+    device += [
+        Probe(me, "publish", f"{s.masked_chunks(me, 's1')}/0", True),  # a large masked input's chunks
+        Probe(me, "publish", f"{s.masked_chunks(you, 's1')}/0", False),
+        Probe(me, "subscribe", s.setup, True),
+        Probe(me, "subscribe", s.unmask, True),
+        Probe(me, "subscribe", s.keys(me), True),
+        Probe(me, "subscribe", s.bundle(me), True),
+        Probe(me, "subscribe", s.keys(you), False),  # another device's neighbours' keys
+        Probe(me, "subscribe", s.bundle(you), False),  # the sealed shares addressed to another device
+        Probe(me, "subscribe", f"{s.prefix}/down/+/+", False),
+        Probe(me, "subscribe", f"{s.prefix}/down/#", False),
+        Probe(me, "subscribe", s.device(Shares, you), False),
+        Probe(me, "subscribe", s.all_from_devices, False),
+        Probe(me, "subscribe", f"{s.masked_chunks(you, 's1')}/+", False),
+        Probe(me, "publish", s.setup, False),
+        Probe(me, "publish", s.unmask, False),
+        Probe(me, "publish", s.keys(me), False),
+        Probe(me, "publish", s.bundle(you), False),
+    ]
+    aggregator = [
+        Probe(AGGREGATOR_USER, "subscribe", s.all_from_devices, True),
+        Probe(AGGREGATOR_USER, "subscribe", f"{s.masked_chunks(me, 's1')}/+", True),
+        Probe(AGGREGATOR_USER, "publish", f"{s.masked_chunks(me, 's1')}/0", True),  # clears a reassembled input's chunks
+        Probe(AGGREGATOR_USER, "publish", s.setup, True),
+        Probe(AGGREGATOR_USER, "publish", s.keys(me), True),
+        Probe(AGGREGATOR_USER, "publish", s.bundle(me), True),
+        Probe(AGGREGATOR_USER, "publish", s.unmask, True),
     ]
     return device + aggregator
 
