@@ -1,5 +1,9 @@
 """What the aggregator tells the fleet: the retained GlobalModel of each round and its RoundStatus.
 
+A GlobalModel carries the round's cohort (``Round.invitation()``: who is invited to train) and the
+eval threshold of its version (``ask_eval``), in its ``cohort`` field; without either, its bytes are
+what they were before cohorts.
+
 The GlobalModel is encoded off the loop (a large model costs a whole copy, and its codec more)
 and published whole, or in chunks above ``max_message_bytes`` (ingest/chunked.py). RoundStatus
 is published when a round changes state and, while updates are accepted, at most once per burst
@@ -21,22 +25,26 @@ from aggregator.observability.metrics import AggregatorMetrics
 from aggregator.rounds.policy import Round
 from fedge_contract import GlobalModel, RoundState, RoundStatus, Topics
 from fedge_contract.codecs import encode_weights, parse_chain
+from fedge_contract.cohort import Participation
 from fedge_contract.mqtt import Connection
 
 log = logging.getLogger("fedge.aggregator")
+
+AskEval = Callable[[int, bool], int | None]  # (version, final) -> the eval threshold its announcement carries, or None
 
 STATUS_INTERVAL = 0.5  # seconds: RoundStatus at most this stale while updates keep coming
 
 
 class Announcer:
     def __init__(self, config: AggregatorConfig, model: ModelState, conn: Connection, metrics: AggregatorMetrics,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], ask_eval: AskEval = lambda version, final: None) -> None:
         self.config = config
         self.topics = Topics(config.fleet)
         self.model = model
         self.conn = conn
         self.metrics = metrics
         self.clock = clock
+        self.ask_eval = ask_eval  # the eval threshold an announcement of a version carries (observability/evaluations.py)
         self.chain = parse_chain(config.global_codec)
         self.status: RoundStatus | None = None  # the last status published (the dashboard's)
         self.last_metrics: Mapping[str, float] = {}  # the newest model's, in every status
@@ -64,17 +72,25 @@ class Announcer:
     async def _model_bytes(self, rnd: Round | None) -> bytearray:
         model = self.model
         weights, version, training, fingerprint = model.weights, model.version, model.training, model.spec.fingerprint
+        cohort = self._participation(rnd, version)
 
         def encode() -> bytearray:
             return GlobalModel(
                 fleet=self.config.fleet, model_version=version, round=rnd.number if rnd else version,
                 deadline=rnd.deadline if rnd else None, task=training, fingerprint=fingerprint,
-                tensors=encode_weights(weights, self.chain), final=rnd is None,
+                tensors=encode_weights(weights, self.chain), final=rnd is None, cohort=cohort,
             ).to_buffer()  # a piece at a time: a 100 MB model packed at once stalled the loop ~150 ms
 
         payload = await asyncio.to_thread(encode)
         self.bytes_out += len(payload)
         return payload
+
+    def _participation(self, rnd: Round | None, version: int) -> Participation | None:
+        """The announcement's ``cohort`` field: whom the round invites, whom the version asks to evaluate (None: neither)."""
+        invited = rnd.invitation() if rnd is not None else None
+        threshold = self.ask_eval(version, rnd is None)
+        self.metrics.cohort(invited.count if invited is not None else 0)
+        return None if invited is None and threshold is None else Participation(invited, threshold)
 
     def accepted(self) -> None:
         """An update was accepted: the status is due (``status_if_due``)."""

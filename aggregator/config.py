@@ -45,6 +45,7 @@ from aggregator.aggregation.privacy import PrivacyParams
 from aggregator.aggregation.robust import AGGREGATIONS
 from aggregator.aggregation.strategies import STRATEGIES, StrategyConfig
 from aggregator.rounds.buffered import BufferPlan, staleness_function
+from aggregator.rounds.cohort import CohortPolicy
 from aggregator.rounds.sync import RoundPlan
 from fedge_contract.chunks import DEFAULT_MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 from fedge_contract.codecs import parse_chain
@@ -80,9 +81,27 @@ class RoundSettings:
         "help": "seconds a resumed or re-announced round stays open at least, for devices reconnecting "
                 "(default: the longest the agents' reconnect schedule takes)"})
 
+    # Cohort selection (issue 15, rounds/cohort.py): each sync round invites ceil(target x over_select)
+    # devices; 0 turns it off (every device trains, as before cohorts).
+    over_select: float = field(default=1.3, metadata={
+        "help": "sync: invite ceil(target x this) devices per round, chosen from the eligible ones fairly over time; "
+                "0: no cohort, every device trains"})
+    seed: int = field(default=0, metadata={"flag": "--cohort-seed", "help": "seed of the cohort selection (the same seed, the same cohorts)"})
+    checkin: float = field(default=10.0, metadata={
+        "help": "with a cohort: seconds a round waits at most for enough eligible devices to check in before it selects from those present"})
+    eval_every: int = field(default=0, metadata={
+        "metavar": "N", "help": "ask devices to evaluate every N-th model version (and the final one) on their own held-out data; 0: never"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of the devices asked to evaluate (a uniform hash rule)"})
+
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 = run forever)")
+        if not (self.over_select == 0 or 1 <= self.over_select <= 100):
+            raise ValueError(f"over_select must be 0 (no cohort) or in [1, 100], got {self.over_select}")
+        if not self.checkin >= 0:
+            raise ValueError(f"checkin must be >= 0, got {self.checkin}")
+        if self.eval_every < 0 or not 0 < self.eval_fraction <= 1:
+            raise ValueError(f"need eval_every >= 0 and 0 < eval_fraction <= 1, got {self.eval_every} and {self.eval_fraction}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be sync or async, got {self.mode!r}")
         if not self.resend_grace >= 0:
@@ -97,6 +116,13 @@ class RoundSettings:
     @property
     def buffer_plan(self) -> BufferPlan:
         return BufferPlan(target=self.buffer_size, max_staleness=self.max_staleness)
+
+    @property
+    def cohort(self) -> CohortPolicy | None:
+        """The cohort selection of sync rounds (None: every device trains; async mode never selects)."""
+        if self.mode != "sync" or self.over_select == 0:
+            return None
+        return CohortPolicy(target=self.target, over_select=self.over_select, seed=self.seed)
 
     @property
     def per_round(self) -> int:

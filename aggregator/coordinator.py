@@ -7,10 +7,11 @@
      |                                     connection, or N worker processes
      +-- StoreThread   (store/)            the SQLite ledger and spool, on a thread of its own
      +-- Announcer     (announce.py)       GlobalModel and RoundStatus to the fleet
-     +-- FleetView, metrics, dashboard (observability/)
+     +-- FleetView, Evaluations, metrics, dashboard (observability/): presence, federated evaluation
 
 The loop, for every mode and every source::
 
+    policy.check_in(version)            # a cohort waits for devices to check in (events handled meanwhile)
     rnd = policy.open(version)          # a restart resumes the round the store holds
     source.open(rnd)                    # re-fold what the store spooled for it
     announce(rnd); collect(rnd)         # events until the round is complete or its deadline closes it
@@ -43,6 +44,7 @@ from aggregator.ingest.source import IngestSource, LocalIngest
 from aggregator.ingest.validation import limits_for
 from aggregator.model import GlobalModel, load_task
 from aggregator.observability.dashboard import DashboardServer, fleet_state
+from aggregator.observability.evaluations import Evaluations
 from aggregator.observability.fleet import FleetView
 from aggregator.observability.metrics import AggregatorMetrics, MetricsServer
 from aggregator.rounds import DeadlineAction, Round, RoundPolicy, make_policy
@@ -77,10 +79,13 @@ class Coordinator:
         self.config = config
         self.topics = Topics(config.fleet)
         self.clock = clock
-        self.policy = policy or make_policy(config.rounds)
         self.counters: collections.Counter[str] = collections.Counter()  # receipts by status (and reason), bytes in
         self.metrics = AggregatorMetrics()  # Prometheus; served only with monitoring.metrics_port
         self.fleet = FleetView(config.fleet, self.metrics)
+        self.policy = policy or make_policy(config.rounds, self.fleet)  # a cohort is selected from the fleet view
+        rounds = config.rounds
+        self.evaluations = Evaluations(config.fleet, rounds.eval_every, rounds.eval_fraction, self.metrics,
+                                       max_samples=config.defence.max_weight) if rounds.eval_every else None
         self.defence = Defence(config)  # norm bound, weight cap, robust rule, DP
         self.metrics_server: MetricsServer | None = None
         self.dashboard_server: DashboardServer | None = None
@@ -108,7 +113,8 @@ class Coordinator:
             conn = await stack.enter_async_context(Connection(
                 self.config.broker,
                 self.config.mqtt_client_id,
-                subscriptions=[self.topics.all_presence, *source.subscriptions, *self.policy.subscriptions(self.topics)],
+                subscriptions=[self.topics.all_presence, *([self.topics.all_evals] if self.evaluations else []), *source.subscriptions,
+                               *self.policy.subscriptions(self.topics)],
                 persistent=True,
                 session_expiry=self.config.session_expiry,
                 on_connect=self._on_reconnect,
@@ -116,7 +122,8 @@ class Coordinator:
             ))
             self.conn = conn
             self.metrics.watch_published(lambda: conn.bytes_published)
-            self._announcer = Announcer(self.config, model, conn, self.metrics, self.clock)
+            ask_eval = self.evaluations.ask if self.evaluations else (lambda version, final: None)
+            self._announcer = Announcer(self.config, model, conn, self.metrics, self.clock, ask_eval)
             source.bind(conn, self.epoch)
             self.source = await stack.enter_async_context(source)
             await self._serve()
@@ -150,6 +157,8 @@ class Coordinator:
     # ------------------------------------------------------------------ rounds
     async def _serve(self) -> None:
         while not self.model.done:
+            while (until := await self.policy.check_in(self.model.version, self.clock(), self.db)) is not None:
+                await self._between_rounds(until)  # a cohort waits for devices to check in (their presence)
             rnd = await self.policy.open(self.model.version, self.clock(), self.db)
             if await self._open(rnd):  # a restart: devices cut off meanwhile need time to come back and resend
                 await self._announce_with_grace(rnd)
@@ -161,6 +170,7 @@ class Coordinator:
             finally:
                 await rnd.close()
         await self.announcer.final()
+        await self._final_evaluations()
         await self._answer_leftovers()
         await self.source.drain()  # receipts decided since the last round closed
         await self.conn.flush()  # everything queued is out before the aggregator exits
@@ -168,11 +178,32 @@ class Coordinator:
     async def _answer_leftovers(self) -> None:
         """Answer the updates that already arrived after the last round closed (issue 19: they stayed in the
         agents' outboxes): each gets ``stale``, or ``duplicate`` if it was accepted, as in any closed round."""
-        over = SyncRound.admitting(self.model.version + 1, self.model.version, target=1)  # a round the store never opened
         while not self.source.idle():
-            event = await self.source.next_event()
-            if not self._presence(event):
-                await self.source.handle(event, over)
+            await self._between_rounds(None)
+
+    async def _between_rounds(self, until: float | None) -> None:
+        """Handle the next event (until ``until``, if one comes) while no round is open: presence and evaluations
+        as always, and an update as one for a closed round (``stale``, or ``duplicate`` if it was accepted)."""
+        try:
+            async with asyncio.timeout(None if until is None else max(0.0, until - self.clock())):
+                event = await self.source.next_event()
+        except TimeoutError:
+            return
+        if not await self._take(event):
+            over = SyncRound.admitting(self.model.version + 1, self.model.version, target=1)  # a round the store never opened
+            await self.source.handle(event, over)
+
+    async def _final_evaluations(self) -> None:
+        """Wait, at most a round's deadline, for the reports of the online devices the final announcement asked
+        (a device that goes offline first, such as an agent with no held-out data exiting on the final model, is not awaited)."""
+        evaluations = self.evaluations
+        if evaluations is None:
+            return
+        version, ends = self.model.version, self.clock() + self.config.rounds.deadline
+        awaited = evaluations.awaited(version, self.fleet.devices)
+        while (awaited - evaluations.reported(version)) & self.fleet.online and self.clock() < ends:
+            await self._between_rounds(ends)
+        await evaluations.flush(self.db)
 
     async def _open(self, rnd: Round) -> bool:
         """Record the round open and re-fold what the store spooled for it; whether it is resumed (open before a restart)."""
@@ -195,6 +226,7 @@ class Coordinator:
                         return
                     if action is DeadlineAction.EXTEND:
                         log.warning("round %d: deadline with %d < min %d updates, extended", rnd.number, rnd.accepted, rnd.min_updates)
+                        await rnd.extend(self.db)  # a cohort invites more devices (stored before it is announced)
                         await call(self.db, Store.extend_round, rnd.number, rnd.deadline)
                         await self.announcer.announce(rnd)
                     continue
@@ -208,8 +240,9 @@ class Coordinator:
             self._collecting = None
 
     async def _handle(self, event: Any, rnd: Round) -> None:
-        if self._presence(event):
-            pass
+        if await self._take(event):
+            if await rnd.invite_newcomers(self.db, self.clock()):  # a round short of its cohort invites who checked in
+                await self.announcer.announce(rnd)
         elif isinstance(event, aiomqtt.Message) and rnd.owns(str(event.topic)):
             await self._round_message(event, rnd)
         else:
@@ -228,20 +261,29 @@ class Coordinator:
             self._count_receipt(receipt.status, receipt.reason, len(payload))
             self.conn.publish_soon(self.topics.receipt(receipt.client_id), receipt.to_bytes())
 
-    def _presence(self, event: Any) -> bool:
-        """Take ``event`` if it is a device's presence (the fleet view's, whatever the source)."""
+    async def _take(self, event: Any) -> bool:
+        """Take ``event`` if it is the coordinator's own, whatever the source: a device's presence (the fleet
+        view's) or evaluation report (observability/evaluations.py)."""
         if not isinstance(event, aiomqtt.Message):
             return False
         topic = str(event.topic)
         client = self.topics.client_of(topic)
-        if client is None or topic != self.topics.presence(client):
+        payload = event.payload if isinstance(event.payload, bytes) else b""
+        if client is not None and topic == self.topics.presence(client):
+            self.fleet.on_presence(client, payload)
+            return True
+        if client is None or self.evaluations is None or topic != self.topics.evals(client):
             return False
-        self.fleet.on_presence(client, event.payload if isinstance(event.payload, bytes) else b"")
+        self.evaluations.offer(client, payload)
+        if self._announcer is not None:
+            self._announcer.last_metrics = {**self._announcer.last_metrics, **self.evaluations.latest}
+        if self.evaluations.due():
+            await self.evaluations.flush(self.db)
         return True
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
-        """A message that arrived while the source gathered a round's sum (presence; anything else is ignored)."""
-        if not self._presence(message):
+        """A message that arrived while the source gathered a round's sum (presence, evaluations; anything else is ignored)."""
+        if not await self._take(message):
             log.debug("ignored %s while closing a round", message.topic)
 
     async def _close(self, rnd: Round) -> None:
@@ -258,11 +300,13 @@ class Coordinator:
         version = self.model.version + 1
         metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": total.total_weight}
         metrics.update(rnd.metrics())
-        metrics.update(self.defence.metrics(version))
+        metrics.update(self.defence.metrics(version, self.policy.sampling()))
         metrics.update(await self.model.evaluate(weights))
         metrics["aggregate_seconds"] = self.clock() - started
         await self.model.commit(self.db, rnd.number, weights, rnd.accepted, metrics)
-        self.announcer.last_metrics = metrics
+        if self.evaluations is not None:
+            await self.evaluations.flush(self.db)  # the previous versions' federated figures, into their rounds
+        self.announcer.last_metrics = {**metrics, **(self.evaluations.latest if self.evaluations else {})}
         self.metrics.round_closed(version, metrics)
         log.info("round %d closed: v%d from %d updates %s", rnd.number, version, rnd.accepted,
                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("accuracy", "loss")),

@@ -365,6 +365,7 @@ def simulation_options(args: argparse.Namespace) -> Any:
     from fedge_tasks.base import parse_options
 
     passed = _aggregator_passthrough(args)
+    passed.setdefault("rounds.seed", args.seed)  # the run's seed draws its cohorts too, unless --cohort-seed says otherwise
     training = {key.partition(".")[2]: passed.pop(key) for key in list(passed) if key.startswith("training.")}
     strategy = passed.pop("strategy.name", "fedavg")
     global_codec = passed.pop("global_codec", "none")

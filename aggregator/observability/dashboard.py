@@ -39,6 +39,8 @@ def fleet_state(
             "round": row["round"],
             "accuracy": _number(row["metrics"].get("accuracy")),
             "loss": _number(row["metrics"].get("loss")),
+            "fed_accuracy": _number(row["metrics"].get("fed_accuracy")),  # the devices' own held-out data (federated evaluation)
+            "invited": _number(row["metrics"].get("invited")),  # the round's cohort (None: everyone was invited)
             "accepted": row["accepted"],
             "bytes_up": bytes_up.get(row["round"], 0),
         }
@@ -55,6 +57,7 @@ def fleet_state(
         "accepted": status.accepted if status else 0,
         "target": status.target if status else None,
         "deadline": status.deadline if status else None,
+        "federated": {k[4:]: _number(v) for k, v in (status.last_metrics if status else {}).items() if k.startswith("fed_")},
         "devices": [
             {"client_id": client, "state": p.state, "eligible": p.eligible, "why_not": p.why_not, "dropped": p.dropped,
              "device": dict(p.device)}
@@ -106,10 +109,12 @@ svg text{font-size:10px;fill:#667}
 <div><span class="big" id="round">-</span><span id="total"></span> &nbsp; model v<span id="version">-</span> &nbsp; <span id="state">-</span></div>
 <div class="bar"><div id="progress"></div></div>
 <div>updates <span id="accepted">0</span>/<span id="target">-</span> &nbsp; deadline <span id="deadline">-</span></div>
+<div>last round invited <span id="invited">everyone</span> &nbsp; federated accuracy <span id="fed">-</span></div>
 </section>
 <section><h2>Fleet</h2><div><span class="big" id="online">0</span> online of <span id="count">0</span> devices,
 <span id="eligible">0</span> eligible</div></section>
-<section><h2>Accuracy per round</h2><svg id="accuracy-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
+<section><h2>Accuracy per round <span style="color:#3b82f6">server</span> <span style="color:#f59e0b">federated</span></h2>
+<svg id="accuracy-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
 <section><h2>Upload bytes per round</h2><svg id="bytes-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
 <section class="wide"><h2>Devices</h2><table><thead><tr>
 <th>device</th><th>state</th><th>eligible</th><th>why not</th><th>dropped</th><th>readings</th></tr></thead>
@@ -131,10 +136,10 @@ function human(n) {
   return (i ? n.toFixed(1) : String(n)) + " " + units[i];
 }
 // A chart of (round, value) points: a line (accuracy) or bars (bytes); values are numbers only.
-function chart(svg, points, kind, format, fixedMax) {
+function chart(svg, points, kind, format, fixedMax, second) {
   svg.replaceChildren();
   const W = 400, H = 180, L = 48, B = 20, T = 8, R = 8;
-  const pts = points.filter(p => typeof p[1] === "number");
+  const pts = points.concat(second || []).filter(p => typeof p[1] === "number");
   const max = fixedMax || Math.max(1, ...pts.map(p => p[1]));
   const n = Math.max(1, points.length);
   const x = i => L + (W - L - R) * (kind === "bar" ? i / n : (n === 1 ? 0.5 : i / (n - 1)));
@@ -148,9 +153,13 @@ function chart(svg, points, kind, format, fixedMax) {
     const w = Math.max(1, (W - L - R) / n - 2);
     points.forEach((p, i) => svg.appendChild(svgEl("rect", {x: x(i) + 1, y: y(p[1]), width: w, height: H - B - y(p[1]), fill: "#10b981"})));
   } else {
-    const d = points.map((p, i) => typeof p[1] === "number" ? [x(i), y(p[1])] : null).filter(Boolean);
-    svg.appendChild(svgEl("polyline", {points: d.map(q => q.join(",")).join(" "), fill: "none", stroke: "#3b82f6", "stroke-width": 2}));
-    d.forEach(q => svg.appendChild(svgEl("circle", {cx: q[0], cy: q[1], r: 2.5, fill: "#3b82f6"})));
+    const line = (pts, colour) => {
+      const d = pts.map((p, i) => typeof p[1] === "number" ? [x(i), y(p[1])] : null).filter(Boolean);
+      svg.appendChild(svgEl("polyline", {points: d.map(q => q.join(",")).join(" "), fill: "none", stroke: colour, "stroke-width": 2}));
+      d.forEach(q => svg.appendChild(svgEl("circle", {cx: q[0], cy: q[1], r: 2.5, fill: colour})));
+    };
+    line(points, "#3b82f6");
+    if (second) line(second, "#f59e0b");
   }
   svg.appendChild(svgEl("text", {x: L, y: H - 5}, "round " + points[0][0]));
   svg.appendChild(svgEl("text", {x: W - R, y: H - 5, "text-anchor": "end"}, "round " + points[points.length - 1][0]));
@@ -185,7 +194,13 @@ function render(s) {
     cell(row, Object.keys(d.device).sort()
       .map(k => k + "=" + (typeof d.device[k] === "number" ? +d.device[k].toPrecision(3) : d.device[k])).join(" "));
   }
-  chart($("accuracy-chart"), s.rounds.map(r => [r.round, r.accuracy]), "line", v => v.toFixed(2), 1);
+  chart($("accuracy-chart"), s.rounds.map(r => [r.round, r.accuracy]), "line", v => v.toFixed(2), 1,
+        s.rounds.map(r => [r.round, r.fed_accuracy]));
+  const last = s.rounds.length ? s.rounds[s.rounds.length - 1] : null;
+  $("invited").textContent = last && last.invited !== null ? String(last.invited) : "everyone";
+  const fed = s.federated || {};
+  $("fed").textContent = typeof fed.accuracy === "number"
+    ? fed.accuracy.toFixed(3) + " (v" + fed.version + ", " + fed.devices + " devices)" : "-";
   chart($("bytes-chart"), s.rounds.map(r => [r.round, r.bytes_up]), "bar", human);
 }
 async function poll() {

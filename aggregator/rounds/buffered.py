@@ -190,6 +190,12 @@ class BufferedPolicy:
     def task_extra(self) -> Mapping[str, Any]:
         return {"mode": "async", "max_staleness": self.plan.max_staleness}
 
+    async def check_in(self, version: int, now: float, db: StoreAccess) -> None:
+        return None
+
+    def sampling(self) -> None:
+        return None
+
     def subscriptions(self, topics: Topics) -> list[str]:
         return []
 

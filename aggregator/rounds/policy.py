@@ -2,8 +2,9 @@
 
 The coordinator (aggregator/coordinator.py) runs every mode with one loop::
 
+    await policy.check_in(version, now, db)       # a cohort waits for devices; events are handled meanwhile
     rnd = await policy.open(version, now, db)     # what the store knows that the mode needs
-    announce(rnd); collect until rnd.complete or its deadline says close; close(rnd)
+    announce(rnd); collect until rnd.complete or its deadline says close (or extend); close(rnd)
 
 A round may speak a protocol of its own beside updates (secure aggregation's phases: ``owns``,
 ``on_message``, ``on_deadline`` that returns CONTINUE, ``own_sum``); rounds without one inherit
@@ -28,6 +29,7 @@ from fedge_contract import Receipt, Topics, Update
 if TYPE_CHECKING:
     from aggregator.aggregation.defence import Collector
     from aggregator.store import Store, StoreAccess
+    from fedge_contract.cohort import InviteSet
 
 
 class DeadlineAction(enum.Enum):
@@ -47,6 +49,14 @@ class Accepted:
     @classmethod
     def of(cls, update: Update) -> Accepted:
         return cls(update.client_id, update.update_id, update.base_version)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a mode sampled its rounds' participants, for the privacy accountant (aggregation/privacy.py)."""
+
+    rates: Mapping[int, float]  # round -> the largest probability any device had of being invited to it
+    most_invitations: int  # the most rounds one device was invited to (what an observer of the announcements composes)
 
 
 class Admission(Protocol):
@@ -106,6 +116,15 @@ class Round(Protocol):
     def extend_to(self, until: float) -> None:
         """Stay open at least until ``until`` (a grace for devices coming back after a restart or reconnect)."""
 
+    async def extend(self, db: StoreAccess) -> None:
+        """``on_deadline`` extended the round: what the mode does before it is re-announced (a cohort invites more)."""
+
+    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
+        """Devices checked in (presence) while the round is open: whether it invited some (it is then re-announced)."""
+
+    def invitation(self) -> InviteSet | None:
+        """Who the announcement invites to train (None: every device)."""
+
     def metrics(self) -> dict[str, float]:
         """Mode-specific figures stored with the closed round."""
 
@@ -144,6 +163,15 @@ class Plain:
     async def close(self) -> None:
         return None
 
+    async def extend(self, db: StoreAccess) -> None:
+        return None
+
+    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
+        return False
+
+    def invitation(self) -> InviteSet | None:
+        return None  # every device is invited
+
 
 class RoundPolicy(Protocol):
     """A round mode: the rounds it opens and what it adds to the announcement."""
@@ -157,5 +185,12 @@ class RoundPolicy(Protocol):
     def task_extra(self) -> Mapping[str, Any]:
         """Fields the GlobalModel's task carries for agents (async: mode and max_staleness)."""
 
+    async def check_in(self, version: int, now: float, db: StoreAccess) -> float | None:
+        """None once the round on ``version`` may open; else until when the coordinator handles events (the
+        fleet's presence: devices checking in) before it asks again."""
+
     async def open(self, version: int, now: float, db: StoreAccess) -> Round:
         """The round that trains on ``version`` (``db``: what the store knows that the mode needs)."""
+
+    def sampling(self) -> Sampling | None:
+        """How the rounds' participants were sampled (None: not sampled, every device may take part)."""

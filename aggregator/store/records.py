@@ -44,3 +44,4 @@ class Standing:
     client_seen: bool  # the client already contributed to this round
     accepted: int  # updates accepted into this round so far
     closing: bool = False  # the round stopped admitting: it is being aggregated (or is over)
+    invited: bool = True  # the client was invited to the round (or the round has no cohort: everyone is)

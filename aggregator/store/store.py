@@ -4,7 +4,8 @@ What is where:
 - SQLite (``agg.sqlite``, WAL mode): ``meta`` (fleet identity, epoch), ``checkpoints`` (weights
   + strategy state per model version), ``rounds``, ``accepted`` (the admission ledger: one row
   per accepted update, update_id the primary key, naming where its payload lies) and
-  ``receipts`` (one row per receipt sent, for the report and audits);
+  ``receipts`` (one row per receipt sent, for the report and audits), ``cohorts`` and ``invited``
+  (the rounds that selected a cohort, and whom: admission reads them in its transaction);
 - segment files in the spool folder beside it (``agg.sqlite.spool/``): the raw payloads of the
   open rounds' accepted updates, appended to ``r{round}-{shard|a}-{token}.seg``. ``token`` is
   random per Store instance, so every file has exactly one writer, which tracks its own offset.
@@ -15,7 +16,7 @@ What is where:
   which ``spooled`` still reads.
 
 Durability. Round-level writes (claim, take_over, save_initial, open_round, mark_closing,
-extend_round, set_round_metrics, close_round) are durable when they return: the commit runs
+extend_round, set_round_metrics, update_round_metrics, invite, close_round) are durable when they return: the commit runs
 with ``synchronous=FULL`` after this instance's pending segment bytes were fdatasync'd, so a
 checkpoint never lands without the spool of its round. The per-update writes are *deferred*:
 ``spool``/``admit`` append the payload with a plain write (no fsync) and commit the row with
@@ -56,7 +57,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -87,6 +88,8 @@ CREATE TABLE IF NOT EXISTS accepted (
     base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, received REAL NOT NULL,
     bytes INTEGER NOT NULL, payload BLOB, shard INTEGER, segment TEXT, "offset" INTEGER, digest BLOB);
 CREATE INDEX IF NOT EXISTS accepted_round ON accepted(round);
+CREATE TABLE IF NOT EXISTS cohorts (round INTEGER PRIMARY KEY, invited INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS invited (round INTEGER NOT NULL, client_id TEXT NOT NULL, PRIMARY KEY (round, client_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, round INTEGER NOT NULL,
     client_id TEXT NOT NULL, update_id TEXT, status TEXT NOT NULL, reason TEXT NOT NULL, bytes INTEGER NOT NULL);
@@ -114,7 +117,8 @@ _STANDING = """SELECT
     EXISTS(SELECT 1 FROM accepted WHERE update_id=:update),
     EXISTS(SELECT 1 FROM accepted WHERE round=:round AND client_id=:client),
     COALESCE((SELECT admitted FROM rounds WHERE round=:round), 0),
-    (SELECT value FROM meta WHERE key='epoch')"""
+    (SELECT value FROM meta WHERE key='epoch'),
+    NOT EXISTS(SELECT 1 FROM cohorts WHERE round=:round) OR EXISTS(SELECT 1 FROM invited WHERE round=:round AND client_id=:client)"""
 
 class Store:
     def __init__(self, path: Path | str, *, readonly: bool = False, fsync: bool = True) -> None:
@@ -412,6 +416,42 @@ class Store:
         with self._durable() as db:
             db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
 
+    def update_round_metrics(self, round_no: int, metrics: Mapping[str, float]) -> None:
+        """Add ``metrics`` to a round's figures (replacing those of the same name), in one durable transaction."""
+        with self._durable() as db:
+            row = db.execute("SELECT metrics FROM rounds WHERE round=?", (round_no,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps({**json.loads(row[0]), **metrics}), round_no))
+
+    # -- cohorts (rounds/cohort.py): who each round invited, and the selector's state
+    def invite(self, round_no: int, clients: Iterable[str], state: Mapping[str, Any]) -> None:
+        """Durably: ``clients`` are invited to ``round_no`` (from this commit on, admission refuses the
+        others: ``Standing.invited``), and the selector's ``state`` (JSON-able) is what a restart resumes."""
+        with self._durable() as db:
+            db.executemany("INSERT OR IGNORE INTO invited VALUES (?, ?)", ((round_no, c) for c in clients))
+            db.execute("INSERT INTO cohorts VALUES (?, (SELECT COUNT(*) FROM invited WHERE round=?)) "
+                       "ON CONFLICT(round) DO UPDATE SET invited=excluded.invited", (round_no, round_no))
+            db.execute("INSERT INTO meta VALUES ('cohort', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (json.dumps(state, separators=(",", ":")),))
+
+    def cohort_state(self) -> dict[str, Any] | None:
+        """The selector's state ``invite`` saved last (None: no cohort was ever selected here)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='cohort'").fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def invited(self, round_no: int) -> list[str] | None:
+        """The clients invited to ``round_no``, sorted (None: the round had no cohort, everyone was invited)."""
+        if self._db.execute("SELECT 1 FROM cohorts WHERE round=?", (round_no,)).fetchone() is None:
+            return None
+        return [r[0] for r in self._db.execute("SELECT client_id FROM invited WHERE round=? ORDER BY client_id", (round_no,))]
+
+    def cohort_sizes(self) -> dict[int, int]:
+        """Devices invited to each round that had a cohort (a read-only store older than cohorts: none)."""
+        try:
+            return dict(self._db.execute("SELECT round, invited FROM cohorts").fetchall())
+        except sqlite3.OperationalError:
+            return {}
+
     def rounds(self) -> list[dict[str, Any]]:
         cols = ["round", "base_version", "opened", "deadline", "closed", "accepted", "extensions", "metrics"]
         rows = self._db.execute(f"SELECT {', '.join(cols)} FROM rounds ORDER BY round").fetchall()
@@ -460,12 +500,12 @@ class Store:
     def _standing(db: sqlite3.Connection, round_no: int, update_id: str, client_id: str) -> tuple[Standing, str | None]:
         """The round's standing for this update, and the store's epoch: one statement (the hot path
         runs it twice per update, and each SQLite call costs ~15 us here)."""
-        closing, closed, update_seen, client_seen, accepted, epoch = db.execute(_STANDING, {
+        closing, closed, update_seen, client_seen, accepted, epoch, invited = db.execute(_STANDING, {
             "round": round_no, "update": update_id, "client": client_id,
         }).fetchone()
         standing = Standing(
             update_seen=bool(update_seen), client_seen=bool(client_seen), accepted=accepted,
-            closing=closing is None or bool(closing) or closed is not None,
+            closing=closing is None or bool(closing) or closed is not None, invited=bool(invited),
         )
         return standing, epoch
 

@@ -362,6 +362,8 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
                 participants=int(stored[number]["accepted"]), bytes_up=bytes_up, bytes_down=tap.bytes_down(number),
                 updates_published=updates, seconds=seconds, selection_bytes=traffic.selection_bytes, trained=trained, evals=evals,
                 train_seconds=None if options.synthetic else traffic.train_seconds, bytes_retained=traffic.retained_bytes,
+                invited=int(metrics["invited"]) if "invited" in metrics else None,
+                fed_accuracy=metrics.get("fed_accuracy"), fed_devices=int(metrics["fed_devices"]) if "fed_devices" in metrics else None,
             )
         )
     peaks = {"orchestrator": peak_rss_mib()}
