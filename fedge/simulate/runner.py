@@ -378,6 +378,7 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
         final_global_bytes=tap.final_global_bytes,
         unattributed_bytes=tap.unattributed_bytes,
         hosts={name: {k: v for k, v in ledger.items() if k != "rounds"} for name, ledger in hosts.items()},
+        dropped_by_device=dict(sorted(tap.dropped.items())),
     )
 
 
