@@ -14,10 +14,11 @@ accepted twice (two ``accepted`` receipts recorded, two ledger rows) or a round 
 count exceeds the sum over the updates it lists.
 
 The evidence is what the programs leave: the agents' JSON logs (``--log-json``; each ``trained``
-line names its update), their ``state.json`` and outboxes, the devices' presence as the run's
-wire tap last saw it (report.json's ``dropped_by_device``) and the store. The device-side counts
-must agree with one another (WARNING lines = state.json = presence, per device); a disagreement,
-or an accepted update no agent logged as trained (the logs would be incomplete), is a problem.
+line names its update), their ``state.json`` and outboxes, each device's presence as the broker
+retained it at the end, what ``fedge status`` shows (report.json's ``dropped_by_device``), and
+the store. The device-side counts must agree (WARNING lines = state.json = presence, per
+device); a disagreement, or an accepted update no agent logged as trained (the logs would be
+incomplete), is a problem.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from fedge.simulate.limits import raise_fd_limit
 from fedge.simulate.process_faults import ProcessFaults
 from fedge.simulate.report import RoundRow, SimulationReport, write_report
 from fedge.simulate.wiretap import WireTap
+from fedge.status import snapshot
 from fedge_contract.aio import First, cancel_and_wait, race
 from fedge_contract.mqtt import BrokerAddress
 
@@ -239,10 +240,12 @@ async def simulate(options: SimulationOptions) -> int:
             if error:
                 console.print(f"[red]simulation failed[/]: {error}")
                 return 1
+        # every device's retained presence once all are gone, as `fedge status --once` shows it
+        dropped = {client: presence.dropped for client, presence in (await snapshot(address, FLEET)).devices.items()}
         broker_peak = proc_peak_rss_mib(broker_proc.pid) if broker_proc.pid else None
 
     wall = time.monotonic() - started
-    report = _build_report(options, out, store_path, tap, wall, broker_peak)
+    report = _build_report(options, out, store_path, tap, wall, broker_peak, dropped)
     write_report(report, out, console)
     return 0
 
@@ -339,7 +342,7 @@ async def _enter_chaos(stack: contextlib.AsyncExitStack, options: SimulationOpti
 
 
 def _build_report(options: SimulationOptions, out: Path, store_path: Path, tap: WireTap, wall: float,
-                  broker_peak: float | None) -> SimulationReport:
+                  broker_peak: float | None, dropped: dict[str, int]) -> SimulationReport:
     with Store(store_path, readonly=True) as store:
         stored = {row["round"]: row for row in store.rounds()}
     hosts = _host_ledgers(out) if options.synthetic else {}
@@ -377,7 +380,7 @@ def _build_report(options: SimulationOptions, out: Path, store_path: Path, tap: 
         final_global_bytes=tap.final_global_bytes,
         unattributed_bytes=tap.unattributed_bytes,
         hosts={name: {k: v for k, v in ledger.items() if k != "rounds"} for name, ledger in hosts.items()},
-        dropped_by_device=dict(sorted(tap.dropped.items())),
+        dropped_by_device=dict(sorted(dropped.items())),
     )
 
 

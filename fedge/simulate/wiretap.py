@@ -2,8 +2,7 @@
 
 The simulation's byte counts come from here, from the payloads the broker delivered, not from
 what programs believe they sent: bytes up are the update payloads published in each round,
-bytes down are each GlobalModel payload times the agents subscribed to it. It also keeps the
-``dropped`` count of each device's latest presence (the updates it dropped unanswered, issue 19).
+bytes down are each GlobalModel payload times the agents subscribed to it.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from fedge_contract import DecodeError, GlobalModel, Presence, RoundState, RoundStatus, Topics, Update
+from fedge_contract import DecodeError, GlobalModel, RoundState, RoundStatus, Topics, Update
 from fedge_contract.mqtt import BrokerAddress, Subscriber
 
 _MAX = 2**31
@@ -43,7 +42,6 @@ class WireTap(Subscriber):
         self.rounds: dict[int, RoundTraffic] = collections.defaultdict(RoundTraffic)
         self.final_global_bytes = 0
         self.unattributed_bytes = 0
-        self.dropped: dict[str, int] = {}  # client id -> `dropped` of its latest presence
         self.finished = asyncio.Event()
         self.progress = asyncio.Queue[RoundStatus]()
         topics = [f"{self.topics.prefix}/#"] if updates else [self.topics.global_model, self.topics.status]
@@ -60,8 +58,6 @@ class WireTap(Subscriber):
             self._on_status(payload, now)
         elif topic.startswith(f"{self.topics.prefix}/updates/"):
             self._on_update(payload)
-        elif topic.startswith(f"{self.topics.prefix}/presence/") and payload:
-            self._on_presence(topic, payload)
 
     def _on_global(self, payload: bytes) -> None:
         model = GlobalModel.from_bytes(payload, max_bytes=_MAX)
@@ -85,15 +81,6 @@ class WireTap(Subscriber):
         if update.update_id not in traffic.update_ids:
             traffic.update_ids.add(update.update_id)
             traffic.train_seconds += float(update.metrics.get("train_seconds", 0.0))
-
-    def _on_presence(self, topic: str, payload: bytes) -> None:
-        client = self.topics.client_of(topic)
-        try:
-            presence = Presence.from_bytes(payload)
-        except DecodeError:
-            return
-        if client is not None:
-            self.dropped[client] = presence.dropped
 
     def _on_status(self, payload: bytes, now: float) -> None:
         status = RoundStatus.from_bytes(payload)
