@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ class Fates:
     double_counted: int = 0
     accepted_but_dropped: int = 0  # accepted, yet no receipt reached the device, which dropped and counted it
     left_in_outbox: int = 0  # still waiting in an outbox when the run ended (counted in `lost`)
-    answered_by: dict[str, int] = field(default_factory=dict)  # status:reason -> updates
+    answered_by: dict[str, int] = field(default_factory=dict)  # "status: reason" (numbers as N) -> updates
     dropped_why: dict[str, int] = field(default_factory=dict)  # the device's reason -> updates
     lost_ids: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -145,7 +146,7 @@ def update_fates(out: Path, store: Path | None = None) -> Fates:
                     fates.problems.append(f"{client}: update {update_id} accepted, yet its device got {status}")
             elif status in ANSWERED:
                 fates.answered += 1
-                answered_by[f"{status}:{reason.split(':', 1)[0]}"] += 1
+                answered_by[f"{status}: {re.sub(r'[0-9]+', 'N', reason)}"] += 1
                 if (status, reason) not in receipts.get(update_id, []):
                     fates.problems.append(f"{client}: update {update_id} answered {status} ({reason}), a receipt the store never recorded")
             elif update_id in device.dropped:

@@ -73,7 +73,7 @@ def test_every_trained_update_has_one_fate(run):
     run.accept("a-1", "u2", 2)
     run.receipt("a-1", "u2", 2, "duplicate", "already accepted")
     run.trained("a-2", "u3", 1)
-    run.receipt("a-2", "u3", 1, "stale", "stale: round 1 is closed")
+    run.receipt("a-2", "u3", 1, "stale", "round 1 on v0 is over; round 2 trains on v1")
     run.trained("a-2", "u4", 2)
     run.drop("a-2", "u4", 2)
     run.trained("a-3", "u5", 2)  # accepted, but no receipt reached the device before its round ended
@@ -82,7 +82,7 @@ def test_every_trained_update_has_one_fate(run):
     fates = update_fates(run.write())
     assert (fates.trained, fates.accepted, fates.answered, fates.dropped, fates.lost, fates.double_counted) == (5, 3, 1, 1, 0, 0)
     assert fates.accepted_but_dropped == 1
-    assert fates.answered_by == {"stale:stale": 1}
+    assert fates.answered_by == {"stale: round N on vN is over; round N trains on vN": 1}
     assert fates.dropped_why == {"its round is over": 1}
     assert fates.ok, fates.problems
 
