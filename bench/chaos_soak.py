@@ -114,9 +114,13 @@ def run(out: Path, flags: list[str], store: Path | None = None) -> dict[str, Any
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "fedge", "simulate", f"--out={out}", f"--store={store}", "--quiet", "--log-json", *flags],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
     if done.returncode != 0:
-        return {"failed": done.returncode, "stderr": (done.stdout + done.stderr)[-3000:], "wall_seconds": round(wall, 1)}
+        return {"failed": done.returncode, "stderr": (done.stdout + done.stderr)[-3000:], "wall_seconds": round(time.perf_counter() - start, 1)}
+    return measure(out, flags, store)
+
+
+def measure(out: Path, flags: list[str], store: Path) -> dict[str, Any]:
+    """The figures of a finished run in ``out`` made with ``flags`` (its store at ``store``)."""
     report = json.loads((out / "report.json").read_text())
     chaos = out / "chaos.json"
     record = json.loads(chaos.read_text()) if chaos.exists() else None
@@ -128,7 +132,7 @@ def run(out: Path, flags: list[str], store: Path | None = None) -> dict[str, Any
         raise RuntimeError(f"the faults asked for and those injected differ: {asked} / {injected} (see {out})")
     fates = update_fates(out, store)
     result: dict[str, Any] = {
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(report["totals"]["wall_seconds"], 1),
         "final_accuracy": round(report["totals"]["final_accuracy"], 4),
         "peak_rss_mib_sum": round(report["totals"]["peak_rss_mib_sum"], 1),
         **ledger(store, kill_rounds),
@@ -161,7 +165,8 @@ def small_filesystem(folder: Path, mib: int) -> Iterator[Path]:
                          "or pass --no-full-store") from None
 
 
-def soak(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def flags_of(seed: int, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The clean run's flags and those the chaos run adds."""
     common = [
         f"--agents={args.agents}", f"--rounds={args.rounds}", f"--agent-procs={args.agent_procs}", f"--seed={seed}", f"--alpha={args.alpha}",
         f"--target={args.agents}", f"--min={args.agents // 2}", f"--deadline={args.deadline}",
@@ -171,17 +176,36 @@ def soak(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     chaos = [
         f"--reset-prob={args.reset_prob}", "--stragglers=0.2", "--slowdown=5", "--dropout=0.1", "--dropout-return=10",
         f"--kill-aggregator-at={max(1, n // 5)}", f"--double-fault-at={max(1, 2 * n // 5)}", f"--restart-broker-at={max(1, 3 * n // 5)}",
+        *([f"--fill-store-at={max(1, 4 * n // 5)}"] if args.full_store else []),
     ]
+    return common, chaos
+
+
+def soak(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    common, chaos = flags_of(seed, args)
     clean = run(tmp / f"clean-{seed}", common)
     if args.full_store:
         with small_filesystem(tmp / f"store-{seed}", args.store_mib) as folder:
             store = folder / "aggregator.sqlite"
-            faulty = run(tmp / f"chaos-{seed}", [*common, *chaos, f"--fill-store-at={max(1, 4 * n // 5)}"], store)
+            faulty = run(tmp / f"chaos-{seed}", [*common, *chaos], store)
             if store.exists():  # the tmpfs goes with its mount: keep a copy beside the run's other files
                 with sqlite3.connect(store) as source, sqlite3.connect(tmp / f"chaos-{seed}" / "aggregator.sqlite") as copy:
                     source.backup(copy)
     else:
         faulty = run(tmp / f"chaos-{seed}", [*common, *chaos])
+    return judge(seed, args, clean, faulty)
+
+
+def remeasure(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """``soak``'s result for runs already in ``tmp`` (kept by an earlier ``--keep``; the chaos run's store is its copy)."""
+    common, chaos = flags_of(seed, args)
+    return judge(seed, args, measure(tmp / f"clean-{seed}", common, tmp / f"clean-{seed}" / "aggregator.sqlite"),
+                 measure(tmp / f"chaos-{seed}", [*common, *chaos], tmp / f"chaos-{seed}" / "aggregator.sqlite"))
+
+
+def judge(seed: int, args: argparse.Namespace, clean: dict[str, Any], faulty: dict[str, Any]) -> dict[str, Any]:
+    """One seed's result: both runs' figures, the accuracy gap, and whether every target held."""
+    n = args.rounds
     gap = round(abs(clean.get("final_accuracy", 0) - faulty.get("final_accuracy", 1)) * 100, 2)
     runs_ok = all(r.get("ledger_ok") and r.get("rounds_completed") == n and r["updates"]["ok"] for r in (clean, faulty) if "failed" not in r)
     full_ok = not args.full_store or bool((faulty.get("full_store") or {}).get("ok"))
@@ -241,7 +265,10 @@ def main() -> None:
     parser.add_argument("--no-full-store", dest="full_store", action="store_false", help="leave out the full-store fault (no mount)")
     parser.add_argument("--max-gap", type=float, default=2.0, help="accuracy points the chaos run may lose against the clean one")
     parser.add_argument("--keep", type=Path, help="keep the run folders here (default: a temporary folder, removed)")
+    parser.add_argument("--measure", action="store_true", help="run nothing: measure the runs kept in --keep by an earlier run")
     args = parser.parse_args()
+    if args.measure and not args.keep:
+        parser.error("--measure needs --keep (the folder holding the runs)")
     if args.rounds < 5:
         parser.error("--rounds must be >= 5 (four faults in rounds of their own)")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -249,7 +276,9 @@ def main() -> None:
         tmp = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedge-chaos-")))
         results = []
         for seed in seeds:
-            results.append(soak(seed, args, tmp))
+            results.append(remeasure(seed, args, tmp) if args.measure else soak(seed, args, tmp))
+            if args.keep and not args.measure:  # kept as it comes: a soak stopped halfway keeps the seeds it finished
+                (tmp / f"seed-{seed}.json").write_text(json.dumps(results[-1], indent=2))
             print(f"chaos_soak: seed {seed}: {'pass' if results[-1]['pass'] else 'FAIL'}", file=sys.stderr, flush=True)
     rows = [row(r) for r in results]
     print(json.dumps({
