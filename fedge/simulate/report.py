@@ -50,6 +50,7 @@ class SimulationReport:
     final_global_bytes: int = 0
     unattributed_bytes: int = 0
     hosts: dict[str, Any] = field(default_factory=dict)  # synthetic load: each host's receipts, connect time and RSS
+    dropped_by_device: dict[str, int] = field(default_factory=dict)  # `dropped` in each device's retained presence at the end (issue 19)
     totals: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
