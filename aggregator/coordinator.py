@@ -129,7 +129,7 @@ class Coordinator:
             await self._serve()
 
     def _make_source(self, failures: Supervisor) -> IngestSource:
-        ingest = Ingest(
+        self.ingest = ingest = Ingest(
             fleet=self.config.fleet, spec=self.model.spec, limits=self.limits, defence=self.defence,
             db=self.db, send=self._publish_soon, answered=self._count_receipt, log=log, loop=asyncio.get_running_loop(),
             on_failure=failures.fail,
@@ -208,10 +208,12 @@ class Coordinator:
     async def _open(self, rnd: Round) -> bool:
         """Record the round open and re-fold what the store spooled for it; whether it is resumed (open before a restart)."""
         resumed = await call(self.db, Store.open_round, rnd.number, rnd.base_version, rnd.deadline)
+        admission = rnd.admission(self.db.store, epoch=self.epoch)
         for accepted in await self.source.open(rnd):  # a restart mid-round: re-fold what was accepted
             rnd.record(accepted)
+            self.ingest.confirm(accepted.client_id, accepted.update_id, admission)  # its receipt may never have left
         if rnd.accepted:
-            log.info("round %d: re-folded %d spooled updates", rnd.number, rnd.accepted)
+            log.info("round %d: re-folded %d spooled updates and confirmed them to their devices", rnd.number, rnd.accepted)
         return resumed
 
     async def _collect(self, rnd: Round) -> None:
