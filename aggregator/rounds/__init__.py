@@ -10,13 +10,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aggregator.rounds.buffered import BufferedPolicy
-from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Round, RoundPolicy
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Round, RoundPolicy, RoundServices
 from aggregator.rounds.sync import SyncPolicy
 
 if TYPE_CHECKING:
     from aggregator.config import RoundSettings
 
-__all__ = ["Accepted", "Admission", "BufferedPolicy", "DeadlineAction", "Round", "RoundPolicy", "SyncPolicy", "make_policy"]
+__all__ = [
+    "Accepted", "Admission", "BufferedPolicy", "DeadlineAction", "Round", "RoundPolicy", "RoundServices", "SyncPolicy", "make_policy",
+]
 
 
 def make_policy(settings: RoundSettings) -> RoundPolicy:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.errors import Rejection
-from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain, RoundServices
 from aggregator.store import Standing, Store, StoreAccess
 from fedge_contract import ReceiptStatus, Topics, Update
 
@@ -158,6 +158,9 @@ class SyncPolicy:
 
     def subscriptions(self, topics: Topics) -> list[str]:
         return []
+
+    def bind(self, services: RoundServices) -> None:
+        """Plain rounds need nothing of the coordinator's connection."""
 
     async def open(self, version: int, now: float, db: StoreAccess) -> SyncRound:
         return SyncRound(number=version + 1, base_version=version, deadline=now + self.plan.timeout, plan=self.plan)
