@@ -13,6 +13,8 @@ What is where:
   deletes its segment files; a crash between the two leaves files that the next writable
   opening deletes. Stores written before segments keep their payloads in ``accepted.payload``,
   which ``spooled`` still reads.
+- secure aggregation's sessions and masked inputs (``secure_sessions``, ``secure_inputs``): see
+  store/secure.py.
 
 Durability. Round-level writes (claim, take_over, save_initial, open_round, mark_closing,
 extend_round, set_round_metrics, close_round) are durable when they return: the commit runs
@@ -65,6 +67,7 @@ import numpy as np
 
 from aggregator.errors import Superseded
 from aggregator.store.records import Checkpoint, ReceiptRow, SpooledUpdate, Standing
+from aggregator.store.secure import SECURE_SCHEMA, SecureSessions
 from aggregator.store.segments import SEGMENT_NAME, Segment, SegmentReader, SyncPlan, Written, digest
 from fedge_contract.messages import unpack_weights, weight_pieces
 from fedge_contract.packing import steps
@@ -116,7 +119,7 @@ _STANDING = """SELECT
     COALESCE((SELECT admitted FROM rounds WHERE round=:round), 0),
     (SELECT value FROM meta WHERE key='epoch')"""
 
-class Store:
+class Store(SecureSessions):
     def __init__(self, path: Path | str, *, readonly: bool = False, fsync: bool = True) -> None:
         """Open (creating if needed) the store; ``readonly`` opens an existing one for reports,
         never writing to it nor to its spool folder (a file that is not a fedge store stays untouched).
@@ -149,6 +152,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # creating and migrating the schema: durable
         self._db.executescript(_SCHEMA)
+        self._db.executescript(SECURE_SCHEMA)  # secure aggregation's sessions and masked inputs (store/secure.py)
         self._migrate()
         self._db.execute("PRAGMA synchronous=NORMAL")  # the default: deferred; durable writes switch to FULL around their commit
         self._delete_released_segments()
@@ -363,7 +367,8 @@ class Store:
         metrics: Mapping[str, float] | None = None,
     ) -> None:
         """Atomically and durably: the new checkpoint, the round marked closed with its ``metrics``
-        (a reader never sees a closed round without them), its spool released.
+        (a reader never sees a closed round without them), its spool released (and a secure round's masked
+        inputs and session checkpoints, store/secure.py).
 
         Then the round's segment files are deleted (a crash before that: the next opening does it).
         """
@@ -373,6 +378,7 @@ class Store:
             if metrics is not None:
                 db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
             db.execute("UPDATE accepted SET segment=NULL, payload=NULL WHERE round=?", (round_no,))
+            self._release_secure(db, round_no)
         for key, segment in list(self._segments.items()):
             if segment.round == round_no:
                 os.close(segment.fd)
