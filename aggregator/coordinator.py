@@ -76,7 +76,7 @@ class Coordinator:
         self.config = config
         self.topics = Topics(config.fleet)
         self.clock = clock
-        self.policy = policy or make_policy(config.rounds)
+        self.policy = policy or make_policy(config)
         self.counters: collections.Counter[str] = collections.Counter()  # receipts by status (and reason), bytes in
         self.metrics = AggregatorMetrics()  # Prometheus; served only with monitoring.metrics_port
         self.fleet = FleetView(config.fleet, self.metrics)

@@ -3,6 +3,7 @@
     policy.py    the protocol the coordinator runs every mode through (RoundPolicy, Round, Admission)
     sync.py      synchronous rounds: deadline, target, minimum, extensions (the default)
     buffered.py  FedBuff: a buffer of staleness-weighted updates, a new version every buffer_size
+    secure.py    secure aggregation (issue 17): synchronous rounds whose sum a SecAgg+ session computes
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Round,
 from aggregator.rounds.sync import SyncPolicy
 
 if TYPE_CHECKING:
-    from aggregator.config import RoundSettings
+    from aggregator.config import AggregatorConfig
 
 __all__ = [
     "Accepted", "Admission", "BufferedPolicy", "DeadlineAction", "Round", "RoundPolicy", "RoundServices", "SyncPolicy", "make_policy",
 ]
 
 
-def make_policy(settings: RoundSettings) -> RoundPolicy:
-    """The round mode ``settings`` ask for."""
+def make_policy(config: AggregatorConfig) -> RoundPolicy:
+    """The round mode ``config`` asks for."""
+    settings = config.rounds
     if settings.mode == "async":
         return BufferedPolicy(settings.buffer_plan, settings.staleness)
+    if settings.secure_aggregation:
+        from aggregator.rounds.secure import SecurePolicy  # the protocol's crypto is imported only when asked for
+
+        return SecurePolicy.of(config)
     return SyncPolicy(settings.plan)
