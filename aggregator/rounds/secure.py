@@ -369,8 +369,6 @@ class SecureRound:
                     f"gives it back ({exc}); a second session would reveal the difference of two sums, so the aggregator stops. "
                     f"Only with that risk accepted: delete the round's rows of secure_sessions in {self.db.store.path}"
                 ) from exc
-            log.warning("round %d: secure session %s cannot be resumed (%s): a new session starts", self.number, stored.session, exc,
-                        extra={"round": self.number, "session": stored.session})
             await call(self.db, Store.secure_abandon, self.number, stored.session, f"abandoned: resume_failed: {exc}")
             self._failed(f"session {stored.session} could not be resumed: {exc}", now)
             return
