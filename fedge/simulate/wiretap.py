@@ -2,7 +2,11 @@
 
 The simulation's byte counts come from here, from the payloads the broker delivered, not from
 what programs believe they sent: bytes up are the update payloads published in each round,
-bytes down are each GlobalModel payload times the agents subscribed to it.
+bytes down are each GlobalModel payload times the agents subscribed to it. In secure rounds
+(``--secure-aggregation``) no Update is published: bytes up are what devices publish on
+``secagg/up/`` and bytes down add what the aggregator publishes on ``secagg/down/`` (a broadcast
+times the agents subscribed, a device's own key list or bundle once), each counted in the round
+whose status was open last.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class RoundTraffic:
     selection_bytes: int = 0  # the largest cohort field announced for the round (an extension re-announces a larger one)
     train_seconds: float = 0.0  # devices' training time, as their updates report it (resends counted once per update id)
     update_ids: set[str] = field(default_factory=set)
+    secure_bytes_down: int = 0  # secure aggregation's messages to the devices (secagg/down/)
 
 
 class WireTap(Subscriber):
@@ -44,11 +49,15 @@ class WireTap(Subscriber):
         self.unattributed_bytes = 0
         self.finished = asyncio.Event()
         self.progress = asyncio.Queue[RoundStatus]()
+        self._open_round = 0  # the round whose status said open last (secure aggregation's traffic is counted there)
+        self._secagg = f"{self.topics.prefix}/secagg/"
+        self._broadcasts = {f"{self._secagg}down/setup", f"{self._secagg}down/unmask"}
         topics = [f"{self.topics.prefix}/#"] if updates else [self.topics.global_model, self.topics.status]
         super().__init__(address, f"fedge-wiretap-{fleet}", topics)
 
     def bytes_down(self, round_no: int) -> int:
-        return sum(self.rounds[round_no].global_payloads) * self.subscribers
+        traffic = self.rounds[round_no]
+        return sum(traffic.global_payloads) * self.subscribers + traffic.secure_bytes_down
 
     async def on_message(self, topic: str, payload: bytes) -> None:
         now = time.monotonic()
@@ -58,6 +67,15 @@ class WireTap(Subscriber):
             self._on_status(payload, now)
         elif topic.startswith(f"{self.topics.prefix}/updates/"):
             self._on_update(payload)
+        elif topic.startswith(self._secagg):
+            self._on_secure(topic, payload)
+
+    def _on_secure(self, topic: str, payload: bytes) -> None:
+        traffic = self.rounds[self._open_round]
+        if topic.startswith(f"{self._secagg}up/"):
+            traffic.bytes_up += len(payload)
+        else:
+            traffic.secure_bytes_down += len(payload) * (self.subscribers if topic in self._broadcasts else 1)
 
     def _on_global(self, payload: bytes) -> None:
         model = GlobalModel.from_bytes(payload, max_bytes=_MAX)
@@ -85,6 +103,8 @@ class WireTap(Subscriber):
     def _on_status(self, payload: bytes, now: float) -> None:
         status = RoundStatus.from_bytes(payload)
         traffic = self.rounds[status.round]
+        if status.state is RoundState.OPEN:
+            self._open_round = status.round
         if status.state is RoundState.OPEN and traffic.opened_at is None:
             traffic.opened_at = now
         elif status.state is RoundState.AGGREGATING:
