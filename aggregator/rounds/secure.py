@@ -132,8 +132,10 @@ class SecurePolicy:
     mode = "sync"
 
     def __init__(self, fleet: str, plan: RoundPlan, secagg: SecureSettings, *, max_weight: int = 1000, clip_norm: float | None = None,
-                 privacy: PrivacyParams | None = None, dp_seed: int | None = None, cohort: CohortSource | None = None) -> None:
+                 privacy: PrivacyParams | None = None, dp_seed: int | None = None, cohort: CohortSource | None = None,
+                 allowed: frozenset[str] | None = None) -> None:
         self.fleet = fleet
+        self.allowed = allowed  # --allow-clients: only these devices are ever invited
         self.plan = plan
         self.secagg = secagg
         # DP-FedAvg weighs every device equally: a weight cap of 1 makes each device's weight in the sum 1
@@ -151,7 +153,7 @@ class SecurePolicy:
     def of(cls, config: AggregatorConfig) -> SecurePolicy:
         defence = config.defence
         return cls(config.fleet, config.rounds.plan, config.secagg, max_weight=defence.max_weight or 1000, clip_norm=defence.bound,
-                   privacy=config.privacy, dp_seed=defence.dp_seed)
+                   privacy=config.privacy, dp_seed=defence.dp_seed, allowed=defence.allowed_clients)
 
     @property
     def minimum(self) -> int:
@@ -176,7 +178,7 @@ class SecurePolicy:
     def bind(self, services: RoundServices) -> None:
         self._services = services
         if self._cohort is None:
-            self._cohort = online_eligible(services.fleet, cohort_cap(self.plan.target))
+            self._cohort = online_eligible(services.fleet, cohort_cap(self.plan.target), allowed=self.allowed)
 
     async def open(self, version: int, now: float, db: StoreAccess) -> SecureRound:
         if self._services is None or self._cohort is None:
@@ -311,7 +313,8 @@ class SecureRound:
             stored, self._resume = self._resume, None
             await self._resume_session(stored, now)
             return DeadlineAction.CONTINUE
-        cohort = self.cohort_source(self.number)
+        allowed = self.policy.allowed
+        cohort = [c for c in self.cohort_source(self.number) if allowed is None or c in allowed]
         if len(cohort) >= self.plan.target or (now >= self._wait_until and len(cohort) >= self.policy.minimum):
             await self._start(cohort, now)
             return DeadlineAction.CONTINUE

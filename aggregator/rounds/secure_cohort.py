@@ -26,11 +26,13 @@ def cohort_cap(target: int) -> int:
     return max(target, math.ceil(target * OVER_SELECT))
 
 
-def online_eligible(fleet: FleetView, cap: int, seed: int = 0) -> CohortSource:
-    """The online, eligible devices of ``fleet``'s presence, at most ``cap`` (a seeded, per-round choice among more)."""
+def online_eligible(fleet: FleetView, cap: int, seed: int = 0, allowed: frozenset[str] | None = None) -> CohortSource:
+    """The online, eligible devices of ``fleet``'s presence (only ``allowed`` ones, if given: ``--allow-clients``),
+    at most ``cap`` (a seeded, per-round choice among more)."""
 
     def cohort(round_no: int) -> list[str]:
-        pool = [client for client in fleet.online if (p := fleet.devices.get(client)) is not None and p.eligible is not False]
+        pool = [client for client in fleet.online if (p := fleet.devices.get(client)) is not None and p.eligible is not False
+                and (allowed is None or client in allowed)]
         if len(pool) > cap:
             pool = sorted(pool, key=lambda c: hashlib.blake2b(f"{seed}:{round_no}:{c}".encode(), digest_size=8).digest())[:cap]
         return sorted(pool)

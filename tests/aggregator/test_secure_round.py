@@ -312,3 +312,16 @@ def test_the_cohort_is_the_online_eligible_devices_capped_and_seeded():
     assert everyone == sorted(f"d{i:02d}" for i in range(25) if i % 5 != 1)  # offline and not eligible left out; unknown counts
     picked = online_eligible(fleet, cap=13)
     assert len(picked(1)) == 13 and set(picked(1)) <= set(everyone) and picked(1) == picked(1) and picked(1) != picked(2)
+    assert online_eligible(fleet, cap=100, allowed=frozenset({"d02", "d03", "d06", "d29"}))(1) == ["d02", "d03"]  # --allow-clients
+
+
+async def test_only_allowed_clients_are_invited(tmp_path):
+    h = Harness(tmp_path)
+    h.policy = SecurePolicy(FLEET, RoundPlan(target=4, min_updates=1, timeout=60.0), SECAGG, cohort=lambda _: list(h.clients),
+                            allowed=frozenset(h.clients[:4]))
+    h.policy.bind(RoundServices(h.memory, SPEC, FleetView(FLEET, AggregatorMetrics()), lambda r, n: None))  # type: ignore[arg-type]
+    rnd = await h.open()
+    await h.announce()
+    await h.run(rnd)
+    assert rnd.complete and rnd.target == 4 and rnd.accepted == 4  # dev-4 is not on the allowlist: never invited
+    _assert_mean(rnd, h.fedavg(h.clients[:4]))
