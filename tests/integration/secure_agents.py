@@ -1,5 +1,6 @@
 """Real agents for secure rounds run by the real coordinator: each records the inputs it hands to the
-protocol (so a test can compute the FedAvg the sum must equal) and can be *lost* mid-protocol: right
+protocol (so a test can compute the FedAvg the sum must equal) and can be *lost* mid-protocol (bench/secagg
+loses them the same way): right
 after it published a given message in its first session of a round, it publishes nothing more in that
 session (as a device whose link died), and takes part normally in any later session or round."""
 
@@ -29,9 +30,10 @@ class Input:
 class RecordingSecure(SecureAggregation):
     """The agent's secure-aggregation module, recording each round's input and losing itself when told."""
 
-    def __init__(self, *, lose: Mapping[int, type[DeviceMessage]] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, lose: Mapping[int, type[DeviceMessage]] | None = None, record: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lose = dict(lose or {})  # round -> the message after which the device is lost (its first session of that round)
+        self.record = record  # keep each round's input (bench/secagg does not: 100 devices x 30 rounds of deltas)
         self.inputs: dict[int, Input] = {}
         self.muted: set[str] = set()  # sessions it was lost in
         self._lost_rounds: set[int] = set()
@@ -40,7 +42,8 @@ class RecordingSecure(SecureAggregation):
         super().attach(_Losing(publisher, self), spec)
 
     async def submit(self, model: GlobalModel, delta: Mapping[str, np.ndarray], num_samples: int) -> None:
-        self.inputs[model.round] = Input({k: np.array(v, np.float32) for k, v in delta.items()}, num_samples)
+        if self.record:
+            self.inputs[model.round] = Input({k: np.array(v, np.float32) for k, v in delta.items()}, num_samples)
         await super().submit(model, delta, num_samples)
 
 
