@@ -199,3 +199,27 @@ async def test_an_aggregator_restarted_mid_protocol_resumes_or_restarts_the_sess
         assert all(module(a).stats.revealed == 1 and module(a).stats.joined == 2 for a in agents[:3])
     else:
         assert [s.outcome for s in sessions] == ["summed"] and all(module(a).stats.joined == 1 for a in agents)
+
+
+async def test_a_broker_restart_mid_protocol_loses_nothing(broker, broker_address, fleet, tmp_path):
+    topics = Topics(fleet)
+    digits = {"clients": "4", "alpha": "0.5"}
+    store = tmp_path / "agg.sqlite"
+    gate = ManualGate(passes=0)  # agent-3 trains only after the broker is back
+    agents = [secure_agent(agent_config(broker_address, fleet, tmp_path, i, task_options=digits, backoff_cap=1.0),
+                           gate=gate if i == 3 else None) for i in range(4)]
+    aggregator = Aggregator(_config(broker_address, fleet, store, rounds=1, target=4, task_options=digits, resend_grace=1.0))
+    async with asyncio.timeout(120), asyncio.TaskGroup() as group:
+        serving = group.create_task(aggregator.run())
+        for agent in agents:
+            group.create_task(agent.run())
+        async with raw_peer(broker_address, "observer", topics.status) as observer:
+            await _status(observer, topics, lambda s: s.accepted == 3 and "mask phase" in s.note)
+        await broker.kill()
+        await broker.start()
+        gate.open()
+        await serving
+
+    (closed,), steps = _steps(store)
+    assert closed["accepted"] == 4 and closed["metrics"]["secure_sessions"] == 1  # the same session, its messages republished
+    _assert_step(steps[0], agents, 1, aggregator.model.spec)
