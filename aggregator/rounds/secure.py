@@ -410,6 +410,7 @@ class SecureRound:
         """A session of the round ended without a sum: the next one starts at once, or after an extension."""
         self.abandoned += 1
         self._last_problem = why
+        self._spooled, self._waiting_note = 0, ""
         self._next_try = now
         retries = self.policy.secagg.retries
         self._extend_next = self.abandoned % (retries + 1) == 0
