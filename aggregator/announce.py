@@ -98,12 +98,17 @@ class Announcer:
 
     def status_if_due(self, rnd: Round | None, idle: bool) -> None:
         """RoundStatus once per burst of accepted updates (``idle``: the burst ended), and at least
-        every STATUS_INTERVAL under sustained load."""
-        if rnd is None or not self._dirty:
+        every STATUS_INTERVAL under sustained load. A round whose own protocol moved on (its count or
+        note changed: a secure round's phase, an abandoned session) is due too."""
+        if rnd is None or not (self._dirty or self._moved(rnd)):
             return
         if idle or time.monotonic() - self._status_at >= STATUS_INTERVAL:
             self._dirty, self._status_at = False, time.monotonic()
             self.conn.publish_soon(self.topics.status, self._status(rnd, RoundState.OPEN).to_bytes(), retain=True)
+
+    def _moved(self, rnd: Round) -> bool:
+        last = self.status
+        return last is None or (rnd.number, rnd.accepted, rnd.target, rnd.note) != (last.round, last.accepted, last.target, last.note)
 
     async def publish_status(self, rnd: Round | None, state: RoundState) -> None:
         self._dirty = False
@@ -122,6 +127,7 @@ class Announcer:
             deadline=rnd.deadline if rnd else None,
             rounds_total=rounds.rounds or None,
             last_metrics=self.last_metrics,
+            note=rnd.note if rnd else "",
         )
         self.metrics.accepted(status.accepted)
         self.status = status

@@ -21,7 +21,8 @@ defaults, and generates the flags from the fields' metadata. A TOML file::
     metrics_port = 9100
 
 Environment: ``FEDGE_<KEY>`` for a top-level key, ``FEDGE_<SECTION>_<KEY>`` in a section
-(``FEDGE_ROUNDS_TARGET``). Sections: ``rounds`` (round mode, target, deadline; FedBuff's buffer),
+(``FEDGE_ROUNDS_TARGET``). Sections: ``rounds`` (round mode, target, deadline; FedBuff's buffer;
+secure aggregation on or off), ``secagg`` (secure aggregation's phase deadlines, threshold, retries),
 ``training`` (what agents are told to do, over the task's suggestion), ``strategy`` (the server
 optimiser), ``defence`` (hostile updates: allowlist, caps, norm bound, robust rule, DP), ``ingest``
 (limits, durability, chunking, worker processes) and ``monitoring`` (Prometheus, dashboard).
@@ -55,7 +56,7 @@ from fedge_runtime.settings import Loader, Merged, SettingsError, convert
 
 __all__ = [
     "LOADER", "AggregatorConfig", "ClipNorm", "DefenceSettings", "IngestSettings", "MonitoringSettings", "RoundSettings",
-    "TrainingSettings", "build", "config_of",
+    "SecureSettings", "TrainingSettings", "build", "config_of",
 ]
 
 DURABILITY = ("disk", "process")
@@ -80,6 +81,12 @@ class RoundSettings:
     resend_grace: float = field(default=MAX_RETURN_DELAY, metadata={
         "help": "seconds a resumed or re-announced round stays open at least, for devices reconnecting "
                 "(default: the longest the agents' reconnect schedule takes)"})
+    # Issue 17 (aggregator/rounds/secure.py): the aggregator learns each round's sum and nothing about a single
+    # device's delta; the protocol's own settings are in [secagg].
+    secure_aggregation: bool = field(default=False, metadata={
+        "action": "store_true", "show_default": False,
+        "help": "sync: secure aggregation (SecAgg+): devices send masked inputs and the aggregator learns only the cohort's "
+                "sum; needs --aggregation mean, the update codec none, a fixed --clip-norm if any (see [secagg])"})
 
     # Cohort selection (issue 15, rounds/cohort.py): each sync round invites ceil(target x over_select)
     # devices; 0 turns it off (every device trains, as before cohorts).
@@ -128,6 +135,50 @@ class RoundSettings:
     def per_round(self) -> int:
         """Updates that make one model version: the target, or in async mode the buffer size."""
         return self.buffer_size if self.mode == "async" else self.target
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """Secure aggregation's protocol (``[rounds] secure_aggregation``; fedge_contract/secagg/DESIGN.md): phase
+    deadlines, the neighbourhood and threshold (None: recommended for the cohort's size), retries, the fixed point."""
+
+    advertise_timeout: float = field(default=30.0, metadata={
+        "flag": "--secagg-advertise-timeout", "metavar": "SECONDS", "help": "seconds invited devices get to advertise their keys"})
+    share_timeout: float = field(default=30.0, metadata={
+        "flag": "--secagg-share-timeout", "metavar": "SECONDS", "help": "seconds devices get to send their sealed shares"})
+    mask_timeout: float | None = field(default=None, metadata={
+        "flag": "--secagg-mask-timeout", "metavar": "SECONDS",
+        "help": "seconds devices get to train and send their masked input (default: the round's --deadline)"})
+    unmask_timeout: float = field(default=30.0, metadata={
+        "flag": "--secagg-unmask-timeout", "metavar": "SECONDS", "help": "seconds survivors get to reveal their shares"})
+    degree: int | None = field(default=None, metadata={
+        "flag": "--secagg-degree", "help": "neighbours per device, even (default 2 x ceil(2 log2 n) for a cohort of n)"})
+    threshold: int | None = field(default=None, metadata={
+        "flag": "--secagg-threshold",
+        "help": "shares that rebuild a device's secret (default ceil(0.4 x degree); devices refuse less than 40% of their neighbours)"})
+    min_survivors: int | None = field(default=None, metadata={
+        "flag": "--secagg-min-survivors", "help": "fewest inputs a revealed sum may hold (default: max(3, threshold, --min))"})
+    retries: int = field(default=2, metadata={
+        "flag": "--secagg-retries", "help": "new sessions a round tries after an abandoned one before it is extended and re-announced"})
+    clip: float = field(default=8.0, metadata={
+        "flag": "--secagg-clip", "help": "fixed point: each coordinate of a delta is clipped to [-CLIP, CLIP]"})
+    ring_bits: int = field(default=32, metadata={
+        "flag": "--secagg-ring-bits", "metavar": "BITS", "help": "fixed point: bits of each summed coordinate (4 bytes at 32)"})
+
+    def __post_init__(self) -> None:
+        timeouts = (self.advertise_timeout, self.share_timeout, self.unmask_timeout, 1.0 if self.mask_timeout is None else self.mask_timeout)
+        if not all(t > 0 and math.isfinite(t) for t in timeouts):
+            raise ValueError("secagg timeouts must be positive numbers of seconds")
+        if self.degree is not None and (self.degree < 2 or self.degree % 2):
+            raise ValueError(f"secagg degree must be even and >= 2, got {self.degree}")
+        if self.threshold is not None and (self.threshold < 2 or (self.degree is not None and self.threshold > self.degree)):
+            raise ValueError(f"secagg threshold must be in 2..degree, got {self.threshold}")
+        if self.min_survivors is not None and self.min_survivors < 3:
+            raise ValueError(f"secagg min_survivors must be >= 3 (a sum of two tells each device the other's input), got {self.min_survivors}")
+        if self.retries < 0:
+            raise ValueError(f"secagg retries must be >= 0, got {self.retries}")
+        if not (self.clip > 0 and math.isfinite(self.clip)) or not 8 <= self.ring_bits <= 64:
+            raise ValueError(f"secagg clip must be > 0 and ring_bits in 8..64, got {self.clip} and {self.ring_bits}")
 
 
 @dataclass(frozen=True)
@@ -312,6 +363,7 @@ class AggregatorConfig:
     defence: DefenceSettings = field(default_factory=DefenceSettings, metadata={"help": "hostile updates (see README: security)"})
     ingest: IngestSettings = field(default_factory=IngestSettings, metadata={"help": "ingest"})
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings, metadata={"help": "monitoring"})
+    secagg: SecureSettings = field(default_factory=SecureSettings, metadata={"help": "secure aggregation (with --secure-aggregation)"})
 
     def __post_init__(self) -> None:
         files = {name: value for name in ("ca_file", "cert_file", "key_file")
@@ -322,8 +374,23 @@ class AggregatorConfig:
         if self.strategy.name not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy.name!r} (known: {', '.join(STRATEGIES)}; FedProx = fedavg with --mu)")
         parse_chain(self.global_codec)
+        self._check_secure()
         self._check_privacy()
         self._check_workers()
+
+    def _check_secure(self) -> None:
+        """What secure aggregation cannot run with, every refusal in one message; an unset update codec becomes none."""
+        if not self.rounds.secure_aggregation:
+            return
+        try:
+            from aggregator.secagg_relay import check_compatible
+        except ImportError as exc:
+            raise ValueError(f"--secure-aggregation needs the 'cryptography' package ({exc}): pip install 'fedge[aggregator]'") from None
+        defence = self.defence
+        check_compatible(mode=self.rounds.mode, aggregation=defence.aggregation, codec=self.training.codec or "none",
+                         clip_factor=defence.factor, clip_action=defence.clip_action, workers=self.ingest.workers)
+        if not self.training.codec:
+            object.__setattr__(self, "training", dataclasses.replace(self.training, codec="none"))
 
     def _check_privacy(self) -> None:
         defence = self.defence

@@ -2,7 +2,7 @@
 
     Coordinator                    the round loop below, and nothing else
      +-- GlobalModel   (model.py)          weights, version, strategy, checkpoints, evaluation
-     +-- RoundPolicy   (rounds/)           what a round is: sync rounds, the FedBuff buffer
+     +-- RoundPolicy   (rounds/)           what a round is: sync rounds, the FedBuff buffer, secure rounds
      +-- IngestSource  (ingest/, workers/) where updates are validated and folded: this
      |                                     connection, or N worker processes
      +-- StoreThread   (store/)            the SQLite ledger and spool, on a thread of its own
@@ -47,10 +47,10 @@ from aggregator.observability.dashboard import DashboardServer, fleet_state
 from aggregator.observability.evaluations import Evaluations
 from aggregator.observability.fleet import FleetView
 from aggregator.observability.metrics import AggregatorMetrics, MetricsServer
-from aggregator.rounds import DeadlineAction, Round, RoundPolicy, make_policy
+from aggregator.rounds import DeadlineAction, Round, RoundPolicy, RoundServices, make_policy
 from aggregator.rounds.sync import SyncRound
 from aggregator.store import Store, StoreAccess, StoreThread, call
-from fedge_contract import ReceiptStatus, RoundState, Topics
+from fedge_contract import Receipt, ReceiptStatus, RoundState, Topics
 from fedge_contract.mqtt import Connection
 from fedge_contract.supervisor import Supervisor
 from fedge_contract.tensors import ModelSpec
@@ -82,7 +82,7 @@ class Coordinator:
         self.counters: collections.Counter[str] = collections.Counter()  # receipts by status (and reason), bytes in
         self.metrics = AggregatorMetrics()  # Prometheus; served only with monitoring.metrics_port
         self.fleet = FleetView(config.fleet, self.metrics)
-        self.policy = policy or make_policy(config.rounds, self.fleet)  # a cohort is selected from the fleet view
+        self.policy = policy or make_policy(config, self.fleet)  # a cohort is selected from the fleet view
         rounds = config.rounds
         self.evaluations = Evaluations(config.fleet, rounds.eval_every, rounds.eval_fraction, self.metrics,
                                        max_samples=config.defence.max_weight) if rounds.eval_every else None
@@ -121,6 +121,7 @@ class Coordinator:
                 max_buffered=source.inbox_limit,
             ))
             self.conn = conn
+            self.policy.bind(RoundServices(conn, model.spec, self.fleet, self._answer))
             self.metrics.watch_published(lambda: conn.bytes_published)
             ask_eval = self.evaluations.ask if self.evaluations else (lambda version, final: None)
             self._announcer = Announcer(self.config, model, conn, self.metrics, self.clock, ask_eval)
@@ -231,6 +232,8 @@ class Coordinator:
                         await rnd.extend(self.db)  # a cohort invites more devices (stored before it is announced)
                         await call(self.db, Store.extend_round, rnd.number, rnd.deadline)
                         await self.announcer.announce(rnd)
+                    else:  # CONTINUE: a phase of the round's own protocol moved on
+                        self.announcer.status_if_due(rnd, self.source.idle())
                     continue
                 try:
                     async with asyncio.timeout(None if deadline is None else deadline - self.clock()):
@@ -260,8 +263,12 @@ class Coordinator:
         """A message of the round's own protocol (secure aggregation's phases); each refusal is answered with a receipt."""
         payload = message.payload if isinstance(message.payload, bytes) else b""
         for receipt in await rnd.on_message(str(message.topic), payload, self.clock()):
-            self._count_receipt(receipt.status, receipt.reason, len(payload))
-            self.conn.publish_soon(self.topics.receipt(receipt.client_id), receipt.to_bytes())
+            self._answer(receipt, len(payload))
+
+    def _answer(self, receipt: Receipt, nbytes: int) -> None:
+        """A receipt the round decided itself (a refused message of its protocol): counted, then published."""
+        self._count_receipt(receipt.status, receipt.reason, nbytes)
+        self.conn.publish_soon(self.topics.receipt(receipt.client_id), receipt.to_bytes())
 
     async def _take(self, event: Any) -> bool:
         """Take ``event`` if it is the coordinator's own, whatever the source: a device's presence (the fleet

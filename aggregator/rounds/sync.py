@@ -20,7 +20,7 @@ from typing import Any
 from aggregator.errors import Rejection
 from aggregator.rounds.cohort import Selection
 from aggregator.rounds.invitations import Invitations
-from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain, Sampling
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain, RoundServices, Sampling
 from aggregator.store import Standing, Store, StoreAccess
 from fedge_contract import ReceiptStatus, Topics, Update
 from fedge_contract.cohort import InviteSet
@@ -192,6 +192,9 @@ class SyncPolicy:
 
     def subscriptions(self, topics: Topics) -> list[str]:
         return []
+
+    def bind(self, services: RoundServices) -> None:
+        """Plain rounds need nothing of the coordinator's connection."""
 
     async def check_in(self, version: int, now: float, db: StoreAccess) -> float | None:
         if self.invitations is None:

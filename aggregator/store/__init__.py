@@ -4,12 +4,12 @@ store in a running aggregator, so that no SQLite call or fsync ever runs on its 
 (thread.py).
 """
 
-from aggregator.store.records import Checkpoint, ReceiptRow, SpooledUpdate, Standing
+from aggregator.store.records import Checkpoint, ReceiptRow, SecureSession, SpooledUpdate, Standing
 from aggregator.store.segments import digest
 from aggregator.store.store import BUSY_TIMEOUT, Store
 from aggregator.store.thread import InlineStore, StoreAccess, StoreThread, call, run
 
 __all__ = [
-    "BUSY_TIMEOUT", "Checkpoint", "InlineStore", "ReceiptRow", "SpooledUpdate", "Standing", "Store", "StoreAccess", "StoreThread",
-    "call", "digest", "run",
+    "BUSY_TIMEOUT", "Checkpoint", "InlineStore", "ReceiptRow", "SecureSession", "SpooledUpdate", "Standing", "Store", "StoreAccess",
+    "StoreThread", "call", "digest", "run",
 ]

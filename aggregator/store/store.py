@@ -14,6 +14,8 @@ What is where:
   deletes its segment files; a crash between the two leaves files that the next writable
   opening deletes. Stores written before segments keep their payloads in ``accepted.payload``,
   which ``spooled`` still reads.
+- secure aggregation's sessions and masked inputs (``secure_sessions``, ``secure_inputs``): see
+  store/secure.py.
 
 Durability. Round-level writes (claim, take_over, save_initial, open_round, mark_closing,
 extend_round, set_round_metrics, update_round_metrics, invite, close_round) are durable when they return: the commit runs
@@ -66,6 +68,7 @@ import numpy as np
 
 from aggregator.errors import Superseded
 from aggregator.store.records import Checkpoint, ReceiptRow, SpooledUpdate, Standing
+from aggregator.store.secure import SECURE_SCHEMA, SecureSessions
 from aggregator.store.segments import SEGMENT_NAME, Segment, SegmentReader, SyncPlan, Written, digest
 from fedge_contract.messages import unpack_weights, weight_pieces
 from fedge_contract.packing import steps
@@ -120,7 +123,7 @@ _STANDING = """SELECT
     (SELECT value FROM meta WHERE key='epoch'),
     NOT EXISTS(SELECT 1 FROM cohorts WHERE round=:round) OR EXISTS(SELECT 1 FROM invited WHERE round=:round AND client_id=:client)"""
 
-class Store:
+class Store(SecureSessions):
     def __init__(self, path: Path | str, *, readonly: bool = False, fsync: bool = True) -> None:
         """Open (creating if needed) the store; ``readonly`` opens an existing one for reports,
         never writing to it nor to its spool folder (a file that is not a fedge store stays untouched).
@@ -153,6 +156,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # creating and migrating the schema: durable
         self._db.executescript(_SCHEMA)
+        self._db.executescript(SECURE_SCHEMA)  # secure aggregation's sessions and masked inputs (store/secure.py)
         self._migrate()
         self._db.execute("PRAGMA synchronous=NORMAL")  # the default: deferred; durable writes switch to FULL around their commit
         self._delete_released_segments()
@@ -367,7 +371,8 @@ class Store:
         metrics: Mapping[str, float] | None = None,
     ) -> None:
         """Atomically and durably: the new checkpoint, the round marked closed with its ``metrics``
-        (a reader never sees a closed round without them), its spool released.
+        (a reader never sees a closed round without them), its spool released (and a secure round's masked
+        inputs and session checkpoints, store/secure.py).
 
         Then the round's segment files are deleted (a crash before that: the next opening does it).
         """
@@ -377,6 +382,7 @@ class Store:
             if metrics is not None:
                 db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
             db.execute("UPDATE accepted SET segment=NULL, payload=NULL WHERE round=?", (round_no,))
+            self._release_secure(db, round_no)
         for key, segment in list(self._segments.items()):
             if segment.round == round_no:
                 os.close(segment.fd)
