@@ -23,7 +23,8 @@ defaults, and generates the flags from the fields' metadata. A TOML file::
     metrics_port = 9100
 
 Environment: ``FEDGE_<KEY>`` for a top-level key, ``FEDGE_<SECTION>_<KEY>`` in a section
-(``FEDGE_ROUNDS_TARGET``). Sections: ``rounds`` (round mode, target, deadline; FedBuff's buffer),
+(``FEDGE_ROUNDS_TARGET``). Sections: ``rounds`` (round mode, target, deadline; FedBuff's buffer;
+secure aggregation on or off), ``secagg`` (secure aggregation's phase deadlines, threshold, retries),
 ``training`` (what agents are told to do, over the task's suggestion), ``strategy`` (the server
 optimiser), ``defence`` (hostile updates: allowlist, caps, norm bound, robust rule, DP), ``ingest``
 (limits, durability, chunking, worker processes), ``broadcast`` (how each version reaches devices:
@@ -48,6 +49,7 @@ from aggregator.aggregation.privacy import PrivacyParams
 from aggregator.aggregation.robust import AGGREGATIONS
 from aggregator.aggregation.strategies import STRATEGIES, StrategyConfig
 from aggregator.rounds.buffered import BufferPlan, staleness_function
+from aggregator.rounds.cohort import CohortPolicy
 from aggregator.rounds.sync import RoundPlan
 from fedge_contract.broadcast import DEFAULT_BROADCAST_CHAIN, BroadcastPolicy
 from fedge_contract.broadcast.policy import SNAPSHOT_CHAIN
@@ -58,8 +60,8 @@ from fedge_contract.topics import check_name
 from fedge_runtime.settings import Loader, Merged, SettingsError, convert
 
 __all__ = [
-    "LOADER", "AggregatorConfig", "BroadcastSettings", "ClipNorm", "DefenceSettings", "IngestSettings", "MonitoringSettings", "RoundSettings",
-    "TrainingSettings", "build", "config_of",
+    "LOADER", "AggregatorConfig", "BroadcastSettings", "ClipNorm", "DefenceSettings", "IngestSettings", "MonitoringSettings",
+    "RoundSettings", "SecureSettings", "TrainingSettings", "build", "config_of",
 ]
 
 DURABILITY = ("disk", "process")
@@ -84,10 +86,34 @@ class RoundSettings:
     resend_grace: float = field(default=MAX_RETURN_DELAY, metadata={
         "help": "seconds a resumed or re-announced round stays open at least, for devices reconnecting "
                 "(default: the longest the agents' reconnect schedule takes)"})
+    # Issue 17 (aggregator/rounds/secure.py): the aggregator learns each round's sum and nothing about a single
+    # device's delta; the protocol's own settings are in [secagg].
+    secure_aggregation: bool = field(default=False, metadata={
+        "action": "store_true", "show_default": False,
+        "help": "sync: secure aggregation (SecAgg+): devices send masked inputs and the aggregator learns only the cohort's "
+                "sum; needs --aggregation mean, the update codec none, a fixed --clip-norm if any (see [secagg])"})
+
+    # Cohort selection (issue 15, rounds/cohort.py): each sync round invites ceil(target x over_select)
+    # devices; 0 turns it off (every device trains, as before cohorts).
+    over_select: float = field(default=1.3, metadata={
+        "help": "sync: invite ceil(target x this) devices per round, chosen from the eligible ones fairly over time; "
+                "0: no cohort, every device trains"})
+    seed: int = field(default=0, metadata={"flag": "--cohort-seed", "help": "seed of the cohort selection (the same seed, the same cohorts)"})
+    checkin: float = field(default=10.0, metadata={
+        "help": "with a cohort: seconds a round waits at most for enough eligible devices to check in before it selects from those present"})
+    eval_every: int = field(default=0, metadata={
+        "metavar": "N", "help": "ask devices to evaluate every N-th model version (and the final one) on their own held-out data; 0: never"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of the devices asked to evaluate (a uniform hash rule)"})
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 = run forever)")
+        if not (self.over_select == 0 or 1 <= self.over_select <= 100):
+            raise ValueError(f"over_select must be 0 (no cohort) or in [1, 100], got {self.over_select}")
+        if not self.checkin >= 0:
+            raise ValueError(f"checkin must be >= 0, got {self.checkin}")
+        if self.eval_every < 0 or not 0 < self.eval_fraction <= 1:
+            raise ValueError(f"need eval_every >= 0 and 0 < eval_fraction <= 1, got {self.eval_every} and {self.eval_fraction}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be sync or async, got {self.mode!r}")
         if not self.resend_grace >= 0:
@@ -104,9 +130,60 @@ class RoundSettings:
         return BufferPlan(target=self.buffer_size, max_staleness=self.max_staleness)
 
     @property
+    def cohort(self) -> CohortPolicy | None:
+        """The cohort selection of sync rounds (None: every device trains; async mode never selects)."""
+        if self.mode != "sync" or self.over_select == 0:
+            return None
+        return CohortPolicy(target=self.target, over_select=self.over_select, seed=self.seed)
+
+    @property
     def per_round(self) -> int:
         """Updates that make one model version: the target, or in async mode the buffer size."""
         return self.buffer_size if self.mode == "async" else self.target
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """Secure aggregation's protocol (``[rounds] secure_aggregation``; fedge_contract/secagg/DESIGN.md): phase
+    deadlines, the neighbourhood and threshold (None: recommended for the cohort's size), retries, the fixed point."""
+
+    advertise_timeout: float = field(default=30.0, metadata={
+        "flag": "--secagg-advertise-timeout", "metavar": "SECONDS", "help": "seconds invited devices get to advertise their keys"})
+    share_timeout: float = field(default=30.0, metadata={
+        "flag": "--secagg-share-timeout", "metavar": "SECONDS", "help": "seconds devices get to send their sealed shares"})
+    mask_timeout: float | None = field(default=None, metadata={
+        "flag": "--secagg-mask-timeout", "metavar": "SECONDS",
+        "help": "seconds devices get to train and send their masked input (default: the round's --deadline)"})
+    unmask_timeout: float = field(default=30.0, metadata={
+        "flag": "--secagg-unmask-timeout", "metavar": "SECONDS", "help": "seconds survivors get to reveal their shares"})
+    degree: int | None = field(default=None, metadata={
+        "flag": "--secagg-degree", "help": "neighbours per device, even (default 2 x ceil(2 log2 n) for a cohort of n)"})
+    threshold: int | None = field(default=None, metadata={
+        "flag": "--secagg-threshold",
+        "help": "shares that rebuild a device's secret (default ceil(0.4 x degree); devices refuse less than 40% of their neighbours)"})
+    min_survivors: int | None = field(default=None, metadata={
+        "flag": "--secagg-min-survivors", "help": "fewest inputs a revealed sum may hold (default: max(3, threshold, --min))"})
+    retries: int = field(default=2, metadata={
+        "flag": "--secagg-retries", "help": "new sessions a round tries after an abandoned one before it is extended and re-announced"})
+    clip: float = field(default=8.0, metadata={
+        "flag": "--secagg-clip", "help": "fixed point: each coordinate of a delta is clipped to [-CLIP, CLIP]"})
+    ring_bits: int = field(default=32, metadata={
+        "flag": "--secagg-ring-bits", "metavar": "BITS", "help": "fixed point: bits of each summed coordinate (4 bytes at 32)"})
+
+    def __post_init__(self) -> None:
+        timeouts = (self.advertise_timeout, self.share_timeout, self.unmask_timeout, 1.0 if self.mask_timeout is None else self.mask_timeout)
+        if not all(t > 0 and math.isfinite(t) for t in timeouts):
+            raise ValueError("secagg timeouts must be positive numbers of seconds")
+        if self.degree is not None and (self.degree < 2 or self.degree % 2):
+            raise ValueError(f"secagg degree must be even and >= 2, got {self.degree}")
+        if self.threshold is not None and (self.threshold < 2 or (self.degree is not None and self.threshold > self.degree)):
+            raise ValueError(f"secagg threshold must be in 2..degree, got {self.threshold}")
+        if self.min_survivors is not None and self.min_survivors < 3:
+            raise ValueError(f"secagg min_survivors must be >= 3 (a sum of two tells each device the other's input), got {self.min_survivors}")
+        if self.retries < 0:
+            raise ValueError(f"secagg retries must be >= 0, got {self.retries}")
+        if not (self.clip > 0 and math.isfinite(self.clip)) or not 8 <= self.ring_bits <= 64:
+            raise ValueError(f"secagg clip must be > 0 and ring_bits in 8..64, got {self.clip} and {self.ring_bits}")
 
 
 @dataclass(frozen=True)
@@ -329,6 +406,7 @@ class AggregatorConfig:
     broadcast: BroadcastSettings = field(default_factory=BroadcastSettings, metadata={
         "help": "broadcasts: how each model version reaches devices (see README: delta broadcasts)"})
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings, metadata={"help": "monitoring"})
+    secagg: SecureSettings = field(default_factory=SecureSettings, metadata={"help": "secure aggregation (with --secure-aggregation)"})
 
     def __post_init__(self) -> None:
         files = {name: value for name in ("ca_file", "cert_file", "key_file")
@@ -342,8 +420,23 @@ class AggregatorConfig:
         if self.broadcast.deltas and self.global_codec != "none":
             raise ValueError(f"global_codec {self.global_codec!r} is the codec of whole-model broadcasts: with delta broadcasts "
                              "(the default) set the broadcast chain (--broadcast-chain), or turn them off (--no-delta-broadcasts)")
+        self._check_secure()
         self._check_privacy()
         self._check_workers()
+
+    def _check_secure(self) -> None:
+        """What secure aggregation cannot run with, every refusal in one message; an unset update codec becomes none."""
+        if not self.rounds.secure_aggregation:
+            return
+        try:
+            from aggregator.secagg_relay import check_compatible
+        except ImportError as exc:
+            raise ValueError(f"--secure-aggregation needs the 'cryptography' package ({exc}): pip install 'fedge[aggregator]'") from None
+        defence = self.defence
+        check_compatible(mode=self.rounds.mode, aggregation=defence.aggregation, codec=self.training.codec or "none",
+                         clip_factor=defence.factor, clip_action=defence.clip_action, workers=self.ingest.workers)
+        if not self.training.codec:
+            object.__setattr__(self, "training", dataclasses.replace(self.training, codec="none"))
 
     def _check_privacy(self) -> None:
         defence = self.defence

@@ -2,16 +2,17 @@
 
     Coordinator                    the round loop below, and nothing else
      +-- GlobalModel   (model.py)          weights, version, strategy, checkpoints, evaluation
-     +-- RoundPolicy   (rounds/)           what a round is: sync rounds, the FedBuff buffer
+     +-- RoundPolicy   (rounds/)           what a round is: sync rounds, the FedBuff buffer, secure rounds
      +-- IngestSource  (ingest/, workers/) where updates are validated and folded: this
      |                                     connection, or N worker processes
      +-- StoreThread   (store/)            the SQLite ledger and spool, on a thread of its own
      +-- Announcer     (announce.py)       each round's model and RoundStatus to the fleet, the model
      |    +-- ModelChannel (broadcasting/)  as delta broadcasts (the default) or whole models
-     +-- FleetView, metrics, dashboard (observability/)
+     +-- FleetView, Evaluations, metrics, dashboard (observability/): presence, federated evaluation
 
 The loop, for every mode and every source::
 
+    policy.check_in(version)            # a cohort waits for devices to check in (events handled meanwhile)
     rnd = policy.open(version)          # a restart resumes the round the store holds
     source.open(rnd)                    # re-fold what the store spooled for it
     announce(rnd); collect(rnd)         # events until the round is complete or its deadline closes it
@@ -46,12 +47,13 @@ from aggregator.ingest.source import IngestSource, LocalIngest
 from aggregator.ingest.validation import limits_for
 from aggregator.model import GlobalModel, load_task
 from aggregator.observability.dashboard import DashboardServer, fleet_state
+from aggregator.observability.evaluations import Evaluations
 from aggregator.observability.fleet import FleetView
 from aggregator.observability.metrics import AggregatorMetrics, MetricsServer
-from aggregator.rounds import DeadlineAction, Round, RoundPolicy, make_policy
+from aggregator.rounds import DeadlineAction, Round, RoundPolicy, RoundServices, make_policy
 from aggregator.rounds.sync import SyncRound
 from aggregator.store import Store, StoreAccess, StoreThread, call
-from fedge_contract import ReceiptStatus, RoundState, Topics
+from fedge_contract import Receipt, ReceiptStatus, RoundState, Topics
 from fedge_contract.mqtt import Connection
 from fedge_contract.supervisor import Supervisor
 from fedge_contract.tensors import ModelSpec
@@ -80,10 +82,13 @@ class Coordinator:
         self.config = config
         self.topics = Topics(config.fleet)
         self.clock = clock
-        self.policy = policy or make_policy(config.rounds)
         self.counters: collections.Counter[str] = collections.Counter()  # receipts by status (and reason), bytes in
         self.metrics = AggregatorMetrics()  # Prometheus; served only with monitoring.metrics_port
         self.fleet = FleetView(config.fleet, self.metrics)
+        self.policy = policy or make_policy(config, self.fleet)  # a cohort is selected from the fleet view
+        rounds = config.rounds
+        self.evaluations = Evaluations(config.fleet, rounds.eval_every, rounds.eval_fraction, self.metrics,
+                                       max_samples=config.defence.max_weight) if rounds.eval_every else None
         self.defence = Defence(config)  # norm bound, weight cap, robust rule, DP
         self.metrics_server: MetricsServer | None = None
         self.dashboard_server: DashboardServer | None = None
@@ -114,22 +119,25 @@ class Coordinator:
             conn = await stack.enter_async_context(Connection(
                 self.config.broker,
                 self.config.mqtt_client_id,
-                subscriptions=[self.topics.all_presence, *source.subscriptions, *self.policy.subscriptions(self.topics)],
+                subscriptions=[self.topics.all_presence, *([self.topics.all_evals] if self.evaluations else []), *source.subscriptions,
+                               *self.policy.subscriptions(self.topics)],
                 persistent=True,
                 session_expiry=self.config.session_expiry,
                 on_connect=self._on_reconnect,
                 max_buffered=source.inbox_limit,
             ))
             self.conn = conn
+            self.policy.bind(RoundServices(conn, model.spec, self.fleet, self._answer))
             self.metrics.watch_published(lambda: conn.bytes_published)
+            ask_eval = self.evaluations.ask if self.evaluations else (lambda version, final: None)
             channel.bind(conn)
-            self._announcer = Announcer(self.config, model, conn, self.metrics, self.clock, channel=channel, db=self.db)
+            self._announcer = Announcer(self.config, model, conn, self.metrics, self.clock, ask_eval, channel=channel, db=self.db)
             source.bind(conn, self.epoch)
             self.source = await stack.enter_async_context(source)
             await self._serve()
 
     def _make_source(self, failures: Supervisor) -> IngestSource:
-        ingest = Ingest(
+        self.ingest = ingest = Ingest(
             fleet=self.config.fleet, spec=self.model.spec, limits=self.limits, defence=self.defence,
             db=self.db, send=self._publish_soon, answered=self._count_receipt, log=log, loop=asyncio.get_running_loop(),
             on_failure=failures.fail,
@@ -157,6 +165,8 @@ class Coordinator:
     # ------------------------------------------------------------------ rounds
     async def _serve(self) -> None:
         while not self.model.done:
+            while (until := await self.policy.check_in(self.model.version, self.clock(), self.db)) is not None:
+                await self._between_rounds(until)  # a cohort waits for devices to check in (their presence)
             rnd = await self.policy.open(self.model.version, self.clock(), self.db)
             if await self._open(rnd):  # a restart: devices cut off meanwhile need time to come back and resend
                 await self._announce_with_grace(rnd)
@@ -168,6 +178,7 @@ class Coordinator:
             finally:
                 await rnd.close()
         await self.announcer.final()
+        await self._final_evaluations()
         await self._answer_leftovers()
         await self.source.drain()  # receipts decided since the last round closed
         await self.conn.flush()  # everything queued is out before the aggregator exits
@@ -175,19 +186,42 @@ class Coordinator:
     async def _answer_leftovers(self) -> None:
         """Answer the updates that already arrived after the last round closed (issue 19: they stayed in the
         agents' outboxes): each gets ``stale``, or ``duplicate`` if it was accepted, as in any closed round."""
-        over = SyncRound.admitting(self.model.version + 1, self.model.version, target=1)  # a round the store never opened
         while not self.source.idle():
-            event = await self.source.next_event()
-            if not self._presence(event):
-                await self.source.handle(event, over)
+            await self._between_rounds(None)
+
+    async def _between_rounds(self, until: float | None) -> None:
+        """Handle the next event (until ``until``, if one comes) while no round is open: presence and evaluations
+        as always, and an update as one for a closed round (``stale``, or ``duplicate`` if it was accepted)."""
+        try:
+            async with asyncio.timeout(None if until is None else max(0.0, until - self.clock())):
+                event = await self.source.next_event()
+        except TimeoutError:
+            return
+        if not await self._take(event):
+            over = SyncRound.admitting(self.model.version + 1, self.model.version, target=1)  # a round the store never opened
+            await self.source.handle(event, over)
+
+    async def _final_evaluations(self) -> None:
+        """Wait, at most a round's deadline, for the reports of the online devices the final announcement asked
+        (a device that goes offline first, such as an agent with no held-out data exiting on the final model, is not awaited)."""
+        evaluations = self.evaluations
+        if evaluations is None:
+            return
+        version, ends = self.model.version, self.clock() + self.config.rounds.deadline
+        awaited = evaluations.awaited(version, self.fleet.devices)
+        while (awaited - evaluations.reported(version)) & self.fleet.online and self.clock() < ends:
+            await self._between_rounds(ends)
+        await evaluations.flush(self.db)
 
     async def _open(self, rnd: Round) -> bool:
         """Record the round open and re-fold what the store spooled for it; whether it is resumed (open before a restart)."""
         resumed = await call(self.db, Store.open_round, rnd.number, rnd.base_version, rnd.deadline)
+        admission = rnd.admission(self.db.store, epoch=self.epoch)
         for accepted in await self.source.open(rnd):  # a restart mid-round: re-fold what was accepted
             rnd.record(accepted)
+            self.ingest.confirm(accepted.client_id, accepted.update_id, admission)  # its receipt may never have left
         if rnd.accepted:
-            log.info("round %d: re-folded %d spooled updates", rnd.number, rnd.accepted)
+            log.info("round %d: re-folded %d spooled updates and confirmed them to their devices", rnd.number, rnd.accepted)
         return resumed
 
     async def _collect(self, rnd: Round) -> None:
@@ -202,8 +236,11 @@ class Coordinator:
                         return
                     if action is DeadlineAction.EXTEND:
                         log.warning("round %d: deadline with %d < min %d updates, extended", rnd.number, rnd.accepted, rnd.min_updates)
+                        await rnd.extend(self.db)  # a cohort invites more devices (stored before it is announced)
                         await call(self.db, Store.extend_round, rnd.number, rnd.deadline)
                         await self.announcer.announce(rnd)
+                    else:  # CONTINUE: a phase of the round's own protocol moved on
+                        self.announcer.status_if_due(rnd, self.source.idle())
                     continue
                 try:
                     async with asyncio.timeout(None if deadline is None else deadline - self.clock()):
@@ -215,8 +252,9 @@ class Coordinator:
             self._collecting = None
 
     async def _handle(self, event: Any, rnd: Round) -> None:
-        if self._presence(event):
-            pass
+        if await self._take(event):
+            if await rnd.invite_newcomers(self.db, self.clock()):  # a round short of its cohort invites who checked in
+                await self.announcer.announce(rnd)
         elif isinstance(event, aiomqtt.Message) and rnd.owns(str(event.topic)):
             await self._round_message(event, rnd)
         else:
@@ -232,23 +270,36 @@ class Coordinator:
         """A message of the round's own protocol (secure aggregation's phases); each refusal is answered with a receipt."""
         payload = message.payload if isinstance(message.payload, bytes) else b""
         for receipt in await rnd.on_message(str(message.topic), payload, self.clock()):
-            self._count_receipt(receipt.status, receipt.reason, len(payload))
-            self.conn.publish_soon(self.topics.receipt(receipt.client_id), receipt.to_bytes())
+            self._answer(receipt, len(payload))
 
-    def _presence(self, event: Any) -> bool:
-        """Take ``event`` if it is a device's presence (the fleet view's, whatever the source)."""
+    def _answer(self, receipt: Receipt, nbytes: int) -> None:
+        """A receipt the round decided itself (a refused message of its protocol): counted, then published."""
+        self._count_receipt(receipt.status, receipt.reason, nbytes)
+        self.conn.publish_soon(self.topics.receipt(receipt.client_id), receipt.to_bytes())
+
+    async def _take(self, event: Any) -> bool:
+        """Take ``event`` if it is the coordinator's own, whatever the source: a device's presence (the fleet
+        view's) or evaluation report (observability/evaluations.py)."""
         if not isinstance(event, aiomqtt.Message):
             return False
         topic = str(event.topic)
         client = self.topics.client_of(topic)
-        if client is None or topic != self.topics.presence(client):
+        payload = event.payload if isinstance(event.payload, bytes) else b""
+        if client is not None and topic == self.topics.presence(client):
+            self.fleet.on_presence(client, payload)
+            return True
+        if client is None or self.evaluations is None or topic != self.topics.evals(client):
             return False
-        self.fleet.on_presence(client, event.payload if isinstance(event.payload, bytes) else b"")
+        self.evaluations.offer(client, payload)
+        if self._announcer is not None:
+            self._announcer.last_metrics = {**self._announcer.last_metrics, **self.evaluations.latest}
+        if self.evaluations.due():
+            await self.evaluations.flush(self.db)
         return True
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
-        """A message that arrived while the source gathered a round's sum (presence; anything else is ignored)."""
-        if not self._presence(message):
+        """A message that arrived while the source gathered a round's sum (presence, evaluations; anything else is ignored)."""
+        if not await self._take(message):
             log.debug("ignored %s while closing a round", message.topic)
 
     async def _close(self, rnd: Round) -> None:
@@ -267,11 +318,13 @@ class Coordinator:
         prepared = await self.channel.prepare(weights, version)  # its broadcast (off the loop), committed with it
         metrics: dict[str, float] = {"round": float(rnd.number), "accepted": float(rnd.accepted), "samples": total.total_weight}
         metrics.update(rnd.metrics())
-        metrics.update(self.defence.metrics(version))
+        metrics.update(self.defence.metrics(version, self.policy.sampling()))
         metrics.update(await self.model.evaluate(weights, prepared.held))
         metrics["aggregate_seconds"] = self.clock() - started
         await self.model.commit(self.db, rnd.number, weights, rnd.accepted, metrics, prepared.state)
-        self.announcer.last_metrics = metrics
+        if self.evaluations is not None:
+            await self.evaluations.flush(self.db)  # the previous versions' federated figures, into their rounds
+        self.announcer.last_metrics = {**metrics, **(self.evaluations.latest if self.evaluations else {})}
         self.metrics.round_closed(version, metrics)
         log.info("round %d closed: v%d from %d updates %s", rnd.number, version, rnd.accepted,
                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("accuracy", "loss")),

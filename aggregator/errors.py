@@ -6,6 +6,7 @@
      +-- Superseded              another aggregator took over the store (this one, or its worker, must stop)
      +-- LedgerMismatch          the partial sums merged for a round do not cover exactly its accepted updates
      +-- WorkerFailed            an ingest worker could not start
+     +-- SecureResultLost        a secure round's sum was computed but the store cannot recompute it
 """
 
 from __future__ import annotations
@@ -38,3 +39,10 @@ class LedgerMismatch(AggregatorError):
 
 class WorkerFailed(AggregatorError):
     """An ingest worker exited before it was ready (bad config, broker refused it, import error)."""
+
+
+class SecureResultLost(AggregatorError):
+    """A secure round whose session produced its sum before the aggregator stopped, and whose checkpoint and
+    spool no longer give it back (a damaged store). Another session of the same round would give a second
+    sum over other survivors, and the difference of two sums reveals the devices in one but not the other:
+    the aggregator stops rather than open one."""

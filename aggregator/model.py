@@ -47,6 +47,7 @@ class GlobalModel:
     """Version ``version`` of the fleet's model, as the checkpoints hold it."""
 
     def __init__(self, config: AggregatorConfig, task: Task, task_extra: Mapping[str, Any]) -> None:
+        from fedge_tasks.base import server_eval_data
         from fedge_tasks.runtime import limit_torch_threads
         from fedge_tasks.weights import get_weights
 
@@ -54,7 +55,7 @@ class GlobalModel:
         self.config = config
         self.task = task
         self.torch_model = task.build_model()
-        self.eval_data = task.eval_data() if config.evaluate else None
+        self.eval_data = server_eval_data(task) if config.evaluate else None  # None: the task has no server-side data
         self.loss = getattr(task, "loss", None)
         self.weights: dict[str, np.ndarray] = get_weights(self.torch_model)
         self.spec = ModelSpec.of(self.weights)

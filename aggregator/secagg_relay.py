@@ -330,6 +330,12 @@ class SecAggRelay:
                 await self._after_step(before, sends)
             return refused
 
+    def extend_phase(self, until: float) -> None:
+        """Keep the current phase open at least until ``until``: devices cut off by a restart or a broker outage
+        need their reconnect schedule to come back and answer (the coordinator's resend grace)."""
+        if self._session is not None and self.outcome is None:
+            self._session.deadline = max(self._session.deadline, until)
+
     def snapshot(self) -> dict[str, Any]:
         """The adapter's state as plain values (no vector): the session's snapshot. What ``checkpoint`` receives."""
         if self._session is None:

@@ -99,6 +99,7 @@ async def run_scenario(name: str, scenario: Scenario, folder: Path, broadcast: s
             broker.url, fleet=FLEET, task="synthetic", task_options={"params": str(scenario.params)}, rounds=scenario.rounds,
             target=scenario.devices, min_updates=scenario.devices, deadline=600.0, store=folder / "agg.sqlite",
             training={"codec": scenario.codec}, dashboard_port=0, evaluate=False, broadcast={"deltas": broadcast == "deltas"},
+            over_select=0,  # the devices here are raw publishers without presence: no cohort (everyone is invited)
         )
         aggregator = Aggregator(config)
         host = await asyncio.create_subprocess_exec(

@@ -16,12 +16,15 @@ The parts, compared inside one invocation on this machine:
   device-seconds of training, ``everyone`` against ``cohort``.
 - ``in_process``: the same comparison in one process, with the agents' trainer, the selection
   rule and FedAvg, both arms: what the wired aggregator should reach.
+- each ``training`` arm runs with ``--eval-every 1 --eval-fraction F``: its ``federated_eval`` is the
+  aggregator's own federated accuracy of every round's model against its server-side accuracy.
 - ``federated_eval``: for every model version of the ``everyone`` training run, the server's
   held-out accuracy against the federated accuracy the devices asked by the hash rule
   (``--eval-fraction``) report on their own held-out splits (computed here with the agents' own
   evaluation, which is deterministic), and their difference.
 
-An arm whose aggregator does not take ``--over-select`` yet says so instead of a figure.
+An arm whose aggregator does not take ``--over-select`` yet says so instead of a figure. ``everyone``
+passes ``--over-select 0`` (cohorts are on by default since they exist).
 
     python -m bench.participation [--part fleet|training|federated_eval|all] [--agents 10000] [--rounds 10]
 """
@@ -67,7 +70,7 @@ def simulate(out: Path, *args: str, timeout: float) -> tuple[dict[str, Any], flo
 def fleet_arm(agents: int, target: int, rounds: int, params: int, over_select: float | None, tmp: Path) -> dict[str, Any]:
     name = "cohort" if over_select else "everyone"
     args = [f"--agents={agents}", f"--target={target}", f"--rounds={rounds}", "--synthetic", f"--params={params}",
-            "--downloads=all", "--deadline=120", *([f"--over-select={over_select}"] if over_select else [])]
+            "--downloads=all", "--deadline=120", f"--over-select={over_select or 0}"]
     report, wall = simulate(tmp / name, *args, timeout=3600)
     ledgers = [json.loads(p.read_text()) for p in sorted((tmp / name / "agents").glob("*.json"))]
     per_round = []
@@ -174,10 +177,10 @@ async def fanout(agents: int, hosts: int, params: int, tmp: Path) -> dict[str, A
 # ---------------------------------------------------------------------- training (digits)
 
 
-def training_arm(agents: int, target: int, rounds: int, over_select: float | None, tmp: Path) -> dict[str, Any]:
+def training_arm(agents: int, target: int, rounds: int, over_select: float | None, tmp: Path, eval_fraction: float) -> dict[str, Any]:
     name = "train-cohort" if over_select else "train-everyone"
     args = [f"--agents={agents}", f"--target={target}", f"--rounds={rounds}", "--alpha=0.5", "--deadline=120",
-            *([f"--over-select={over_select}"] if over_select else [])]
+            f"--over-select={over_select or 0}", "--eval-every=1", f"--eval-fraction={eval_fraction}"]
     out = tmp / name
     report, wall = simulate(out, *args, "--task-opt=min_samples=5", timeout=3600)
     curve = [row["accuracy"] for row in report["rounds"]]
@@ -189,6 +192,28 @@ def training_arm(agents: int, target: int, rounds: int, over_select: float | Non
         "updates_published": sum(row["updates_published"] for row in report["rounds"]),
         "device_train_seconds_to_090": round(sum(seconds[:to_090]), 2) if to_090 else None,
         "accuracy": [round(a, 4) for a in curve], "store": str(out / "aggregator.sqlite"),
+        "trained_per_round": statistics.mean(row["updates_published"] for row in report["rounds"]),
+        "invited_per_round": statistics.mean(row.get("invited") or agents for row in report["rounds"]),
+        "federated_eval": live_federated_eval(report["rounds"]),
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 4) if value is not None else None
+
+
+def live_federated_eval(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's own federated evaluation (--eval-every 1): each round's fed_accuracy (the devices asked by the
+    hash rule, on their own held-out splits) against the aggregator's server-side accuracy of the same model."""
+    pairs = [(row["round"], row["accuracy"], row.get("fed_accuracy"), row.get("fed_devices")) for row in rows]
+    diffs = [fed - server for _, server, fed, _ in pairs if fed is not None and server is not None]
+    return {
+        "rounds": [{"round": r, "server_accuracy": _rounded(server), "federated_accuracy": _rounded(fed), "devices": devices,
+                    "difference": _rounded(fed - server if fed is not None and server is not None else None)}
+                   for r, server, fed, devices in pairs],
+        "mean_abs_difference": round(statistics.mean(abs(d) for d in diffs), 4) if diffs else None,
+        "max_abs_difference": round(max(abs(d) for d in diffs), 4) if diffs else None,
+        "mean_difference": round(statistics.mean(diffs), 4) if diffs else None,
     }
 
 
@@ -202,7 +227,7 @@ def training_in_process(agents: int, target: int, rounds: int, over_select: floa
     stale. Uncompressed deltas. Shows what the wired aggregator should reach."""
     from aggregator.aggregation.fold import WeightedSum
     from aggregator.aggregation.strategies import FedAvg
-    from aggregator.cohort import Candidate, CohortPolicy, CohortSelector
+    from aggregator.rounds.cohort import Candidate, CohortPolicy, CohortSelector
     from edge_agent.trainer import LocalTrainer
     from fedge_contract import GlobalModel, TaskConfig
     from fedge_contract.codecs import encode_weights, parse_chain
@@ -258,7 +283,7 @@ def training_in_process(agents: int, target: int, rounds: int, over_select: floa
 
 def federated_vs_server(store: Path, agents: int, fraction: float) -> dict[str, Any]:
     """Each version of a finished run: server accuracy, and what the devices asked by the hash rule report."""
-    from aggregator.federated_eval import reduce_reports
+    from aggregator.observability.federated_eval import reduce_reports
     from edge_agent.evaluator import LocalEvaluator
     from fedge_contract import GlobalModel, TaskConfig
     from fedge_contract.codecs import encode_weights, parse_chain
@@ -333,10 +358,10 @@ def main() -> None:
             result["in_process"] = {arm: training_in_process(args.train_agents, args.train_target, args.train_rounds, over)
                                     for arm, over in (("everyone", None), ("cohort", 1.3))}
         if args.part in ("training", "federated_eval", "all"):
-            everyone = training_arm(args.train_agents, args.train_target, args.train_rounds, None, tmp)
+            everyone = training_arm(args.train_agents, args.train_target, args.train_rounds, None, tmp, args.eval_fraction)
             if args.part in ("training", "all"):
                 result["training"] = {"everyone": everyone, "cohort": training_arm(
-                    args.train_agents, args.train_target, args.train_rounds, 1.3, tmp) if selects else pending}
+                    args.train_agents, args.train_target, args.train_rounds, 1.3, tmp, args.eval_fraction) if selects else pending}
             if args.part in ("federated_eval", "all"):
                 result["federated_eval"] = federated_vs_server(Path(everyone["store"]), args.train_agents, args.eval_fraction)
     print(json.dumps(result, indent=1))

@@ -1,347 +1,252 @@
-"""Issue 17's benchmark: secure aggregation over a real Mosquitto against plain FedAvg, on digits.
+"""Issue 17's benchmark, end to end: ``fedge aggregator --secure-aggregation`` against plain FedAvg, on digits.
 
-For each cohort size (``--clients``, default 20 and 100) and dropout rate (``--dropout``, default 0,
-0.1, 0.3), two runs of ``--rounds`` (30) synchronous rounds from the same initial model:
+For each cohort size (``--clients``, default 20 and 100) and dropout rate (``--dropout``, default 0, 0.1,
+0.3), two runs of ``--rounds`` (30) synchronous rounds from the same initial model, each with the real
+aggregator (``python -m fedge aggregator``, its own process, on a local Mosquitto) and real agents
+(edge_agent.Agent, hosted in this process as ``fedge simulate`` hosts them: one shared task, one
+training thread, each agent its own MQTT connection and state folder):
 
-- ``plain``: every device publishes an Update (codec ``none``) on ``updates/<id>``; a loop standing
-  in for the aggregator takes them off the broker and applies the sample-weighted mean;
-- ``secure``: every device runs the agent's secure-aggregation module (edge_agent/secure_aggregation.py)
-  on a connection of its own, and the aggregator's SecAggRelay (aggregator/secagg_relay.py) runs in
-  a loop standing in for the coordinator; the round's mean is the relay's ``SecureMean``.
+- ``plain``: ``--codec none`` (the float32 Update a masked vector compares with);
+- ``secure``: ``--secure-aggregation``; every agent runs its secure-aggregation module.
 
-Training is real (digits MLP, the task's suggested settings, one torch thread, a seed per client and
-round) and runs in this process before each round's protocol, the same way for both runs; the round's
-*seconds* are the protocol's alone (from the announcement to the mean). What is not measured: the
-global model's download (the same bytes either way), and the agent's event loop around the module
-(the coordinator is a test loop until issue 14's round policy wires it).
+Dropouts: each round a seeded ``dropout`` share of the devices is lost mid-protocol, half right after
+sending their sealed shares (they count in no sum; their mask keys are rebuilt), half right after
+their masked input (they count; they never answer the unmask request). A lost device publishes
+nothing more in that session and takes part again in the next round (or in a retry of the round).
+The plain run loses the same devices: the first half's Updates never leave them, the second half's
+count; its target is what remains, so a plain round closes the moment the last live Update arrives
+(the fastest a plain round can close), and both runs average the same devices: the accuracy gap is
+the fixed point's alone. A secure round with losses waits for the mask and unmask phases'
+deadlines, since a lost device is only known lost at a deadline: ``--mask-timeout`` (default: 3x the
+slowest plain round of the same size, which includes the training of every device on this host's one
+training thread, and at least 8 s) and ``--unmask-timeout``.
 
-Dropouts: each round a seeded ``dropout`` share of the cohort is lost mid-protocol, half after sending
-their sealed shares (they count in no sum; their mask keys are rebuilt), half after their masked input
-(they count; they never answer the unmask request). A lost device stops publishing for that round. The
-plain run loses the same devices (the first half never sends its Update, the second half's counts),
-so both runs average the same devices and the accuracy gap is the fixed point's alone. With dropouts,
-a secure round waits for the mask and unmask phases' deadlines (``--mask-timeout``,
-``--unmask-timeout``): its seconds are mostly those deadlines, while the plain loop here closes the
-moment the last live update arrives (the fastest a plain round can close).
+Reported per run: held-out accuracy after the last round (the aggregator's evaluation), seconds per
+round (from the round's opening to its model's commit, training included: mean, max), bytes per
+device per round (secure: everything the device's protocol module sent and received; plain: its
+Update; the global model's download is the same for both and left out; mean over the devices not
+lost in that round), the inputs summed per round, the aggregator process's CPU seconds per round (from the first round's
+opening to the final model),
+and for secure runs the sessions abandoned, the crypto's CPU seconds per device per round (thread time
+inside the module: keys, Shamir, sealing, fixed-point encoding, masking, reveals) and the relay's CPU
+seconds per round. One machine, shared: compare the two runs of one size and dropout, not absolute
+figures; the load average is printed.
 
-Reported per run: held-out accuracy after the last round, seconds per round (mean, max; for secure
-runs also per phase: advertise includes each device's fsync of its session journal), bytes per
-device per round (everything the device sent and received on the protocol's topics, mean over the
-devices that were not lost; for plain, its Update), secure rounds abandoned and retried, the crypto's
-CPU seconds per device per round (thread time inside the module: keys, Shamir, sealing, fixed-point
-encoding, masking, reveals) and the relay's CPU seconds per round. One process, one broker, a 2-core
-machine shared with others: compare the two runs of one size and dropout, not absolute figures.
-
-Prints JSON. Run: python -m bench.secagg [--quick] [--clients 20,100] [--rounds 30] [--dropout 0,0.1,0.3]
+Prints JSON. Run: nice -n 5 python -m bench.secagg [--quick] [--clients 20,100] [--rounds 30] [--dropout 0,0.1,0.3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
-from aggregator.secagg_relay import SecAggRelay, SecAggSettings, SecureMean
-from bench.secagg_fixedpoint import _alpha, _unflat
+from aggregator.store import Store
+from bench.secagg_fixedpoint import _alpha
 from broker import LocalBroker
-from edge_agent.secure_aggregation import SecureAggregation
-from fedge_contract import GlobalModel, TaskConfig, Topics, Update
-from fedge_contract.codecs import decode_weights, encode_weights, parse_chain
+from edge_agent import Agent, AgentConfig
+from fedge_contract import RoundState, RoundStatus, Topics, Update
 from fedge_contract.mqtt import BrokerAddress, Connection
-from fedge_contract.secagg import DeviceMessage, MaskedInput, PhaseTimeouts, Shares
-from fedge_contract.secagg.topics import SecAggTopics
-from fedge_contract.tensors import ModelSpec
+from fedge_contract.secagg import DeviceMessage, MaskedInput, Shares
+from tests.integration.secure_agents import RecordingSecure
 
-DEFAULT_CODEC = "flat+topk:0.01+q4+zstd"
-MAX_WEIGHT = 1000
+MAX_MODEL = 1 << 24
 
 
-class Lost(Exception):
-    pass
-
-
-class Device:
-    """One simulated device: a connection, the secure-aggregation module, and a switch that loses it mid-round."""
-
-    def __init__(self, address: BrokerAddress, fleet: str, client_id: str, state: Path) -> None:
-        self.client_id = client_id
-        self.address = address
-        self.fleet = fleet
-        self.secure = SecureAggregation(fleet=fleet, client_id=client_id, state_dir=state / client_id, max_message_bytes=8 << 20)
-        self.topics = SecAggTopics(fleet)
-        self.drop_after: type[DeviceMessage] | None = None  # this round: lost right after publishing this
-        self.silent = False
-        self.bytes_up = 0
-        self.ready = asyncio.Event()
-        self.conn: Connection | None = None
-
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        if self.silent:
-            return
-        assert self.conn is not None
-        await self.conn.publish(topic, payload, retain=retain)
-        self.bytes_up += len(payload)
-        if self.drop_after is not None and topic == self.topics.device(self.drop_after, self.client_id):
-            self.silent = True
-
-    async def run(self, spec: ModelSpec, secure: bool) -> None:
-        subscriptions = self.secure.subscriptions() if secure else []
-        async with Connection(self.address, f"bench-{self.client_id}-{self.fleet}"[:64], subscriptions=subscriptions, persistent=False) as conn:
-            self.conn = conn
-            self.secure.attach(self, spec)
-            await conn.wait_connected()
-            self.ready.set()
-            while True:
-                message = await conn.messages.get()
-                if isinstance(message.payload, bytes) and not self.silent:
-                    await self.secure.on_message(str(message.topic), message.payload)
-
-
-@dataclass
-class Trainer:
-    """Digits clients trained in this process: each round's deltas from the current global weights."""
-
-    clients: int
-    seed: int = 0
-    task: Any = None
-    names: list[str] = field(default_factory=list)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        import torch
-
-        from fedge_tasks.digits import DigitsTask
-        from fedge_tasks.weights import get_weights
-
-        torch.set_num_threads(1)
-        torch.manual_seed(self.seed)
-        self.task = DigitsTask(clients=self.clients, alpha=_alpha(self.clients))
-        self.model = self.task.build_model()
-        weights = get_weights(self.model)
-        self.names, self.shapes = list(weights), {n: w.shape for n, w in weights.items()}
-        self.initial = np.concatenate([w.ravel() for w in weights.values()]).astype(np.float64)
-        self.spec = ModelSpec.of(weights)
-
-    def deltas(self, flat: np.ndarray, ids: Sequence[str], round_no: int) -> dict[str, tuple[dict[str, np.ndarray], int]]:
-        from fedge_tasks import TrainSettings, train
-        from fedge_tasks.weights import get_weights, set_weights
-
-        s = self.task.suggested_training()
-        out = {}
-        for client in ids:
-            set_weights(self.model, _unflat(flat, self.names, self.shapes))
-            settings = TrainSettings(epochs=int(s["local_epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
-                                     seed=zlib.crc32(f"{client}:{round_no}".encode()))
-            result = train(self.model, self.task.train_data(client), settings)
-            local = get_weights(self.model)
-            out[client] = ({n: (local[n].astype(np.float64) - _unflat(flat, self.names, self.shapes)[n]).astype(np.float32)
-                            for n in self.names}, result.num_samples)
-        return out
-
-    def accuracy(self, flat: np.ndarray) -> float:
-        from fedge_tasks import evaluate
-        from fedge_tasks.weights import set_weights
-
-        set_weights(self.model, _unflat(flat, self.names, self.shapes))
-        return float(evaluate(self.model, self.task.eval_data())["accuracy"])
-
-    def flatten(self, delta: dict[str, np.ndarray]) -> np.ndarray:
-        return np.concatenate([delta[n].ravel() for n in self.names]).astype(np.float64)
-
-
-def _lost(ids: Sequence[str], dropout: float, round_no: int, seed: int) -> tuple[set[str], set[str]]:
-    """(lost after their shares, lost after their masked input) for this round."""
+def lost_in(ids: Sequence[str], dropout: float, round_no: int, seed: int) -> tuple[set[str], set[str]]:
+    """(lost after their shares, lost after their masked input) in ``round_no``: seeded, the same for both runs."""
     lost = list(np.random.default_rng([seed, round_no]).permutation(sorted(ids))[: round(dropout * len(ids))])
     return set(lost[: len(lost) // 2]), set(lost[len(lost) // 2 :])
 
 
-async def _drive(relay: SecAggRelay, conn: Connection, phases: dict[str, list[float]]) -> None:
-    """The coordinator's loop around the relay, until it has an outcome; each phase's seconds go to ``phases``."""
-    phase, since = relay.phase, time.perf_counter()
-    while relay.outcome is None:
-        wake = relay.next_wake()
-        try:
-            async with asyncio.timeout(None if wake is None else max(0.0, wake - time.monotonic())):
-                message = await conn.messages.get()
-        except TimeoutError:
-            await relay.on_wake(now=time.monotonic())
+class PlainAgent(Agent):
+    """An agent whose Update never leaves it in the rounds it is lost in (before its input: as a secure device lost after its shares)."""
+
+    silent_rounds: frozenset[int] = frozenset()
+
+    async def _publish_update(self, update_id: str, payload: bytes) -> None:
+        if Update.from_bytes(payload, max_bytes=MAX_MODEL).round in self.silent_rounds:
+            return
+        await super()._publish_update(update_id, payload)
+
+
+def _agents(address: BrokerAddress, fleet: str, ids: list[str], state: Path, task_options: dict[str, str], secure: bool,
+            plan: dict[int, tuple[set[str], set[str]]], executor: concurrent.futures.Executor) -> list[Agent]:
+    from fedge_tasks import load_task
+
+    task = load_task("digits", task_options)  # one task object for every agent: the data is loaded once
+    agents: list[Agent] = []
+    for client in ids:
+        config = AgentConfig(broker=address, client_id=client, state_dir=state / client, fleet=fleet, task="digits",
+                             task_options=task_options, exit_when_final=True, isolate_training=False, train_nice=0)
+        if secure:
+            agent = Agent(config, task=task, executor=executor)
+            lose: dict[int, type[DeviceMessage]] = {r: Shares for r, (before, _) in plan.items() if client in before}
+            lose.update({r: MaskedInput for r, (_, after) in plan.items() if client in after})
+            agent._secure = RecordingSecure(lose=lose, record=False, fleet=fleet, client_id=client, state_dir=config.state_dir,
+                                            max_message_bytes=config.max_message_bytes, on_change=agent._presence_if_connected)
         else:
-            if relay.owns(str(message.topic)) and isinstance(message.payload, bytes):
-                await relay.on_message(str(message.topic), message.payload, now=time.monotonic())
-        if relay.phase is not phase and phase is not None:
-            phases.setdefault(phase.value, []).append(time.perf_counter() - since)
-            phase, since = relay.phase, time.perf_counter()
+            agent = PlainAgent(config, task=task, executor=executor)
+            agent.silent_rounds = frozenset(r for r, (before, _) in plan.items() if client in before)
+        agents.append(agent)
+    return agents
 
 
-async def run(address: BrokerAddress, clients: int, rounds: int, dropout: float, mode: str, timeouts: PhaseTimeouts,
+def _counters(agents: list[Agent], secure: bool) -> dict[str, tuple[int, float]]:
+    """Each agent's (bytes, crypto CPU seconds) so far."""
+    out = {}
+    for agent in agents:
+        if secure:
+            module = agent._secure
+            assert isinstance(module, RecordingSecure)
+            out[agent.config.client_id] = (module.stats.bytes_up + module.stats.bytes_down, module.stats.crypto_seconds)
+        else:
+            out[agent.config.client_id] = (agent.stats.bytes_up, 0.0)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _watching(address: BrokerAddress, fleet: str, agents: list[Agent], secure: bool,
+                    aggregator: psutil.Process) -> AsyncIterator[dict[int, dict[str, tuple[int, float]]]]:
+    """The agents' counters at each round's opening (and at the end, as round ``rounds + 1``), with the
+    aggregator process's CPU seconds so far under the key ``""``."""
+    topics = Topics(fleet)
+    seen: dict[int, dict[str, tuple[int, float]]] = {}
+
+    def cpu() -> float:
+        with contextlib.suppress(psutil.Error):
+            times = aggregator.cpu_times()
+            return float(times.user + times.system)
+        return math.nan
+
+    async def watch(conn: Connection) -> None:
+        while True:
+            message = await conn.messages.get()
+            if not isinstance(message.payload, bytes) or not message.payload:
+                continue
+            status = RoundStatus.from_bytes(message.payload)
+            number = status.round + 1 if status.state is RoundState.FINISHED else status.round
+            if status.state is not RoundState.AGGREGATING and number not in seen:
+                seen[number] = {**_counters(agents, secure), "": (0, cpu())}
+
+    async with Connection(address, f"bench-watch-{fleet}"[:64], subscriptions=[topics.status], persistent=False) as conn:
+        task = asyncio.create_task(watch(conn))
+        try:
+            yield seen
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def run(url: str, clients: int, rounds: int, dropout: float, mode: str, timeouts: dict[str, float],
               seed: int = 0) -> dict[str, Any]:
-    trainer = Trainer(clients, seed)
-    spec = trainer.spec
+    address = BrokerAddress.parse(url)
+    secure = mode == "secure"
     fleet = f"bench-{mode}-{clients}-{round(dropout * 100)}"
     ids = [f"agent-{i}" for i in range(clients)]
-    settings = SecAggSettings(max_weight=MAX_WEIGHT, timeouts=timeouts)
-    topics = Topics(fleet)
-    flat = trainer.initial.copy()
-    seconds, bytes_per_device, abandoned, crypto, relay_cpu, survivors = [], [], 0, [], [], []
-    phases: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as state:
-        devices = {c: Device(address, fleet, c, Path(state)) for c in ids}
-        secure = mode == "secure"
-        subscriptions = [SecAggTopics(fleet).all_from_devices] if secure else [topics.all_updates]
-        async with Connection(address, f"bench-coordinator-{fleet}"[:64], subscriptions=subscriptions, persistent=False) as conn:
-            tasks = [asyncio.create_task(d.run(spec, secure)) for d in devices.values()]
-            try:
-                await asyncio.wait_for(asyncio.gather(*(d.ready.wait() for d in devices.values())), 60)
-                await conn.wait_connected()
-                relay = SecAggRelay(fleet, conn, spec, spool=_discard_masked, checkpoint=_discard_checkpoint, settings=settings)
-                for round_no in range(1, rounds + 1):
-                    deltas = await asyncio.to_thread(trainer.deltas, flat, ids, round_no)
-                    after_shares, after_masked = _lost(ids, dropout, round_no, seed)
-                    crypto_before = {c: d.secure.stats.crypto_seconds for c, d in devices.items()}
-                    traffic_before = {c: d.bytes_up + d.secure.stats.bytes_down for c, d in devices.items()}
-                    cpu_before = relay.stats.cpu_seconds
-                    for c, d in devices.items():
-                        d.silent = False
-                        d.drop_after = Shares if c in after_shares else MaskedInput if c in after_masked else None
-                    if secure:  # training done: each device holds its delta for the round (the plain agent's outbox write is not timed either)
-                        await _hand_over(devices, deltas, fleet, round_no, spec, settings)
-                    start = time.perf_counter()
-                    if secure:
-                        mean, counted, tries = await _secure_round(relay, conn, devices, round_no, spec, phases)
-                        abandoned += tries - 1
-                    else:
-                        mean, counted = await _plain_round(conn, devices, deltas, topics, round_no, spec, after_shares)
-                    seconds.append(time.perf_counter() - start)
-                    survivors.append(counted)
-                    live = [c for c in ids if c not in after_shares and c not in after_masked]
-                    traffic = (devices[c].bytes_up + devices[c].secure.stats.bytes_down - traffic_before[c] for c in live)
-                    bytes_per_device.append(statistics.mean(traffic))
-                    if secure:
-                        crypto.append(statistics.mean(devices[c].secure.stats.crypto_seconds - crypto_before[c] for c in live))
-                        relay_cpu.append(relay.stats.cpu_seconds - cpu_before)
-                    flat = flat + mean
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+    plan = {r: lost_in(ids, dropout, r, seed) for r in range(1, rounds + 1)}
+    before = len(plan[1][0])
+    task_options = {"clients": str(clients), "alpha": str(_alpha(clients)), "seed": str(seed), "init_seed": str(seed)}
+    with tempfile.TemporaryDirectory() as folder:
+        store = Path(folder) / "aggregator.sqlite"
+        argv = [sys.executable, "-m", "fedge", "aggregator", f"--broker={url}", f"--fleet={fleet}", "--task=digits",
+                *(f"--task-opt={k}={v}" for k, v in task_options.items()), f"--rounds={rounds}", "--min=1", f"--store={store}",
+                "--codec=none", "--log-level=warning"]
+        if secure:
+            argv += [f"--target={clients}", "--deadline=120", "--secure-aggregation", "--secagg-advertise-timeout=30",
+                     "--secagg-share-timeout=30", f"--secagg-mask-timeout={timeouts['mask']}", f"--secagg-unmask-timeout={timeouts['unmask']}"]
+        else:
+            argv += [f"--target={clients - before}", "--deadline=120"]
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+        agents = _agents(address, fleet, ids, Path(folder) / "agents", task_options, secure, plan, executor)
+        process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                                                       stderr=asyncio.subprocess.PIPE)
+        try:
+            async with _watching(address, fleet, agents, secure, psutil.Process(process.pid)) as seen:
+                async with asyncio.timeout(rounds * 600):
+                    tasks = [asyncio.create_task(agent.run()) for agent in agents]
+                    await asyncio.gather(*tasks)  # the agents exit on the final model
+                    await process.wait()
+            if process.returncode != 0:
+                err = (await process.stderr.read()).decode(errors="replace") if process.stderr else ""
+                raise RuntimeError(f"the aggregator exited with {process.returncode}: {err[-2000:]}")
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            executor.shutdown(wait=False, cancel_futures=True)
+        with Store(store, readonly=True) as db:
+            closed = db.rounds()
+    seconds = [r["closed"] - r["opened"] for r in closed]
+    per_round_bytes, per_round_crypto = [], []
+    for r in range(1, rounds + 1):
+        gone = plan[r][0] | plan[r][1]
+        live = [c for c in ids if c not in gone]
+        start, end = seen[r], seen[r + 1]
+        per_round_bytes.append(statistics.mean(end[c][0] - start[c][0] for c in live))
+        per_round_crypto.append(statistics.mean(end[c][1] - start[c][1] for c in live))
+    metrics = [r["metrics"] for r in closed]
     result: dict[str, Any] = {
-        "clients": clients, "alpha": trainer.task.alpha, "mode": mode, "dropout": dropout, "rounds": rounds,
-        "accuracy": round(trainer.accuracy(flat), 4),
+        "clients": clients, "alpha": float(task_options["alpha"]), "mode": mode, "dropout": dropout, "rounds": rounds,
+        "accuracy": round(metrics[-1]["accuracy"], 4),
         "seconds_per_round": {"mean": round(statistics.mean(seconds), 3), "max": round(max(seconds), 3)},
-        "bytes_per_device_per_round": round(statistics.mean(bytes_per_device)),
-        "inputs_per_round": round(statistics.mean(survivors), 1),
+        "bytes_per_device_per_round": round(statistics.mean(per_round_bytes)),
+        "inputs_per_round": round(statistics.mean(r["accepted"] for r in closed), 1),
+        # from the first round's opening to the final model (start-up and the initial model's evaluation left out)
+        "aggregator_cpu_seconds_per_round": round((seen[rounds + 1][""][1] - seen[1][""][1]) / rounds, 4),
     }
     if secure:
         result.update({
-            "abandoned_and_retried": abandoned,
-            "crypto_cpu_seconds_per_device_per_round": round(statistics.mean(crypto), 5),
-            "relay_cpu_seconds_per_round": round(statistics.mean(relay_cpu), 4),
-            "seconds_per_phase": {p: round(statistics.mean(v), 3) for p, v in phases.items()},
+            "abandoned_and_retried": int(sum(m["secure_abandoned"] for m in metrics)),
+            "crypto_cpu_seconds_per_device_per_round": round(statistics.mean(per_round_crypto), 5),
+            "relay_cpu_seconds_per_round": round(statistics.mean(m["secure_relay_cpu_seconds"] for m in metrics), 4),
         })
     return result
 
 
-async def _discard_masked(session: str, client: str, payload: bytes) -> None:
-    """The bench keeps no spool (a store would write it to disk here)."""
-
-
-async def _discard_checkpoint(snapshot: dict[str, Any]) -> None:
-    """The bench keeps no checkpoints (a store would write them to disk here)."""
-
-
-async def _hand_over(devices: dict[str, Device], deltas: dict[str, tuple[dict[str, np.ndarray], int]], fleet: str, round_no: int,
-                     spec: ModelSpec, settings: SecAggSettings) -> None:
-    task = TaskConfig(codec="none", extra=settings.announcement.to_extra())
-    model = GlobalModel(fleet, round_no - 1, round_no, None, task, spec.fingerprint, ())
-    for client, device in devices.items():
-        await device.secure.on_announcement(model)
-        await device.secure.submit(model, *deltas[client])
-
-
-async def _secure_round(relay: SecAggRelay, conn: Connection, devices: dict[str, Device], round_no: int, spec: ModelSpec,
-                        phases: dict[str, list[float]]) -> tuple[np.ndarray, int, int]:
-    for tries in range(1, 4):
-        await relay.start(round_no, sorted(devices), now=time.monotonic())
-        await _drive(relay, conn, phases)
-        outcome = relay.outcome
-        if isinstance(outcome, SecureMean):
-            return np.concatenate([outcome.delta[t.name].ravel() for t in spec.tensors]).astype(np.float64), outcome.count, tries
-        for device in devices.values():  # the retry: nobody drops
-            device.silent, device.drop_after = False, None
-    raise RuntimeError(f"round {round_no}: three sessions abandoned: {relay.outcome}")
-
-
-async def _plain_round(conn: Connection, devices: dict[str, Device], deltas: dict[str, tuple[dict[str, np.ndarray], int]], topics: Topics,
-                       round_no: int, spec: ModelSpec, lost: set[str]) -> tuple[np.ndarray, int]:
-    chain = parse_chain("none")
-    senders = [c for c in devices if c not in lost]
-    for client in senders:
-        delta, samples = deltas[client]
-        update = Update(topics.fleet, client, f"{client}-r{round_no}", round_no, round_no - 1, samples, encode_weights(delta, chain))
-        await devices[client].publish(topics.update(client), update.to_bytes())
-    total, weight, got = np.zeros(spec.num_parameters), 0.0, set()
-    while len(got) < len(senders):
-        message = await conn.messages.get()
-        payload = message.payload
-        assert isinstance(payload, bytes)
-        update = Update.from_bytes(payload, max_bytes=1 << 24, fleet=topics.fleet)
-        if update.round != round_no or update.client_id in got:
-            continue
-        got.add(update.client_id)
-        decoded = decode_weights(update.tensors, spec)
-        total += np.concatenate([decoded[t.name].ravel() for t in spec.tensors]).astype(np.float64) * update.num_samples
-        weight += update.num_samples
-    return total / weight, len(got)
-
-
-def _default_codec_bytes(clients: int) -> int:
-    """One digits Update under the default codec (top-k 1%, q4, zstd), for reference."""
-    trainer = Trainer(clients)
-    deltas = trainer.deltas(trainer.initial, ["agent-0"], 1)
-    delta, samples = deltas["agent-0"]
-    rng = np.random.default_rng(0)
-    return len(Update("bench", "agent-0", "u", 1, 0, samples, encode_weights(delta, parse_chain(DEFAULT_CODEC), rng)).to_bytes())
-
-
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    timeouts = PhaseTimeouts(advertise=20.0, share=args.share_timeout, mask=args.mask_timeout, unmask=args.unmask_timeout)
     clients = [20] if args.quick else [int(c) for c in args.clients.split(",")]
     dropouts = [0.0, 0.3] if args.quick else [float(d) for d in args.dropout.split(",")]
     rounds = 3 if args.quick else args.rounds
     runs = []
+    load_before = os.getloadavg()
+    started = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
         async with LocalBroker(data_dir=Path(folder)) as broker:
-            address = BrokerAddress.parse(broker.url)
             for n in clients:
                 for dropout in dropouts:
-                    pair = [await run(address, n, rounds, dropout, mode, timeouts) for mode in ("plain", "secure")]
-                    plain, secure = pair
+                    plain = await run(broker.url, n, rounds, dropout, "plain", {})
+                    mask = args.mask_timeout or max(8.0, math.ceil(3 * plain["seconds_per_round"]["max"]))
+                    secure = await run(broker.url, n, rounds, dropout, "secure", {"mask": mask, "unmask": args.unmask_timeout})
                     runs.append({
-                        "clients": n, "dropout": dropout, "plain": plain, "secure": secure,
+                        "clients": n, "dropout": dropout, "mask_timeout": mask, "plain": plain, "secure": secure,
                         "accuracy_gap_points": round(100 * (secure["accuracy"] - plain["accuracy"]), 2),
                         "bytes_ratio": round(secure["bytes_per_device_per_round"] / plain["bytes_per_device_per_round"], 3),
                         "seconds_ratio": round(secure["seconds_per_round"]["mean"] / plain["seconds_per_round"]["mean"], 2),
                     })
                     print(json.dumps(runs[-1]), flush=True, file=sys.stderr)  # progress: a full run takes a while
     return {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-        "timeouts": {"share": timeouts.share, "mask": timeouts.mask, "unmask": timeouts.unmask},
-        "max_weight": MAX_WEIGHT, "default_codec_update_bytes": {n: _default_codec_bytes(n) for n in clients},
-        "runs": runs,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "nice": os.nice(0),
+                    "load_average_before": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                    "wall_seconds": round(time.monotonic() - started)},
+        "unmask_timeout": args.unmask_timeout, "runs": runs,
     }
 
 
@@ -350,8 +255,7 @@ def main() -> None:
     parser.add_argument("--clients", default="20,100")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--dropout", default="0,0.1,0.3")
-    parser.add_argument("--share-timeout", type=float, default=10.0)
-    parser.add_argument("--mask-timeout", type=float, default=4.0)
+    parser.add_argument("--mask-timeout", type=float, help="secure runs' mask phase deadline (default: 3x the slowest plain round)")
     parser.add_argument("--unmask-timeout", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="20 clients, 3 rounds, dropout 0 and 0.3")
     args = parser.parse_args()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -141,7 +140,7 @@ class Agent:
         self._to_clear: dict[str, int] = {}  # the same, for answered updates whose chunks the upload task clears
         self._disk = asyncio.Lock()  # one file operation at a time, in the order asked (see the module docstring)
         self._settlement = Settlement(config.client_id, self._outbox, self._state, self._state_path, on_disk=self._on_disk,
-                                      forget=self._answered, announce=self._presence_if_connected, grace=config.final_receipt_grace)
+                                      forget=self._answered, announce=self._announce_dropped, grace=config.final_receipt_grace)
         self._evaluator: LocalEvaluator | None = None  # in-thread federated evaluation, made on first use
         self.evaluations = Evaluations(config.client_id, self.topics, evaluate=self._evaluate, publish=self._publish_eval,
                                        wait_eligible=self.gate.wait_eligible)  # edge_agent/participation.py
@@ -163,13 +162,13 @@ class Agent:
     async def run(self) -> None:
         """Serve until ``stop()`` (or the final model, with ``exit_when_final``)."""
         await self._load_task()
-        offline = Presence(self.config.fleet, self.config.client_id, "offline", AGENT_VERSION, dropped=self._settlement.dropped)
+        dropped_at_start = self._settlement.dropped
         async with Connection(
             self.config.broker,
             f"fedge-agent-{self.config.client_id}",
             subscriptions=[self.topics.global_model, self.topics.receipt(self.config.client_id), *self._secure.subscriptions()],
             persistent=True,
-            will=aiomqtt.Will(self.topics.presence(self.config.client_id), offline.to_bytes(), qos=QOS, retain=True),
+            will=self._will(),
             on_connect=self._on_connect,
             backoff=Backoff(self.config.backoff_base, self.config.backoff_cap, self._rng),
             keepalive=self.config.keepalive,
@@ -197,11 +196,12 @@ class Agent:
             self._follower.close()
             if self._held_files is not None:  # a stop between two writes: keep the latest held model too
                 await self._on_disk(self._held_files.save, self._follower.rebuilder, self._follower.task)
-            if conn.connected.is_set():
+            # The last presence, with the final count. Offline now, the broker holds a will made at the last
+            # connect: if updates were dropped this run, it may be older than the count, so wait for the connection.
+            if conn.connected.is_set() or self._settlement.dropped != dropped_at_start:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
-                        offline = dataclasses.replace(offline, dropped=self._settlement.dropped)
-                        await conn.publish(self.topics.presence(self.config.client_id), offline.to_bytes(), retain=True)
+                        await conn.publish(self.topics.presence(self.config.client_id), self._offline().to_bytes(), retain=True)
 
     async def _load_task(self) -> None:
         """Learn the task's model spec; task errors surface here, before connecting."""
@@ -256,9 +256,29 @@ class Agent:
         )
         await self._conn.publish(self.topics.presence(self.config.client_id), presence.to_bytes(), retain=True)
 
-    async def _presence_if_connected(self) -> None:
+    def _offline(self) -> Presence:
+        return Presence(self.config.fleet, self.config.client_id, "offline", AGENT_VERSION, dropped=self._settlement.dropped)
+
+    def _will(self) -> aiomqtt.Will:
+        """What the broker publishes when a connection dies: offline, with the count as of now.
+
+        A will is fixed at connect, so it stays current only from the next connection on (issue 19:
+        one made at start said 0 after every reset of a device that had dropped updates since).
+        """
+        return aiomqtt.Will(self.topics.presence(self.config.client_id), self._offline().to_bytes(), qos=QOS, retain=True)
+
+    async def _announce_dropped(self) -> None:
+        """The count of dropped updates changed: in the next connection's will, and in the presence now if connected."""
         conn: Connection | None = getattr(self, "_conn", None)  # None before run() connects
-        if conn is not None and conn.connected.is_set():  # else the next connection publishes it
+        if conn is None:
+            return
+        conn.will = self._will()
+        await self._presence_if_connected()
+
+    async def _presence_if_connected(self) -> None:
+        """The presence now, if connected (else the next connection publishes it)."""
+        conn: Connection | None = getattr(self, "_conn", None)  # None before run() connects
+        if conn is not None and conn.connected.is_set():
             await self._publish_presence()
 
     async def _dispatch(self) -> None:

@@ -83,6 +83,11 @@ def _chaos_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--late-join-round", type=int, default=2)
     group.add_argument("--kill-aggregator-at", type=int, metavar="ROUND", help="SIGKILL the aggregator mid-round ROUND, restart it")
     group.add_argument("--restart-broker-at", type=int, metavar="ROUND", help="SIGKILL Mosquitto mid-round ROUND, restart it")
+    group.add_argument("--double-fault-at", type=int, metavar="ROUND",
+                       help="SIGKILL the aggregator mid-round ROUND and Mosquitto within a second after it; restart both")
+    group.add_argument("--fill-store-at", type=int, metavar="ROUND",
+                       help="fill the store's disk mid-round ROUND (the aggregator must exit with code 74), free it, restart the "
+                            "aggregator; needs --store on a small filesystem of its own")
 
 
 def chaos_options(args: argparse.Namespace) -> Any:
@@ -93,6 +98,7 @@ def chaos_options(args: argparse.Namespace) -> Any:
         reset_prob=args.reset_prob, faults=args.faults, dropout=args.dropout, dropout_return=args.dropout_return,
         late_joiners=args.late_joiners, late_join_round=args.late_join_round,
         kill_aggregator_round=args.kill_aggregator_at, restart_broker_round=args.restart_broker_at,
+        double_fault_round=args.double_fault_at, fill_store_round=args.fill_store_at,
     )
 
 
@@ -162,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "training is serialised here, so stragglers only matter when this dominates)")
     _chaos_flags(p)
     p.add_argument("--out", type=Path, help="report folder (default runs/sim-<time>)")
+    p.add_argument("--store", type=Path, help="the aggregator's store (default OUT/aggregator.sqlite)")
     p.add_argument("--agent-procs", "--hosts", type=int,
                    help="processes hosting the agents, each agent with its own MQTT connection "
                         "(default 1; synthetic: one per 2,500 agents)")
@@ -365,6 +372,7 @@ def simulation_options(args: argparse.Namespace) -> Any:
     from fedge_tasks.base import parse_options
 
     passed = _aggregator_passthrough(args)
+    passed.setdefault("rounds.seed", args.seed)  # the run's seed draws its cohorts too, unless --cohort-seed says otherwise
     training = {key.partition(".")[2]: passed.pop(key) for key in list(passed) if key.startswith("training.")}
     strategy = passed.pop("strategy.name", "fedavg")
     global_codec = passed.pop("global_codec", "none")
@@ -387,6 +395,7 @@ def simulation_options(args: argparse.Namespace) -> Any:
         emulated_train_seconds=args.emulated_train_seconds,
         chaos=chaos_options(args),
         out=args.out,
+        store=args.store,
         agent_procs=args.agent_procs or default_agent_procs(args.agents, args.synthetic),
         quiet=args.quiet,
         log_level=args.log_level,

@@ -106,7 +106,11 @@ def plot_run(run: RunData, out: Path) -> dict[str, Path]:
 
     for name, ylabel in (("accuracy", "held-out accuracy"), ("loss", "held-out loss")):
         fig, ax = plt.subplots(figsize=(7, 3.2))
-        ax.plot(numbers, run.metric(name), marker="o", markersize=3)
+        ax.plot(numbers, run.metric(name), marker="o", markersize=3, label="server (held-out data)")
+        federated = run.metric(f"fed_{name}")  # the devices' own held-out data (federated evaluation, issue 15)
+        if any(math.isfinite(v) for v in federated):
+            ax.plot(numbers, federated, marker="s", markersize=3, label="federated (devices' data)")
+            ax.legend()
         ax.set(xlabel="round", ylabel=ylabel)
         ax.grid(alpha=0.3)
         save(name, ylabel, fig)
@@ -155,11 +159,13 @@ def render_html(run: RunData, plots: dict[str, Path]) -> str:
         rows.append(
             "<tr>" + _cell(r["round"]) + _cell(r["base_version"]) + _cell(r["accepted"]) + _cell(r["extensions"])
             + _cell(seconds, "{:.2f}") + _cell(r["metrics"].get("accuracy"), "{:.4f}") + _cell(r["metrics"].get("loss"), "{:.4f}")
+            + _cell(r["metrics"].get("fed_accuracy"), "{:.4f}") + _cell(r["metrics"].get("fed_devices"), "{:.0f}")
+            + _cell(r["metrics"].get("invited"), "{:.0f}")
             + "".join(_cell(counts[s]) for s in STATUSES) + _cell(run.bytes_received.get(r["round"], 0), "{:,}")
             + _cell(run.up_per_device(r["round"]), "{:,.0f}") + _cell(r.get("bytes_down", 0), "{:,}") + "</tr>"
         )
-    headers = ["round", "base version", "folded", "extensions", "seconds", "accuracy", "loss", *STATUSES, "bytes received",
-               "up per device", "down per device"]
+    headers = ["round", "base version", "folded", "extensions", "seconds", "accuracy", "loss", "federated accuracy", "evaluated by",
+               "invited", *STATUSES, "bytes received", "up per device", "down per device"]
     images = "\n".join(
         f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(title)}</figcaption></figure>"

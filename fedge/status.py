@@ -79,6 +79,8 @@ def _summary(view: FleetView, now: float) -> Text:
         if "accuracy" in metrics or "loss" in metrics:
             parts = [f"{name} {metrics[name]:.4f}" for name in ("accuracy", "loss") if name in metrics]
             text.append("  last " + ", ".join(parts))
+        if status.note:  # what the round says about itself (a secure round's phase, an abandoned session)
+            text.append(f"\n{status.note}")
     text.append(f"\ndevices {len(view.devices)}: {online} online, {eligible} eligible")
     dropped = sum(p.dropped for p in view.devices.values())
     if dropped:  # updates devices trained but threw away unanswered (their round was over): issue 19

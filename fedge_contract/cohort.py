@@ -4,7 +4,7 @@ devices asked to evaluate.
 Two sets, two encodings, because they need different things:
 
 - **The cohort** (who trains) is picked by the aggregator from the devices that are eligible now,
-  fairly over time (aggregator/cohort.py). Neither rule can be recomputed by a device: it knows
+  fairly over time (aggregator/rounds/cohort.py). Neither rule can be recomputed by a device: it knows
   neither the eligible set nor the others' histories. So the announcement carries the set itself,
   as a *Golomb-coded set* (GCS, Golomb 1966; as in BIP 158): each invited client id is hashed
   (keyed by fleet and round) into ``[0, n * 2**p)``, the sorted hashes are sent as Rice-coded

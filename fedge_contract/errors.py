@@ -53,6 +53,7 @@ class Reason(str, enum.Enum):
     BASE_MISMATCH = "base_mismatch"  # a delta broadcast for a model this device does not hold (a gap): catch up
     HASH_MISMATCH = "hash_mismatch"  # a rebuilt model whose hash is not the one its broadcast carries: catch up
     NOT_INVITED = "not_invited"  # an update from a device the round's cohort did not invite (fedge_contract/cohort.py)
+    SECURE_ROUND = "secure_round"  # an Update in the clear where the round sums masked inputs only (secure aggregation)
 
 
 class ContractError(Exception):

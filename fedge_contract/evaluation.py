@@ -3,7 +3,7 @@
 A device asked to evaluate (the announcement's ``cohort.eval`` threshold, fedge_contract.cohort)
 publishes one small JSON report on ``fl/<fleet>/evals/<client_id>`` (QoS 1, not retained): the
 loss, the accuracy and the number of samples they were measured on. The aggregator reduces a
-version's reports to sample-weighted federated metrics (aggregator/federated_eval.py).
+version's reports to sample-weighted federated metrics (aggregator/observability/federated_eval.py).
 
 Reports get no receipt: a device keeps no outbox for them and would do nothing with an answer, and
 a lost report only makes one round's sample smaller. A refused report is logged and counted by the

@@ -27,6 +27,7 @@ SCHEMA_VERSION = 1
 MAX_TENSORS = 4096
 MAX_CONTROL_BYTES = 64 * 1024
 HELD_HASH_BYTES = 16  # the digest of a rebuilt model (fedge_contract.broadcast.held): SHA-256, truncated
+MAX_NOTE = 512  # characters of RoundStatus.note (longer notes are cut)
 
 T = TypeVar("T")
 
@@ -447,16 +448,24 @@ class RoundStatus:
     deadline: float | None
     rounds_total: int | None = None
     last_metrics: Mapping[str, float] = field(default_factory=dict)
+    # What the round says about itself beyond the numbers (a secure round's phase, why a session was
+    # abandoned). Optional both ways: older aggregators send none, older readers ignore the key.
+    note: str = ""
     # Traffic (issue 16), optional both ways: written only when known, None when absent (older aggregators)
     bytes_up: int | None = None  # update bytes received while the round is open, from every device
     bytes_down: int | None = None  # bytes each device downloads for the round's model announcement
+
+    def __post_init__(self) -> None:
+        if len(self.note) > MAX_NOTE:
+            object.__setattr__(self, "note", self.note[: MAX_NOTE - 3] + "...")
 
     def to_bytes(self) -> bytes:
         traffic = {key: value for key, value in (("bytes_up", self.bytes_up), ("bytes_down", self.bytes_down)) if value is not None}
         return _json_bytes(self.TYPE, self.fleet, {
             "round": self.round, "model_version": self.model_version, "state": self.state.value,
             "accepted": self.accepted, "target": self.target, "min": self.min_updates,
-            "deadline": self.deadline, "rounds_total": self.rounds_total, "last_metrics": dict(self.last_metrics), **traffic,
+            "deadline": self.deadline, "rounds_total": self.rounds_total, "last_metrics": dict(self.last_metrics),
+            **({"note": self.note} if self.note else {}), **traffic,
         })
 
     @classmethod
@@ -478,6 +487,7 @@ class RoundStatus:
             deadline=reader.take("deadline", float, nullable=True),
             rounds_total=reader.take("rounds_total", int, default=None, nullable=True),
             last_metrics=_scalars(reader.take("last_metrics", dict, default={}), "status.last_metrics", (float,)),
+            note=reader.take("note", str, default=""),
             bytes_up=reader.nonneg_int("bytes_up", default=None, nullable=True),
             bytes_down=reader.nonneg_int("bytes_down", default=None, nullable=True),
         )

@@ -15,7 +15,7 @@ import numpy as np
 
 from aggregator.aggregation.clipping import NormBound, capped_weight
 from aggregator.aggregation.fold import WeightedSum
-from aggregator.aggregation.privacy import NoisySum, PrivacyParams
+from aggregator.aggregation.privacy import NoisySum, PrivacyParams, epsilon_announced, epsilon_over_rounds
 from aggregator.aggregation.robust import Stacked
 from fedge_contract.tensors import ModelSpec
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from aggregator.config import AggregatorConfig
+    from aggregator.rounds.policy import Sampling
 
 
 class Collector(Protocol):
@@ -95,11 +96,23 @@ class Defence:
             return WeightedSum(spec)
         return Stacked(spec, self.capacity, self.settings.aggregation, self.settings.robust_fraction)
 
-    def metrics(self, version: int) -> dict[str, float]:
-        """Figures for the round that produced ``version`` (epsilon: after ``version`` noisy rounds)."""
+    def metrics(self, version: int, sampling: Sampling | None = None) -> dict[str, float]:
+        """Figures for the round that produced ``version`` (epsilon: after ``version`` noisy rounds).
+
+        With ``sampling`` (a cohort per round), epsilon composes each round's own sampling rate
+        (rounds without one, from before cohorts, use the configured rate), and
+        ``dp_epsilon_announced`` is the figure against an observer of the announced cohorts."""
         stats = self.norm_bound.round_stats() if self.norm_bound.active else {}
         if self.privacy is not None:
-            stats["dp_epsilon"] = self.privacy.epsilon(version)
+            if sampling is not None and sampling.rates:
+                rates = [sampling.rates.get(r, self.privacy.sample_rate) for r in range(1, version + 1)]
+                # a round that invited nobody used nobody's data: it adds nothing
+                stats["dp_epsilon"] = epsilon_over_rounds([q for q in rates if q > 0], self.privacy.noise_multiplier, self.privacy.delta)
+                stats["dp_sampling_rate"] = rates[-1] if rates else self.privacy.sample_rate
+                stats["dp_epsilon_announced"] = epsilon_announced(sampling.most_invitations, self.privacy.noise_multiplier,
+                                                                  self.privacy.delta)
+            else:
+                stats["dp_epsilon"] = self.privacy.epsilon(version)
             stats["dp_delta"] = self.privacy.delta
         return stats
 

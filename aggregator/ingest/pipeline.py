@@ -107,7 +107,8 @@ class Ingest:
         self.on_failure = on_failure  # told once when receipting stops for good (the owner stops)
         self.collector: Collector = defence.collector(spec)
         self.folded: set[str] = set()  # update ids in ``collector``
-        self._unsent: list[tuple[ReceiptRow, str, bytes]] = []  # receipts (row, topic, payload) waiting for the store's next sync
+        # receipts (row, topic, payload) waiting for the store's next sync; no row: a decision recorded before, sent again
+        self._unsent: list[tuple[ReceiptRow | None, str, bytes]] = []
         self._syncing: collections.deque[tuple[asyncio.Future[None], list[tuple[str, bytes]]]] = collections.deque()  # released, in order
         self._failure: BaseException | None = None  # a sync that failed: nothing is receipted any more
         self._timer: asyncio.TimerHandle | None = None
@@ -163,6 +164,19 @@ class Ingest:
         if self._timer is None and self.loop is not None:
             self._timer = self.loop.call_later(RELEASE_AFTER, self.release)
 
+    def confirm(self, client: str, update_id: str, admission: Admission) -> None:
+        """Queue ``accepted`` again for an update the store holds from before a restart (not recorded twice).
+
+        A SIGKILLed aggregator may have spooled an update and died before its receipt left; the resend
+        of a device that is still online gets ``duplicate``, but one whose round closed before it
+        resent counted the update as dropped although it was folded (issue 19's chaos soak). Sending
+        the receipt again is idempotent: a device that has it ignores an answer for an update it forgot.
+        """
+        receipt = Receipt(self.fleet, client, update_id, ReceiptStatus.ACCEPTED, "", admission.number, admission.base_version)
+        self._unsent.append((None, self.topics.receipt(client), receipt.to_bytes()))
+        if self._timer is None and self.loop is not None:
+            self._timer = self.loop.call_later(RELEASE_AFTER, self.release)
+
     @property
     def unsent(self) -> int:
         """Receipts waiting for ``release``."""
@@ -185,7 +199,7 @@ class Ingest:
         if not self._unsent:
             return 0
         unsent, self._unsent = self._unsent, []
-        rows = [row for row, _, _ in unsent]
+        rows = [row for row, _, _ in unsent if row is not None]
         messages = [(topic, payload) for _, topic, payload in unsent]
         if self.loop is None:
             self.db.submit(self.db.store.record_receipts, rows).result()

@@ -44,6 +44,8 @@ def fleet_state(
             "round": row["round"],
             "accuracy": _number(row["metrics"].get("accuracy")),
             "loss": _number(row["metrics"].get("loss")),
+            "fed_accuracy": _number(row["metrics"].get("fed_accuracy")),  # the devices' own held-out data (federated evaluation)
+            "invited": _number(row["metrics"].get("invited")),  # the round's cohort (None: everyone was invited)
             "accepted": row["accepted"],
             "bytes_up": bytes_up.get(row["round"], 0),
             "bytes_up_per_device": bytes_up.get(row["round"], 0) // received[row["round"]] if received.get(row["round"]) else None,
@@ -63,6 +65,7 @@ def fleet_state(
         "target": status.target if status else None,
         "deadline": status.deadline if status else None,
         "bytes_down": status.bytes_down if status else None,  # per device, the open round's announcement
+        "federated": {k[4:]: _number(v) for k, v in (status.last_metrics if status else {}).items() if k.startswith("fed_")},
         "devices": [
             {"client_id": client, "state": p.state, "eligible": p.eligible, "why_not": p.why_not, "dropped": p.dropped,
              "device": dict(p.device)}
@@ -115,10 +118,12 @@ svg text{font-size:10px;fill:#667}
 <div class="bar"><div id="progress"></div></div>
 <div>updates <span id="accepted">0</span>/<span id="target">-</span> &nbsp; deadline <span id="deadline">-</span>
 &nbsp; model download <span id="down">-</span> per device</div>
+<div>last round invited <span id="invited">everyone</span> &nbsp; federated accuracy <span id="fed">-</span></div>
 </section>
 <section><h2>Fleet</h2><div><span class="big" id="online">0</span> online of <span id="count">0</span> devices,
 <span id="eligible">0</span> eligible</div></section>
-<section><h2>Accuracy per round</h2><svg id="accuracy-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
+<section><h2>Accuracy per round <span style="color:#3b82f6">server</span> <span style="color:#f59e0b">federated</span></h2>
+<svg id="accuracy-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
 <section><h2>Bytes per device per round: <span style="color:#10b981">up</span> (mean update)
 <span style="color:#3b82f6">down</span> (announcement)</h2>
 <svg id="bytes-chart" viewBox="0 0 400 180" preserveAspectRatio="none"></svg></section>
@@ -141,12 +146,12 @@ function human(n) {
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
   return (i ? n.toFixed(1) : String(n)) + " " + units[i];
 }
-// A chart of (round, value) points: a line (accuracy) or bars (bytes; with ``beside``, a second bar per round);
-// values are numbers only.
-function chart(svg, points, kind, format, fixedMax, beside) {
+// A chart of (round, value) points: a line (accuracy) or bars (bytes); ``second``, another series: a second
+// line, or a second bar beside each round's. Values are numbers only.
+function chart(svg, points, kind, format, fixedMax, second) {
   svg.replaceChildren();
   const W = 400, H = 180, L = 48, B = 20, T = 8, R = 8;
-  const pts = points.concat(beside || []).filter(p => typeof p[1] === "number");
+  const pts = points.concat(second || []).filter(p => typeof p[1] === "number");
   const max = fixedMax || Math.max(1, ...pts.map(p => p[1]));
   const n = Math.max(1, points.length);
   const x = i => L + (W - L - R) * (kind === "bar" ? i / n : (n === 1 ? 0.5 : i / (n - 1)));
@@ -157,15 +162,19 @@ function chart(svg, points, kind, format, fixedMax, beside) {
   }
   if (!pts.length) { svg.appendChild(svgEl("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, "no rounds yet")); return; }
   if (kind === "bar") {
-    const w = Math.max(1, (W - L - R) / n - 2) / (beside ? 2 : 1);
+    const w = Math.max(1, (W - L - R) / n - 2) / (second ? 2 : 1);
     const bars = (series, shift, colour) => series.forEach((p, i) => { if (typeof p[1] === "number")
       svg.appendChild(svgEl("rect", {x: x(i) + 1 + shift, y: y(p[1]), width: w, height: H - B - y(p[1]), fill: colour})); });
     bars(points, 0, "#10b981");
-    if (beside) bars(beside, w, "#3b82f6");
+    if (second) bars(second, w, "#3b82f6");
   } else {
-    const d = points.map((p, i) => typeof p[1] === "number" ? [x(i), y(p[1])] : null).filter(Boolean);
-    svg.appendChild(svgEl("polyline", {points: d.map(q => q.join(",")).join(" "), fill: "none", stroke: "#3b82f6", "stroke-width": 2}));
-    d.forEach(q => svg.appendChild(svgEl("circle", {cx: q[0], cy: q[1], r: 2.5, fill: "#3b82f6"})));
+    const line = (pts, colour) => {
+      const d = pts.map((p, i) => typeof p[1] === "number" ? [x(i), y(p[1])] : null).filter(Boolean);
+      svg.appendChild(svgEl("polyline", {points: d.map(q => q.join(",")).join(" "), fill: "none", stroke: colour, "stroke-width": 2}));
+      d.forEach(q => svg.appendChild(svgEl("circle", {cx: q[0], cy: q[1], r: 2.5, fill: colour})));
+    };
+    line(points, "#3b82f6");
+    if (second) line(second, "#f59e0b");
   }
   svg.appendChild(svgEl("text", {x: L, y: H - 5}, "round " + points[0][0]));
   svg.appendChild(svgEl("text", {x: W - R, y: H - 5, "text-anchor": "end"}, "round " + points[points.length - 1][0]));
@@ -200,7 +209,13 @@ function render(s) {
     cell(row, Object.keys(d.device).sort()
       .map(k => k + "=" + (typeof d.device[k] === "number" ? +d.device[k].toPrecision(3) : d.device[k])).join(" "));
   }
-  chart($("accuracy-chart"), s.rounds.map(r => [r.round, r.accuracy]), "line", v => v.toFixed(2), 1);
+  chart($("accuracy-chart"), s.rounds.map(r => [r.round, r.accuracy]), "line", v => v.toFixed(2), 1,
+        s.rounds.map(r => [r.round, r.fed_accuracy]));
+  const last = s.rounds.length ? s.rounds[s.rounds.length - 1] : null;
+  $("invited").textContent = last && last.invited !== null ? String(last.invited) : "everyone";
+  const fed = s.federated || {};
+  $("fed").textContent = typeof fed.accuracy === "number"
+    ? fed.accuracy.toFixed(3) + " (v" + fed.version + ", " + fed.devices + " devices)" : "-";
   $("down").textContent = typeof s.bytes_down === "number" ? human(s.bytes_down) : "-";
   chart($("bytes-chart"), s.rounds.map(r => [r.round, r.bytes_up_per_device]), "bar", human, 0,
         s.rounds.map(r => [r.round, r.bytes_down]));

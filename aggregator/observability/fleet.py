@@ -9,6 +9,7 @@ report ``watch`` it (delta broadcasts count catch-up failures: aggregator/broadc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -40,6 +41,9 @@ class FleetView:
             self.devices.pop(client, None)
         else:
             (self.online.add if presence.state == "online" else self.online.discard)(client)
+            earlier = self.devices.get(client)
+            if earlier is not None and earlier.dropped > presence.dropped:  # a will made at an earlier connect: the count
+                presence = dataclasses.replace(presence, dropped=earlier.dropped)  # is a lifetime total, it never goes down
             self.devices[client] = presence
         self.metrics.online_agents(len(self.online))
         self.metrics.dropped_updates(sum(p.dropped for p in self.devices.values()))

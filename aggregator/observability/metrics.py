@@ -69,6 +69,18 @@ class AggregatorMetrics:
                                        buckets=ROUND_SECONDS_BUCKETS, registry=r)
         self.accuracy = Gauge("fedge_eval_accuracy", "Held-out accuracy of the latest model (if evaluated)", registry=r)
         self.loss = Gauge("fedge_eval_loss", "Held-out loss of the latest model (if evaluated)", registry=r)
+        self.invited = Gauge("fedge_round_invited_devices", "Devices the open round's cohort invites (0: no cohort, everyone trains)",
+                             registry=r)
+        self.evals = Counter("fedge_evals", "Federated evaluation reports, by status (accepted, refused) and reason code",
+                             ["status", "reason"], registry=r)
+        self.federated_figures = {
+            name: Gauge(f"fedge_federated_{name}", f"Federated evaluation of the newest evaluated model: {doc}", registry=r)
+            for name, doc in (("accuracy", "sample-weighted accuracy on the devices' held-out data"),
+                              ("loss", "sample-weighted loss on the devices' held-out data"),
+                              ("devices", "devices that reported"), ("samples", "held-out samples they evaluated"),
+                              ("accuracy_min", "the worst device's accuracy"), ("accuracy_p10", "10th percentile of the devices' accuracies"),
+                              ("version", "the model version evaluated"))
+        }
         self._broadcast_metrics(r)
         self._published = _Published(lambda: 0)
         r.register(self._published)
@@ -153,6 +165,18 @@ class AggregatorMetrics:
             self.accuracy.set(metrics["accuracy"])
         if "loss" in metrics:
             self.loss.set(metrics["loss"])
+
+    def cohort(self, invited: int) -> None:
+        self.invited.set(invited)
+
+    def evaluation(self, status: str, reason: str) -> None:
+        self.evals.labels(status=status, reason=reason).inc()
+
+    def federated(self, figures: dict[str, float]) -> None:
+        """The ``fed_*`` figures of the newest evaluated version (observability/federated_eval.py)."""
+        for name, gauge in self.federated_figures.items():
+            if f"fed_{name}" in figures:
+                gauge.set(figures[f"fed_{name}"])
 
     def online_agents(self, count: int) -> None:
         self.online.set(count)

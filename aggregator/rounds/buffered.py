@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.errors import Rejection
-from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain, RoundServices
 from aggregator.store import Store, StoreAccess, call
 from fedge_contract import ReceiptStatus, Topics, Update
 
@@ -190,8 +190,17 @@ class BufferedPolicy:
     def task_extra(self) -> Mapping[str, Any]:
         return {"mode": "async", "max_staleness": self.plan.max_staleness}
 
+    async def check_in(self, version: int, now: float, db: StoreAccess) -> None:
+        return None
+
+    def sampling(self) -> None:
+        return None
+
     def subscriptions(self, topics: Topics) -> list[str]:
         return []
+
+    def bind(self, services: RoundServices) -> None:
+        """Plain rounds need nothing of the coordinator's connection."""
 
     async def open(self, version: int, now: float, db: StoreAccess) -> Buffer:
         last = self._last

@@ -2,12 +2,14 @@
 
 The coordinator (aggregator/coordinator.py) runs every mode with one loop::
 
+    await policy.check_in(version, now, db)       # a cohort waits for devices; events are handled meanwhile
     rnd = await policy.open(version, now, db)     # what the store knows that the mode needs
-    announce(rnd); collect until rnd.complete or its deadline says close; close(rnd)
+    announce(rnd); collect until rnd.complete or its deadline says close (or extend); close(rnd)
 
 A round may speak a protocol of its own beside updates (secure aggregation's phases: ``owns``,
-``on_message``, ``on_deadline`` that returns CONTINUE, ``own_sum``); rounds without one inherit
-``Plain``'s answers.
+``on_message``, ``on_deadline`` that returns CONTINUE, ``own_sum``, ``note``); rounds without one
+inherit ``Plain``'s answers. Such a mode publishes through the coordinator's connection, which the
+coordinator lends it once connected (``RoundPolicy.bind`` with ``RoundServices``).
 
 A mode is a ``RoundPolicy`` (a factory of rounds and what it announces) and its ``Round``s
 (the state of one open round, its admission rules, its deadline). Each mode keeps all its rules
@@ -19,7 +21,7 @@ in its own module: synchronous rounds in ``rounds/sync.py``, the FedBuff buffer 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,7 +29,11 @@ from fedge_contract import Receipt, Topics, Update
 
 if TYPE_CHECKING:
     from aggregator.aggregation.defence import Collector
+    from aggregator.observability.fleet import FleetView
     from aggregator.store import Store, StoreAccess
+    from fedge_contract.cohort import InviteSet
+    from fedge_contract.mqtt import Connection
+    from fedge_contract.tensors import ModelSpec
 
 
 class DeadlineAction(enum.Enum):
@@ -47,6 +53,25 @@ class Accepted:
     @classmethod
     def of(cls, update: Update) -> Accepted:
         return cls(update.client_id, update.update_id, update.base_version)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a mode sampled its rounds' participants, for the privacy accountant (aggregation/privacy.py)."""
+
+    rates: Mapping[int, float]  # round -> the largest probability any device had of being invited to it
+    most_invitations: int  # the most rounds one device was invited to (what an observer of the announcements composes)
+
+
+@dataclass(frozen=True)
+class RoundServices:
+    """What the coordinator lends its round policy once connected (``RoundPolicy.bind``): a mode with a
+    protocol of its own (secure aggregation) publishes through the connection and invites from the fleet view."""
+
+    transport: Connection  # the coordinator's connection: publish, subscribe, unsubscribe
+    spec: ModelSpec  # the global model's tensors
+    fleet: FleetView  # each device's last presence
+    answer: Callable[[Receipt, int], None]  # publish a refusal's receipt (counted with the others); the refused payload's size
 
 
 class Admission(Protocol):
@@ -106,8 +131,21 @@ class Round(Protocol):
     def extend_to(self, until: float) -> None:
         """Stay open at least until ``until`` (a grace for devices coming back after a restart or reconnect)."""
 
+    async def extend(self, db: StoreAccess) -> None:
+        """``on_deadline`` extended the round: what the mode does before it is re-announced (a cohort invites more)."""
+
+    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
+        """Devices checked in (presence) while the round is open: whether it invited some (it is then re-announced)."""
+
+    def invitation(self) -> InviteSet | None:
+        """Who the announcement invites to train (None: every device)."""
+
     def metrics(self) -> dict[str, float]:
         """Mode-specific figures stored with the closed round."""
+
+    @property
+    def note(self) -> str:
+        """What RoundStatus says about the round beyond its numbers ("" for most modes; a secure round's phase)."""
 
     # A round may speak a protocol of its own beside updates (secure aggregation's phases):
     def owns(self, topic: str) -> bool:
@@ -129,6 +167,10 @@ class Round(Protocol):
 class Plain:
     """What a round without a protocol of its own (sync rounds, the FedBuff buffer) answers to the hooks above."""
 
+    @property
+    def note(self) -> str:
+        return ""
+
     def owns(self, topic: str) -> bool:
         return False
 
@@ -144,6 +186,15 @@ class Plain:
     async def close(self) -> None:
         return None
 
+    async def extend(self, db: StoreAccess) -> None:
+        return None
+
+    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
+        return False
+
+    def invitation(self) -> InviteSet | None:
+        return None  # every device is invited
+
 
 class RoundPolicy(Protocol):
     """A round mode: the rounds it opens and what it adds to the announcement."""
@@ -154,8 +205,18 @@ class RoundPolicy(Protocol):
     def subscriptions(self, topics: Topics) -> list[str]:
         """Topics the rounds' own protocol needs beside updates and presence (none for most modes)."""
 
+    def bind(self, services: RoundServices) -> None:
+        """The coordinator is connected: what its rounds may use (called once, before the first ``open``)."""
+
     def task_extra(self) -> Mapping[str, Any]:
         """Fields the GlobalModel's task carries for agents (async: mode and max_staleness)."""
 
+    async def check_in(self, version: int, now: float, db: StoreAccess) -> float | None:
+        """None once the round on ``version`` may open; else until when the coordinator handles events (the
+        fleet's presence: devices checking in) before it asks again."""
+
     async def open(self, version: int, now: float, db: StoreAccess) -> Round:
         """The round that trains on ``version`` (``db``: what the store knows that the mode needs)."""
+
+    def sampling(self) -> Sampling | None:
+        """How the rounds' participants were sampled (None: not sampled, every device may take part)."""

@@ -6,7 +6,9 @@ at the deadline it closes if at least ``min_updates`` are in, and is extended ot
 
 Admission is decided by the store's ledger (``LedgerAdmission``), in the transaction that spools
 the update: the same rules whether this process ingests or worker processes do (aggregator/workers/),
-so dedupe and the target hold across processes.
+so dedupe and the target hold across processes. With a cohort (``[rounds] over_select``), the
+round invites ``ceil(target x over_select)`` devices (rounds/invitations.py) and admission refuses
+the others, from the invited set the store holds.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.errors import Rejection
-from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain
+from aggregator.rounds.cohort import Selection
+from aggregator.rounds.invitations import Invitations
+from aggregator.rounds.policy import Accepted, Admission, DeadlineAction, Plain, RoundServices, Sampling
 from aggregator.store import Standing, Store, StoreAccess
 from fedge_contract import ReceiptStatus, Topics, Update
+from fedge_contract.cohort import InviteSet
+from fedge_contract.errors import Reason
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,9 @@ class RoundPlan:
 def check_admission(update: Update, *, number: int, base_version: int, target: int, standing: Standing) -> None:
     """Raise a Rejection (duplicate, stale, rejected) unless ``update`` may join round ``number``.
 
-    The one set of rules and receipt texts of synchronous rounds.
+    The one set of rules and receipt texts of synchronous rounds. An update for a past round is
+    ``stale`` whoever sent it; one for the open round from a device its cohort did not invite is
+    ``rejected: not_invited`` (before the per-client and target checks: it never takes a place).
     """
     if standing.update_seen:
         raise Rejection(ReceiptStatus.DUPLICATE, f"update {update.update_id} was already accepted")
@@ -49,6 +57,8 @@ def check_admission(update: Update, *, number: int, base_version: int, target: i
             ReceiptStatus.REJECTED,
             f"bad_value: round {update.round} on v{update.base_version} is ahead of the open round {number} on v{base_version}",
         )
+    if not standing.invited:
+        raise Rejection(ReceiptStatus.REJECTED, f"{Reason.NOT_INVITED.value}: {update.client_id} was not invited to round {number}")
     if standing.client_seen:
         raise Rejection(ReceiptStatus.DUPLICATE, f"client {update.client_id} already contributed to round {number}")
     if standing.accepted >= target:
@@ -87,7 +97,7 @@ class LedgerAdmission:
 
 @dataclass
 class SyncRound(Plain):
-    """One open synchronous round: who contributed, and its deadline."""
+    """One open synchronous round: who contributed, its deadline, and whom it invited (with a cohort)."""
 
     number: int
     base_version: int
@@ -96,6 +106,8 @@ class SyncRound(Plain):
     clients: set[str] = field(default_factory=set)
     update_ids: set[str] = field(default_factory=set)
     extensions: int = 0
+    selection: Selection | None = None  # the cohort (None: every device is invited)
+    invitations: Invitations | None = None  # what selected it (extensions invite more)
 
     @property
     def accepted(self) -> int:
@@ -137,8 +149,28 @@ class SyncRound(Plain):
     def extend_to(self, until: float) -> None:
         self.deadline = max(self.deadline, until)
 
+    async def extend(self, db: StoreAccess) -> None:
+        """The deadline extended the round: a cohort invites more devices (stored before the re-announcement)."""
+        if self.selection is not None and self.invitations is not None:
+            self.selection = await self.invitations.extend(self.selection, self.clients, self.accepted, db)
+
+    async def invite_newcomers(self, db: StoreAccess, now: float) -> bool:
+        if self.selection is None or self.invitations is None:
+            return False
+        before, self.selection = self.selection, await self.invitations.top_up(self.selection, now, db)
+        return self.selection is not before
+
+    def invitation(self) -> InviteSet | None:
+        if self.selection is None or self.invitations is None:
+            return None
+        return self.invitations.announced(self.selection)
+
     def metrics(self) -> dict[str, float]:
-        return {}
+        if self.selection is None:
+            return {}
+        s = self.selection
+        return {"invited": float(len(s.invited)), "pool": float(s.pool), "sampling_rate": s.sampling_rate,
+                "invited_trained": float(len(self.clients & s.invited))}
 
     @classmethod
     def admitting(cls, number: int, base_version: int, target: int) -> SyncRound:
@@ -148,9 +180,11 @@ class SyncRound(Plain):
 
 @dataclass(frozen=True)
 class SyncPolicy:
-    """Synchronous rounds with a deadline, a target and a minimum (the default mode)."""
+    """Synchronous rounds with a deadline, a target and a minimum (the default mode), and with
+    ``invitations`` a cohort per round (rounds/invitations.py)."""
 
     plan: RoundPlan
+    invitations: Invitations | None = None
     mode: str = "sync"
 
     def task_extra(self) -> Mapping[str, Any]:
@@ -159,5 +193,21 @@ class SyncPolicy:
     def subscriptions(self, topics: Topics) -> list[str]:
         return []
 
+    def bind(self, services: RoundServices) -> None:
+        """Plain rounds need nothing of the coordinator's connection."""
+
+    async def check_in(self, version: int, now: float, db: StoreAccess) -> float | None:
+        if self.invitations is None:
+            return None
+        return await self.invitations.check_in(version + 1, now, db)
+
     async def open(self, version: int, now: float, db: StoreAccess) -> SyncRound:
-        return SyncRound(number=version + 1, base_version=version, deadline=now + self.plan.timeout, plan=self.plan)
+        number = version + 1
+        selection = None if self.invitations is None else await self.invitations.select(number, db)
+        return SyncRound(number=number, base_version=version, deadline=now + self.plan.timeout, plan=self.plan,
+                         selection=selection, invitations=self.invitations)
+
+    def sampling(self) -> Sampling | None:
+        if self.invitations is None:
+            return None
+        return self.invitations.sampling()

@@ -4,12 +4,12 @@ records (records.py), the segment files themselves (segments.py), the delta broa
 or fsync ever runs on its event loop (thread.py).
 """
 
-from aggregator.store.records import BroadcastState, Checkpoint, ReceiptRow, SpooledUpdate, Standing
+from aggregator.store.records import BroadcastState, Checkpoint, ReceiptRow, SecureSession, SpooledUpdate, Standing
 from aggregator.store.segments import digest
 from aggregator.store.store import BUSY_TIMEOUT, Store
 from aggregator.store.thread import InlineStore, StoreAccess, StoreThread, call, run
 
 __all__ = [
-    "BUSY_TIMEOUT", "BroadcastState", "Checkpoint", "InlineStore", "ReceiptRow", "SpooledUpdate", "Standing", "Store", "StoreAccess",
-    "StoreThread", "call", "digest", "run",
+    "BUSY_TIMEOUT", "BroadcastState", "Checkpoint", "InlineStore", "ReceiptRow", "SecureSession", "SpooledUpdate", "Standing", "Store",
+    "StoreAccess", "StoreThread", "call", "digest", "run",
 ]

@@ -50,6 +50,7 @@ class Standing:
     client_seen: bool  # the client already contributed to this round
     accepted: int  # updates accepted into this round so far
     closing: bool = False  # the round stopped admitting: it is being aggregated (or is over)
+    invited: bool = True  # the client was invited to the round (or the round has no cohort: everyone is)
 
 
 @dataclass(frozen=True)
@@ -70,3 +71,17 @@ class BroadcastState:
 def item_bytes(item: Item) -> bytes:
     """An item's bytes in one piece (a loaded item is that already)."""
     return item if isinstance(item, bytes) else b"".join(item)
+
+
+@dataclass(frozen=True)
+class SecureSession:
+    """One secure-aggregation session of a round, as the store keeps it (aggregator/store/secure.py)."""
+
+    session: str
+    started: float
+    snapshot: bytes | None  # the relay's last checkpoint (msgpack; no vector); None once the round closed
+    outcome: str | None  # None: running; "summed"; "abandoned: <reason>: <detail>"
+
+    @property
+    def abandoned(self) -> bool:
+        return self.outcome is not None and self.outcome.startswith("abandoned")

@@ -4,9 +4,10 @@ What is where:
 - SQLite (``agg.sqlite``, WAL mode): ``meta`` (fleet identity, epoch), ``checkpoints`` (weights
   + strategy state per model version), ``rounds``, ``accepted`` (the admission ledger: one row
   per accepted update, update_id the primary key, naming where its payload lies) and
-  ``receipts`` (one row per receipt sent, for the report and audits), ``broadcast_header`` and
-  ``broadcast_items`` (the delta broadcaster's state, committed with the checkpoint of its
-  version: store/broadcast.py);
+  ``receipts`` (one row per receipt sent, for the report and audits), ``cohorts`` and ``invited``
+  (the rounds that selected a cohort, and whom: admission reads them in its transaction),
+  ``broadcast_header`` and ``broadcast_items`` (the delta broadcaster's state, committed with the
+  checkpoint of its version: store/broadcast.py);
 - segment files in the spool folder beside it (``agg.sqlite.spool/``): the raw payloads of the
   open rounds' accepted updates, appended to ``r{round}-{shard|a}-{token}.seg``. ``token`` is
   random per Store instance, so every file has exactly one writer, which tracks its own offset.
@@ -15,9 +16,11 @@ What is where:
   deletes its segment files; a crash between the two leaves files that the next writable
   opening deletes. Stores written before segments keep their payloads in ``accepted.payload``,
   which ``spooled`` still reads.
+- secure aggregation's sessions and masked inputs (``secure_sessions``, ``secure_inputs``): see
+  store/secure.py.
 
 Durability. Round-level writes (claim, take_over, save_initial, save_broadcast, open_round, mark_closing,
-extend_round, set_round_metrics, close_round) are durable when they return: the commit runs
+extend_round, set_round_metrics, update_round_metrics, invite, close_round) are durable when they return: the commit runs
 with ``synchronous=FULL`` after this instance's pending segment bytes were fdatasync'd, so a
 checkpoint never lands without the spool of its round. The per-update writes are *deferred*:
 ``spool``/``admit`` append the payload with a plain write (no fsync) and commit the row with
@@ -58,7 +61,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -68,6 +71,7 @@ import numpy as np
 from aggregator.errors import Superseded
 from aggregator.store import broadcast
 from aggregator.store.records import BroadcastState, Checkpoint, ReceiptRow, SpooledUpdate, Standing
+from aggregator.store.secure import SECURE_SCHEMA, SecureSessions
 from aggregator.store.segments import SEGMENT_NAME, Segment, SegmentReader, SyncPlan, Written, digest
 from fedge_contract.messages import unpack_weights, weight_pieces
 from fedge_contract.packing import steps
@@ -90,6 +94,8 @@ CREATE TABLE IF NOT EXISTS accepted (
     base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, received REAL NOT NULL,
     bytes INTEGER NOT NULL, payload BLOB, shard INTEGER, segment TEXT, "offset" INTEGER, digest BLOB);
 CREATE INDEX IF NOT EXISTS accepted_round ON accepted(round);
+CREATE TABLE IF NOT EXISTS cohorts (round INTEGER PRIMARY KEY, invited INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS invited (round INTEGER NOT NULL, client_id TEXT NOT NULL, PRIMARY KEY (round, client_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, round INTEGER NOT NULL,
     client_id TEXT NOT NULL, update_id TEXT, status TEXT NOT NULL, reason TEXT NOT NULL, bytes INTEGER NOT NULL);
@@ -118,9 +124,10 @@ _STANDING = """SELECT
     EXISTS(SELECT 1 FROM accepted WHERE update_id=:update),
     EXISTS(SELECT 1 FROM accepted WHERE round=:round AND client_id=:client),
     COALESCE((SELECT admitted FROM rounds WHERE round=:round), 0),
-    (SELECT value FROM meta WHERE key='epoch')"""
+    (SELECT value FROM meta WHERE key='epoch'),
+    NOT EXISTS(SELECT 1 FROM cohorts WHERE round=:round) OR EXISTS(SELECT 1 FROM invited WHERE round=:round AND client_id=:client)"""
 
-class Store:
+class Store(SecureSessions):
     def __init__(self, path: Path | str, *, readonly: bool = False, fsync: bool = True) -> None:
         """Open (creating if needed) the store; ``readonly`` opens an existing one for reports,
         never writing to it nor to its spool folder (a file that is not a fedge store stays untouched).
@@ -153,6 +160,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # creating and migrating the schema: durable
         self._db.executescript(_SCHEMA)
+        self._db.executescript(SECURE_SCHEMA)  # secure aggregation's sessions and masked inputs (store/secure.py)
         self._migrate()
         self._db.execute("PRAGMA synchronous=NORMAL")  # the default: deferred; durable writes switch to FULL around their commit
         self._delete_released_segments()
@@ -382,8 +390,9 @@ class Store:
         broadcast_state: BroadcastState | None = None,
     ) -> None:
         """Atomically and durably: the new checkpoint, the round marked closed with its ``metrics``
-        (a reader never sees a closed round without them), its spool released, and with delta
-        broadcasts the broadcast state of the new version (so a restart resumes both at one version).
+        (a reader never sees a closed round without them), its spool released (and a secure round's masked
+        inputs and session checkpoints, store/secure.py), and with delta broadcasts the broadcast state of
+        the new version (so a restart resumes both at one version).
 
         Then the round's segment files are deleted (a crash before that: the next opening does it).
         """
@@ -393,6 +402,7 @@ class Store:
             if metrics is not None:
                 db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
             db.execute("UPDATE accepted SET segment=NULL, payload=NULL WHERE round=?", (round_no,))
+            self._release_secure(db, round_no)
             if broadcast_state is not None:
                 broadcast.save(db, broadcast_state)
         for key, segment in list(self._segments.items()):
@@ -433,6 +443,42 @@ class Store:
         """Replace a round's figures (what arrives after it closed: devices' evaluations of its model)."""
         with self._durable() as db:
             db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps(dict(metrics)), round_no))
+
+    def update_round_metrics(self, round_no: int, metrics: Mapping[str, float]) -> None:
+        """Add ``metrics`` to a round's figures (replacing those of the same name), in one durable transaction."""
+        with self._durable() as db:
+            row = db.execute("SELECT metrics FROM rounds WHERE round=?", (round_no,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE rounds SET metrics=? WHERE round=?", (json.dumps({**json.loads(row[0]), **metrics}), round_no))
+
+    # -- cohorts (rounds/cohort.py): who each round invited, and the selector's state
+    def invite(self, round_no: int, clients: Iterable[str], state: Mapping[str, Any]) -> None:
+        """Durably: ``clients`` are invited to ``round_no`` (from this commit on, admission refuses the
+        others: ``Standing.invited``), and the selector's ``state`` (JSON-able) is what a restart resumes."""
+        with self._durable() as db:
+            db.executemany("INSERT OR IGNORE INTO invited VALUES (?, ?)", ((round_no, c) for c in clients))
+            db.execute("INSERT INTO cohorts VALUES (?, (SELECT COUNT(*) FROM invited WHERE round=?)) "
+                       "ON CONFLICT(round) DO UPDATE SET invited=excluded.invited", (round_no, round_no))
+            db.execute("INSERT INTO meta VALUES ('cohort', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (json.dumps(state, separators=(",", ":")),))
+
+    def cohort_state(self) -> dict[str, Any] | None:
+        """The selector's state ``invite`` saved last (None: no cohort was ever selected here)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='cohort'").fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def invited(self, round_no: int) -> list[str] | None:
+        """The clients invited to ``round_no``, sorted (None: the round had no cohort, everyone was invited)."""
+        if self._db.execute("SELECT 1 FROM cohorts WHERE round=?", (round_no,)).fetchone() is None:
+            return None
+        return [r[0] for r in self._db.execute("SELECT client_id FROM invited WHERE round=? ORDER BY client_id", (round_no,))]
+
+    def cohort_sizes(self) -> dict[int, int]:
+        """Devices invited to each round that had a cohort (a read-only store older than cohorts: none)."""
+        try:
+            return dict(self._db.execute("SELECT round, invited FROM cohorts").fetchall())
+        except sqlite3.OperationalError:
+            return {}
 
     def add_bytes_down(self, round_no: int, nbytes: int) -> None:
         """Count an announcement of ``round_no``: what each device downloads for it (deferred, like receipts)."""
@@ -491,12 +537,12 @@ class Store:
     def _standing(db: sqlite3.Connection, round_no: int, update_id: str, client_id: str) -> tuple[Standing, str | None]:
         """The round's standing for this update, and the store's epoch: one statement (the hot path
         runs it twice per update, and each SQLite call costs ~15 us here)."""
-        closing, closed, update_seen, client_seen, accepted, epoch = db.execute(_STANDING, {
+        closing, closed, update_seen, client_seen, accepted, epoch, invited = db.execute(_STANDING, {
             "round": round_no, "update": update_id, "client": client_id,
         }).fetchone()
         standing = Standing(
             update_seen=bool(update_seen), client_seen=bool(client_seen), accepted=accepted,
-            closing=closing is None or bool(closing) or closed is not None,
+            closing=closing is None or bool(closing) or closed is not None, invited=bool(invited),
         )
         return standing, epoch
 

@@ -118,10 +118,17 @@ class WorkerIngest:
             pump = asyncio.create_task(self._pump_messages(self._conn), name="coordinator-messages")
             stack.push_async_callback(cancel_and_wait, [pump])
             self._pool = await stack.enter_async_context(WorkerPool(self.config.ingest.workers, self._setup, self.events))
+            held: list[Any] = []  # the coordinator's own messages meanwhile (the fleet's retained presence): kept, in order
             while not all(w.ready for w in self.workers.values()):
                 event = await self.events.get()
                 if isinstance(event, WorkerEvent):
                     await self._on_worker(event)
+                else:
+                    held.append(event)
+            while not self.events.empty():
+                held.append(self.events.get_nowait())
+            for event in held:
+                self.events.put_nowait(event)
             self._running = stack.pop_all()
         log.info("%d ingest workers ready on %s", self.config.ingest.workers, self.ingest.topics.all_updates)
         return self

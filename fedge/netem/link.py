@@ -45,7 +45,7 @@ class LinkStats:
     bytes_down: int = 0  # delivered upstream -> client
     chunks: int = 0  # chunks delivered, both ways (a chunk is one read: one or a few MQTT packets)
     resets: int = 0  # connections reset at random (reset_prob)
-    cut_resets: int = 0  # connections reset when a cut healed
+    cut_resets: int = 0  # connections reset by a cut (when it healed, or at once with reset_now)
     cuts: int = 0
 
 
@@ -114,8 +114,13 @@ class Link:
                 future.set_result(None)
 
     # ------------------------------------------------------------------ faults
-    def cut(self, seconds: float, *, reset_after: bool = True) -> None:
-        """Black-hole the link for ``seconds`` (math.inf: until ``heal()``); repeated cuts extend it."""
+    def cut(self, seconds: float, *, reset_after: bool = True, reset_now: bool = False) -> None:
+        """Black-hole the link for ``seconds`` (math.inf: until ``heal()``); repeated cuts extend it.
+
+        ``reset_now``: its connections are also reset at once, so both ends know they are cut off
+        now (a network that goes away with its socket), not after a keepalive; new connections
+        still get nowhere until the cut heals.
+        """
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
         if self.is_cut and until <= self._cut_until:
@@ -129,6 +134,9 @@ class Link:
             log.info("link %s cut for %gs", self.name, seconds)
             if not math.isinf(seconds):
                 self._spawn(self._heal_when_due(), name=f"netem:{self.name}:heal")
+        if reset_now:
+            for task in list(self._handlers):
+                task.cancel(msg="cut")
 
     def cut_at_next_upload(self, seconds: float, *, reset_after: bool = True, deliver: bool = False) -> None:
         """Cut the link the moment its client starts an upload (a device vanishing mid-upload), or,

@@ -1,5 +1,6 @@
 """Faults for ``fedge simulate``: a faulty network per agent, dropouts, late joiners, and the real
-faults (the aggregator SIGKILLed mid-round, Mosquitto SIGKILLed and restarted mid-round).
+faults (the aggregator SIGKILLed mid-round, Mosquitto SIGKILLed and restarted mid-round, both
+within a second of each other, the store's disk filling up mid-round).
 
 Every choice (which agents drop out, in which round, whether they come back) comes from the
 run's seed, so a chaos run is reproducible in what it does, if not in its timing. What happened
@@ -38,6 +39,12 @@ class ChaosOptions:
     late_join_round: int = 2
     kill_aggregator_round: int | None = None  # SIGKILL the aggregator once this round has updates, restart it
     restart_broker_round: int | None = None  # SIGKILL Mosquitto once this round has updates, restart it
+    # the double fault of issue 19: the aggregator SIGKILLed once this round has updates, Mosquitto
+    # SIGKILLed within a second after it and restarted a few seconds later; the aggregator restarts at once
+    double_fault_round: int | None = None
+    # fill the store's filesystem once this round has updates: the aggregator must exit with code 74
+    # (fedge/failures.py); the space is freed and the aggregator restarted, as its systemd unit would
+    fill_store_round: int | None = None
 
     def validate(self, agents: int, rounds: int) -> None:
         if self.network is not None and self.network not in PROFILES:
@@ -48,7 +55,8 @@ class ChaosOptions:
             raise ValueError("need 0 <= --dropout <= 1, 0 <= --late-joiners < 1 and --dropout-return > 0")
         if not 1 <= self.late_join_round <= rounds:
             raise ValueError(f"--late-join-round must be between 1 and --rounds ({rounds})")
-        for name, value in (("--kill-aggregator-at", self.kill_aggregator_round), ("--restart-broker-at", self.restart_broker_round)):
+        for name, value in (("--kill-aggregator-at", self.kill_aggregator_round), ("--restart-broker-at", self.restart_broker_round),
+                            ("--double-fault-at", self.double_fault_round), ("--fill-store-at", self.fill_store_round)):
             if value is not None and not 1 <= value <= rounds:
                 raise ValueError(f"{name} must be between 1 and --rounds ({rounds})")
 
@@ -63,7 +71,8 @@ class ChaosOptions:
 
     @property
     def active(self) -> bool:
-        return self.needs_proxy or bool(self.late_joiners or self.kill_aggregator_round or self.restart_broker_round)
+        return self.needs_proxy or bool(self.late_joiners or self.kill_aggregator_round or self.restart_broker_round
+                                        or self.double_fault_round or self.fill_store_round)
 
 
 def plan_dropouts(ids: list[str], options: ChaosOptions, rounds: int, seed: int) -> list[Fault]:
@@ -89,6 +98,7 @@ class ChaosLog:
     dropouts: list[str] = field(default_factory=list)
     late_joiners: list[str] = field(default_factory=list)
     events: list[dict[str, object]] = field(default_factory=list)  # what was done, at which round and accepted count
+    missed: list[str] = field(default_factory=list)  # real faults asked for that never struck (their round had no mid-round status)
     links: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def write(self, out: Path) -> None:
@@ -102,6 +112,8 @@ class ChaosHooks:
     restart_aggregator: Callable[[], Awaitable[None]]
     restart_broker: Callable[[], Awaitable[None]]
     start_late_joiners: Callable[[], Awaitable[None]]
+    double_fault: Callable[[], Awaitable[dict[str, object]]]  # returns what it did (timings), for the event
+    fill_store: Callable[[], Awaitable[dict[str, object]]]  # returns how the aggregator ended (exit code, its stderr)
 
 
 class ChaosController(Subscriber):
@@ -119,8 +131,18 @@ class ChaosController(Subscriber):
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         await super().__aexit__(exc_type, exc, tb)
+        self.log.missed = self.missed()
+        if self.log.missed:
+            log.warning("chaos: never struck: %s (no status of the round reported an accepted update before it closed)",
+                        ", ".join(self.log.missed))
         if self.proxy is not None:
             self.log.links = {name: dict(vars(link.stats)) for name, link in self.proxy.links.items()}
+
+    def missed(self) -> list[str]:
+        """The round-triggered faults asked for that have not struck."""
+        asked = {"kill_aggregator": self.options.kill_aggregator_round, "restart_broker": self.options.restart_broker_round,
+                 "double_fault": self.options.double_fault_round, "fill_store": self.options.fill_store_round}
+        return [f"{name} in round {number}" for name, number in asked.items() if number is not None and name not in self._done]
 
     async def on_message(self, topic: str, payload: bytes) -> None:
         status = RoundStatus.from_bytes(payload)
@@ -140,11 +162,16 @@ class ChaosController(Subscriber):
                 await self._once("kill_aggregator", status, self.hooks.restart_aggregator)
             if status.round == self.options.restart_broker_round:
                 await self._once("restart_broker", status, self.hooks.restart_broker)
+            if status.round == self.options.double_fault_round:
+                await self._once("double_fault", status, self.hooks.double_fault)
+            if status.round == self.options.fill_store_round:
+                await self._once("fill_store", status, self.hooks.fill_store)
 
-    async def _once(self, name: str, status: RoundStatus, action: Callable[[], Awaitable[None]]) -> None:
+    async def _once(self, name: str, status: RoundStatus, action: Callable[[], Awaitable[dict[str, object] | None]]) -> None:
         if name in self._done:
             return
         self._done.add(name)
         log.warning("chaos: %s in round %d (%d accepted)", name, status.round, status.accepted)
-        self.log.events.append({"event": name, "round": status.round, "accepted_before": status.accepted})
-        await action()
+        event: dict[str, object] = {"event": name, "round": status.round, "accepted_before": status.accepted}
+        self.log.events.append(event)
+        event.update(await action() or {})

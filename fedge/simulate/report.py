@@ -31,6 +31,9 @@ class RoundRow:
     # delta broadcasts: catch-up material the aggregator put on retained topics this round (keyframes,
     # retained deltas, the task); stored once on the broker, downloaded only by devices that catch up
     bytes_retained: int = 0
+    invited: int | None = None  # the round's cohort (None: every device was invited)
+    fed_accuracy: float | None = None  # federated evaluation of this round's model on the devices' own data (--eval-every)
+    fed_devices: int | None = None
 
     @property
     def updates_per_s(self) -> float:
@@ -47,6 +50,7 @@ class SimulationReport:
     final_global_bytes: int = 0
     unattributed_bytes: int = 0
     hosts: dict[str, Any] = field(default_factory=dict)  # synthetic load: each host's receipts, connect time and RSS
+    dropped_by_device: dict[str, int] = field(default_factory=dict)  # `dropped` in each device's retained presence at the end (issue 19)
     # trained agents: what each device counted itself when it exited (agent_host.device_ledger): bytes up and
     # down, and under delta broadcasts what it fetched to catch up (only devices know that)
     devices: dict[str, Any] = field(default_factory=dict)
@@ -85,10 +89,15 @@ def write_report(report: SimulationReport, out: Path, console: Console) -> None:
     (out / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False, default=str))
     _plot(report, out / "report.png")
     table = Table(title=f"fedge simulate: {report.options['agents']} agents, {len(report.rounds)} rounds")
-    for column in ("round", "accuracy", "loss", "participants", "bytes up", "bytes down", "seconds", "updates/s"):
+    cohorts = any(r.invited is not None for r in report.rounds)
+    federated = any(r.fed_accuracy is not None for r in report.rounds)
+    for column in ("round", "accuracy", "loss", "participants", *(["invited"] if cohorts else []), *(["fed accuracy"] if federated else []),
+                   "bytes up", "bytes down", "seconds", "updates/s"):
         table.add_column(column, justify="right")
     for row in report.rounds:
-        table.add_row(str(row.round), f"{row.accuracy:.4f}", f"{row.loss:.4f}", str(row.participants),
+        extra = ([str(row.invited) if row.invited is not None else "all"] if cohorts else []) + (
+            [f"{row.fed_accuracy:.4f}" if row.fed_accuracy is not None else "-"] if federated else [])
+        table.add_row(str(row.round), f"{row.accuracy:.4f}", f"{row.loss:.4f}", str(row.participants), *extra,
                       f"{row.bytes_up:,}", f"{row.bytes_down:,}", f"{row.seconds:.2f}", f"{row.updates_per_s:.1f}")
     console.print(table)
     t = report.totals
@@ -109,8 +118,12 @@ def _plot(report: SimulationReport, path: Path) -> None:
     plt = pyplot()
     rounds = [r.round for r in report.rounds]
     fig, (acc_ax, bytes_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    if any(math.isfinite(r.accuracy) for r in report.rounds):
-        acc_ax.plot(rounds, [r.accuracy for r in report.rounds], marker="o", markersize=3)
+    if any(math.isfinite(r.accuracy) or r.fed_accuracy is not None for r in report.rounds):
+        acc_ax.plot(rounds, [r.accuracy for r in report.rounds], marker="o", markersize=3, label="server")
+        if any(r.fed_accuracy is not None for r in report.rounds):
+            acc_ax.plot(rounds, [r.fed_accuracy if r.fed_accuracy is not None else math.nan for r in report.rounds], marker="s",
+                        markersize=3, label="federated")
+            acc_ax.legend()
         acc_ax.set_ylabel("test accuracy")
     else:  # synthetic load: nothing to evaluate, show the round times instead
         acc_ax.plot(rounds, [r.seconds for r in report.rounds], marker="o", markersize=3)

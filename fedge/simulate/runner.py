@@ -28,9 +28,12 @@ from fedge.netem import FaultProxy, LinkProfile, parse_schedule
 from fedge.peak_memory import ENV as PEAK_ENV
 from fedge.peak_memory import peak_rss_mib, proc_peak_rss_mib
 from fedge.simulate.chaos import ChaosController, ChaosHooks, ChaosLog, ChaosOptions, late_ids, plan_dropouts
+from fedge.simulate.disk_full import check_fillable
 from fedge.simulate.limits import raise_fd_limit
+from fedge.simulate.process_faults import ProcessFaults
 from fedge.simulate.report import RoundRow, SimulationReport, write_report
 from fedge.simulate.wiretap import WireTap
+from fedge.status import snapshot
 from fedge_contract.aio import First, cancel_and_wait, race
 from fedge_contract.mqtt import BrokerAddress
 
@@ -56,6 +59,7 @@ class SimulationOptions:
     attacks: dict[str, str] = field(default_factory=dict)  # TEST ONLY: client id -> attack (edge_agent/attack.py)
     chaos: ChaosOptions = field(default_factory=ChaosOptions)  # faulty network, dropouts, late joiners, kills (chaos.py)
     out: Path | None = None
+    store: Path | None = None  # the aggregator's store; default OUT/aggregator.sqlite
     agent_procs: int = 1
     quiet: bool = False
     log_level: str = "info"
@@ -206,9 +210,15 @@ async def simulate(options: SimulationOptions) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("logs", "peaks", "agents"):
         (out / sub).mkdir(exist_ok=True)
-    store_path = out / "aggregator.sqlite"
+    store_path = options.store or out / "aggregator.sqlite"
     if store_path.exists():
-        raise CommandError(f"{out} already holds a run: choose another --out")
+        raise CommandError(f"{store_path} already holds a run: choose another {'--store' if options.store else '--out'}")
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    if options.chaos.fill_store_round is not None:
+        try:
+            check_fillable(store_path.parent)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
     console.print(f"[bold]fedge simulate[/]: {options.agents} agents, {options.rounds} rounds, target {options.effective_target}, report in {out}")
 
     raise_fd_limit(options.agents + 256)  # before the broker starts: it inherits the limit, one socket per agent
@@ -221,7 +231,8 @@ async def simulate(options: SimulationOptions) -> int:
             aggregator_args = aggregator_argv(options, broker_proc.url, store_path)
             await children.spawn("aggregator", *aggregator_args)
             ids = [f"agent-{i}" for i in range(options.agents)]
-            async with _chaos(options, broker_proc, children, aggregator_args, ids, out) as spawn_agents:
+            faults = ProcessFaults(children, broker_proc, aggregator_args, store_path, options.seed)
+            async with _chaos(options, broker_proc, children, faults, ids, out) as spawn_agents:
                 await spawn_agents([i for i in ids if i not in spawn_agents.late], options.agent_procs, "agents")
                 error = await _watch(tap, children, options, console)
                 spawn_agents.heal()  # agents cut off for good come back to see the final model and exit
@@ -231,10 +242,12 @@ async def simulate(options: SimulationOptions) -> int:
             if error:
                 console.print(f"[red]simulation failed[/]: {error}")
                 return 1
+        # every device's retained presence once all are gone, as `fedge status --once` shows it
+        dropped = {client: presence.dropped for client, presence in (await snapshot(address, FLEET)).devices.items()}
         broker_peak = proc_peak_rss_mib(broker_proc.pid) if broker_proc.pid else None
 
     wall = time.monotonic() - started
-    report = _build_report(options, out, tap, wall, broker_peak)
+    report = _build_report(options, out, store_path, tap, wall, broker_peak, dropped)
     write_report(report, out, console)
     return 0
 
@@ -299,21 +312,21 @@ class _AgentSpawner:
 
 
 @contextlib.asynccontextmanager
-async def _chaos(options: SimulationOptions, broker: LocalBroker, children: _Children, aggregator_args: tuple[str, ...],
+async def _chaos(options: SimulationOptions, broker: LocalBroker, children: _Children, faults: ProcessFaults,
                  ids: list[str], out: Path) -> AsyncIterator[_AgentSpawner]:
     """The run's faults (chaos.py): a FaultProxy with one link per agent and a controller, when asked for."""
     chaos = options.chaos
     record = ChaosLog(late_joiners=late_ids(ids, chaos, options.seed))
     try:
         async with contextlib.AsyncExitStack() as stack:
-            yield await _enter_chaos(stack, options, broker, children, aggregator_args, ids, out, record)
+            yield await _enter_chaos(stack, options, broker, children, faults, ids, out, record)
     finally:
         if chaos.active:
             record.write(out)
 
 
 async def _enter_chaos(stack: contextlib.AsyncExitStack, options: SimulationOptions, broker: LocalBroker, children: _Children,
-                       aggregator_args: tuple[str, ...], ids: list[str], out: Path, record: ChaosLog) -> _AgentSpawner:
+                       faults: ProcessFaults, ids: list[str], out: Path, record: ChaosLog) -> _AgentSpawner:
     chaos = options.chaos
     proxy = None
     if chaos.needs_proxy:
@@ -325,26 +338,15 @@ async def _enter_chaos(stack: contextlib.AsyncExitStack, options: SimulationOpti
         proxy.schedule([*parse_schedule(chaos.faults), *dropouts])
     spawner = _AgentSpawner(options, children, broker.url, out, proxy, record.late_joiners)
     if chaos.active:
-        restarts = iter(range(2, 1000))
-
-        async def restart_aggregator() -> None:
-            name = next((n for n in reversed(children.processes) if n.startswith("aggregator")), "aggregator")
-            children.killed.add(name)
-            children.processes[name].kill()
-            await children.processes[name].wait()
-            await children.spawn(f"aggregator-{next(restarts)}", *aggregator_args)
-
-        async def restart_broker() -> None:
-            await broker.kill()
-            await broker.start()
-
-        hooks = ChaosHooks(restart_aggregator, restart_broker, lambda: spawner(record.late_joiners, 1, "agents-late"))
+        hooks = ChaosHooks(faults.restart_aggregator, faults.restart_broker, lambda: spawner(record.late_joiners, 1, "agents-late"),
+                           faults.double_fault, faults.fill_store)
         await stack.enter_async_context(ChaosController(chaos, BrokerAddress.parse(broker.url), FLEET, proxy, hooks, record))
     return spawner
 
 
-def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: float, broker_peak: float | None) -> SimulationReport:
-    with Store(out / "aggregator.sqlite", readonly=True) as store:
+def _build_report(options: SimulationOptions, out: Path, store_path: Path, tap: WireTap, wall: float,
+                  broker_peak: float | None, dropped: dict[str, int]) -> SimulationReport:
+    with Store(store_path, readonly=True) as store:
         stored = {row["round"]: row for row in store.rounds()}
     hosts = _host_ledgers(out) if options.synthetic else {}
     devices = {} if options.synthetic else {client: row for ledger in _host_ledgers(out).values() for client, row in ledger["devices"].items()}
@@ -366,6 +368,8 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
                 participants=int(stored[number]["accepted"]), bytes_up=bytes_up, bytes_down=tap.bytes_down(number),
                 updates_published=updates, seconds=seconds, selection_bytes=traffic.selection_bytes, trained=trained, evals=evals,
                 train_seconds=None if options.synthetic else traffic.train_seconds, bytes_retained=traffic.retained_bytes,
+                invited=int(metrics["invited"]) if "invited" in metrics else None,
+                fed_accuracy=metrics.get("fed_accuracy"), fed_devices=int(metrics["fed_devices"]) if "fed_devices" in metrics else None,
             )
         )
     peaks = {"orchestrator": peak_rss_mib()}
@@ -383,6 +387,7 @@ def _build_report(options: SimulationOptions, out: Path, tap: WireTap, wall: flo
         unattributed_bytes=tap.unattributed_bytes,
         hosts={name: {k: v for k, v in ledger.items() if k != "rounds"} for name, ledger in hosts.items()},
         devices=devices,
+        dropped_by_device=dict(sorted(dropped.items())),
     )
 
 

@@ -12,6 +12,10 @@ missed versions downloads it, by subscribing later, so the wire shows its public
 downloads: it is counted once, for the round of the announcement that follows it, as
 ``retained_bytes`` (what the aggregator stored on the broker). What devices really fetched to catch
 up, each agent counts itself (``AgentStats.bytes_down``, ``AgentStats.held``).
+In secure rounds (``--secure-aggregation``) no Update is published: bytes up are what devices
+publish on ``secagg/up/`` and bytes down add what the aggregator publishes on ``secagg/down/`` (a
+broadcast times the agents subscribed, a device's own key list or bundle once), each counted in the
+round whose status was open last.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class RoundTraffic:
     selection_bytes: int = 0  # the largest cohort field announced for the round (an extension re-announces a larger one)
     train_seconds: float = 0.0  # devices' training time, as their updates report it (resends counted once per update id)
     update_ids: set[str] = field(default_factory=set)
+    secure_bytes_down: int = 0  # secure aggregation's messages to the devices (secagg/down/)
 
 
 class WireTap(Subscriber):
@@ -58,12 +63,16 @@ class WireTap(Subscriber):
         self._retained = 0  # catch-up material since the last announcement: the broadcaster publishes it first
         self.finished = asyncio.Event()
         self.progress = asyncio.Queue[RoundStatus]()
+        self._open_round = 0  # the round whose status said open last (secure aggregation's traffic is counted there)
+        self._secagg = f"{self.topics.prefix}/secagg/"
+        self._broadcasts = {f"{self._secagg}down/setup", f"{self._secagg}down/unmask"}
         # ``global/#`` matches ``global`` too (MQTT's multi-level wildcard includes the parent level)
         topics = [f"{self.topics.prefix}/#"] if updates else [f"{self.topics.global_model}/#", self.topics.status]
         super().__init__(address, f"fedge-wiretap-{fleet}", topics)
 
     def bytes_down(self, round_no: int) -> int:
-        return sum(self.rounds[round_no].global_payloads) * self.subscribers
+        traffic = self.rounds[round_no]
+        return sum(traffic.global_payloads) * self.subscribers + traffic.secure_bytes_down
 
     async def on_message(self, topic: str, payload: bytes) -> None:
         now = time.monotonic()
@@ -75,6 +84,15 @@ class WireTap(Subscriber):
             self._on_status(payload, now)
         elif topic.startswith(f"{self.topics.prefix}/updates/"):
             self._on_update(payload)
+        elif topic.startswith(self._secagg):
+            self._on_secure(topic, payload)
+
+    def _on_secure(self, topic: str, payload: bytes) -> None:
+        traffic = self.rounds[self._open_round]
+        if topic.startswith(f"{self._secagg}up/"):
+            traffic.bytes_up += len(payload)
+        else:
+            traffic.secure_bytes_down += len(payload) * (self.subscribers if topic in self._broadcasts else 1)
 
     def _on_global(self, payload: bytes) -> None:
         if not payload:
@@ -130,6 +148,8 @@ class WireTap(Subscriber):
     def _on_status(self, payload: bytes, now: float) -> None:
         status = RoundStatus.from_bytes(payload)
         traffic = self.rounds[status.round]
+        if status.state is RoundState.OPEN:
+            self._open_round = status.round
         if status.state is RoundState.OPEN and traffic.opened_at is None:
             traffic.opened_at = now
         elif status.state is RoundState.AGGREGATING:

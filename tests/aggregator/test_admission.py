@@ -158,3 +158,29 @@ def test_a_store_from_before_workers_is_migrated(tmp_path: Path) -> None:
         assert refusal(store, update("a", "u2")).status is ReceiptStatus.DUPLICATE  # the old row still counts
         admit(store, update("b", "u3"), shard=1)
         assert store.accepted_by_shard(1) == {None: 1, 1: 1}
+
+
+def test_an_uninvited_update_is_refused_by_the_ledger_in_every_process(path):
+    """The invited set lives in the store: a second process (an ingest worker) refuses the same update,
+    an invited client is admitted, a past round's update is stale whoever sent it, an extension's
+    invitation counts at once, and a round without a cohort invites everyone."""
+    with Store(path) as coordinator, Store(path) as worker:
+        coordinator.invite(1, ["a", "b"], {"version": 1})
+        for store in (coordinator, worker):
+            refused = refusal(store, update("mallory", f"m-{id(store)}"))
+            assert refused.status is ReceiptStatus.REJECTED and refused.reason.startswith("not_invited:")
+        admit(worker, update("a", "u1"))
+        coordinator.open_round(2, 1, None)
+        coordinator.invite(2, ["c"], {"version": 1})
+        assert refusal(worker, update("c", "u2")).reason.startswith("not_invited:")  # invited to round 2, not round 1
+        stale = LedgerAdmission(worker, 2, 1, 3)
+        with pytest.raises(Rejection) as info:
+            stale.commit(update("mallory", "m-old"), b"x")  # a past round's update: stale, whoever sent it
+        assert info.value.status is ReceiptStatus.STALE
+        coordinator.invite(1, ["mallory"], {"version": 1})  # an extension
+        admit(worker, update("mallory", "m-late"))
+        assert coordinator.invited(1) == ["a", "b", "mallory"] and coordinator.invited(2) == ["c"]
+        assert coordinator.cohort_state() == {"version": 1} and coordinator.cohort_sizes() == {1: 3, 2: 1}
+        coordinator.open_round(3, 2, None)
+        assert coordinator.invited(3) is None
+        LedgerAdmission(worker, 3, 2, 3).commit(update("anyone", "u3", round_no=3, base=2), b"x")

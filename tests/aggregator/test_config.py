@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,34 @@ def test_the_command_line_says_what_is_wrong_in_one_line() -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedge aggregator: error:") and "rounds.target" in lines[0], done.stderr
+
+
+def test_secure_aggregation_refuses_what_it_cannot_serve_and_takes_the_codec_none() -> None:
+    config = config_of("mqtt://h:1", secure_aggregation=True, clip_norm="2.5", max_weight=400)
+    assert config.training.codec == "none"  # unset: none, the only codec a masked vector can use
+    assert config_of("mqtt://h:1", secure_aggregation=True, codec="none").training.codec == "none"
+    assert config_of("mqtt://h:1").training.codec == ""  # without secure aggregation, unset stays the task's suggestion
+    refused = {
+        "mode": ("async", "needs --mode sync"), "aggregation": ("krum", "robust rules need every device's update"),
+        "codec": ("flat+topk:0.01+q4+zstd", "the update codec must be 'none'"), "clip_norm": ("auto", "cannot run --clip-norm auto"),
+        "workers": (2, "cannot run --workers 2"),
+    }
+    for name, (value, message) in refused.items():
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            config_of("mqtt://h:1", secure_aggregation=True, **{name: value})
+    with pytest.raises(SettingsError, match="cannot run --clip-action reject"):
+        config_of("mqtt://h:1", secure_aggregation=True, clip_norm="1", clip_action="reject")
+    with pytest.raises(SettingsError, match=r"aggregation median.*codec must be 'none', not 'q8'"):  # every refusal at once
+        config_of("mqtt://h:1", secure_aggregation=True, aggregation="median", codec="q8")
+    for bad in ({"degree": 7}, {"threshold": 1}, {"min_survivors": 2}, {"retries": -1}, {"mask_timeout": 0}, {"ring_bits": 4}):
+        with pytest.raises(SettingsError, match="secagg"):
+            config_of("mqtt://h:1", secure_aggregation=True, secagg=bad)
+
+
+def test_a_refused_secure_combination_is_one_line_from_the_command_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "fedge", "aggregator", "--broker", "mqtt://127.0.0.1:1", "--secure-aggregation",
+                           "--aggregation", "median", "--codec", "q8+zstd"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedge aggregator: error: --secure-aggregation cannot run --aggregation median"), done.stderr
+    assert "the update codec must be 'none', not 'q8+zstd'" in lines[0]

@@ -62,13 +62,14 @@ async def test_api_state_of_a_real_round(broker_address: BrokerAddress, fleet: s
 
 def test_fleet_state_has_no_nan_and_skips_open_rounds() -> None:
     status = RoundStatus(fleet="f", round=3, model_version=2, state=RoundState.AGGREGATING, accepted=4, target=4,
-                         min_updates=1, deadline=None, rounds_total=5, last_metrics={}, bytes_down=922)
+                         min_updates=1, deadline=None, rounds_total=5, last_metrics={"accuracy": 0.5, "fed_accuracy": 0.75, "fed_version": 1.0},
+                         bytes_down=922)
     devices = {"b": Presence(fleet="f", client_id="b", state="offline"),
                "a": Presence(fleet="f", client_id="a", state="online", eligible=False, why_not="battery 12% < 20%", device={"battery": 12.0},
                              dropped=3)}
     rounds = [
         {"round": 1, "closed": 10.0, "accepted": 4, "metrics": {"accuracy": float("nan"), "loss": 0.5}, "bytes_down": 318},
-        {"round": 2, "closed": 20.0, "accepted": 3, "metrics": {}},  # a row without the column: an old store
+        {"round": 2, "closed": 20.0, "accepted": 3, "metrics": {"fed_accuracy": 0.75, "invited": 5.0}},  # no bytes_down: an old store
         {"round": 3, "closed": None, "accepted": 4, "metrics": {}},
     ]
     state = fleet_state("f", status, devices, rounds, {1: 100, 3: 7}, now=25.0, received={1: 4, 3: 1})
@@ -78,9 +79,12 @@ def test_fleet_state_has_no_nan_and_skips_open_rounds() -> None:
     assert state["devices"][0] == {"client_id": "a", "state": "online", "eligible": False, "why_not": "battery 12% < 20%",
                                    "dropped": 3, "device": {"battery": 12.0}}
     assert state["rounds"] == [
-        {"round": 1, "accuracy": None, "loss": 0.5, "accepted": 4, "bytes_up": 100, "bytes_up_per_device": 25, "bytes_down": 318},
-        {"round": 2, "accuracy": None, "loss": None, "accepted": 3, "bytes_up": 0, "bytes_up_per_device": None, "bytes_down": 0},
+        {"round": 1, "accuracy": None, "loss": 0.5, "fed_accuracy": None, "invited": None, "accepted": 4, "bytes_up": 100,
+         "bytes_up_per_device": 25, "bytes_down": 318},
+        {"round": 2, "accuracy": None, "loss": None, "fed_accuracy": 0.75, "invited": 5.0, "accepted": 3, "bytes_up": 0,
+         "bytes_up_per_device": None, "bytes_down": 0},
     ]
+    assert state["federated"] == {"accuracy": 0.75, "version": 1.0}
     assert fleet_state("f", None, {}, [], {}, now=0.0)["state"] == "starting"
 
 

@@ -1,10 +1,10 @@
-"""Federated evaluation's reduction (aggregator/federated_eval.py) against a hand computation."""
+"""Federated evaluation's reduction (aggregator/observability/federated_eval.py) against a hand computation."""
 
 from __future__ import annotations
 
 import pytest
 
-from aggregator.federated_eval import EvalCollector, eval_due, reduce_reports
+from aggregator.observability.federated_eval import EvalCollector, eval_due, reduce_reports
 from fedge_contract.cohort import EVAL_ALL, Participation, eval_threshold
 from fedge_contract.evaluation import EvalReport
 

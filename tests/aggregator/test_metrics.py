@@ -118,3 +118,17 @@ def test_the_fleet_view_sums_what_devices_dropped() -> None:
     fleet.on_presence("a", Presence(fleet="f", client_id="a", state="online", dropped=3).to_bytes())  # a's count grew
     assert _samples(metrics.exposition())[("fedge_agent_dropped_updates", ())] == 4
     assert _samples(metrics.exposition())[("fedge_online_agents", ())] == 1
+
+
+def test_a_stale_will_does_not_lower_what_a_device_dropped() -> None:
+    """A last will is fixed when its connection opens: one published after a device dropped more updates carries an
+    older count. The count is a lifetime total, so the fleet view keeps the highest it has seen per device."""
+    from aggregator.observability.fleet import FleetView
+    from fedge_contract import Presence
+
+    metrics = AggregatorMetrics()
+    fleet = FleetView("f", metrics)
+    fleet.on_presence("a", Presence(fleet="f", client_id="a", state="online", dropped=3).to_bytes())
+    fleet.on_presence("a", Presence(fleet="f", client_id="a", state="offline", dropped=1).to_bytes())  # the older will
+    assert fleet.devices["a"].dropped == 3 and fleet.devices["a"].state == "offline"
+    assert _samples(metrics.exposition())[("fedge_agent_dropped_updates", ())] == 3

@@ -78,3 +78,20 @@ def test_noisy_partial_sums_merge_before_the_noise() -> None:
     merged.merge_wire(worker.to_wire())
     assert (merged.count, merged.total_weight) == (single.count, single.total_weight) == (6, sum(range(10, 16)))
     np.testing.assert_allclose(merged.mean()["w"], single.mean()["w"], rtol=1e-6)
+
+
+def test_a_cohort_run_composes_each_rounds_own_sampling_rate():
+    """With cohorts, epsilon composes the rounds' rates (a round before cohorts: the configured rate, a round
+    that invited nobody: nothing), and the figure against an observer of the announcements is q = 1 over
+    the most invitations of one device."""
+    pytest.importorskip("opacus")
+    from aggregator.aggregation.defence import Defence
+    from aggregator.aggregation.privacy import epsilon_announced, epsilon_over_rounds
+    from aggregator.config import config_of
+    from aggregator.rounds.policy import Sampling
+
+    defence = Defence(config_of("mqtt://127.0.0.1:1883", clip_norm="1.0", dp_noise=1.0, dp_population=100, target=10))
+    figures = defence.metrics(4, Sampling({2: 0.3, 3: 0.0, 4: 0.2}, most_invitations=2))
+    assert figures["dp_epsilon"] == pytest.approx(epsilon_over_rounds([0.1, 0.3, 0.2], 1.0, 1e-5))
+    assert figures["dp_sampling_rate"] == 0.2 and figures["dp_epsilon_announced"] == pytest.approx(epsilon_announced(2, 1.0, 1e-5))
+    assert defence.metrics(4)["dp_epsilon"] == pytest.approx(defence.privacy.epsilon(4))  # type: ignore[union-attr]

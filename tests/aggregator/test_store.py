@@ -191,3 +191,34 @@ def test_readonly_store_never_writes(tmp_path):
         assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
     with pytest.raises(FileNotFoundError):
         Store(tmp_path / "missing.sqlite", readonly=True)
+
+
+def test_secure_sessions_and_masked_inputs_are_kept_by_round_and_session_then_released(tmp_path):
+    path = tmp_path / "agg.sqlite"
+    with Store(path) as store:
+        store._db.executescript("DROP TABLE secure_sessions; DROP TABLE secure_inputs;")  # a store made before secure aggregation
+    with Store(path) as store:  # ... gets the tables on opening
+        store.secure_checkpoint(1, "s1", b"snap-1", None)
+        store.secure_spool(1, "s1", "a", b"masked-a")
+        store.secure_spool(1, "s1", "a", b"masked-a-again")  # one input per device and session: the first stays
+        store.secure_spool(1, "s1", "b", b"masked-b")
+        store.secure_checkpoint(1, "s1", b"snap-2", None)
+        assert store.secure_inputs(1, "s1") == [b"masked-a", b"masked-b"]
+        (session,) = store.secure_sessions(1)
+        assert (session.session, session.snapshot, session.outcome, session.abandoned) == ("s1", b"snap-2", None, False)
+
+        store.secure_checkpoint(1, "s1", b"snap-3", "abandoned: below_threshold: 2 masked inputs")  # its inputs go with it
+        assert store.secure_inputs(1, "s1") == [] and store.secure_sessions(1)[0].abandoned
+        store.secure_checkpoint(1, "s2", b"snap-4", None)
+        store.secure_spool(1, "s2", "c", b"masked-c")
+        store.secure_abandon(1, "s2", "abandoned: resume_failed: damaged")
+        assert store.secure_inputs(1, "s2") == [] and [s.outcome for s in store.secure_sessions(1)][1].startswith("abandoned: resume")
+        store.secure_checkpoint(1, "s3", b"snap-5", "summed")
+        store.secure_spool(1, "s3", "d", b"masked-d")
+        store.secure_spool(2, "t1", "d", b"next-round")
+
+        store.open_round(1, 0, None)
+        store.close_round(1, 1, "fp", {"w": np.zeros(2, np.float32)}, {}, 1)
+        assert store.secure_inputs(1, "s3") == [] and all(s.snapshot is None for s in store.secure_sessions(1))
+        assert [s.outcome for s in store.secure_sessions(1)][2] == "summed"  # the outcomes stay, for the record
+        assert store.secure_inputs(2, "t1") == [b"next-round"]  # another round's are untouched

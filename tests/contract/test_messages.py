@@ -178,6 +178,10 @@ def test_round_status_round_trip() -> None:
     assert RoundStatus.from_bytes(status.to_bytes(), fleet=FLEET) == status
     idle = RoundStatus(FLEET, 0, 0, RoundState.FINISHED, 0, 1, 1, None)
     assert RoundStatus.from_bytes(idle.to_bytes()) == idle
+    assert b"note" not in idle.to_bytes()  # optional both ways: an old reader sees what it always saw
+    noted = RoundStatus(FLEET, 2, 1, RoundState.OPEN, 0, 5, 3, None, note="secure aggregation: session x, mask phase")
+    assert RoundStatus.from_bytes(noted.to_bytes()) == noted
+    assert len(RoundStatus(FLEET, 2, 1, RoundState.OPEN, 0, 5, 3, None, note="n" * 5000).note) == 512  # long notes are cut
 
 
 def test_round_status_traffic_is_optional_both_ways() -> None:

@@ -64,7 +64,8 @@ async def test_hostile_updates_are_refused_and_the_model_is_untouched(broker_add
         await run_fleet(clean, [Agent(agent_config(broker_address, f"{fleet}-clean", tmp_path / "clean", i)) for i in range(3)])
 
     topics = Topics(fleet)
-    config = aggregator_config(broker_address, fleet, tmp_path / "attacked.sqlite", rounds=2, target=3, min_updates=3)
+    # every device trains (no cohort): mallory's payloads must reach validation, not be refused as not invited
+    config = aggregator_config(broker_address, fleet, tmp_path / "attacked.sqlite", rounds=2, target=3, min_updates=3, over_select=0)
     attacked = Aggregator(config)
     gate = ManualGate(passes=1)  # agent-2 trains round 1, then waits for the test
     agents = [Agent(agent_config(broker_address, fleet, tmp_path / "attacked", i), gate=gate if i == 2 else None) for i in range(3)]

@@ -22,7 +22,8 @@ ALLOWED = frozenset({"agent-0", "agent-1", "agent-2", "mallory"})
 
 
 async def test_flood_of_hostile_payloads_changes_nothing(broker_address, fleet, tmp_path):
-    settings = dict(rounds=2, target=3, min_updates=3, allowed_clients=ALLOWED)
+    # every device trains (no cohort): mallory's payloads must reach validation, not be refused as not invited
+    settings = dict(rounds=2, target=3, min_updates=3, allowed_clients=ALLOWED, over_select=0)
     clean = Aggregator(aggregator_config(broker_address, f"{fleet}-c", tmp_path / "clean.sqlite", **settings))
     async with asyncio.timeout(60):
         await run_fleet(clean, [Agent(agent_config(broker_address, f"{fleet}-c", tmp_path / "clean", i)) for i in range(3)])

@@ -110,7 +110,9 @@ async def test_bad_chunked_updates_get_receipts_and_the_model_is_intact(broker_a
         await run_fleet(reference, reference_agents)
 
     topics = Topics(fleet)
-    aggregator, agents = _fleet(broker_address, fleet, tmp_path / "attacked", agents=2, chunked=True, rounds=1, chunk_timeout=1.0)
+    # every device trains (no cohort): mallory's updates must reach validation, not be refused as not invited
+    aggregator, agents = _fleet(broker_address, fleet, tmp_path / "attacked", agents=2, chunked=True, rounds=1, chunk_timeout=1.0,
+                                over_select=0)
     async with asyncio.timeout(60), raw_peer(broker_address, "mallory", topics.global_model, topics.receipt("mallory")) as mallory:
         serving = asyncio.create_task(aggregator.run())
         assert is_manifest(await mallory.next_payload(topics.global_model))  # round 1 is open, the model went in chunks

@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 
 import pytest
 
 from edge_agent import Agent
+from fedge.status import snapshot
 from fedge_contract import GlobalModel, Presence, Receipt, ReceiptStatus, TaskConfig, Topics, Update
 from fedge_contract.codecs import encode_weights, parse_chain
+from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.tensors import ModelSpec
 from fedge_tasks import load_task
 from fedge_tasks.weights import get_weights
@@ -44,6 +47,18 @@ async def presence_where(peer: RawPeer, topics: Topics, predicate) -> Presence: 
         presence = Presence.from_bytes(await peer.next_payload(topics.presence("agent-0")))
         if predicate(presence):
             return presence
+
+
+class Said(logging.Handler):
+    """Sets ``event`` once a record saying ``text`` is logged: the test waits on the agent's own word."""
+
+    def __init__(self, text: str, event: asyncio.Event) -> None:
+        super().__init__()
+        self.text, self.event = text, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
 
 
 def dropped_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -128,3 +143,54 @@ async def test_an_agent_restarted_after_the_final_model_settles_its_outbox_and_l
         f"agent-0: dropped update {unanswered.update_id} of round 1 unanswered: training is over"]
     assert "Unexpected message ID" not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_an_agent_cut_off_as_it_settles_leaves_its_count_in_its_retained_presence(broker_address, fleet, tmp_path, fault_proxy,
+                                                                                      caplog):
+    """Issue 19's chaos soak: an agent whose connection dropped between the final model and its exit
+    published no offline presence, so the broker's retained one was its last will, made when the
+    agent started (dropped 0): `fedge status` showed 0 for a device that had dropped updates."""
+    topics = Topics(fleet)
+    link = await fault_proxy.add_link("agent-0", (broker_address.host, broker_address.port))
+    finished = asyncio.Event()
+    caplog.set_level(logging.INFO, logger="fedge.agent")
+    said = Said("training finished", finished)
+    logging.getLogger("fedge.agent").addHandler(said)
+    try:
+        agent = Agent(agent_config(BrokerAddress.parse(link.url), fleet, tmp_path, 0, final_receipt_grace=0.5))
+        async with asyncio.timeout(60), raw_peer(broker_address, "aggregator", topics.update("agent-0")) as peer:
+            await peer.client.publish(topics.global_model, digits_model(fleet, 0, 1), qos=1, retain=True)
+            running = asyncio.create_task(agent.run())
+            await next_update(peer, topics)
+            await peer.client.publish(topics.global_model, digits_model(fleet, 1, 1, final=True), qos=1, retain=True)
+            await finished.wait()
+            link.cut(2, reset_now=True)  # its network goes now (the broker publishes its will) and comes back in 2 s
+            await running  # its update dropped unanswered meanwhile
+    finally:
+        logging.getLogger("fedge.agent").removeHandler(said)
+    presence = (await snapshot(broker_address, fleet)).devices["agent-0"]  # what `fedge status` shows
+    assert (presence.state, presence.dropped) == ("offline", 1)
+    assert json.loads((tmp_path / "agent-0" / "state.json").read_text())["dropped_updates"] == 1
+
+
+async def test_the_last_will_carries_the_count_as_of_the_connection(broker_address, fleet, tmp_path, fault_proxy):
+    """A will is fixed at connect: one made when the agent started said 0 whenever a device that had
+    dropped updates since lost its connection. Each connection now registers the count it starts with."""
+    topics = Topics(fleet)
+    link = await fault_proxy.add_link("agent-0", (broker_address.host, broker_address.port))
+    agent = Agent(agent_config(BrokerAddress.parse(link.url), fleet, tmp_path, 0))
+    async with asyncio.timeout(60), raw_peer(broker_address, "aggregator", topics.presence("agent-0"), topics.update("agent-0")) as peer:
+        await peer.client.publish(topics.global_model, digits_model(fleet, 0, 1), qos=1, retain=True)
+        running = asyncio.create_task(agent.run())
+        await next_update(peer, topics)
+        await peer.client.publish(topics.global_model, digits_model(fleet, 1, 2), qos=1, retain=True)  # round 1 over, unanswered
+        await presence_where(peer, topics, lambda p: p.dropped == 1)
+        link.cut(0.2, reset_now=True)  # this connection's will was made before the drop
+        await presence_where(peer, topics, lambda p: p.state == "offline")
+        await presence_where(peer, topics, lambda p: p.state == "online")  # back: a new connection, a new will
+        link.cut(math.inf, reset_now=True)
+        will = await presence_where(peer, topics, lambda p: p.state == "offline")
+        assert will.dropped == 1
+        link.heal()
+        agent.stop()
+        await running

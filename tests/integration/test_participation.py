@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from aggregator import Aggregator
-from aggregator.federated_eval import EvalCollector
+from aggregator.observability.federated_eval import EvalCollector
 from aggregator.store import Store
 from edge_agent import Agent
 from fedge_contract import GlobalModel, TaskConfig, Topics, Update

@@ -82,3 +82,34 @@ async def test_a_resumed_round_stays_open_for_devices_coming_back(broker_address
             assert resumed.deadline is not None and resumed.deadline - time.time() > 50
         finally:
             await cancel_and_wait([second])
+
+
+async def test_a_resumed_round_confirms_the_updates_it_refolds(broker_address, fleet, tmp_path):
+    """Issue 19: an aggregator killed after spooling an update but before its receipt left made the device count
+    the update as dropped although it was folded. A resumed round sends ``accepted`` again for what it re-folds."""
+    import numpy as np
+
+    from fedge_contract import GlobalModel, ReceiptStatus, Update
+    from fedge_contract.codecs import encode_weights, parse_chain
+
+    topics = Topics(fleet)
+    store = tmp_path / "agg.sqlite"
+    settings = dict(rounds=1, target=2, min_updates=2, evaluate=False, over_select=0)
+    async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.global_model, topics.receipt("a")) as peer:
+        first = asyncio.create_task(Aggregator(aggregator_config(broker_address, fleet, store, **settings)).run())
+        model = GlobalModel.from_bytes(await peer.next_payload(topics.global_model), max_bytes=10**8)
+        delta = {t.name: np.zeros(t.shape, np.float32) for t in model.tensors}
+        update = Update(fleet, "a", "u1", model.round, model.model_version, 10, encode_weights(delta, parse_chain("none")))
+        await peer.client.publish(topics.update("a"), update.to_bytes(), qos=1)
+        assert (await peer.receipts(1))["u1"].status is ReceiptStatus.ACCEPTED
+        await cancel_and_wait([first])
+
+        second = asyncio.create_task(Aggregator(aggregator_config(broker_address, fleet, store, **settings)).run())
+        try:
+            again = (await peer.receipts(1))["u1"]  # the re-folded update is confirmed without being sent again
+            assert again.status is ReceiptStatus.ACCEPTED and again.round == 1
+        finally:
+            await cancel_and_wait([second])
+    with Store(store) as db:
+        assert db.accepted_ids(1) == ["u1"]
+        assert [r["status"] for r in db.receipts() if r["update_id"] == "u1"] == ["accepted"]  # recorded once

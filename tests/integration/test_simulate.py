@@ -63,3 +63,15 @@ def test_default_simulation_meets_the_acceptance_bar(tmp_path):
     assert report["totals"]["final_accuracy"] >= 0.93
     assert set(report["peak_rss_mib"]) == {"orchestrator", "aggregator", "agents-0", "mosquitto"}
     assert report["totals"]["peak_rss_mib_sum"] < 1024
+
+
+def test_simulate_passes_secure_aggregation_on_and_counts_its_traffic(tmp_path):
+    report = simulate(tmp_path / "s", "--agents=4", "--rounds=2", "--seed=3", "--alpha=1.0", "--secure-aggregation", "--secagg-unmask-timeout=5")
+    rows = report["rounds"]
+    assert [r["participants"] for r in rows] == [4, 4] and all(r["updates_published"] == 0 for r in rows)  # no Update in the clear
+    for row in rows:  # each device's masked input is the float32 model's size plus the weight (4 x 9,611 bytes) and more
+        assert row["bytes_up"] > 4 * 4 * 9_611
+    assert rows[-1]["accuracy"] > 0.5
+    with Store(tmp_path / "s" / "aggregator.sqlite") as store:
+        assert [r["metrics"]["secure_summed"] for r in store.rounds()] == [4, 4]
+        assert [len(store.secure_sessions(r)) for r in (1, 2)] == [1, 1]

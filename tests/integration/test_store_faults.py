@@ -25,7 +25,7 @@ async def test_receipts_the_full_disk_refuses_stop_the_aggregator(broker_address
     monkeypatch.setattr(Store, "record_receipts", disk_full)
     topics = Topics(fleet)
     aggregator = Aggregator(aggregator_config(broker_address, fleet, tmp_path / "agg.sqlite", rounds=1, target=2, min_updates=2,
-                                              evaluate=False))
+                                              evaluate=False, over_select=0))  # raw peers, no presence: no cohort
     async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.global_model, topics.receipt("a")) as peer:
         serving = asyncio.create_task(aggregator.run())
         model = await peer.first_model(topics)

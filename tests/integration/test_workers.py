@@ -73,7 +73,8 @@ async def test_two_workers_make_the_single_aggregators_model(broker_address, fle
     results = {}
     for workers in (0, 2):
         name, store = f"{fleet}-w{workers}", tmp_path / f"w{workers}.sqlite"
-        config = aggregator_config(broker_address, name, store, rounds=2, target=6, min_updates=6, evaluate=False, workers=workers)
+        config = aggregator_config(broker_address, name, store, rounds=2, target=6, min_updates=6, evaluate=False, workers=workers,
+                                   over_select=0)  # a raw feeder, no presence: no cohort
         aggregator = Aggregator(config)
         async with asyncio.timeout(40), serving(aggregator) as task:
             await feed(broker_address, name, rounds=2, clients=6)
@@ -95,7 +96,8 @@ async def test_two_workers_make_the_single_aggregators_model(broker_address, fle
 async def test_dedupe_and_the_target_hold_across_workers(broker_address, fleet, tmp_path):
     topics = Topics(fleet)
     store = tmp_path / "agg.sqlite"
-    config = aggregator_config(broker_address, fleet, store, rounds=2, target=3, min_updates=3, evaluate=False, workers=2)
+    config = aggregator_config(broker_address, fleet, store, rounds=2, target=3, min_updates=3, evaluate=False, workers=2,
+                               over_select=0)  # raw peers, no presence: no cohort
     aggregator = Aggregator(config)
     async with asyncio.timeout(40), serving(aggregator), Observer(broker_address, fleet) as observer, \
             raw_peer(broker_address, f"peer-{fleet}"[:64]) as peer:

@@ -153,6 +153,25 @@ async def test_a_cut_that_heals_resets_its_connections_and_new_ones_work(echo):
     assert (link.stats.cuts, link.stats.cut_resets) == (1, 1)
 
 
+async def test_a_cut_with_reset_now_ends_its_connections_at_once_and_admits_none_until_it_heals(echo):
+    async with asyncio.timeout(10), FaultProxy(seed=9) as proxy:
+        link = await proxy.add_link("a", ("127.0.0.1", echo.port))
+        reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+        await link.wait_for(lambda s: s.open == 1)
+        link.cut(math.inf, reset_now=True)
+        with pytest.raises(ConnectionResetError):  # reset now, not when the cut heals
+            await reader.read()
+        writer.close()
+        late = asyncio.create_task(roundtrip(link.port, b"late"))
+        await link.wait_for(lambda s: s.connections == 2)
+        assert not late.done() and echo.received == bytearray()  # a new connection gets nowhere during the cut
+        link.heal()
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await late  # reset when the cut heals, as any connection made during a cut
+        assert await roundtrip(link.port, b"again") == b"again"
+    assert (link.stats.cuts, link.stats.cut_resets) == (1, 2)
+
+
 async def test_scheduled_faults_fire_at_their_round_or_time(echo):
     async with asyncio.timeout(10), FaultProxy(seed=8) as proxy:
         by_round = await proxy.add_link("agent-7", ("127.0.0.1", echo.port))

@@ -32,6 +32,7 @@ def test_late_joiners_are_seeded():
 def test_knobs_override_the_profile_and_decide_whether_a_proxy_is_needed():
     assert not ChaosOptions().active
     assert ChaosOptions(kill_aggregator_round=2).active and not ChaosOptions(kill_aggregator_round=2).needs_proxy
+    assert ChaosOptions(double_fault_round=2).active and ChaosOptions(fill_store_round=2).active
     tuned = ChaosOptions(network="cellular", reset_prob=0.1)
     assert tuned.needs_proxy
     assert tuned.profile().latency_ms == PROFILES["cellular"].latency_ms and tuned.profile().reset_prob == 0.1
@@ -47,6 +48,8 @@ def test_knobs_override_the_profile_and_decide_whether_a_proxy_is_needed():
         (ChaosOptions(late_joiners=0.1, late_join_round=9), "--late-join-round"),
         (ChaosOptions(kill_aggregator_round=0), "--kill-aggregator-at"),
         (ChaosOptions(restart_broker_round=6), "--restart-broker-at"),
+        (ChaosOptions(double_fault_round=0), "--double-fault-at"),
+        (ChaosOptions(fill_store_round=6), "--fill-store-at"),
     ],
 )
 def test_bad_options_are_refused_with_the_flag_named(options, error):

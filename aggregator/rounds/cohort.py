@@ -5,7 +5,9 @@ Pure logic (no I/O, no clock); the round loop feeds it the fleet's presence and 
 **The rule.** Each round invites ``ceil(target x over_select)`` devices from the *pool*: the
 devices whose retained presence says online and eligible (an agent too old to report eligibility
 counts as eligible). Only when the pool is too small are online devices that are not eligible
-right now invited too (they train once they are); an offline device is never invited.
+right now invited too (they train once they are), and after them the known offline devices (in a
+fleet no larger than the cohort, a device that is reconnecting or restarting: every known device is
+invited, as before cohorts). In a fleet larger than the cohort an offline device is never invited.
 
 Within the pool the draw is weighted sampling without replacement (Efraimidis and Spirakis 2006):
 device ``i`` gets the key ``log(u_i) / w_i`` and the largest keys win, where
@@ -40,10 +42,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator.errors import Rejection
-from fedge_contract import Presence, ReceiptStatus
+from fedge_contract import Presence
 from fedge_contract.cohort import InviteSet, Participation, invite_bits
-from fedge_contract.errors import Reason
 
 __all__ = [
     "Candidate",
@@ -51,7 +51,6 @@ __all__ = [
     "CohortSelector",
     "Selection",
     "candidates",
-    "check_invited",
     "extension_size",
 ]
 
@@ -107,18 +106,6 @@ class Selection:
         return Participation(InviteSet.of(self.invited, fleet=fleet, round_no=self.round, bits=bits), eval_threshold)
 
 
-def check_invited(client_id: str, update_round: int, selection: Selection | None) -> None:
-    """Raise a Rejection unless ``client_id`` was invited to ``update_round``.
-
-    Call it for updates of the open round, after the duplicate/stale/ahead checks (an update for
-    a past round is ``stale``, whoever sent it) and before the per-client and target checks.
-    ``selection`` None means no cohort selection: everyone is invited.
-    """
-    if selection is None or update_round != selection.round or client_id in selection.invited:
-        return
-    raise Rejection(ReceiptStatus.REJECTED, f"{Reason.NOT_INVITED.value}: {client_id} was not invited to round {selection.round}")
-
-
 def extension_size(policy: CohortPolicy, accepted: int, outstanding: int) -> int:
     """Devices to invite on an extension: enough that the invited devices still expected to answer
     (``outstanding``: invited, online, no update yet) are over_select x the updates still missing."""
@@ -171,11 +158,13 @@ class CohortSelector:
         return max(self.invitations.values(), default=0)
 
     # ------------------------------------------------------------------ the draw
-    def _pool(self, devices: list[Candidate], exclude: frozenset[str]) -> tuple[list[str], list[str]]:
-        """Eligible online devices, and the online ineligible ones that fill in when there are too few of those."""
+    def _pool(self, devices: list[Candidate], exclude: frozenset[str]) -> tuple[list[str], list[str], list[str]]:
+        """Eligible online devices; the online ineligible ones that fill in when there are too few of those;
+        then the known offline ones (a small fleet's device that is reconnecting, restarting)."""
         seen = {c.client_id: c for c in devices if c.client_id not in exclude}
         eligible = sorted(c for c, d in seen.items() if d.online and d.eligible)
-        return eligible, sorted(c for c, d in seen.items() if d.online and not d.eligible)
+        return (eligible, sorted(c for c, d in seen.items() if d.online and not d.eligible),
+                sorted(c for c, d in seen.items() if not d.online))
 
     def _weight(self, client: str, round_no: int, cap: int) -> int:
         last = self.last_invited.get(client)
@@ -184,14 +173,15 @@ class CohortSelector:
     def _cap(self, pool_size: int) -> int:
         return self.policy.max_weight or max(2, 2 * math.ceil(pool_size / self.policy.size))
 
-    def _draw(self, round_no: int, pool: tuple[list[str], list[str]], count: int, *, already: int) -> tuple[list[str], float]:
-        """The ``count`` best keys of the eligible devices, filled up from the others' best keys; the draw's rate."""
-        eligible, fallback = pool
-        if count <= 0 or not (eligible or fallback):
+    def _draw(self, round_no: int, pool: tuple[list[str], ...], count: int, *, already: int) -> tuple[list[str], float]:
+        """The ``count`` best keys of the eligible devices, filled up from the next tiers' best keys; the draw's rate."""
+        eligible = pool[0]
+        if count <= 0 or not any(pool):
             return [], 0.0
         cap = self._cap(len(eligible) + already)  # an extension over the same pool keeps the first draw's weights and keys
-        chosen = self._best(eligible, round_no, cap, count)
-        chosen += self._best(fallback, round_no, cap, count - len(chosen))
+        chosen: list[str] = []
+        for tier in pool:
+            chosen += self._best(tier, round_no, cap, count - len(chosen))
         return chosen, self._rate([self._weight(c, round_no, cap) for c in eligible], count)
 
     def _best(self, clients: list[str], round_no: int, cap: int, count: int) -> list[str]:
