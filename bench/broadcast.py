@@ -215,7 +215,8 @@ class Fleet:
                 residuals.save(self.spec, residual)
             result = local.result
             payload = Update(FLEET, cid, new_update_id(), number, version, result.num_samples, tensors,
-                             metrics={"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.seconds}).to_bytes()
+                             metrics={"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.seconds}
+                             ).to_bytes(compact=training.update_form == "compact")  # as the agent picks the form
             sizes.append(len(payload))
             data.append(sum(len(t.data) for t in tensors))
             update = Update.from_bytes(payload, max_bytes=MAX_BYTES, fleet=FLEET)

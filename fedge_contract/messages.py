@@ -142,7 +142,9 @@ class TaskConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     mu: float = 0.0
-    codec: str = "flat+topk:0.01+q4+zstd"  # model-wide top-k 1% with error feedback, q4: 54x fewer bytes to 0.90 (bench/codecs.py)
+    # model-wide top-k 2% with error feedback, Rice-coded positions, one bit a value (bench/codecs.py: with delta
+    # broadcasts ~56-60x fewer bytes to 0.90 than float32 both ways; uploads alone: see the README's table)
+    codec: str = "flat+topk:0.02+rice+sign"
     # The form of the Update this aggregator decodes (fedge_contract.compact): "compact" (positional
     # arrays) or "map". An aggregator before the compact form sends no such field: read as "map", and
     # left out on the wire when "map", so such a task's bytes and task_id are the same as before.
