@@ -1,7 +1,7 @@
 """Issue 4's codec benchmark: bytes, speed, and accuracy against bytes for each update codec chain.
 
 Part 1 (sizes and speed) encodes one delta per model with every chain and reports the size of the
-whole Update message (envelope included, as the broker sees it), its ratio to the same Update in
+whole Update message (envelope included, in the compact form agents send, as the broker sees it), its ratio to the same Update in
 raw float32 (chain ``none``), and encode / decode / encode+decode throughput in MB/s of float32
 input (best of a few repetitions after a warm-up, one thread). The models: the digits MLP with a
 real delta (one round of local training with the task's suggested settings on agent-0's shard),
