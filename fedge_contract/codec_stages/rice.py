@@ -12,7 +12,8 @@ Each gap ``g_i = p_i - p_{i-1} - 1`` (``p_{-1} = -1``; strictly increasing posit
 and ``b`` low bits. The two parts travel as two streams rather than interleaved, which is the same
 number of bits but lets both sides run vectorised (numpy) instead of bit by bit in Python:
 
-    byte 0      b, the Rice parameter (0..MAX_PARAMETER), chosen by the encoder for the fewest bits
+    byte 0      b, the Rice parameter, chosen by the encoder for the fewest bits (at most the bit
+                length of n - k: no gap is longer)
     remainders  k values of b bits each, MSB first, packed: exactly ceil(k * b / 8) bytes
     unary       for each gap, its quotient as that many 0 bits then a 1; zero-padded to a byte
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from fedge_contract.errors import CodecError, DecodeError, Reason
 
-__all__ = ["MAX_PARAMETER", "Rice", "rice_bounds", "rice_decode", "rice_encode"]
+__all__ = ["MAX_PARAMETER", "Rice", "max_parameter", "rice_bounds", "rice_decode", "rice_encode"]
 
 MAX_PARAMETER = 31  # gaps below 2**31 * (quotient + 1): positions of any tensor a shape can describe
 
@@ -68,12 +69,18 @@ def rice_encode(indices: np.ndarray) -> bytes:
     return bytes([b]) + packed_remainders + np.packbits(unary).tobytes()
 
 
+def max_parameter(n: int, k: int) -> int:
+    """The largest useful ``b``: every gap is at most ``n - k``, and a ``b`` past its bit length only adds
+    bits (the encoder never picks one). Bounding it bounds what the decoder unpacks: ``k * b`` bits."""
+    return min(MAX_PARAMETER, (n - k).bit_length())
+
+
 def rice_bounds(n: int, k: int) -> tuple[int, int]:
     """Fewest and most bytes a valid section of ``k`` positions out of ``n`` can take, over every ``b``."""
     if k == 0:
         return 1, 1
     smallest = 1 + -(-k // 8)  # b = 0, every gap 0
-    largest = 1 + max(-(-k * b // 8) + -(-(k + ((n - k) >> b)) // 8) for b in range(MAX_PARAMETER + 1))
+    largest = 1 + max(-(-k * b // 8) + -(-(k + ((n - k) >> b)) // 8) for b in range(max_parameter(n, k) + 1))
     return smallest, largest
 
 
@@ -82,8 +89,8 @@ def rice_decode(data: memoryview, n: int, k: int, where: str) -> np.ndarray:
     if len(data) < 1:
         raise DecodeError(Reason.BAD_TENSOR, f"{where}: rice positions are missing their parameter byte")
     b = data[0]
-    if b > MAX_PARAMETER:
-        raise DecodeError(Reason.BAD_TENSOR, f"{where}: rice parameter {b} is above {MAX_PARAMETER}")
+    if b > max_parameter(n, k):
+        raise DecodeError(Reason.BAD_TENSOR, f"{where}: rice parameter {b} is above {max_parameter(n, k)}, the most {k} of {n} positions use")
     remainder_bytes = -(-k * b // 8)
     unary_bytes = len(data) - 1 - remainder_bytes
     most_unary_bits = k + ((n - k) >> b)
@@ -91,8 +98,6 @@ def rice_decode(data: memoryview, n: int, k: int, where: str) -> np.ndarray:
         raise DecodeError(Reason.BAD_TENSOR,
                           f"{where}: {len(data)} bytes of rice positions cannot hold {k} of {n} positions with b = {b}")
     if k == 0:
-        if b:
-            raise DecodeError(Reason.BAD_TENSOR, f"{where}: rice parameter {b} for no positions (it must be 0)")
         return np.zeros(0, np.int64)
     unary = np.unpackbits(np.frombuffer(data, np.uint8, count=unary_bytes, offset=1 + remainder_bytes))
     ends = np.flatnonzero(unary)
