@@ -14,7 +14,7 @@ defaults, and generates the flags from the fields' metadata. A TOML file::
     min_updates = 10
     deadline = 300
     [training]
-    codec = "flat+topk:0.01+q4+zstd"
+    codec = "flat+topk:0.02+rice+sign"
     [defence]
     clip_norm = "auto:3"
     [broadcast]
@@ -198,7 +198,7 @@ class TrainingSettings:
     # Not ``str | None``: "none" is a chain (raw float32), so the empty string means "not set".
     codec: str = field(default="", metadata={
         "show_default": False,
-        "help": "update codec chain agents must use, e.g. flat+topk:0.01+q4+zstd (the default), q8+zstd, f16+zstd, zstd, none"})
+        "help": "update codec chain agents must use, e.g. flat+topk:0.02+rice+sign (the default), q8+zstd, f16+zstd, zstd, none"})
 
     def __post_init__(self) -> None:
         if self.codec:

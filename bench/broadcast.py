@@ -47,6 +47,7 @@ import numpy as np
 
 from fedge_contract import GlobalModel, TaskConfig, Update, new_update_id
 from fedge_contract.broadcast import (
+    DEFAULT_BROADCAST_CHAIN,
     Announcement,
     BroadcastEncoder,
     BroadcastPolicy,
@@ -59,7 +60,7 @@ from fedge_contract.broadcast import (
 from fedge_contract.codecs import decode_weights, encode_weights, parse_chain
 from fedge_contract.tensors import ModelSpec
 
-UPLOAD_DEFAULT = "flat+topk:0.01+q4+zstd"
+UPLOAD_DEFAULT = TaskConfig().codec  # flat+topk:0.02+rice+sign
 TARGET_ACCURACY = 0.90
 TARGET_RATIO = 50.0
 FLEET = "sim"
@@ -116,11 +117,12 @@ SETTINGS = [
     Setting("today-f16", UPLOAD_DEFAULT, full="f16+zstd"),  # --global-codec f16+zstd
     Setting("today-q8", UPLOAD_DEFAULT, full="q8+zstd"),
     *(Setting(f"delta:{c}", UPLOAD_DEFAULT, policy=delta(c)) for c in (
-        "flat+zstd", "f16+zstd", "flat+q8+zstd", "flat+q4+zstd", "flat+topk:0.1+q8+zstd", "flat+topk:0.1+q4+zstd",
-        "flat+topk:0.05+q4+zstd", "flat+topk:0.03+q4+zstd", "flat+topk:0.02+q4+zstd", "flat+topk:0.01+q4+zstd",
+        "flat+zstd", "f16+zstd", "flat+q8+zstd", "flat+q4+zstd", "flat+topk:0.1+q8+zstd", "flat+topk:0.1+rice+q4",
+        "flat+topk:0.05+rice+q4", "flat+topk:0.1+rice+sign", "flat+topk:0.05+rice+sign", "flat+topk:0.03+rice+sign",
+        "flat+topk:0.02+rice+sign",
     )),
-    Setting("delta-v0-downloaded", UPLOAD_DEFAULT, policy=delta("flat+topk:0.05+q4+zstd"), build_v0=False),
-    Setting("delta-q8-resets", UPLOAD_DEFAULT, policy=delta("flat+topk:0.05+q4+zstd", keyframe_chain="flat+q8+zstd", every=10, ratio=None)),
+    Setting("delta-v0-downloaded", UPLOAD_DEFAULT, policy=delta(DEFAULT_BROADCAST_CHAIN), build_v0=False),
+    Setting("delta-q8-resets", UPLOAD_DEFAULT, policy=delta(DEFAULT_BROADCAST_CHAIN, keyframe_chain="flat+q8+zstd", every=10, ratio=None)),
     Setting("delta-f32-uploads", "none", policy=delta("flat+q8+zstd")),
 ]
 
@@ -215,7 +217,8 @@ class Fleet:
                 residuals.save(self.spec, residual)
             result = local.result
             payload = Update(FLEET, cid, new_update_id(), number, version, result.num_samples, tensors,
-                             metrics={"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.seconds}).to_bytes()
+                             metrics={"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.seconds}
+                             ).to_bytes(compact=training.update_form == "compact")  # as the agent picks the form
             sizes.append(len(payload))
             data.append(sum(len(t.data) for t in tensors))
             update = Update.from_bytes(payload, max_bytes=MAX_BYTES, fleet=FLEET)
@@ -303,7 +306,8 @@ def compare(rows: list[dict[str, Any]]) -> None:
 
 # ---------------------------------------------------------------- part 2: 1M and 10M parameters
 
-SIZE_CHAINS = ["f16+zstd", "flat+q8+zstd", "flat+q4+zstd", "flat+topk:0.1+q8+zstd", "flat+topk:0.05+q4+zstd", "flat+topk:0.01+q4+zstd"]
+SIZE_CHAINS = ["f16+zstd", "flat+q8+zstd", "flat+q4+zstd", "flat+topk:0.1+q8+zstd", "flat+topk:0.05+q4+zstd", "flat+topk:0.05+rice+sign",
+               "flat+topk:0.01+q4+zstd"]
 
 
 def layered(parameters: int, rng: np.random.Generator, scale: float) -> dict[str, np.ndarray]:

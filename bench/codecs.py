@@ -1,7 +1,7 @@
 """Issue 4's codec benchmark: bytes, speed, and accuracy against bytes for each update codec chain.
 
 Part 1 (sizes and speed) encodes one delta per model with every chain and reports the size of the
-whole Update message (envelope included, as the broker sees it), its ratio to the same Update in
+whole Update message (envelope included, in the compact form agents send, as the broker sees it), its ratio to the same Update in
 raw float32 (chain ``none``), and encode / decode / encode+decode throughput in MB/s of float32
 input (best of a few repetitions after a warm-up, one thread). The models: the digits MLP with a
 real delta (one round of local training with the task's suggested settings on agent-0's shard),
@@ -54,29 +54,36 @@ from typing import Any
 
 import numpy as np
 
-from fedge_contract import Update, new_update_id
+from fedge_contract import TaskConfig, Update, new_update_id
+from fedge_contract.broadcast.policy import DEFAULT_BROADCAST_CHAIN
 from fedge_contract.codecs import decode_weights, encode_weights, parse_chain
 from fedge_contract.tensors import ModelSpec
 
 CHAINS = [
     "none", "f16+zstd", "q8+zstd", "q4+zstd", "topk:0.1+q8+zstd", "topk:0.01+q8+zstd",
     "flat+topk:0.01+q8+zstd", "flat+topk:0.01+q4+zstd",  # model-wide top-k: one tensor, one frame
+    "flat+topk:0.01+rice+q4",  # Rice-coded positions (no zstd: it would only add its frame)
+    "flat+topk:0.01+rice+sign", "flat+topk:0.02+rice+sign",  # one bit a value (error feedback absorbs the rest)
 ]
 TARGET_ACCURACY = 0.90
 TARGET_RATIO = 50.0
 TARGET_MBPS = 200.0
-UPLOAD_DEFAULT = "flat+topk:0.01+q4+zstd"
+UPLOAD_DEFAULT = TaskConfig().codec
+BROADCAST_DEFAULT = DEFAULT_BROADCAST_CHAIN
+OLD_UPLOAD, OLD_BROADCAST = "flat+topk:0.01+q4+zstd", "flat+topk:0.05+q4+zstd"  # the defaults before Rice positions and sign values
 # (upload, broadcast): "f32" broadcasts the full float32 model (today), anything else is a delta chain
 PAIRS = [
     ("none", "f32"),  # float32 both ways: the baseline (first)
-    (UPLOAD_DEFAULT, "f32"),  # before issue 16: compressed uploads, float32 downloads
-    (UPLOAD_DEFAULT, "flat+topk:0.05+q4+zstd"),  # the default upload chain with the default broadcast chain
-    (UPLOAD_DEFAULT, "flat+topk:0.03+q4+zstd"),
-    ("flat+topk:0.02+q4+zstd", "flat+topk:0.05+q4+zstd"),
-    ("flat+topk:0.02+q4+zstd", "flat+topk:0.03+q4+zstd"),
-    ("flat+topk:0.03+q4+zstd", "flat+topk:0.05+q4+zstd"),
+    (OLD_UPLOAD, "f32"),  # before issue 16: compressed uploads, float32 downloads
+    (OLD_UPLOAD, OLD_BROADCAST),  # the first delta broadcasts' defaults (compact envelopes now)
+    ("flat+topk:0.01+rice+q4", "flat+topk:0.05+rice+q4"),  # the same values, Rice-coded positions
+    ("flat+topk:0.02+rice+q4", "flat+topk:0.05+rice+q4"),
+    ("flat+topk:0.01+rice+sign", "flat+topk:0.05+rice+sign"),
+    (UPLOAD_DEFAULT, BROADCAST_DEFAULT),  # the defaults: flat+topk:0.02+rice+sign / flat+topk:0.05+rice+sign
+    (UPLOAD_DEFAULT, "flat+topk:0.03+rice+sign"),
+    ("flat+topk:0.03+rice+sign", BROADCAST_DEFAULT),
 ]
-BROADCAST_SIZE_CHAINS = ["flat+topk:0.05+q4+zstd", "flat+topk:0.03+q4+zstd", "flat+q8+zstd"]
+BROADCAST_SIZE_CHAINS = [OLD_BROADCAST, "flat+topk:0.05+rice+q4+zstd", BROADCAST_DEFAULT, "flat+topk:0.03+rice+sign", "flat+q8+zstd"]
 
 
 def digits_delta() -> dict[str, np.ndarray]:
@@ -113,7 +120,7 @@ def update_bytes(tensors: Any) -> int:
         fleet="sim", client_id="agent-0", update_id=new_update_id(), round=12, base_version=12, num_samples=57, tensors=tensors,
         metrics={"loss": 0.1234567, "accuracy": 0.93, "train_seconds": 0.0456},
     )
-    return len(update.to_bytes())
+    return len(update.to_bytes(compact=True))  # the form agents send an aggregator of this contract (it asks for it)
 
 
 def measure(delta: dict[str, np.ndarray], chain_text: str, repeats: int) -> dict[str, float]:

@@ -13,7 +13,7 @@ the device's own calls; the mask phase's figure includes the fixed-point encodin
 as ``encode``), bytes up (what the device publishes) and down (what it receives, broadcasts
 included). For the server: CPU seconds per phase (taking the messages and ending the phase). Bytes
 are compared with what a plain FedAvg device uploads per round for the same model (one Update,
-codec ``none`` and the default ``flat+topk:0.01+q4+zstd``); the global model's download is the same
+codec ``none`` and the uploads' default chain, ``TaskConfig().codec``); the global model's download is the same
 either way and left out.
 
 One process, one core, on a machine shared with others: compare figures inside one run.
@@ -40,6 +40,7 @@ import numpy as np
 
 from bench.codecs import random_delta, update_bytes
 from fedge_contract.codecs import encode_weights, parse_chain
+from fedge_contract.messages import TaskConfig
 from fedge_contract.secagg import (
     Aggregate,
     DeviceSession,
@@ -55,7 +56,7 @@ from fedge_contract.secagg.params import recommended
 
 DIGITS_PARAMETERS = 9_610  # fedge_tasks.digits: Linear(64, 128) + Linear(128, 10)
 PHASES = ("advertise", "share", "mask", "unmask")
-DEFAULT_CODEC = "flat+topk:0.01+q4+zstd"
+DEFAULT_CODEC = TaskConfig().codec  # the uploads' default chain
 
 
 class Meter:

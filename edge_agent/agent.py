@@ -607,7 +607,8 @@ class Agent:
             metrics={"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.seconds},
             device=self._device(),
         )
-        return update, update.to_bytes(), residual
+        # the compact form when the aggregator asks for it (fedge_contract.compact): ~160 bytes less
+        return update, update.to_bytes(compact=model.task.update_form == "compact"), residual
 
     def _persist_update(self, model: GlobalModel, update: Update, payload: bytes, residual: dict[str, np.ndarray] | None) -> None:
         """Disk thread: the outbox entry, then the residual, then the state (the order a crash needs)."""

@@ -6,8 +6,10 @@ chain holds at most one stage of each class, in this order:
 
     layout    flat                   the whole model as one vector (codec_stages.layout)
     sparsify  topk:<fraction>        keep the largest-|x| coordinates (codec_stages.topk)
+    positions rice                   Rice-code topk's positions (codec_stages.rice; needs topk)
     value     f16, bf16              casts (codec_stages.casts)
               q8[:block], q4[:block] per-block scale, stochastic rounding (codec_stages.quant)
+              sign[:block]           one bit a value, per-block mean magnitude (codec_stages.sign)
     lossless  zstd[:level], lz4      always last (codec_stages.lossless)
 
 ``none`` is the empty chain: raw float32. On the wire a tensor is ``dtype`` (the value stage's:
@@ -15,9 +17,10 @@ f32, f16, bf16, i8 for q8, u8 for packed q4), ``shape``, ``codec`` (the canonica
 ``data`` = lossless(indices ++ values), where ``indices`` is the sparsify stage's section (absent
 without one) and ``values`` the value stage's bytes for the kept coordinates. Every section's size
 follows from the codec text and the shape alone, so there are no size fields to trust: the
-decoder computes the exact decompressed size before it decompresses or allocates anything (a
-small payload never expands into gigabytes), and always rebuilds a dense float32 array of the
-expected shape. With ``flat`` the message holds one such tensor, named ``*``, of shape
+decoder computes the exact decompressed size (with ``rice``, the position section's bounds: it is
+what the exact value section leaves) before it decompresses or allocates anything (a small
+payload never expands into gigabytes), and always rebuilds a dense float32 array of the expected
+shape. With ``flat`` the message holds one such tensor, named ``*``, of shape
 ``[num_parameters]``: the model's tensors concatenated in its order, split back by the receiver's
 own spec. A lossy chain's sender learns what the receiver will rebuild by decoding its own
 tensor (edge_agent.residuals does, for error feedback).
@@ -42,6 +45,8 @@ from fedge_contract.codec_stages import (
     Q8,
     Flat,
     LosslessStage,
+    Rice,
+    Sign,
     SparsifyStage,
     TopK,
     ValueStage,
@@ -92,10 +97,11 @@ class EncodedTensor:
 
 
 _SPARSIFY: dict[str, type] = {"topk": TopK}
-_VALUE: dict[str, type] = {"f16": F16, "bf16": BF16, "q8": Q8, "q4": Q4}
+_VALUE: dict[str, type] = {"f16": F16, "bf16": BF16, "q8": Q8, "q4": Q4, "sign": Sign}
 _LOSSLESS: dict[str, type] = {"zstd": Zstd, "lz4": LZ4}
 _LAYOUT: dict[str, type] = {"flat": Flat}
-_CLASSES = (("layout", _LAYOUT), ("sparsify", _SPARSIFY), ("value", _VALUE), ("lossless", _LOSSLESS))
+_POSITIONS: dict[str, type] = {"rice": Rice}
+_CLASSES = (("layout", _LAYOUT), ("sparsify", _SPARSIFY), ("positions", _POSITIONS), ("value", _VALUE), ("lossless", _LOSSLESS))
 _F32 = F32()
 
 
@@ -123,11 +129,23 @@ class CodecChain:
         """True when encoding draws from the rng (two encodes of one tensor may differ)."""
         return self.value is not None and self.value.stochastic
 
+    def stored_bounds(self, n: int) -> tuple[int, int]:
+        """Fewest and most bytes before the lossless stage for a tensor of ``n`` elements, from the chain
+        alone: equal for every chain but one with Rice-coded positions (codec_stages.rice)."""
+        values = self.values_nbytes(n)
+        low, high = self.sparsify.index_bounds(n) if self.sparsify else (0, 0)
+        return low + values, high + values
+
     def stored_nbytes(self, n: int) -> int:
-        """Bytes before the lossless stage for a tensor of ``n`` elements: exact, from the chain alone."""
-        m = self.sparsify.count(n) if self.sparsify else n
-        index = self.sparsify.index_nbytes(n) if self.sparsify else 0
-        return index + (self.value or _F32).nbytes(m)
+        """Bytes before the lossless stage for a tensor of ``n`` elements, for a chain whose size is exact."""
+        low, high = self.stored_bounds(n)
+        if low != high:
+            raise ValueError(f"codec {self.text!r} has no fixed size ({low}-{high} bytes for {n} elements)")
+        return low
+
+    def values_nbytes(self, n: int) -> int:
+        """Bytes of the value section (the kept coordinates after the value stage): always exact."""
+        return (self.value or _F32).nbytes(self.sparsify.count(n) if self.sparsify else n)
 
     def __str__(self) -> str:
         return self.text
@@ -148,7 +166,7 @@ def _parse(text: str) -> CodecChain:
         name, _, arg = part.partition(":")
         found = [(i, kind, table[name]) for i, (kind, table) in enumerate(_CLASSES) if name in table]
         if not found:
-            known = ", ".join(sorted([*_LAYOUT, *_SPARSIFY, *_VALUE, *_LOSSLESS, "none"]))
+            known = ", ".join(sorted([*_LAYOUT, *_SPARSIFY, *_POSITIONS, *_VALUE, *_LOSSLESS, "none"]))
             raise CodecError(f"codec {text!r}: unknown stage {name!r} (known: {known})")
         index, kind, cls = found[0]
         if kind in stages:
@@ -161,7 +179,11 @@ def _parse(text: str) -> CodecChain:
             stages[kind] = cls(arg)
         except CodecError as exc:
             raise CodecError(f"codec {text!r}: {exc}") from None
-    ordered = (stages.get("layout"), stages.get("sparsify"), stages.get("value"), stages.get("lossless"))
+    if "positions" in stages:
+        if "sparsify" not in stages:
+            raise CodecError(f"codec {text!r}: {stages['positions'].text!r} codes top-k positions: it needs a topk stage before it")
+        stages["sparsify"].coded_by(stages["positions"])
+    ordered = [stages.get(kind) for kind, _ in _CLASSES]
     canonical = "+".join(s.text for s in ordered if s is not None)
     return CodecChain(canonical, stages.get("value"), stages.get("lossless"), stages.get("sparsify"), flat="layout" in stages)
 
@@ -193,15 +215,16 @@ def decode_tensor(tensor: EncodedTensor, spec: TensorSpec) -> np.ndarray:
     if tensor.dtype != chain.wire_dtype:
         raise DecodeError(Reason.BAD_TENSOR, f"{where}: codec {tensor.codec!r} stores {chain.wire_dtype}, payload says {tensor.dtype}")
     n = element_count(tensor.shape)
-    expected = chain.stored_nbytes(n)  # bounded by the model's own shape: nothing from the payload
-    data = chain.lossless.decompress(tensor.data, expected) if chain.lossless else tensor.data
-    if len(data) != expected:
+    low, high = chain.stored_bounds(n)  # bounded by the model's own shape: nothing from the payload
+    data = chain.lossless.decompress(tensor.data, high) if chain.lossless else tensor.data
+    if not low <= len(data) <= high:
+        expected = f"{low}" if low == high else f"{low}-{high}"
         raise DecodeError(Reason.BAD_TENSOR,
                           f"{where}: {len(data)} bytes for shape {list(tensor.shape)} with codec {tensor.codec!r} (expected {expected})")
     view = memoryview(data)
     value_stage = chain.value or _F32
     if chain.sparsify is not None:
-        split = chain.sparsify.index_nbytes(n)
+        split = len(data) - chain.values_nbytes(n)  # the value section's size is exact: the positions are the rest
         indices = chain.sparsify.decode_indices(view[:split], n, where)
         kept = value_stage.decode(view[split:], indices.size, where)
         values = np.zeros(n, np.float32)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar, cast
 
 import msgpack
 
+from fedge_contract import compact as compact_form
 from fedge_contract.codecs import EncodedTensor, check_shape
 from fedge_contract.cohort import Participation
 from fedge_contract.errors import DecodeError, Reason
@@ -142,11 +143,19 @@ class TaskConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     mu: float = 0.0
-    codec: str = "flat+topk:0.01+q4+zstd"  # model-wide top-k 1% with error feedback, q4: 54x fewer bytes to 0.90 (bench/codecs.py)
+    # model-wide top-k 2% with error feedback, Rice-coded positions, one bit a value (bench/codecs.py: with delta
+    # broadcasts ~56-60x fewer bytes to 0.90 than float32 both ways; uploads alone: see the README's table)
+    codec: str = "flat+topk:0.02+rice+sign"
+    # The form of the Update this aggregator decodes (fedge_contract.compact): "compact" (positional
+    # arrays) or "map". An aggregator before the compact form sends no such field: read as "map", and
+    # left out on the wire when "map", so such a task's bytes and task_id are the same as before.
+    update_form: str = "compact"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        if known["update_form"] == "map":
+            del known["update_form"]
         return {**self.extra, **known}
 
     @classmethod
@@ -161,6 +170,7 @@ class TaskConfig:
             weight_decay=reader.take("weight_decay", float, default=defaults.weight_decay),
             mu=reader.take("mu", float, default=defaults.mu),
             codec=reader.take("codec", str, default=defaults.codec),
+            update_form=reader.take("update_form", str, default="map"),  # absent: an aggregator before compact updates
             extra={k: v for k, v in reader.obj.items() if k not in {f.name for f in fields(cls)}},
         )
         if config.local_epochs < 1 or config.batch_size < 1 or config.lr <= 0:
@@ -264,29 +274,44 @@ class Update:
     metrics: Mapping[str, float] = field(default_factory=dict)
     device: Mapping[str, Any] = field(default_factory=dict)
 
-    def to_bytes(self) -> bytes:
-        packed: bytes = msgpack.packb(
-            {
-                "schema": SCHEMA_VERSION,
-                "type": self.TYPE,
-                "fleet": self.fleet,
-                "client_id": self.client_id,
-                "update_id": self.update_id,
-                "round": self.round,
-                "base_version": self.base_version,
-                "num_samples": self.num_samples,
-                "metrics": dict(self.metrics),
-                "device": dict(self.device),
-                "tensors": [t.to_wire() for t in self.tensors],
-            },
-            use_bin_type=True,
-            use_single_float=True,  # metrics and device readings: float32 is plenty, 4 bytes less each
-        )
+    def to_bytes(self, *, compact: bool = False) -> bytes:
+        """The map form, or with ``compact`` the positional one (fedge_contract.compact), which only an
+        aggregator that asks for it (``TaskConfig.update_form``) decodes."""
+        wire: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "type": self.TYPE,
+            "fleet": self.fleet,
+            "client_id": self.client_id,
+            "update_id": self.update_id,
+            "round": self.round,
+            "base_version": self.base_version,
+            "num_samples": self.num_samples,
+            "metrics": dict(self.metrics),
+            "device": dict(self.device),
+        }
+        obj: Any
+        if compact:
+            codec, tensors = compact_form.tensors_to_wire(self.tensors)
+            obj = compact_form.to_slots(compact_form.UPDATE_FIELDS, {
+                **wire, "metrics": compact_form.metrics_to_wire(self.metrics), "device": wire["device"] or None,
+                "codec": codec, "tensors": tensors,
+            })
+        else:
+            obj = {**wire, "tensors": [t.to_wire() for t in self.tensors]}
+        # metrics and device readings: float32 is plenty, 4 bytes less each
+        packed: bytes = msgpack.packb(obj, use_bin_type=True, use_single_float=True)
         return packed
 
     @classmethod
     def from_bytes(cls, payload: bytes, *, max_bytes: int, fleet: str | None = None) -> Update:
-        reader = _header(_unpack(payload, max_bytes, cls.TYPE), cls.TYPE, fleet)
+        """Either form: a compact array is turned back into the map and checked by the same code."""
+        obj = _unpack(payload, max_bytes, cls.TYPE)
+        if isinstance(obj, list):
+            obj = compact_form.from_slots(obj, compact_form.UPDATE_FIELDS, cls.TYPE, optional=frozenset({"metrics", "device"}))
+            obj["tensors"] = compact_form.tensors_from_wire(obj.pop("codec", None), obj.get("tensors"), cls.TYPE)
+            if "metrics" in obj:
+                obj["metrics"] = compact_form.metrics_from_wire(obj["metrics"], cls.TYPE)
+        reader = _header(obj, cls.TYPE, fleet)
         update_id = reader.take("update_id", str)
         if not 1 <= len(update_id) <= 64:
             raise DecodeError(Reason.BAD_VALUE, "update.update_id must be 1-64 characters")
@@ -315,7 +340,11 @@ class Update:
             return None
         try:
             obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-            value = obj.get("update_id") if isinstance(obj, dict) else None
+            if isinstance(obj, list):  # the compact form
+                slot = compact_form.UPDATE_FIELDS.index("update_id")
+                value = obj[slot] if len(obj) == len(compact_form.UPDATE_FIELDS) else None
+            else:
+                value = obj.get("update_id") if isinstance(obj, dict) else None
             return value if isinstance(value, str) and len(value) <= 64 else None
         except Exception:  # msgpack raises several unrelated types for broken input
             return None

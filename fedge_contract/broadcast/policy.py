@@ -23,10 +23,11 @@ from fedge_contract.codecs import CodecChain, CodecError, parse_chain
 
 __all__ = ["DEFAULT_BROADCAST_CHAIN", "BroadcastPolicy", "worst_case_catch_up_bytes"]
 
-# bench/broadcast.py (digits, 20 devices, 30 rounds, seeds 0-2): ~1,030-byte broadcasts, 29-38x fewer bytes
-# than float32 both ways to 0.90, within 0.6-1.1 points of uncompressed; topk:0.03 saves ~20% more
-# bytes down but lost 0.8-1.4 points, topk:0.1 gained no accuracy for 1.5x the bytes.
-DEFAULT_BROADCAST_CHAIN = "flat+topk:0.05+q4+zstd"
+# bench/codecs.py part 3 (digits, 20 devices, 30 rounds, seeds 0-2): ~510-byte broadcasts (Rice-coded positions,
+# one bit a value: the server's error feedback carries what the sign leaves out); with the default uploads
+# ~56-60x fewer bytes than float32 both ways to 0.90, within 0.3-0.8 points of uncompressed. topk:0.03 saves
+# ~15% of the downloads but ends 0.8 points below; q4 values cost ~45% more bytes for no faster rounds.
+DEFAULT_BROADCAST_CHAIN = "flat+topk:0.05+rice+sign"
 SNAPSHOT_CHAIN = "flat+zstd"  # the lossless keyframe of a hold (devices built the model; see BroadcastEncoder.begin)
 
 

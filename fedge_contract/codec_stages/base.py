@@ -14,7 +14,9 @@ class SparsifyStage(Protocol):
 
     def count(self, n: int) -> int: ...
 
-    def index_nbytes(self, n: int) -> int: ...
+    def index_bounds(self, n: int) -> tuple[int, int]:
+        """Fewest and most bytes of the position section, from ``n`` alone (equal for a fixed-size coding)."""
+        ...
 
     def select(self, values: np.ndarray) -> np.ndarray:
         """Sorted int64 positions of the coordinates to send (``values`` is 1-D float32)."""
@@ -44,10 +46,10 @@ class ValueStage(Protocol):
 
 
 class LosslessStage(Protocol):
-    """A lossless compressor over the stage bytes; decompression is bounded by ``expected_size``."""
+    """A lossless compressor over the stage bytes; decompression never yields more than ``max_size``."""
 
     text: str
 
     def compress(self, data: bytes) -> bytes: ...
 
-    def decompress(self, data: bytes, expected_size: int) -> bytes: ...
+    def decompress(self, data: bytes, max_size: int) -> bytes: ...

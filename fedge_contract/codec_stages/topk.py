@@ -9,6 +9,9 @@ the lossless stage then squeezes. The
 decoder refuses a zero gap after the first (a duplicate) and a position past the end; unsigned
 gaps cannot go backwards, so accepted positions are strictly increasing.
 
+Followed by the ``rice`` stage (``topk:0.01+rice+q4``), the positions travel Rice-coded instead
+(codec_stages.rice): near their entropy, and of a length the decoder bounds rather than knows.
+
 What is not sent is the sender's business: the agent keeps it as an error-feedback residual
 (edge_agent.residuals) and adds it to its next delta.
 """
@@ -19,6 +22,7 @@ import math
 
 import numpy as np
 
+from fedge_contract.codec_stages.rice import Rice, rice_bounds, rice_decode, rice_encode
 from fedge_contract.errors import CodecError, DecodeError, Reason
 
 
@@ -32,6 +36,8 @@ def index_dtype(n: int) -> np.dtype:
 
 
 class TopK:
+    positions: Rice | None = None  # set by the chain's parser when a ``rice`` stage follows
+
     def __init__(self, arg: str) -> None:
         try:
             fraction = float(arg)
@@ -45,8 +51,17 @@ class TopK:
     def count(self, n: int) -> int:
         return 0 if n == 0 else min(n, max(1, math.ceil(self.fraction * n)))
 
-    def index_nbytes(self, n: int) -> int:
-        return self.count(n) * index_dtype(n).itemsize
+    def coded_by(self, positions: Rice) -> TopK:
+        """This stage with its positions coded by ``positions`` (the parser's, once, on a fresh stage)."""
+        self.positions = positions
+        return self
+
+    def index_bounds(self, n: int) -> tuple[int, int]:
+        """Fewest and most bytes of the position section for ``n`` elements (equal: byte-planar gaps)."""
+        if self.positions is not None:
+            return rice_bounds(n, self.count(n))
+        size = self.count(n) * index_dtype(n).itemsize
+        return size, size
 
     def select(self, values: np.ndarray) -> np.ndarray:
         n, k = values.size, self.count(values.size)
@@ -59,6 +74,8 @@ class TopK:
         return np.sort(part).astype(np.int64)
 
     def encode_indices(self, indices: np.ndarray, n: int) -> bytes:
+        if self.positions is not None:
+            return rice_encode(indices)
         gaps = np.diff(indices, prepend=0).astype(index_dtype(n))
         # byte-planar: every gap's low byte, then every second byte, ...: the mostly-zero high
         # bytes become one run the lossless stage squeezes (digits: 199 -> 174 bytes; 1M: -17%)
@@ -66,6 +83,8 @@ class TopK:
 
     def decode_indices(self, data: memoryview, n: int, where: str) -> np.ndarray:
         k = self.count(n)
+        if self.positions is not None:
+            return rice_decode(data, n, k, where)
         dtype = index_dtype(n)
         planes = np.frombuffer(data, dtype=np.uint8, count=k * dtype.itemsize).reshape(dtype.itemsize, k)
         gaps = np.ascontiguousarray(planes.T).view(dtype).reshape(k)

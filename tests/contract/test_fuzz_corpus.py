@@ -22,6 +22,7 @@ from aggregator.errors import Rejection
 from aggregator.ingest.validation import UpdateLimits, decode_delta, parse_update
 from fedge_contract import Update
 from fedge_contract.codecs import encode_weights, parse_chain
+from fedge_contract.compact import UPDATE_FIELDS
 from fedge_contract.tensors import ModelSpec
 
 FLEET = "fuzz"
@@ -60,6 +61,14 @@ def corpus(spec: ModelSpec = SPEC, *, fleet: str = FLEET, max_bytes: int = LIMIT
 
     good = msgpack.packb(valid("truncated"))
     first = spec.tensors[0]
+    n = spec.num_parameters
+
+    def compact_slots(update_id: str, **kw) -> list:  # shadows the module's, for this model and fleet
+        return _compact_slots(update_id, **{"spec": spec, "fleet": fleet, **kw})
+
+    def compact_payload(update_id: str, **kw) -> bytes:
+        return _compact_payload(update_id, **{"spec": spec, "fleet": fleet, **kw})
+
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 * 1024 * 1024))  # ~2 KiB that inflate to 64 MiB
     cases: dict[str, tuple[str, bytes]] = {
         "empty": ("mallory", b""),
@@ -98,11 +107,39 @@ def corpus(spec: ModelSpec = SPEC, *, fleet: str = FLEET, max_bytes: int = LIMIT
         "duplicate-tensor": ("mallory", msgpack.packb({**valid("duplicate-tensor"), "tensors": valid("x")["tensors"][:1] * 2})),
         "huge-update-id": ("mallory", msgpack.packb(valid("x" * 100_000))),
         "oversized": ("mallory", msgpack.packb(valid("oversized", padding=b"\0" * max_bytes))),
+        # the compact form (fedge_contract.compact) and the Rice-coded positions of a top-k chain
+        "compact-short": ("mallory", msgpack.packb(compact_slots("compact-short")[:-1])),
+        "compact-rice-bomb": ("mallory", compact_payload("compact-rice-bomb", codec="flat+topk:0.1+rice+q4+zstd", data=bomb)),
+        "compact-rice-garbage": ("mallory", compact_payload("compact-rice-garbage", codec="flat+topk:0.1+rice+sign", data=rng.bytes(40))),
+        "compact-rice-past-the-end": ("mallory", compact_payload(
+            "compact-rice-past-the-end", codec="flat+topk:0.1+rice+sign", data=bytes([0]) + b"\0" * (n // 8) + b"\xff" * 2 + b"\0" * 12)),
+        "compact-sign-nan": ("mallory", compact_payload(
+            "compact-sign-nan", codec="flat+sign", data=np.full(-(-n // 256), np.nan, "<f4").tobytes() + b"\0" * -(-n // 8))),
+        "compact-speaks-for-another": ("mallory", msgpack.packb(compact_slots("compact-speaks-for-another", slots={"client_id": "agent-0"}))),
+        "compact-metrics-as-map": ("mallory", msgpack.packb(compact_slots("compact-metrics-as-map", slots={"metrics": {"loss": 1.0}}))),
     }
     return cases
 
 
-_valid, _with_tensor = valid, with_tensor
+def compact_slots(ident: str, *, spec: ModelSpec = SPEC, fleet: str = FLEET, chain: str = "flat+topk:0.1+rice+sign",
+                  slots: dict | None = None) -> list:
+    """A valid compact Update (client mallory, update id ``ident``) as its array, with ``slots`` replaced by name."""
+    delta = {t.name: np.linspace(-1, 1, int(np.prod(t.shape)), dtype=np.float32).reshape(t.shape) for t in spec.tensors}
+    update = Update(fleet, "mallory", ident, 1, 0, 10, encode_weights(delta, parse_chain(chain)), metrics={"loss": 0.5})
+    raw = msgpack.unpackb(update.to_bytes(compact=True), raw=False)
+    for name, value in (slots or {}).items():
+        raw[UPDATE_FIELDS.index(name)] = value
+    return raw
+
+
+def compact_payload(ident: str, *, codec: str, data: bytes, spec: ModelSpec = SPEC, fleet: str = FLEET) -> bytes:
+    """A compact flat Update of ``spec``'s size whose one tensor holds ``data`` under ``codec``."""
+    n = spec.num_parameters
+    name, shape = ("*", [n]) if parse_chain(codec).flat else (spec.tensors[0].name, list(spec.tensors[0].shape))
+    return msgpack.packb(compact_slots(ident, spec=spec, fleet=fleet, chain=codec, slots={"codec": codec, "tensors": [[name, shape, data]]}))
+
+
+_valid, _with_tensor, _compact_slots, _compact_payload = valid, with_tensor, compact_slots, compact_payload
 
 
 def outcome(client: str, payload: bytes) -> str:
@@ -118,6 +155,7 @@ def outcome(client: str, payload: bytes) -> str:
 
 def test_a_clean_update_is_accepted():
     assert outcome("mallory", msgpack.packb(valid())) == "accepted"
+    assert outcome("mallory", msgpack.packb(compact_slots("compact"))) == "accepted"
     assert outcome("agent-0", msgpack.packb(valid(client="agent-0", codec="f16+zstd"))) == "accepted"
 
 
@@ -132,7 +170,9 @@ def test_specific_reasons():
     expected = {
         "unknown-client": "unknown_client", "speaks-for-another": "client_mismatch", "wrong-fleet": "wrong_fleet",
         "future-schema": "schema", "nan": "non_finite", "absurd-samples": "bad_value", "oversized": "too_large",
-        "overflowing-shape": "bad_tensor",
+        "overflowing-shape": "bad_tensor", "compact-short": "wrong_type", "compact-rice-bomb": "bad_tensor",
+        "compact-rice-garbage": "bad_tensor", "compact-rice-past-the-end": "bad_tensor", "compact-sign-nan": "non_finite",
+        "compact-speaks-for-another": "client_mismatch", "compact-metrics-as-map": "wrong_type",
     }
     assert {name: outcome(*cases[name]) for name in expected} == expected
 
@@ -171,3 +211,9 @@ msgpack_values = st.recursive(
 def test_structurally_random_updates_never_escape(fields):
     raw = {**valid("random"), **fields}
     outcome("mallory", msgpack.packb(raw))
+
+
+@settings(max_examples=300, deadline=None)
+@given(slots=st.dictionaries(st.sampled_from(UPDATE_FIELDS), msgpack_values, max_size=12))
+def test_structurally_random_compact_updates_never_escape(slots):
+    outcome("mallory", msgpack.packb(compact_slots("random", slots=slots)))

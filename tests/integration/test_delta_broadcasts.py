@@ -23,7 +23,7 @@ from aggregator.broadcasting.broadcaster import Broadcaster
 from aggregator.store import broadcast as broadcast_store
 from edge_agent import Agent
 from fedge.simulate.wiretap import WireTap
-from fedge_contract import GlobalModel, Presence, RoundState, RoundStatus, TaskConfig, Topics, Update
+from fedge_contract import GlobalModel, Presence, RoundState, RoundStatus, TaskConfig, Topics, Update, compact
 from fedge_contract.broadcast import BroadcastPolicy, Step, decode_announcement
 from fedge_contract.chunks import Manifest, is_manifest
 from fedge_contract.cohort import InviteSet, Participation
@@ -163,10 +163,11 @@ class CorruptOnce(Connection):
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         if self.armed and topic.endswith("/global") and payload and not is_manifest(payload):
             self.armed = False
-            obj = msgpack.unpackb(payload, raw=False)
-            data = bytearray(obj["tensors"][0]["data"])
+            obj = msgpack.unpackb(payload, raw=False)  # a GlobalDelta's compact form: tensors are [name, shape, data]
+            tensor = obj[compact.DELTA_FIELDS.index("tensors")][0]
+            data = bytearray(tensor[2])
             data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)  # the second half zeroed: zstd's frame is broken
-            obj["tensors"][0]["data"] = bytes(data)
+            tensor[2] = bytes(data)
             payload = msgpack.packb(obj, use_bin_type=True)
         await super().publish(topic, payload, retain=retain)
 

@@ -23,7 +23,7 @@ def test_the_bound_is_the_smaller_of_the_count_and_the_weight_limits() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    chain=st.sampled_from(["flat+topk:0.05+q4+zstd", "q8+zstd", "f16", "none"]),
+    chain=st.sampled_from(["flat+topk:0.05+q4+zstd", "flat+topk:0.05+rice+sign", "q8+zstd", "f16", "none"]),
     keyframe_chain=st.sampled_from(["flat+zstd", "q8+zstd"]),
     every=st.integers(1, 12),
     ratio=st.sampled_from([None, 0.1, 0.5, 3.0]),

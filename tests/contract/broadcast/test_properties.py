@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from fedge_contract.broadcast import BroadcastEncoder, BroadcastPolicy, Rebuilder
 from tests.contract.broadcast.helpers import SPEC, Retained, follow, initial, same_bits, walk
 
-DELTA_CHAINS = ["flat+topk:0.1+q8+zstd", "q8+zstd", "q4+lz4", "f16+zstd", "flat+topk:0.3+q4+zstd", "topk:0.2+bf16", "zstd", "none"]
+DELTA_CHAINS = ["flat+topk:0.1+q8+zstd", "q8+zstd", "q4+lz4", "f16+zstd", "flat+topk:0.3+q4+zstd", "topk:0.2+bf16", "zstd", "none",
+                "flat+topk:0.05+rice+sign", "topk:0.2+rice+q4", "sign:16+zstd"]
 KEYFRAME_CHAINS = ["flat+zstd", "none", "lz4", "q8+zstd", "f16", "flat+q4+zstd"]  # the last three: resets
 
 policies = st.builds(

@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedge_contract import SCHEMA_VERSION, DecodeError, GlobalModel, Reason, TaskConfig
+from fedge_contract import SCHEMA_VERSION, DecodeError, GlobalModel, Reason, TaskConfig, compact
 from fedge_contract.broadcast import GlobalDelta, decode_announcement
 from fedge_contract.codecs import encode_weights, parse_chain
 from tests.contract.broadcast.helpers import FLEET, MAX, SPEC, initial
@@ -25,13 +25,36 @@ def delta_message(**overrides: Any) -> GlobalDelta:
     return GlobalDelta(**{**fields, **overrides})
 
 
+def map_form(message: GlobalDelta) -> dict[str, Any]:
+    """The map form, as the first GlobalDelta encoder wrote it (decoders still read it)."""
+    return {
+        "schema": SCHEMA_VERSION, "type": message.TYPE, "fleet": message.fleet, **({"final": True} if message.final else {}),
+        "model_version": message.model_version, "base_version": message.base_version, "keyframe_version": message.keyframe_version,
+        "round": message.round, "deadline": message.deadline, "task_id": message.task_id,
+        **({} if message.task is None else {"task": message.task.to_wire()}), "fingerprint": message.fingerprint,
+        "held_hash": message.held_hash, **({} if message.cohort is None else {"cohort": message.cohort.to_wire()}),
+        "tensors": [t.to_wire() for t in message.tensors],
+    }
+
+
 def wire(**overrides: Any) -> bytes:
-    obj = msgpack.unpackb(delta_message().to_bytes(), raw=False)
+    """delta_message() in the map form, with fields replaced (``...``: left out)."""
+    obj = map_form(delta_message())
     for key, value in overrides.items():
         if value is ...:
             del obj[key]
         else:
             obj[key] = value
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+def slots(message: GlobalDelta | None = None, **overrides: Any) -> bytes:
+    """A GlobalDelta in the compact form (its own bytes), with slots replaced by name."""
+    obj = msgpack.unpackb((message or delta_message()).to_bytes(), raw=False)
+    assert isinstance(obj, list) and len(obj) == len(compact.DELTA_FIELDS)
+    for key, value in overrides.items():
+        obj[compact.DELTA_FIELDS.index(key)] = value
     packed: bytes = msgpack.packb(obj, use_bin_type=True)
     return packed
 
@@ -72,8 +95,74 @@ def test_round_trip_and_hold() -> None:
         ({"task": {"lr": -1.0}}, Reason.BAD_VALUE),
     ],
 )
-def test_strict_decoding(overrides: dict[str, Any], reason: Reason) -> None:
+def test_strict_decoding_of_the_map_form(overrides: dict[str, Any], reason: Reason) -> None:
     assert refusal(wire(**overrides)) is reason
+
+
+def test_the_map_form_still_decodes_to_the_same_message() -> None:
+    for message in (delta_message(final=True), delta_message(task=None, task_id=delta_message().task_id)):
+        assert GlobalDelta.from_bytes(msgpack.packb(map_form(message), use_bin_type=True), max_bytes=MAX, fleet=FLEET) == message
+
+
+def test_the_compact_form_is_an_array_without_field_names_and_far_smaller() -> None:
+    message = delta_message(task=None, task_id=delta_message().task_id)
+    obj = msgpack.unpackb(message.to_bytes(), raw=False)
+    assert obj[:3] == ["global_delta", SCHEMA_VERSION, FLEET]
+    assert obj[compact.DELTA_FIELDS.index("fingerprint")] == bytes.fromhex(SPEC.fingerprint)
+    data = sum(len(t.data) for t in message.tensors)
+    map_envelope = len(msgpack.packb(map_form(message), use_bin_type=True)) - data
+    assert len(message.to_bytes()) - data < 120 < 240 < map_envelope
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        ({"schema": SCHEMA_VERSION + 1}, Reason.SCHEMA),
+        ({"type": "global"}, Reason.WRONG_TYPE),
+        ({"fleet": "other"}, Reason.WRONG_FLEET),
+        ({"base_version": None}, Reason.WRONG_TYPE),  # nil is not a version
+        ({"held_hash": None}, Reason.WRONG_TYPE),
+        ({"final": None}, Reason.WRONG_TYPE),  # only task and cohort may be nil
+        ({"held_hash": b"short"}, Reason.BAD_VALUE),
+        ({"base_version": 3}, Reason.BAD_VALUE),
+        ({"base_version": 5}, Reason.BAD_VALUE),  # a hold has no tensors
+        ({"tensors": [], "codec": ""}, Reason.BAD_VALUE),  # a delta has some
+        ({"tensors": []}, Reason.BAD_VALUE),  # a codec without tensors
+        ({"codec": "rot13"}, Reason.CODEC),
+        ({"codec": None}, Reason.WRONG_TYPE),
+        ({"codec": "flat+topk:0.1+q4+zstd"}, Reason.BAD_TENSOR),  # another codec than the data's: sizes disagree
+        ({"tensors": [["*", [SPEC.num_parameters]]]}, Reason.WRONG_TYPE),  # a tensor is [name, shape, data]
+        ({"tensors": [["*", [-1], b""]]}, Reason.BAD_TENSOR),
+        ({"tensors": "*"}, Reason.WRONG_TYPE),
+        ({"fingerprint": b"\1" * 7}, Reason.BAD_VALUE),
+        ({"fingerprint": 7}, Reason.WRONG_TYPE),
+        ({"deadline": float("nan")}, Reason.NON_FINITE),
+        ({"task": {"lr": -1.0}}, Reason.BAD_VALUE),
+        ({"cohort": "all"}, Reason.WRONG_TYPE),
+    ],
+)
+def test_strict_decoding_of_the_compact_form(overrides: dict[str, Any], reason: Reason) -> None:
+    payload = slots(**overrides)
+    if "codec" not in overrides and "tensors" not in overrides:
+        assert refusal(payload) is reason
+        return
+    # codec and tensor slots are read when the message is decoded, sizes when its tensors are
+    try:
+        decoded = GlobalDelta.from_bytes(payload, max_bytes=MAX, fleet=FLEET)
+    except DecodeError as exc:
+        assert exc.reason is reason
+        return
+    from fedge_contract.codecs import decode_weights
+
+    with pytest.raises(DecodeError) as caught:
+        decode_weights(decoded.tensors, SPEC)
+    assert caught.value.reason is reason
+
+
+def test_a_compact_array_of_another_length_is_refused() -> None:
+    obj = msgpack.unpackb(delta_message().to_bytes(), raw=False)
+    for changed in (obj[:-1], [*obj, None]):
+        assert refusal(msgpack.packb(changed, use_bin_type=True)) is Reason.WRONG_TYPE
 
 
 def test_size_and_garbage_are_refused_before_anything_else() -> None:
@@ -127,7 +216,7 @@ def test_a_delta_carries_the_rounds_cohort_as_a_full_model_does() -> None:
     decoded = GlobalDelta.from_bytes(message.to_bytes(), max_bytes=MAX, fleet=FLEET)
     assert decoded == message and decoded.cohort is not None
     assert decoded.cohort.invites("agent-4", fleet=FLEET, round_no=6) and not decoded.cohort.invites("agent-2", fleet=FLEET, round_no=6)
-    assert "cohort" not in msgpack.unpackb(delta_message().to_bytes(), raw=False)  # none: every device trains
+    assert msgpack.unpackb(delta_message().to_bytes(), raw=False)[compact.DELTA_FIELDS.index("cohort")] is None  # every device trains
     about = Announcement(FLEET, 6, None, TaskConfig(), SPEC.fingerprint, cohort=cohort)
     broadcast = Broadcast(5, 4, message.tensors, HASH, 2)
     assert broadcast.message(about).cohort == cohort
