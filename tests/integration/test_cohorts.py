@@ -21,13 +21,15 @@ from aggregator.store import Store
 from edge_agent import Agent
 from fedge_contract import GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update
 from fedge_contract.aio import cancel_and_wait
+from fedge_contract.broadcast import GlobalDelta, Rebuilder
 from fedge_contract.codecs import encode_weights, parse_chain
-from fedge_contract.messages import unpack_weights
 from fedge_contract.mqtt import BrokerAddress
+from fedge_contract.tensors import ModelSpec
 from fedge_tasks.loops import evaluate
-from fedge_tasks.weights import set_weights
+from fedge_tasks.weights import get_weights, set_weights
 from tests.integration.device_eval_task import DeviceEvalOnly
-from tests.integration.fleet import RawPeer, agent_config, aggregator_config, raw_peer, run_fleet
+from tests.integration.faults import Observer
+from tests.integration.fleet import RawPeer, agent_config, aggregator_config, digits_spec, raw_peer, run_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -44,17 +46,18 @@ class Devices:
             payload = Presence(self.topics.fleet, client, state, eligible=True).to_bytes()
             await self.peer.client.publish(self.topics.presence(client), payload, qos=1, retain=True)
 
-    async def announcement(self, *, version: int, invited: int | None = None) -> GlobalModel:
-        """The next announcement of ``version`` (with ``invited``: one whose cohort has that many devices)."""
+    async def announcement(self, *, version: int, invited: int | None = None) -> GlobalModel | GlobalDelta:
+        """The next announcement of ``version`` (with ``invited``: one whose cohort has that many devices), a
+        GlobalDelta under delta broadcasts (the default): the cohort travels in either."""
         while True:
-            model = GlobalModel.from_bytes(await self.peer.next_payload(self.topics.global_model), max_bytes=10**8)
+            model = await self.peer.announcement(self.topics)
             count = model.cohort.invited.count if model.cohort and model.cohort.invited else None
             if model.model_version == version and not model.final and (invited is None or count == invited):
                 return model
 
-    async def send(self, model: GlobalModel, client: str) -> Receipt:
+    async def send(self, model: GlobalModel | GlobalDelta, client: str) -> Receipt:
         """A well-formed zero update from ``client`` for ``model``'s round, and its receipt."""
-        delta = {t.name: np.zeros(t.shape, np.float32) for t in model.tensors}
+        delta = {t.name: np.zeros(t.shape, np.float32) for t in digits_spec().tensors}
         update = Update(model.fleet, client, f"{client}-r{model.round}", model.round, model.model_version, 10,
                         encode_weights(delta, parse_chain("none")))
         await self.peer.client.publish(self.topics.update(client), update.to_bytes(), qos=1)
@@ -64,7 +67,7 @@ class Devices:
         raise AssertionError("connection closed")
 
 
-def invited(model: GlobalModel, clients: Iterable[str]) -> set[str]:
+def invited(model: GlobalModel | GlobalDelta, clients: Iterable[str]) -> set[str]:
     assert model.cohort is not None
     return {c for c in clients if model.cohort.invites(c, fleet=model.fleet, round_no=model.round)}
 
@@ -160,15 +163,26 @@ async def test_a_restarted_aggregator_announces_the_same_cohort_for_its_resumed_
             await serving
 
 
-def _checkpoints(store: Path) -> dict[int, dict[str, np.ndarray]]:
+def _checkpoint_versions(store: Path) -> list[int]:
     with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
-        return {version: unpack_weights(blob) for version, blob in db.execute("SELECT version, weights FROM checkpoints")}
+        return [version for (version,) in db.execute("SELECT version FROM checkpoints ORDER BY version")]
+
+
+def _held_models(announcements: Iterable[GlobalModel | GlobalDelta], first: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+    """Each version as devices hold it (what they evaluate), rebuilt from the announcements as a device does:
+    under delta broadcasts the sum of the decoded deltas from its own build of version 0, not the checkpoint."""
+    rebuilder = Rebuilder.from_build(ModelSpec.of(first), first)
+    held = {0: dict(first)}
+    for announced in announcements:
+        if announced.model_version not in held:
+            held[announced.model_version] = dict(rebuilder.accept(announced).weights)  # hash-checked against the aggregator's
+    return held
 
 
 async def test_federated_metrics_equal_a_hand_computation_without_server_side_data(broker_address, fleet, tmp_path):
     """Three agents on a task whose held-out data lives on the devices only: every version is evaluated
     by every device (fraction 1), the aggregator evaluates nothing, and each round's stored federated
-    figures are the sample-weighted evaluation of its model over the devices' own splits."""
+    figures are the sample-weighted evaluation of its model, as devices hold it, over their own splits."""
     options = {"clients": "3", "alpha": "0.5"}
     task_spec = "tests.integration.device_eval_task:DeviceEvalOnly"
     store_path = tmp_path / "agg.sqlite"
@@ -176,13 +190,16 @@ async def test_federated_metrics_equal_a_hand_computation_without_server_side_da
                                min_updates=3, eval_every=1, eval_fraction=1.0)
     aggregator = Aggregator(config)
     agents = [Agent(agent_config(broker_address, fleet, tmp_path, i, task=task_spec, task_options=options)) for i in range(3)]
-    async with asyncio.timeout(120):
+    async with asyncio.timeout(120), Observer(broker_address, fleet) as observer:
         await run_fleet(aggregator, agents)
+        await observer.until(lambda o: any(a.final for a in o.globals))
     with Store(store_path, readonly=True) as store:
         rounds = {r["round"]: r["metrics"] for r in store.rounds()}
     task = DeviceEvalOnly(clients=3, alpha=0.5)
     model = task.build_model()
-    for version, weights in _checkpoints(store_path).items():
+    held = _held_models(observer.globals, get_weights(model))
+    assert sorted(held) == _checkpoint_versions(store_path) == [0, 1, 2]
+    for version, weights in held.items():
         if version == 0:
             continue  # v0 has no round: its figures are published, not stored
         set_weights(model, weights)

@@ -20,7 +20,7 @@ from aggregator.broadcasting.broadcaster import Broadcaster
 from aggregator.broadcasting.deltas import DeltaBroadcasts
 from aggregator.store import Store
 from edge_agent import Agent
-from fedge_contract import GlobalModel, Presence, RoundState, Topics
+from fedge_contract import GlobalModel, Presence, RoundState, Topics, compact
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.broadcast import GlobalDelta, decode_announcement
 from fedge_contract.chunks import Manifest, is_manifest
@@ -194,13 +194,14 @@ def corrupting(damage: dict[int, str]) -> tuple[list[int], Any]:
         how = damage.get(version)
         if how is not None and version not in done and not is_manifest(payload):
             done.append(version)
-            obj: dict[str, Any] = msgpack.unpackb(bytes(payload), raw=False)
+            obj: list[Any] = msgpack.unpackb(bytes(payload), raw=False)  # the compact form: tensors are [name, shape, data]
             if how == "data":
-                data = bytearray(obj["tensors"][0]["data"])
+                tensor = obj[compact.DELTA_FIELDS.index("tensors")][0]
+                data = bytearray(tensor[2])
                 data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
-                obj["tensors"][0]["data"] = bytes(data)
+                tensor[2] = bytes(data)
             else:
-                obj["held_hash"] = bytes(16)
+                obj[compact.DELTA_FIELDS.index("held_hash")] = bytes(16)
             payload = msgpack.packb(obj, use_bin_type=True)
         return await original(self, payload, version)
 

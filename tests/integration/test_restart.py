@@ -89,16 +89,17 @@ async def test_a_resumed_round_confirms_the_updates_it_refolds(broker_address, f
     the update as dropped although it was folded. A resumed round sends ``accepted`` again for what it re-folds."""
     import numpy as np
 
-    from fedge_contract import GlobalModel, ReceiptStatus, Update
+    from fedge_contract import ReceiptStatus, Update
     from fedge_contract.codecs import encode_weights, parse_chain
+    from tests.integration.fleet import digits_spec
 
     topics = Topics(fleet)
     store = tmp_path / "agg.sqlite"
     settings = dict(rounds=1, target=2, min_updates=2, evaluate=False, over_select=0)
     async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.global_model, topics.receipt("a")) as peer:
         first = asyncio.create_task(Aggregator(aggregator_config(broker_address, fleet, store, **settings)).run())
-        model = GlobalModel.from_bytes(await peer.next_payload(topics.global_model), max_bytes=10**8)
-        delta = {t.name: np.zeros(t.shape, np.float32) for t in model.tensors}
+        model = await peer.announcement(topics)  # a GlobalDelta (delta broadcasts) or a GlobalModel
+        delta = {t.name: np.zeros(t.shape, np.float32) for t in digits_spec().tensors}
         update = Update(fleet, "a", "u1", model.round, model.model_version, 10, encode_weights(delta, parse_chain("none")))
         await peer.client.publish(topics.update("a"), update.to_bytes(), qos=1)
         assert (await peer.receipts(1))["u1"].status is ReceiptStatus.ACCEPTED

@@ -15,12 +15,12 @@ import pytest
 
 from aggregator import Aggregator
 from aggregator.store import Store
-from fedge_contract import GlobalModel, ReceiptStatus, RoundStatus, Topics, Update
+from fedge_contract import ReceiptStatus, RoundStatus, Topics, Update
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.secagg import KeyAdvert, MaskedInput, Shares
 from fedge_contract.secagg.topics import SecAggTopics
-from tests.integration.fleet import ManualGate, agent_config, aggregator_config, raw_peer, run_fleet
+from tests.integration.fleet import ManualGate, agent_config, aggregator_config, digits_spec, raw_peer, run_fleet
 from tests.integration.secure_agents import fedavg, module, named, secure_agent
 
 pytestmark = pytest.mark.integration
@@ -88,8 +88,8 @@ async def test_devices_lost_before_and_after_their_masked_input_and_plain_update
     subscriptions = (topics.global_model, topics.status, topics.receipt("mallory"))
     async with asyncio.timeout(120), raw_peer(broker_address, "mallory", *subscriptions) as mallory:
         serving = asyncio.create_task(run_fleet(aggregator, agents))
-        v0 = GlobalModel.from_bytes(await mallory.next_payload(topics.global_model), max_bytes=10**8)
-        delta = {t.name: np.zeros(t.shape, np.float32) for t in v0.tensors}
+        await mallory.announcement(topics)  # version 0 is out (a GlobalDelta's hold under delta broadcasts, the default)
+        delta = {t.name: np.zeros(t.shape, np.float32) for t in digits_spec().tensors}
         plain = Update(fleet, "mallory", "plain-1", 1, 0, 10, encode_weights(delta, parse_chain("none")))
         await mallory.client.publish(topics.update("mallory"), plain.to_bytes(), qos=1)
         (refused,) = await mallory.receipt_list(1)
