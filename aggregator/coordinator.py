@@ -51,6 +51,7 @@ from aggregator.observability.evaluations import Evaluations
 from aggregator.observability.fleet import FleetView
 from aggregator.observability.metrics import AggregatorMetrics, MetricsServer
 from aggregator.rounds import DeadlineAction, Round, RoundPolicy, RoundServices, make_policy
+from aggregator.rounds.invitations import TOP_UP_EVERY
 from aggregator.rounds.sync import SyncRound
 from aggregator.store import Store, StoreAccess, StoreThread, call
 from fedge_contract import Receipt, ReceiptStatus, RoundState, Topics
@@ -96,6 +97,7 @@ class Coordinator:
         self.epoch: int | None = None  # this aggregator's hold on the store (Store.take_over)
         self._task = task
         self._collecting: Round | None = None  # the round whose model is out, until it closes
+        self._top_up_at: float | None = None  # when a presence change the last top-up missed is looked at again
         self._announcer: Announcer | None = None
         self.channel: ModelChannel | None = None  # how each version reaches devices (made with the model)
 
@@ -226,6 +228,7 @@ class Coordinator:
 
     async def _collect(self, rnd: Round) -> None:
         self._collecting = rnd
+        self._top_up_at = None
         try:
             while not rnd.complete:
                 deadline = rnd.deadline
@@ -242,10 +245,14 @@ class Coordinator:
                     else:  # CONTINUE: a phase of the round's own protocol moved on
                         self.announcer.status_if_due(rnd, self.source.idle())
                     continue
+                wake = min((t for t in (deadline, self._top_up_at) if t is not None), default=None)
                 try:
-                    async with asyncio.timeout(None if deadline is None else deadline - self.clock()):
+                    async with asyncio.timeout(None if wake is None else wake - self.clock()):
                         event = await self.source.next_event()
                 except TimeoutError:
+                    if self._top_up_at is not None and self._top_up_at <= self.clock():
+                        self._top_up_at = None
+                        await self._invite_newcomers(rnd, again=False)
                     continue
                 await self._handle(event, rnd)
         finally:
@@ -253,8 +260,7 @@ class Coordinator:
 
     async def _handle(self, event: Any, rnd: Round) -> None:
         if await self._take(event):
-            if await rnd.invite_newcomers(self.db, self.clock()):  # a round short of its cohort invites who checked in
-                await self.announcer.announce(rnd)
+            await self._invite_newcomers(rnd, again=True)
         elif isinstance(event, aiomqtt.Message) and rnd.owns(str(event.topic)):
             await self._round_message(event, rnd)
         else:
@@ -265,6 +271,16 @@ class Coordinator:
             if outcome.reannounce:  # updates a dead worker had taken off the broker: agents resend on a re-announcement
                 await self.announcer.announce(rnd)
         self.announcer.status_if_due(rnd, self.source.idle())
+
+    async def _invite_newcomers(self, rnd: Round, *, again: bool) -> None:
+        """Presence changed: a round short of its cohort invites who checked in, and is re-announced. Top-ups are at
+        most every TOP_UP_EVERY seconds, so with ``again`` one that invited nobody is tried once more when that
+        interval ends: a device that checks in just after another is invited then, not at the deadline's extension."""
+        if await rnd.invite_newcomers(self.db, self.clock()):
+            self._top_up_at = None
+            await self.announcer.announce(rnd)
+        elif again:
+            self._top_up_at = self.clock() + TOP_UP_EVERY
 
     async def _round_message(self, message: aiomqtt.Message, rnd: Round) -> None:
         """A message of the round's own protocol (secure aggregation's phases); each refusal is answered with a receipt."""

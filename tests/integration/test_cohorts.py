@@ -119,6 +119,28 @@ async def test_an_uninvited_update_is_refused_and_the_cohort_is_the_seeds(broker
         assert row["accepted"] == 2 and row["metrics"]["invited"] == 3.0 and row["metrics"]["invited_trained"] == 2.0
 
 
+async def test_devices_that_check_in_after_the_round_opened_are_invited_before_its_deadline(broker_address, fleet, tmp_path):
+    """The round opens before any device checked in; two check in one right after the other (inside one top-up
+    interval): both are invited by re-announcements long before the deadline, not the second at its extension."""
+    config = aggregator_config(broker_address, fleet, tmp_path / "agg.sqlite", rounds=1, target=2, min_updates=2, over_select=1.0,
+                               deadline=60.0, checkin=0.0, evaluate=False)  # no wait for check-ins: the round opens at once
+    async with asyncio.timeout(20), devices(broker_address, fleet, CLIENTS) as fleet_devices:
+        async with running(Aggregator(config)) as serving:
+            opened = await fleet_devices.announcement(version=0)
+            assert not invited(opened, CLIENTS)  # nobody had checked in
+            await fleet_devices.presence("dev-0")
+            await fleet_devices.announcement(version=0, invited=1)
+            await fleet_devices.presence("dev-1")  # within a second of the top-up that invited dev-0
+            both = await fleet_devices.announcement(version=0, invited=2)
+            assert invited(both, CLIENTS) == {"dev-0", "dev-1"}
+            for client in ("dev-0", "dev-1"):
+                assert (await fleet_devices.send(both, client)).status is ReceiptStatus.ACCEPTED
+            await serving
+    with Store(tmp_path / "agg.sqlite", readonly=True) as store:
+        [row] = store.rounds()
+    assert row["extensions"] == 0
+
+
 async def test_a_selected_device_that_drops_out_is_replaced_on_extension(broker_address, fleet, tmp_path):
     config = aggregator_config(broker_address, fleet, tmp_path / "agg.sqlite", rounds=1, target=2, min_updates=2, over_select=1.0,
                                deadline=2.0, evaluate=False)
