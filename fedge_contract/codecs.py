@@ -53,6 +53,7 @@ from fedge_contract.codec_stages import (
     Zstd,
 )
 from fedge_contract.codec_stages.casts import BF16_MAX, F16_MAX
+from fedge_contract.codec_stages.topk import fraction_text
 from fedge_contract.errors import CodecError, DecodeError, Reason
 from fedge_contract.tensors import MAX_RANK, ModelSpec, TensorSpec, element_count
 
@@ -68,6 +69,7 @@ __all__ = [
     "decode_weights",
     "encode_tensor",
     "encode_weights",
+    "fitted_to",
     "parse_chain",
 ]
 
@@ -186,6 +188,26 @@ def _parse(text: str) -> CodecChain:
     ordered = [stages.get(kind) for kind, _ in _CLASSES]
     canonical = "+".join(s.text for s in ordered if s is not None)
     return CodecChain(canonical, stages.get("value"), stages.get("lossless"), stages.get("sparsify"), flat="layout" in stages)
+
+
+def fitted_to(chain: CodecChain, weights: Mapping[str, np.ndarray]) -> CodecChain:
+    """``chain`` with its top-k fraction lowered to keep only the nonzero coordinates, when fewer than k of the
+    whole vector are nonzero (a flat chain; any other is returned as it is).
+
+    Top-k keeps exactly k coordinates, so when a vector changes in few places (a frozen backbone under
+    a trained head) it would send zeros, at full price with Rice positions and sign values. The
+    fraction travels in the codec text of each message, so a decoder needs nothing new: it reads the
+    lower k from the text as it reads any other."""
+    if not chain.flat or chain.sparsify is None:
+        return chain
+    n = sum(int(np.size(values)) for values in weights.values())
+    nonzero = max(1, sum(int(np.count_nonzero(values)) for values in weights.values()))
+    if n == 0 or nonzero >= chain.sparsify.count(n):
+        return chain
+    fraction = fraction_text(nonzero, n)
+    if fraction is None:
+        return chain
+    return parse_chain("+".join(f"topk:{fraction}" if part.startswith("topk:") else part for part in str(chain).split("+")))
 
 
 def encode_tensor(name: str, values: np.ndarray, chain: CodecChain, rng: np.random.Generator | None = None) -> EncodedTensor:

@@ -34,7 +34,7 @@ import numpy as np
 from fedge_contract.broadcast.held import Weights, apply_delta, check_spec, decode_full, held_digest, join_weights, split_weights
 from fedge_contract.broadcast.policy import SNAPSHOT_CHAIN, BroadcastPolicy
 from fedge_contract.broadcast.records import Broadcast, Keyframe, Step, broadcast_from_plain, keyframe_from_plain
-from fedge_contract.codecs import encode_weights, parse_chain
+from fedge_contract.codecs import encode_weights, fitted_to, parse_chain
 from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.messages import _Reader
 from fedge_contract.tensors import ModelSpec
@@ -127,7 +127,8 @@ class BroadcastEncoder:
         if due and self.policy.resets:
             return self._reset(true, version)
         residual = {name: np.subtract(true[name], self._held[name], dtype=np.float32) for name in true}
-        tensors = encode_weights(residual, self.policy.delta_chain, self._rng(version, _DELTA_STREAM))
+        chain = fitted_to(self.policy.delta_chain, residual)  # a version that changed few weights sends no zeros
+        tensors = encode_weights(residual, chain, self._rng(version, _DELTA_STREAM))
         held = apply_delta(self._held, tensors, self.spec)
         digest = held_digest(held, self.spec)
         if due:  # a snapshot: followers apply this delta, catch-up starts from the copy

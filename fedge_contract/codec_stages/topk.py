@@ -25,6 +25,27 @@ import numpy as np
 from fedge_contract.codec_stages.rice import Rice, rice_bounds, rice_decode, rice_encode
 from fedge_contract.errors import CodecError, DecodeError, Reason
 
+MAX_FRACTION_TEXT = 16  # characters of a topk fraction (the parser refuses longer ones)
+
+
+def fraction_text(k: int, n: int) -> str | None:
+    """The shortest ``topk:<fraction>`` argument that keeps exactly ``k`` of ``n`` coordinates (None: no decimal
+    of at most MAX_FRACTION_TEXT characters does). Integer arithmetic proposes, ``count`` confirms."""
+    if not 0 < k <= n:
+        raise ValueError(f"cannot keep {k} of {n} coordinates")
+    if k == n:
+        return "1"
+    for decimals in range(1, MAX_FRACTION_TEXT - 1):
+        scale = 10**decimals
+        below = k * scale // n
+        for numerator in (below, below + 1, below - 1):  # the decimals around k / n (float products may land either side)
+            if not 0 < numerator < scale:
+                continue
+            text = f"0.{numerator:0{decimals}d}"
+            if TopK(text).count(n) == k:
+                return text
+    return None
+
 
 def index_dtype(n: int) -> np.dtype:
     """The narrowest unsigned type holding every position below ``n``."""

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedge_contract.codec_stages.topk import index_dtype
+from fedge_contract.codec_stages.topk import fraction_text, index_dtype
 from fedge_contract.codecs import EncodedTensor, decode_tensor, encode_tensor, parse_chain
 from fedge_contract.errors import DecodeError, Reason
 from fedge_contract.tensors import TensorSpec
@@ -134,3 +134,14 @@ def test_nan_input_is_kept_so_the_receiver_refuses_it() -> None:
     with pytest.raises(DecodeError) as info:
         decode_tensor(encoded, TensorSpec("t", (100,)))
     assert info.value.reason is Reason.NON_FINITE
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 10**9).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))))
+def test_a_fraction_text_keeps_exactly_the_count_it_was_made_for(n_k: tuple[int, int]) -> None:
+    """The broadcast encoder lowers a top-k fraction to a vector's nonzero count (codecs.fitted_to): the text it
+    writes must parse and keep exactly that many, whatever floating point does to fraction x n."""
+    n, k = n_k
+    text = fraction_text(k, n)
+    assert text is not None and len(text) <= 16
+    assert parse_chain(f"topk:{text}").sparsify.count(n) == k  # type: ignore[union-attr]

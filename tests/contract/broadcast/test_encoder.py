@@ -8,9 +8,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedge_contract.broadcast import BroadcastEncoder, BroadcastPolicy, Step, held_digest
+from fedge_contract.broadcast import BroadcastEncoder, BroadcastPolicy, Rebuilder, Step, decode_announcement, held_digest
+from fedge_contract.codecs import encode_weights, fitted_to, parse_chain
 from fedge_contract.errors import DecodeError, Reason
-from tests.contract.broadcast.helpers import SPEC, initial, same_bits, walk
+from fedge_contract.tensors import ModelSpec, TensorSpec
+from tests.contract.broadcast.helpers import MAX, SPEC, about, initial, same_bits, walk
 
 
 def run(policy: BroadcastPolicy, versions: int, *, seed: int = 0, devices_hold: bool = True) -> tuple[BroadcastEncoder, list[Step]]:
@@ -185,3 +187,47 @@ def test_state_that_would_serve_a_broken_chain_is_refused() -> None:
     with pytest.raises(DecodeError) as caught:
         BroadcastEncoder.from_state(["not", "a", "map"], SPEC, BroadcastPolicy())
     assert caught.value.reason is Reason.WRONG_TYPE
+
+
+FROZEN = ModelSpec((TensorSpec("backbone.weight", (400, 250)), TensorSpec("head.weight", (10, 20))))  # 100,000 frozen, 200 trained
+
+
+def test_a_version_that_changes_few_weights_sends_no_zeros() -> None:
+    """A frozen backbone under a trained head: fewer weights change per version than the chain's top 5% keep. The
+    delta's fraction is lowered to the changed ones (its codec text says so; nothing else changes on the wire),
+    every device rebuilds the held model bit for bit, and error feedback still brings the head home."""
+    policy = BroadcastPolicy(chain="flat+topk:0.05+rice+sign", every=1000, ratio=None)
+    true = initial(3, FROZEN)
+    encoder = BroadcastEncoder(FROZEN, policy)
+    device = Rebuilder.from_build(FROZEN, true)
+    device.accept(encoder.begin(true, 0).broadcast.message(about(0, FROZEN)))
+    rng = np.random.default_rng(3)
+    for version in range(1, 31):
+        if version <= 10:  # the head trains, then stands still: only the residual travels
+            true = {**true, "head.weight": (true["head.weight"] + rng.standard_normal((10, 20)) * 0.01).astype(np.float32)}
+        residual = {k: true[k] - encoder.held[k] for k in true}
+        step = encoder.advance(true, version)
+        [tensor] = step.broadcast.tensors
+        changed = max(1, sum(int(np.count_nonzero(v)) for v in residual.values()))
+        assert changed <= 200 and parse_chain(tensor.codec).sparsify.count(100_200) == changed  # type: ignore[union-attr]
+        unfitted = encode_weights(residual, policy.delta_chain, np.random.default_rng(0))[0].data
+        assert len(tensor.data) * 10 < len(unfitted)  # ~300 bytes instead of ~4.4 KB of positions and signs, zeros included
+        held = device.accept(decode_announcement(step.broadcast.message(about(version, FROZEN)).to_bytes(), max_bytes=MAX))
+        assert same_bits(dict(held.weights), encoder.held)
+        if version == 10:
+            trained = gap(true, encoder)
+    assert same_bits({"b": encoder.held["backbone.weight"]}, {"b": true["backbone.weight"]})
+    assert gap(true, encoder) < trained / 2  # sign values close the gap slowly, but they close it
+
+
+def test_a_chain_fitted_to_a_sparse_vector_keeps_exactly_its_nonzeros() -> None:
+    chain = parse_chain("flat+topk:0.05+rice+sign")
+    weights = {"a": np.zeros((1000, 100), np.float32), "b": np.zeros(50, np.float32)}
+    weights["a"][3, 4], weights["a"][500, 7], weights["b"][3] = 1.0, -2.0, 0.5
+    fitted = fitted_to(chain, weights)
+    assert fitted.flat and fitted.sparsify is not None and fitted.sparsify.count(100_050) == 3
+    assert str(fitted).endswith("+rice+sign") and str(fitted).startswith("flat+topk:0.0000")
+    assert fitted_to(chain, {"a": np.ones(100, np.float32)}) is chain  # dense: as it was
+    per_tensor = parse_chain("topk:0.05+q8+zstd")
+    assert fitted_to(per_tensor, weights) is per_tensor  # one fraction per message: only a flat chain is fitted
+    assert fitted_to(chain, {"a": np.zeros(100, np.float32)}).sparsify.count(100) == 1  # type: ignore[union-attr]  # nothing changed: one zero
