@@ -23,7 +23,7 @@ import numpy as np
 
 from edge_agent.files import atomic_write
 from fedge_contract import DecodeError
-from fedge_contract.codecs import CodecChain, EncodedTensor, decode_weights, encode_weights
+from fedge_contract.codecs import CodecChain, EncodedTensor, decode_weights, encode_weights, fitted_to
 from fedge_contract.messages import pack_weights, unpack_weights
 from fedge_contract.tensors import ModelSpec
 
@@ -79,7 +79,7 @@ class Residuals:
         """
         previous = self.load(spec)
         x = {name: (values + previous[name] if previous is not None else values).astype(np.float32, copy=False) for name, values in delta.items()}
-        tensors = encode_weights(x, chain, rng)
+        tensors = encode_weights(x, fitted_to(chain, x), rng)  # a delta that moved few weights sends no zeros
         if not chain.lossy:
             return tensors, {name: np.zeros_like(values) for name, values in x.items()}
         try:

@@ -173,3 +173,17 @@ def test_non_finite_delta_keeps_the_old_residual(tmp_path: Path) -> None:
     after = store.load(SPEC)
     assert before is not None and after is not None
     np.testing.assert_array_equal(after["w"], before["w"])
+
+
+def test_a_delta_that_moved_few_weights_sends_only_those(tmp_path: Path) -> None:
+    """A frozen ``w`` under a trained ``b``: 5 of 35 weights moved, fewer than the chain's top half keeps. The
+    Update's codec keeps exactly the 5 (no zeros at full price), and what is sent plus the residual is the delta."""
+    store = Residuals(tmp_path)
+    delta = {"w": np.zeros((6, 5), np.float32), "b": np.array([0.5, -1.0, 2.0, -0.25, 1.5], np.float32)}
+    tensors, residual = store.encode(delta, parse_chain("flat+topk:0.5+rice+sign"), SPEC, np.random.default_rng(0))
+    [tensor] = tensors
+    assert parse_chain(tensor.codec).sparsify.count(35) == 5  # type: ignore[union-attr]
+    assert residual is not None
+    sent = decode_weights(tensors, SPEC)
+    assert not sent["w"].any() and not residual["w"].any()
+    np.testing.assert_allclose(sent["b"] + residual["b"], delta["b"], rtol=0, atol=1e-6)
