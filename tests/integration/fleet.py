@@ -14,10 +14,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from aggregator import Aggregator
 from aggregator.config import AggregatorConfig, config_of
 from edge_agent import Agent, AgentConfig
-from fedge_contract import GlobalModel, Receipt, RoundState, RoundStatus, Topics
+from fedge_contract import GlobalModel, Receipt, RoundState, RoundStatus, Topics, Update
 from fedge_contract.broadcast import GlobalDelta, decode_announcement, held_digest
 from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.mqtt import BrokerAddress, Client, make_client
@@ -33,6 +35,13 @@ def digits_spec() -> ModelSpec:
     from fedge_tasks.weights import get_weights
 
     return ModelSpec.of(get_weights(load_task("digits", DIGITS_5).build_model()))
+
+
+def zero_update(fleet: str, client: str, update_id: str, round_no: int, base_version: int) -> Update:
+    """A well-formed digits update that moves nothing (float32, 10 samples): what a raw peer sends when the
+    test is about who may send, not what is learned."""
+    delta = {t.name: np.zeros(t.shape, np.float32) for t in digits_spec().tensors}
+    return Update(fleet, client, update_id, round_no, base_version, 10, encode_weights(delta, parse_chain("none")))
 
 
 def aggregator_config(address: BrokerAddress, fleet: str, store: Path, **overrides: Any) -> AggregatorConfig:

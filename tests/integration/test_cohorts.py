@@ -19,17 +19,16 @@ from aggregator import Aggregator
 from aggregator.rounds.cohort import Candidate, CohortPolicy, CohortSelector
 from aggregator.store import Store
 from edge_agent import Agent
-from fedge_contract import GlobalModel, Presence, Receipt, ReceiptStatus, Topics, Update
+from fedge_contract import GlobalModel, Presence, Receipt, ReceiptStatus, Topics
 from fedge_contract.aio import cancel_and_wait
 from fedge_contract.broadcast import GlobalDelta, Rebuilder
-from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.mqtt import BrokerAddress
 from fedge_contract.tensors import ModelSpec
 from fedge_tasks.loops import evaluate
 from fedge_tasks.weights import get_weights, set_weights
 from tests.integration.device_eval_task import DeviceEvalOnly
 from tests.integration.faults import Observer
-from tests.integration.fleet import RawPeer, agent_config, aggregator_config, digits_spec, raw_peer, run_fleet
+from tests.integration.fleet import RawPeer, agent_config, aggregator_config, raw_peer, run_fleet, zero_update
 
 pytestmark = pytest.mark.integration
 
@@ -57,9 +56,7 @@ class Devices:
 
     async def send(self, model: GlobalModel | GlobalDelta, client: str) -> Receipt:
         """A well-formed zero update from ``client`` for ``model``'s round, and its receipt."""
-        delta = {t.name: np.zeros(t.shape, np.float32) for t in digits_spec().tensors}
-        update = Update(model.fleet, client, f"{client}-r{model.round}", model.round, model.model_version, 10,
-                        encode_weights(delta, parse_chain("none")))
+        update = zero_update(model.fleet, client, f"{client}-r{model.round}", model.round, model.model_version)
         await self.peer.client.publish(self.topics.update(client), update.to_bytes(), qos=1)
         async for message in self.peer.client.messages:
             if str(message.topic) == self.topics.receipt(client):

@@ -87,11 +87,8 @@ async def test_a_resumed_round_stays_open_for_devices_coming_back(broker_address
 async def test_a_resumed_round_confirms_the_updates_it_refolds(broker_address, fleet, tmp_path):
     """Issue 19: an aggregator killed after spooling an update but before its receipt left made the device count
     the update as dropped although it was folded. A resumed round sends ``accepted`` again for what it re-folds."""
-    import numpy as np
-
-    from fedge_contract import ReceiptStatus, Update
-    from fedge_contract.codecs import encode_weights, parse_chain
-    from tests.integration.fleet import digits_spec
+    from fedge_contract import ReceiptStatus
+    from tests.integration.fleet import zero_update
 
     topics = Topics(fleet)
     store = tmp_path / "agg.sqlite"
@@ -99,8 +96,7 @@ async def test_a_resumed_round_confirms_the_updates_it_refolds(broker_address, f
     async with asyncio.timeout(60), raw_peer(broker_address, "peer", topics.global_model, topics.receipt("a")) as peer:
         first = asyncio.create_task(Aggregator(aggregator_config(broker_address, fleet, store, **settings)).run())
         model = await peer.announcement(topics)  # a GlobalDelta (delta broadcasts) or a GlobalModel
-        delta = {t.name: np.zeros(t.shape, np.float32) for t in digits_spec().tensors}
-        update = Update(fleet, "a", "u1", model.round, model.model_version, 10, encode_weights(delta, parse_chain("none")))
+        update = zero_update(fleet, "a", "u1", model.round, model.model_version)
         await peer.client.publish(topics.update("a"), update.to_bytes(), qos=1)
         assert (await peer.receipts(1))["u1"].status is ReceiptStatus.ACCEPTED
         await cancel_and_wait([first])

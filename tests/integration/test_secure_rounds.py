@@ -15,12 +15,11 @@ import pytest
 
 from aggregator import Aggregator
 from aggregator.store import Store
-from fedge_contract import ReceiptStatus, RoundStatus, Topics, Update
+from fedge_contract import ReceiptStatus, RoundStatus, Topics
 from fedge_contract.aio import cancel_and_wait
-from fedge_contract.codecs import encode_weights, parse_chain
 from fedge_contract.secagg import KeyAdvert, MaskedInput, Shares
 from fedge_contract.secagg.topics import SecAggTopics
-from tests.integration.fleet import ManualGate, agent_config, aggregator_config, digits_spec, raw_peer, run_fleet
+from tests.integration.fleet import ManualGate, agent_config, aggregator_config, raw_peer, run_fleet, zero_update
 from tests.integration.secure_agents import fedavg, module, named, secure_agent
 
 pytestmark = pytest.mark.integration
@@ -89,8 +88,7 @@ async def test_devices_lost_before_and_after_their_masked_input_and_plain_update
     async with asyncio.timeout(120), raw_peer(broker_address, "mallory", *subscriptions) as mallory:
         serving = asyncio.create_task(run_fleet(aggregator, agents))
         await mallory.announcement(topics)  # version 0 is out (a GlobalDelta's hold under delta broadcasts, the default)
-        delta = {t.name: np.zeros(t.shape, np.float32) for t in digits_spec().tensors}
-        plain = Update(fleet, "mallory", "plain-1", 1, 0, 10, encode_weights(delta, parse_chain("none")))
+        plain = zero_update(fleet, "mallory", "plain-1", 1, 0)
         await mallory.client.publish(topics.update("mallory"), plain.to_bytes(), qos=1)
         (refused,) = await mallory.receipt_list(1)
         assert refused.status is ReceiptStatus.REJECTED and refused.reason.startswith("secure_round: round 1 is a secure"), refused
