@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from aggregator import Aggregator
+from aggregator.broadcasting.broadcaster import Broadcaster
 from aggregator.config import AggregatorConfig, config_of
 from edge_agent import Agent, AgentConfig
 from fedge_contract import GlobalModel, Receipt, RoundState, RoundStatus, Topics, Update
@@ -42,6 +43,18 @@ def zero_update(fleet: str, client: str, update_id: str, round_no: int, base_ver
     test is about who may send, not what is learned."""
     delta = {t.name: np.zeros(t.shape, np.float32) for t in digits_spec().tensors}
     return Update(fleet, client, update_id, round_no, base_version, 10, encode_weights(delta, parse_chain("none")))
+
+
+def check_held(agents: Iterable[Agent], broadcaster: Broadcaster) -> None:
+    """Each agent holds the broadcaster's model: same version, same hash, same tensors, same bits."""
+    for agent in agents:
+        client = agent.config.client_id
+        held = agent._following().held
+        assert held is not None and held.version == broadcaster.version, client
+        assert held.digest == broadcaster.held_hash, client
+        assert set(held.weights) == set(broadcaster.held), client
+        for name, values in broadcaster.held.items():
+            assert np.asarray(held.weights[name]).tobytes() == np.asarray(values).tobytes(), (client, name)
 
 
 def aggregator_config(address: BrokerAddress, fleet: str, store: Path, **overrides: Any) -> AggregatorConfig:

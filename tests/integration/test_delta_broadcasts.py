@@ -31,15 +31,11 @@ from fedge_contract.mqtt import BrokerAddress, Connection
 from fedge_contract.tensors import ModelSpec
 from fedge_tasks import load_task
 from fedge_tasks.weights import get_weights
-from tests.integration.fleet import DIGITS_5, RawPeer, agent_config, raw_peer
+from tests.integration.fleet import DIGITS_5, RawPeer, agent_config, check_held, raw_peer
 
 pytestmark = pytest.mark.integration
 
 TASK = TaskConfig(local_epochs=1, batch_size=32, lr=0.05, codec="flat+topk:0.05+q4+zstd")
-
-
-def same_bits(a: Any, b: Any) -> bool:
-    return a.keys() == b.keys() and all(np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
 
 
 class Coordinator:
@@ -131,13 +127,6 @@ async def trained_on(peer: RawPeer, agents: Iterable[Agent], version: int) -> di
                 if not waiting:
                     return found
     raise AssertionError("connection closed")
-
-
-def check_held(agents: Iterable[Agent], broadcaster: Broadcaster) -> None:
-    for agent in agents:
-        held = agent._following().held
-        assert held is not None and held.version == broadcaster.version, agent.config.client_id
-        assert held.digest == broadcaster.held_hash and same_bits(dict(held.weights), dict(broadcaster.held))
 
 
 async def retained(address: BrokerAddress, topics: Topics) -> dict[str, bytes]:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterable
 from typing import Any
 
 import msgpack
-import numpy as np
 import pytest
 
 from aggregator import Aggregator
@@ -25,7 +23,7 @@ from fedge_contract.aio import cancel_and_wait
 from fedge_contract.broadcast import GlobalDelta, decode_announcement
 from fedge_contract.chunks import Manifest, is_manifest
 from tests.integration.faults import Observer
-from tests.integration.fleet import ManualGate, agent_config, aggregator_config, raw_peer, run_fleet
+from tests.integration.fleet import ManualGate, agent_config, aggregator_config, check_held, raw_peer, run_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +32,6 @@ def caster(aggregator: Aggregator) -> Broadcaster:
     channel = aggregator.channel
     assert isinstance(channel, DeltaBroadcasts)
     return channel.broadcaster
-
-
-def check_held(agents: Iterable[Agent], broadcaster: Broadcaster) -> None:
-    """Each agent holds the broadcaster's model: same version, same hash, same bits."""
-    for agent in agents:
-        held = agent._following().held
-        assert held is not None and held.version == broadcaster.version, agent.config.client_id
-        assert held.digest == broadcaster.held_hash, agent.config.client_id
-        for name, values in broadcaster.held.items():
-            assert np.asarray(held.weights[name]).tobytes() == np.asarray(values).tobytes(), (agent.config.client_id, name)
 
 
 def announced_bytes(aggregator: Aggregator, kind: str = "announcement") -> float:
